@@ -1,0 +1,888 @@
+//! The compute pool: a small executor of its own for CPU-bound tasks.
+//!
+//! CPU tasks are futures polled on dedicated worker threads, never on Tokio's
+//! I/O threads. A task runs until its slice is used up and then yields at its
+//! next [`checkpoint`](crate::Ctx::checkpoint); the worker charges the CPU time
+//! it used (read from the thread's CPU clock once per slice) and asks the
+//! [`RunQueue`] policy which job runs next. A global epoch counter, advanced by
+//! a ticker thread, tells a checkpoint whether the slice is over with one atomic
+//! load: no clock read per checkpoint.
+//!
+//! This module knows nothing of JSON or connections: a job belongs to a
+//! *group* (the connection id) and reports into a [`JobStats`].
+
+mod queue;
+
+pub use queue::RunQueue;
+
+use std::cell::Cell;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
+use std::thread::{self, Thread};
+use std::time::{Duration, Instant};
+
+/// Settings of the compute pool.
+#[derive(Clone, Debug)]
+pub struct ComputeConfig {
+    /// Worker threads (default: the number of available cores).
+    pub workers: usize,
+    /// How long a task runs before it yields at a checkpoint (default 2 ms).
+    pub slice: Duration,
+    /// How long past its slice a task may run without a checkpoint before it is
+    /// flagged as not yielding and a replacement worker is started (default 100 ms).
+    pub non_yield_after: Duration,
+    /// Most extra workers started to replace stuck ones (default: `workers`).
+    pub max_extra_workers: usize,
+    /// Most CPU tasks admitted and not yet finished, over all connections (default 10 000).
+    pub queue_limit: usize,
+    /// Most CPU tasks admitted and not yet finished, per connection (default 256).
+    pub per_connection_limit: usize,
+    /// Time constant of the decay of a connection's recent CPU usage (default 1 s).
+    pub usage_decay: Duration,
+    /// OS niceness of worker threads (Linux), so that connection threads win the
+    /// CPU when both want it (default 10; 0 leaves it alone).
+    pub nice: i32,
+}
+
+impl Default for ComputeConfig {
+    fn default() -> Self {
+        let workers = thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        ComputeConfig {
+            workers,
+            slice: Duration::from_millis(2),
+            non_yield_after: Duration::from_millis(100),
+            max_extra_workers: workers,
+            queue_limit: 10_000,
+            per_connection_limit: 256,
+            usage_decay: Duration::from_secs(1),
+            nice: 10,
+        }
+    }
+}
+
+/// Where a CPU job is in its life, as shown in the task table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum JobState {
+    /// Admitted, never run yet.
+    Queued = 0,
+    /// On a worker now.
+    Running = 1,
+    /// Preempted at a checkpoint, waiting for its next slice.
+    Yielded = 2,
+    /// Waiting for something other than the CPU.
+    Waiting = 3,
+}
+
+impl JobState {
+    /// The name used by the admin API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Yielded => "yielded",
+            JobState::Waiting => "waiting",
+        }
+    }
+
+    fn from_u8(v: u8) -> JobState {
+        match v {
+            1 => JobState::Running,
+            2 => JobState::Yielded,
+            3 => JobState::Waiting,
+            _ => JobState::Queued,
+        }
+    }
+}
+
+/// Live figures of one job, written by the pool and read by the observer.
+#[derive(Debug, Default)]
+pub struct JobStats {
+    cpu_ns: AtomicU64,
+    state: AtomicU8,
+    not_yielding: AtomicBool,
+    slices: AtomicU64,
+    first_run: OnceLock<Instant>,
+}
+
+impl JobStats {
+    /// CPU time used so far, summed over its slices.
+    pub fn cpu_time(&self) -> Duration {
+        Duration::from_nanos(self.cpu_ns.load(Ordering::Relaxed))
+    }
+    /// Where the job is now.
+    pub fn state(&self) -> JobState {
+        JobState::from_u8(self.state.load(Ordering::Relaxed))
+    }
+    /// Whether the job once ran far past its slice without a checkpoint.
+    pub fn not_yielding(&self) -> bool {
+        self.not_yielding.load(Ordering::Relaxed)
+    }
+    /// When the job first got a worker.
+    pub fn first_run(&self) -> Option<Instant> {
+        self.first_run.get().copied()
+    }
+    /// Slices the job has run.
+    pub fn slices(&self) -> u64 {
+        self.slices.load(Ordering::Relaxed)
+    }
+    /// Marks the job as running or waiting outside the pool (I/O tasks).
+    pub fn set_state(&self, s: JobState) {
+        self.state.store(s as u8, Ordering::Relaxed);
+    }
+}
+
+/// Why the pool refused a job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The connection already has `per_connection_limit` CPU tasks.
+    #[error("the connection has too many CPU tasks queued")]
+    ConnectionQueue {
+        /// A hint for when to retry.
+        retry_after_ms: u64,
+    },
+    /// The pool already has `queue_limit` CPU tasks.
+    #[error("the compute queue is full")]
+    QueueFull {
+        /// A hint for when to retry.
+        retry_after_ms: u64,
+    },
+    /// The pool is shutting down.
+    #[error("the compute pool is shutting down")]
+    ShuttingDown,
+}
+
+impl Refusal {
+    /// The `reason` the protocol sends.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::ConnectionQueue { .. } => "connection_queue",
+            Refusal::QueueFull { .. } => "queue_full",
+            Refusal::ShuttingDown => "shutting_down",
+        }
+    }
+    /// The `retryAfterMs` hint.
+    pub fn retry_after_ms(&self) -> u64 {
+        match self {
+            Refusal::ConnectionQueue { retry_after_ms } | Refusal::QueueFull { retry_after_ms } => {
+                *retry_after_ms
+            }
+            Refusal::ShuttingDown => 1_000,
+        }
+    }
+}
+
+/// An admission: the right to run one CPU job, released when dropped.
+#[derive(Debug)]
+pub struct Permit {
+    pool: Weak<Inner>,
+    group: Arc<AtomicUsize>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.group.fetch_sub(1, Ordering::AcqRel);
+        if let Some(p) = self.pool.upgrade() {
+            p.admitted.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// A snapshot of the pool for the admin API and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PoolStats {
+    /// Configured workers.
+    pub workers: usize,
+    /// Worker threads alive now, including replacements for stuck ones.
+    pub live_workers: usize,
+    /// Workers running a job now.
+    pub busy: usize,
+    /// Jobs waiting in the run queue.
+    pub queued: usize,
+    /// Jobs admitted and not finished.
+    pub admitted: usize,
+    /// Fraction of worker time spent running jobs since the last snapshot.
+    pub utilisation: f64,
+    /// Jobs flagged as not yielding, ever.
+    pub non_yielding_total: u64,
+    /// CPU time run on the pool, ever.
+    pub cpu_ns_total: u64,
+}
+
+type Job = async_task::Runnable<Arc<JobMeta>>;
+
+/// What the pool keeps with each job.
+#[derive(Debug)]
+pub struct JobMeta {
+    group: u64,
+    stats: Arc<JobStats>,
+}
+
+struct WorkerSlot {
+    /// Epoch at which the current slice started; 0 when idle.
+    since_epoch: AtomicU64,
+    /// Whether a replacement was already started for the job running now.
+    replaced: AtomicBool,
+    /// The job on this worker, for flagging.
+    job: Mutex<Option<Arc<JobStats>>>,
+}
+
+struct Inner {
+    cfg: ComputeConfig,
+    slice_ticks: u64,
+    non_yield_ticks: u64,
+    queue: Mutex<State>,
+    cv: Condvar,
+    start: Instant,
+    admitted: AtomicUsize,
+    busy: AtomicUsize,
+    live: AtomicUsize,
+    extra: AtomicUsize,
+    slots: Mutex<Vec<Arc<WorkerSlot>>>,
+    non_yielding_total: AtomicU64,
+    cpu_ns_total: AtomicU64,
+    util: Mutex<(Instant, u64)>,
+    shutdown: AtomicBool,
+}
+
+struct State {
+    rq: RunQueue<Job>,
+    shutdown: bool,
+}
+
+/// The compute pool. Cheap to clone (an `Arc`); dropping the last clone stops
+/// the workers once their current slices end.
+#[derive(Clone)]
+pub struct ComputePool {
+    inner: Arc<Inner>,
+    _guard: Arc<ShutdownOnDrop>,
+}
+
+/// Workers hold the pool's state strongly while they run; the handles hold
+/// this guard, so the last handle dropped stops them.
+struct ShutdownOnDrop(Weak<Inner>);
+
+impl Drop for ShutdownOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.upgrade() {
+            ComputePool::shutdown_inner(&p);
+        }
+    }
+}
+
+impl std::fmt::Debug for ComputePool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ComputePool")
+            .field("cfg", &self.inner.cfg)
+            .finish()
+    }
+}
+
+// ---- the epoch: one global counter, one ticker thread -------------------------
+
+/// Ticker period. A slice ends between `slice - TICK` and `slice` after it began.
+const TICK: Duration = Duration::from_micros(250);
+static EPOCH: AtomicU64 = AtomicU64::new(1);
+static BUSY_WORKERS: AtomicUsize = AtomicUsize::new(0);
+static TICKER: OnceLock<Thread> = OnceLock::new();
+
+thread_local! {
+    /// Epoch at which this thread's current slice ends; `u64::MAX` off the pool.
+    static SLICE_END: Cell<u64> = const { Cell::new(u64::MAX) };
+    /// The job running on this thread, so that its own wake-up is requeued by
+    /// the worker after charging it, not by the waker.
+    static CURRENT: Cell<*const JobMeta> = const { Cell::new(std::ptr::null()) };
+    static YIELDED: Cell<Option<Job>> = const { Cell::new(None) };
+}
+
+fn ticker() -> &'static Thread {
+    TICKER.get_or_init(|| {
+        let spawned = thread::Builder::new()
+            .name("taskwire-tick".into())
+            .spawn(|| loop {
+                if BUSY_WORKERS.load(Ordering::Relaxed) == 0 {
+                    // Nothing to preempt: sleep until a worker starts a slice.
+                    thread::park_timeout(Duration::from_millis(100));
+                } else {
+                    thread::sleep(TICK);
+                }
+                EPOCH.fetch_add(1, Ordering::Relaxed);
+            });
+        match spawned {
+            Ok(h) => h.thread().clone(),
+            // Without a ticker slices never end and tasks run to completion:
+            // degraded, not broken.
+            Err(_) => thread::current(),
+        }
+    })
+}
+
+/// Whether the task running on this thread has used up its slice. One relaxed
+/// atomic load and one thread-local read: a few nanoseconds.
+#[inline]
+pub fn should_yield() -> bool {
+    EPOCH.load(Ordering::Relaxed) >= SLICE_END.with(|c| c.get())
+}
+
+/// Whether this thread is a compute worker.
+pub fn on_worker() -> bool {
+    SLICE_END.with(|c| c.get()) != u64::MAX
+}
+
+fn ticks(d: Duration) -> u64 {
+    (d.as_nanos() / TICK.as_nanos()).max(1) as u64
+}
+
+/// The calling thread's CPU time. A system call (~170 ns here): read it once per
+/// slice, not per poll.
+pub fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer and the clock id is a constant the
+    // kernel always supports for the calling thread.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+impl ComputePool {
+    /// Starts the workers.
+    pub fn new(cfg: ComputeConfig) -> ComputePool {
+        let cfg = ComputeConfig {
+            workers: cfg.workers.max(1),
+            ..cfg
+        };
+        let inner = Arc::new(Inner {
+            slice_ticks: ticks(cfg.slice),
+            non_yield_ticks: ticks(cfg.slice + cfg.non_yield_after),
+            queue: Mutex::new(State {
+                rq: RunQueue::new(cfg.usage_decay.as_nanos() as u64),
+                shutdown: false,
+            }),
+            cv: Condvar::new(),
+            start: Instant::now(),
+            admitted: AtomicUsize::new(0),
+            busy: AtomicUsize::new(0),
+            live: AtomicUsize::new(0),
+            extra: AtomicUsize::new(0),
+            slots: Mutex::new(Vec::new()),
+            non_yielding_total: AtomicU64::new(0),
+            cpu_ns_total: AtomicU64::new(0),
+            util: Mutex::new((Instant::now(), 0)),
+            shutdown: AtomicBool::new(false),
+            cfg,
+        });
+        ticker();
+        for _ in 0..inner.cfg.workers {
+            start_worker(&inner);
+        }
+        let weak = Arc::downgrade(&inner);
+        let _ = thread::Builder::new()
+            .name("taskwire-watch".into())
+            .spawn(move || watchdog(weak));
+        let guard = Arc::new(ShutdownOnDrop(Arc::downgrade(&inner)));
+        ComputePool {
+            inner,
+            _guard: guard,
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &ComputeConfig {
+        &self.inner.cfg
+    }
+
+    /// Admits one more job for a group whose admitted count is `group_count`.
+    pub fn admit(&self, group_count: &Arc<AtomicUsize>) -> Result<Permit, Refusal> {
+        let p = &self.inner;
+        if p.shutdown.load(Ordering::Relaxed) {
+            return Err(Refusal::ShuttingDown);
+        }
+        let retry = self.retry_hint();
+        let mine = group_count.fetch_add(1, Ordering::AcqRel);
+        if mine >= p.cfg.per_connection_limit {
+            group_count.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refusal::ConnectionQueue {
+                retry_after_ms: retry,
+            });
+        }
+        let all = p.admitted.fetch_add(1, Ordering::AcqRel);
+        if all >= p.cfg.queue_limit {
+            p.admitted.fetch_sub(1, Ordering::AcqRel);
+            group_count.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refusal::QueueFull {
+                retry_after_ms: retry,
+            });
+        }
+        Ok(Permit {
+            pool: Arc::downgrade(&self.inner),
+            group: group_count.clone(),
+        })
+    }
+
+    /// Roughly how long until a slot frees up: the waiting jobs' slices, spread
+    /// over the workers, clamped to something a client can act on.
+    fn retry_hint(&self) -> u64 {
+        let p = &self.inner;
+        let waiting = p.admitted.load(Ordering::Relaxed) as u64;
+        let slice_ms = p.cfg.slice.as_millis().max(1) as u64;
+        (waiting * slice_ms / p.cfg.workers as u64).clamp(50, 5_000)
+    }
+
+    /// Runs a future on the pool, charged to `group`. The returned task yields
+    /// its output; dropping it cancels the job (at its next yield if running).
+    pub fn spawn<F>(
+        &self,
+        group: u64,
+        stats: Arc<JobStats>,
+        permit: Permit,
+        fut: F,
+    ) -> async_task::Task<F::Output, Arc<JobMeta>>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let meta = Arc::new(JobMeta { group, stats });
+        let weak = Arc::downgrade(&self.inner);
+        let schedule = move |job: Job| schedule(&weak, job);
+        let (job, task) = async_task::Builder::new()
+            .metadata(meta)
+            .spawn(move |_| Permitted { _permit: permit, fut }, schedule);
+        job.schedule();
+        task
+    }
+
+    /// A snapshot of the pool; utilisation covers the time since the previous call.
+    pub fn stats(&self) -> PoolStats {
+        let p = &self.inner;
+        let queued = p.queue.lock().map(|s| s.rq.len()).unwrap_or(0);
+        let cpu_total = p.cpu_ns_total.load(Ordering::Relaxed);
+        let utilisation = match p.util.lock() {
+            Ok(mut u) => {
+                let now = Instant::now();
+                let wall = now.duration_since(u.0).as_nanos() as f64 * p.cfg.workers as f64;
+                let used = cpu_total.saturating_sub(u.1) as f64;
+                *u = (now, cpu_total);
+                if wall > 0.0 {
+                    (used / wall).clamp(0.0, 1.0)
+                } else {
+                    0.0
+                }
+            }
+            Err(_) => 0.0,
+        };
+        PoolStats {
+            workers: p.cfg.workers,
+            live_workers: p.live.load(Ordering::Relaxed),
+            busy: p.busy.load(Ordering::Relaxed),
+            queued,
+            admitted: p.admitted.load(Ordering::Relaxed),
+            utilisation,
+            non_yielding_total: p.non_yielding_total.load(Ordering::Relaxed),
+            cpu_ns_total: cpu_total,
+        }
+    }
+
+    /// Stops taking jobs and lets the workers exit once idle.
+    pub fn shutdown(&self) {
+        Self::shutdown_inner(&self.inner);
+    }
+
+    fn shutdown_inner(p: &Inner) {
+        p.shutdown.store(true, Ordering::Relaxed);
+        if let Ok(mut s) = p.queue.lock() {
+            s.shutdown = true;
+        }
+        p.cv.notify_all();
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.queue.lock() {
+            s.shutdown = true;
+        }
+        self.cv.notify_all();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A job's future with its admission: the permit is released when the
+    /// future is dropped, whether it finished or was cancelled.
+    struct Permitted<F> {
+        _permit: Permit,
+        #[pin]
+        fut: F,
+    }
+}
+
+impl<F: Future> Future for Permitted<F> {
+    type Output = F::Output;
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        self.project().fut.poll(cx)
+    }
+}
+
+fn schedule(pool: &Weak<Inner>, job: Job) {
+    let meta: *const JobMeta = Arc::as_ptr(job.metadata());
+    if CURRENT.with(|c| c.get()) == meta {
+        // The job woke itself while running (a checkpoint yield): the worker
+        // requeues it after charging the slice, so its attained service is current.
+        YIELDED.with(|y| y.set(Some(job)));
+        return;
+    }
+    let Some(p) = pool.upgrade() else {
+        // The pool is gone: dropping the runnable cancels the job.
+        return;
+    };
+    let now = p.now_ns();
+    let group = job.metadata().group;
+    let attained = job.metadata().stats.cpu_ns.load(Ordering::Relaxed);
+    if let Ok(mut s) = p.queue.lock() {
+        s.rq.push(group, attained, job, now);
+    }
+    p.cv.notify_one();
+}
+
+impl Inner {
+    fn now_ns(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+}
+
+fn start_worker(inner: &Arc<Inner>) {
+    let slot = Arc::new(WorkerSlot {
+        since_epoch: AtomicU64::new(0),
+        replaced: AtomicBool::new(false),
+        job: Mutex::new(None),
+    });
+    if let Ok(mut slots) = inner.slots.lock() {
+        slots.push(slot.clone());
+    }
+    inner.live.fetch_add(1, Ordering::AcqRel);
+    let weak = Arc::downgrade(inner);
+    let spawned = thread::Builder::new()
+        .name("taskwire-cpu".into())
+        .spawn(move || worker(weak, slot));
+    if spawned.is_err() {
+        inner.live.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn set_nice(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    // SAFETY: gettid has no preconditions; setpriority on our own thread id
+    // only changes this thread's scheduling weight.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, nice);
+    }
+}
+
+fn worker(pool: Weak<Inner>, slot: Arc<WorkerSlot>) {
+    let Some(p) = pool.upgrade() else { return };
+    set_nice(p.cfg.nice);
+    let mut cpu_mark = thread_cpu_time();
+    let mut finished: Option<(u64, u64)> = None; // (group, cpu ns) of the last slice
+    let mut requeue: Option<Job> = None;
+    let mut retired = false;
+    loop {
+        let next = {
+            let Ok(mut s) = p.queue.lock() else { break };
+            let now = p.now_ns();
+            if let Some((group, used)) = finished.take() {
+                s.rq.descheduled(group, used, now);
+            }
+            if let Some(job) = requeue.take() {
+                let m = job.metadata().clone();
+                s.rq.push(m.group, m.stats.cpu_ns.load(Ordering::Relaxed), job, now);
+            }
+            loop {
+                if s.shutdown {
+                    break None;
+                }
+                // A replacement made surplus by a stuck worker's return
+                // retires; deciding under the queue lock retires exactly one.
+                if p.live.load(Ordering::Acquire) > p.cfg.workers + p.extra.load(Ordering::Acquire)
+                {
+                    p.live.fetch_sub(1, Ordering::AcqRel);
+                    retired = true;
+                    break None;
+                }
+                if let Some(j) = s.rq.pop(p.now_ns()) {
+                    break Some(j);
+                }
+                s = match p.cv.wait_timeout(s, Duration::from_millis(200)) {
+                    Ok((g, _)) => g,
+                    Err(_) => return,
+                };
+            }
+        };
+        let Some((group, job)) = next else { break };
+        let meta = job.metadata().clone();
+        meta.stats.set_state(JobState::Running);
+        meta.stats.slices.fetch_add(1, Ordering::Relaxed);
+        meta.stats.first_run.get_or_init(Instant::now);
+        if let Ok(mut j) = slot.job.lock() {
+            *j = Some(meta.stats.clone());
+        }
+        p.busy.fetch_add(1, Ordering::Relaxed);
+        if BUSY_WORKERS.fetch_add(1, Ordering::Relaxed) == 0 {
+            ticker().unpark();
+        }
+        let epoch = EPOCH.load(Ordering::Relaxed);
+        slot.since_epoch.store(epoch, Ordering::Relaxed);
+        SLICE_END.with(|c| c.set(epoch + p.slice_ticks));
+        CURRENT.with(|c| c.set(Arc::as_ptr(&meta)));
+
+        // Panics are caught inside the task wrapper; this guard keeps the
+        // worker alive should a future's drop glue panic all the same.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run()));
+
+        CURRENT.with(|c| c.set(std::ptr::null()));
+        SLICE_END.with(|c| c.set(u64::MAX));
+        slot.since_epoch.store(0, Ordering::Relaxed);
+        BUSY_WORKERS.fetch_sub(1, Ordering::Relaxed);
+        p.busy.fetch_sub(1, Ordering::Relaxed);
+        let now_cpu = thread_cpu_time();
+        let used = now_cpu.saturating_sub(cpu_mark).as_nanos() as u64;
+        cpu_mark = now_cpu;
+        meta.stats.cpu_ns.fetch_add(used, Ordering::Relaxed);
+        p.cpu_ns_total.fetch_add(used, Ordering::Relaxed);
+        if let Ok(mut j) = slot.job.lock() {
+            *j = None;
+        }
+        finished = Some((group, used));
+        requeue = YIELDED.with(|y| y.take());
+        meta.stats.set_state(if requeue.is_some() {
+            JobState::Yielded
+        } else {
+            JobState::Waiting
+        });
+        if slot.replaced.swap(false, Ordering::AcqRel) {
+            // This worker was stuck and has been replaced: the pool is now one
+            // over strength, and the next worker to look for a job retires.
+            p.extra.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    if let Ok(mut s) = p.queue.lock() {
+        if let Some((group, used)) = finished.take() {
+            s.rq.descheduled(group, used, p.now_ns());
+        }
+        if let Some(job) = requeue.take() {
+            let m = job.metadata().clone();
+            let now = p.now_ns();
+            s.rq.push(m.group, m.stats.cpu_ns.load(Ordering::Relaxed), job, now);
+            p.cv.notify_one();
+        }
+    }
+    if let Ok(mut slots) = p.slots.lock() {
+        slots.retain(|s| !Arc::ptr_eq(s, &slot));
+    }
+    if !retired {
+        p.live.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Flags jobs that run far past their slice without a checkpoint, and starts a
+/// replacement worker for each (up to `max_extra_workers`), so that one
+/// non-cooperative task does not take a core away from everybody else.
+fn watchdog(pool: Weak<Inner>) {
+    loop {
+        thread::sleep(Duration::from_millis(10));
+        let Some(p) = pool.upgrade() else { return };
+        if p.shutdown.load(Ordering::Relaxed) {
+            return;
+        }
+        let epoch = EPOCH.load(Ordering::Relaxed);
+        let slots: Vec<Arc<WorkerSlot>> = match p.slots.lock() {
+            Ok(s) => s.clone(),
+            Err(_) => return,
+        };
+        for slot in slots {
+            let since = slot.since_epoch.load(Ordering::Relaxed);
+            if since == 0 || epoch.saturating_sub(since) < p.non_yield_ticks {
+                continue;
+            }
+            if let Ok(job) = slot.job.lock() {
+                if let Some(stats) = job.as_ref() {
+                    if !stats.not_yielding.swap(true, Ordering::Relaxed) {
+                        p.non_yielding_total.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!("a CPU task has run past its slice without a checkpoint");
+                    }
+                }
+            }
+            if slot.replaced.load(Ordering::Acquire) {
+                continue;
+            }
+            if p.extra.load(Ordering::Acquire) < p.cfg.max_extra_workers {
+                slot.replaced.store(true, Ordering::Release);
+                p.extra.fetch_add(1, Ordering::AcqRel);
+                start_worker(&p);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    fn pool(workers: usize) -> ComputePool {
+        ComputePool::new(ComputeConfig {
+            workers,
+            nice: 0,
+            ..ComputeConfig::default()
+        })
+    }
+
+    /// A future that yields whenever its slice is over, like a checkpoint loop.
+    async fn burn(ms: u64) -> u64 {
+        let start = thread_cpu_time();
+        let mut own = Duration::ZERO;
+        let mut last = start;
+        let mut x = 0u64;
+        while own < Duration::from_millis(ms) {
+            for i in 0..10_000u64 {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(i);
+            }
+            let now = thread_cpu_time();
+            own += now.saturating_sub(last);
+            if should_yield() {
+                YieldNow(false).await;
+                last = thread_cpu_time();
+            } else {
+                last = now;
+            }
+        }
+        std::hint::black_box(x)
+    }
+
+    struct YieldNow(bool);
+    impl Future for YieldNow {
+        type Output = ();
+        fn poll(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<()> {
+            if self.0 {
+                return std::task::Poll::Ready(());
+            }
+            self.0 = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    }
+
+    #[test]
+    fn runs_jobs_and_accounts_cpu() {
+        let p = pool(2);
+        let group = Arc::new(AtomicUsize::new(0));
+        let stats = Arc::new(JobStats::default());
+        let (tx, rx) = mpsc::channel();
+        let permit = p.admit(&group).unwrap();
+        let t = p.spawn(1, stats.clone(), permit, async move {
+            let r = burn(20).await;
+            let _ = tx.send(());
+            r
+        });
+        rx.recv_timeout(Duration::from_secs(20)).unwrap();
+        // Give the worker a moment to charge the last slice.
+        for _ in 0..100 {
+            if group.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        assert!(stats.cpu_time() >= Duration::from_millis(20));
+        assert!(stats.slices() > 1, "a 20 ms job on 2 ms slices yields");
+        drop(t);
+        assert_eq!(group.load(Ordering::Acquire), 0, "permit released");
+    }
+
+    #[test]
+    fn admission_limits() {
+        let p = ComputePool::new(ComputeConfig {
+            workers: 1,
+            per_connection_limit: 2,
+            queue_limit: 3,
+            nice: 0,
+            ..ComputeConfig::default()
+        });
+        let a = Arc::new(AtomicUsize::new(0));
+        let b = Arc::new(AtomicUsize::new(0));
+        let p1 = p.admit(&a).unwrap();
+        let _p2 = p.admit(&a).unwrap();
+        assert!(matches!(p.admit(&a), Err(Refusal::ConnectionQueue { .. })));
+        let _p3 = p.admit(&b).unwrap();
+        let e = p.admit(&b).unwrap_err();
+        assert_eq!(e.reason(), "queue_full");
+        assert!(e.retry_after_ms() >= 50);
+        drop(p1);
+        assert!(p.admit(&b).is_ok());
+    }
+
+    #[test]
+    fn a_non_yielding_job_does_not_take_capacity() {
+        let p = ComputePool::new(ComputeConfig {
+            workers: 1,
+            non_yield_after: Duration::from_millis(20),
+            nice: 0,
+            ..ComputeConfig::default()
+        });
+        let g = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let stuck_stats = Arc::new(JobStats::default());
+        let s2 = stop.clone();
+        let _stuck = p.spawn(1, stuck_stats.clone(), p.admit(&g).unwrap(), async move {
+            // Never reaches a checkpoint until told to stop.
+            while !s2.load(Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        });
+        let (tx, rx) = mpsc::channel();
+        let _other = p.spawn(2, Arc::new(JobStats::default()), p.admit(&g).unwrap(), async move {
+            let _ = tx.send(());
+        });
+        // With one worker stuck, the other job only runs on a replacement.
+        let ran = rx.recv_timeout(Duration::from_secs(20)).is_ok();
+        stop.store(true, Ordering::Relaxed);
+        assert!(ran, "a replacement worker ran the other job");
+        assert!(stuck_stats.not_yielding());
+        assert!(p.stats().non_yielding_total >= 1);
+    }
+
+    #[test]
+    fn dropping_the_task_cancels_a_yielding_job() {
+        let p = pool(1);
+        let g = Arc::new(AtomicUsize::new(0));
+        let stats = Arc::new(JobStats::default());
+        let t = p.spawn(1, stats.clone(), p.admit(&g).unwrap(), async {
+            loop {
+                burn(1).await;
+            }
+        });
+        thread::sleep(Duration::from_millis(30));
+        drop(t);
+        for _ in 0..200 {
+            if g.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(g.load(Ordering::Acquire), 0, "the job's future was dropped");
+    }
+}

@@ -1,0 +1,747 @@
+//! One WebSocket connection: a reader that only parses, admits and dispatches,
+//! a single writer fed by one bounded channel, and the in-flight table.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::compute::{JobState, Permit};
+use crate::protocol::{self, codes, ErrorObject, Frame, Id, Rejected, Request};
+use crate::server::App;
+use crate::task::{stopped_error, Ctx, Outbound, Stopped, TaskError, TaskInit, TaskKind, TaskShared};
+
+/// WebSocket close codes the server uses.
+pub(crate) mod close {
+    pub const GOING_AWAY: u16 = 1001;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+}
+
+/// How long a stopped CPU task gets to reach its next checkpoint before its
+/// request is answered anyway (it keeps its not-yielding flag in the table).
+const STOP_GRACE: Duration = Duration::from_secs(1);
+
+#[derive(Default)]
+struct Inflight {
+    tasks: HashMap<u64, Arc<TaskShared>>,
+    ids: HashMap<Id, u64>,
+}
+
+/// The state of one connection, shared by its reader, writer, tasks and the admin view.
+pub(crate) struct ConnState {
+    pub id: u64,
+    pub peer: SocketAddr,
+    pub opened_at: SystemTime,
+    pub opened: Instant,
+    tx: mpsc::Sender<Outbound>,
+    inflight: Mutex<Inflight>,
+    pub cpu_admitted: Arc<AtomicUsize>,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub messages_in: AtomicU64,
+    pub messages_out: AtomicU64,
+    /// Fired to make the connection close (admin, slow consumer, heartbeat).
+    pub closing: CancellationToken,
+    close_reason: Mutex<Option<(u16, &'static str)>>,
+    missed_pongs: AtomicU32,
+    /// Requests admitted whose answer is not yet queued for the writer.
+    unanswered: AtomicUsize,
+    write_timeout: Duration,
+    shutting_down: AtomicBool,
+}
+
+impl ConnState {
+    /// Messages waiting for the writer.
+    pub fn outbound_depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    pub fn inflight_len(&self) -> usize {
+        self.inflight.lock().map(|m| m.tasks.len()).unwrap_or(0)
+    }
+
+    /// The tasks of this connection (for the admin view).
+    pub fn tasks(&self) -> Vec<Arc<TaskShared>> {
+        self.inflight
+            .lock()
+            .map(|m| m.tasks.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    pub fn task(&self, id: u64) -> Option<Arc<TaskShared>> {
+        self.inflight.lock().ok()?.tasks.get(&id).cloned()
+    }
+
+    /// Asks the connection to close with this code (first reason wins).
+    pub fn close_with(&self, code: u16, reason: &'static str) {
+        if let Ok(mut r) = self.close_reason.lock() {
+            r.get_or_insert((code, reason));
+        }
+        self.closing.cancel();
+    }
+
+    fn remove(&self, task: &TaskShared) {
+        if let Ok(mut m) = self.inflight.lock() {
+            m.tasks.remove(&task.id);
+            if let Some(rid) = &task.request_id {
+                if m.ids.get(rid) == Some(&task.id) {
+                    m.ids.remove(rid);
+                }
+            }
+        }
+    }
+
+    fn stop_all(&self, why: Stopped) {
+        for t in self.tasks() {
+            t.stop(why);
+        }
+    }
+
+    /// Queues text for the writer. Waits at most `write_timeout` for room: a
+    /// client that does not read its replies is closed, not buffered for.
+    async fn send(&self, text: String) {
+        self.send_outbound(Outbound::Text(text)).await
+    }
+
+    async fn send_outbound(&self, msg: Outbound) {
+        match self.tx.try_send(msg) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(msg)) => {
+                if tokio::time::timeout(self.write_timeout, self.tx.send(msg))
+                    .await
+                    .is_err()
+                {
+                    self.close_with(close::POLICY, "slow consumer");
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    fn try_send(&self, text: String) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(Outbound::Text(text)) {
+            self.close_with(close::POLICY, "slow consumer");
+        }
+    }
+}
+
+/// Collects the answers of one batch and sends them as one array.
+struct Batch {
+    slots: Mutex<Vec<Option<String>>>,
+    remaining: AtomicUsize,
+}
+
+impl Batch {
+    /// Fills one slot; returns the array text when it was the last.
+    fn fill(&self, index: usize, text: Option<String>) -> Option<String> {
+        if let Ok(mut slots) = self.slots.lock() {
+            if let Some(slot) = slots.get_mut(index) {
+                *slot = text;
+            }
+        }
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return None;
+        }
+        let slots = std::mem::take(&mut *self.slots.lock().ok()?);
+        let parts: Vec<String> = slots.into_iter().flatten().collect();
+        if parts.is_empty() {
+            // A batch of notifications is answered with nothing.
+            return None;
+        }
+        Some(format!("[{}]", parts.join(",")))
+    }
+}
+
+/// Where a request's answer goes.
+#[derive(Clone)]
+enum Dest {
+    Direct,
+    Batch(Arc<Batch>, usize),
+}
+
+impl Dest {
+    async fn deliver(&self, conn: &ConnState, text: Option<String>) {
+        match self {
+            Dest::Direct => {
+                if let Some(t) = text {
+                    conn.send(t).await;
+                }
+            }
+            Dest::Batch(b, i) => {
+                if let Some(all) = b.fill(*i, text) {
+                    conn.send(all).await;
+                }
+            }
+        }
+    }
+
+    fn try_deliver(&self, conn: &ConnState, text: Option<String>) {
+        match self {
+            Dest::Direct => {
+                if let Some(t) = text {
+                    conn.try_send(t);
+                }
+            }
+            Dest::Batch(b, i) => {
+                if let Some(all) = b.fill(*i, text) {
+                    conn.try_send(all);
+                }
+            }
+        }
+    }
+}
+
+/// How a task ended.
+pub(crate) enum Outcome {
+    Ok(Box<RawValue>),
+    Err(TaskError),
+    Crashed(String),
+    /// The task was dropped without finishing (its executor went away).
+    Lost,
+}
+
+impl Outcome {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Ok(_) => "ok",
+            Outcome::Err(TaskError::Stopped(Stopped::Cancelled | Stopped::Disconnected)) => {
+                "cancelled"
+            }
+            Outcome::Err(TaskError::Stopped(Stopped::DeadlineExceeded)) => "timeout",
+            Outcome::Err(TaskError::Stopped(Stopped::Killed)) => "killed",
+            Outcome::Err(TaskError::Stopped(Stopped::Shutdown)) => "shutdown",
+            Outcome::Err(_) | Outcome::Lost => "error",
+            Outcome::Crashed(_) => "crashed",
+        }
+    }
+}
+
+/// The answer to one request: sent exactly once, on every path. [`Reply::finish`]
+/// sends it; if the reply is dropped unsent (its task was lost), `Drop` answers.
+pub(crate) struct Reply {
+    app: Arc<App>,
+    conn: Arc<ConnState>,
+    task: Arc<TaskShared>,
+    dest: Dest,
+    done: bool,
+}
+
+impl Reply {
+    /// Takes the task out of the tables and renders its answer.
+    fn settle(&mut self, outcome: &Outcome) -> Option<String> {
+        self.done = true;
+        self.conn.remove(&self.task);
+        self.app.observer.task_finished(&self.task, outcome);
+        let id = self.task.request_id.as_ref()?;
+        let t = &self.task;
+        Some(match outcome {
+            Outcome::Ok(v) => protocol::success_text(id, v),
+            Outcome::Err(e) => protocol::error_text(Some(id), &e.to_error_object(t.timeout_ms)),
+            Outcome::Crashed(msg) => protocol::error_text(
+                Some(id),
+                &ErrorObject::new(codes::CRASHED, format!("task crashed: {msg}")),
+            ),
+            Outcome::Lost => {
+                let err = if self.app.shutdown.is_cancelled() {
+                    stopped_error(Stopped::Shutdown, None)
+                } else {
+                    ErrorObject::new(codes::INTERNAL_ERROR, "internal error: the task was lost")
+                };
+                protocol::error_text(Some(id), &err)
+            }
+        })
+    }
+
+    async fn finish(mut self, outcome: Outcome) {
+        // The latest progress must reach the client before the response.
+        if self.task.close_progress() {
+            self.conn
+                .send_outbound(Outbound::Progress(self.task.clone()))
+                .await;
+        }
+        let text = self.settle(&outcome);
+        self.dest.deliver(&self.conn, text).await;
+        self.conn.unanswered.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let text = self.settle(&Outcome::Lost);
+        self.dest.try_deliver(&self.conn, text);
+        self.conn.unanswered.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic".to_string()
+    }
+}
+
+/// The task's future with stop and panic handling: what runs on either executor.
+async fn guarded(task: Arc<TaskShared>, fut: crate::registry::TaskFuture) -> Outcome {
+    let stop = task.token.clone();
+    tokio::select! {
+        biased;
+        _ = stop.cancelled() => {
+            Outcome::Err(task.stopped().unwrap_or(Stopped::Cancelled).into())
+        }
+        r = AssertUnwindSafe(fut).catch_unwind() => match r {
+            Ok(Ok(v)) => Outcome::Ok(v),
+            Ok(Err(e)) => Outcome::Err(e),
+            Err(p) => Outcome::Crashed(panic_message(&*p)),
+        },
+    }
+}
+
+/// Resolves once the task is told to stop, firing the deadline itself.
+async fn stop_signal(task: &TaskShared) -> Stopped {
+    match task.deadline {
+        Some(d) => {
+            tokio::select! {
+                _ = task.token.cancelled() => {}
+                _ = tokio::time::sleep_until(d.into()) => { task.stop(Stopped::DeadlineExceeded); }
+            }
+        }
+        None => task.token.cancelled().await,
+    }
+    task.stopped().unwrap_or(Stopped::Cancelled)
+}
+
+async fn supervise(
+    app: Arc<App>,
+    reply: Reply,
+    fut: crate::registry::TaskFuture,
+    permit: Option<Permit>,
+) {
+    let task = reply.task.clone();
+    let outcome = match permit {
+        None => {
+            task.stats.set_state(JobState::Running);
+            tokio::select! {
+                biased;
+                out = guarded(task.clone(), fut) => out,
+                why = stop_signal(&task) => Outcome::Err(why.into()),
+            }
+        }
+        Some(permit) => {
+            let mut handle = app
+                .pool
+                .spawn(
+                    task.conn,
+                    task.stats.clone(),
+                    permit,
+                    guarded(task.clone(), fut),
+                )
+                .fallible();
+            tokio::select! {
+                biased;
+                out = &mut handle => out.unwrap_or(Outcome::Lost),
+                why = stop_signal(&task) => {
+                    // A queued job is dropped at once; a running one stops at its
+                    // next checkpoint. Either way the CPU is released before we answer,
+                    // unless the task never reaches a checkpoint.
+                    match tokio::time::timeout(STOP_GRACE, handle.cancel()).await {
+                        Ok(Some(out)) => out,
+                        _ => Outcome::Err(why.into()),
+                    }
+                }
+            }
+        }
+    };
+    reply.finish(outcome).await;
+}
+
+/// Serves one upgraded WebSocket until it closes.
+pub(crate) async fn serve(app: Arc<App>, socket: WebSocket, peer: SocketAddr) {
+    let id = app.next_conn.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::info_span!("conn", id, %peer);
+    async move {
+        let (tx, rx) = mpsc::channel(app.cfg.outbound_queue);
+        let conn = Arc::new(ConnState {
+            id,
+            peer,
+            opened_at: SystemTime::now(),
+            opened: Instant::now(),
+            tx,
+            inflight: Mutex::new(Inflight::default()),
+            cpu_admitted: Arc::new(AtomicUsize::new(0)),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            messages_in: AtomicU64::new(0),
+            messages_out: AtomicU64::new(0),
+            closing: CancellationToken::new(),
+            close_reason: Mutex::new(None),
+            missed_pongs: AtomicU32::new(0),
+            unanswered: AtomicUsize::new(0),
+            write_timeout: app.cfg.write_timeout,
+            shutting_down: AtomicBool::new(false),
+        });
+        app.observer.conn_opened(&conn);
+        tracing::debug!("connection opened");
+        let (sink, stream) = socket.split();
+        let writer = tokio::spawn(
+            writer(app.clone(), conn.clone(), sink, rx).instrument(tracing::Span::current()),
+        );
+        reader(&app, &conn, stream).await;
+        // Links: when the connection goes, its work goes.
+        conn.stop_all(Stopped::Disconnected);
+        conn.closing.cancel();
+        let _ = writer.await;
+        app.observer.conn_closed(&conn);
+        tracing::debug!("connection closed");
+    }
+    .instrument(span)
+    .await
+}
+
+async fn reader(app: &Arc<App>, conn: &Arc<ConnState>, mut stream: SplitStream<WebSocket>) {
+    let shutdown = app.shutdown.clone();
+    let mut grace: Option<tokio::time::Instant> = None;
+    loop {
+        let msg = tokio::select! {
+            biased;
+            _ = conn.closing.cancelled() => return,
+            _ = shutdown.cancelled(), if grace.is_none() => {
+                conn.shutting_down.store(true, Ordering::Relaxed);
+                grace = Some(tokio::time::Instant::now() + app.cfg.shutdown_grace);
+                continue;
+            }
+            _ = async {
+                match grace {
+                    Some(g) => {
+                        // Shutting down: leave as soon as nothing is in flight,
+                        // or when the grace period ends.
+                        let poll = async {
+                            while conn.unanswered.load(Ordering::Acquire) > 0 {
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                            }
+                        };
+                        let _ = tokio::time::timeout_at(g, poll).await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            } => {
+                shutdown_connection(conn).await;
+                return;
+            }
+            m = stream.next() => m,
+        };
+        let msg = match msg {
+            None => return,
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                if is_too_big(e) {
+                    conn.close_with(close::TOO_BIG, "message too big");
+                }
+                return;
+            }
+        };
+        conn.missed_pongs.store(0, Ordering::Relaxed);
+        match msg {
+            Message::Text(text) => {
+                conn.bytes_in.fetch_add(text.len() as u64, Ordering::Relaxed);
+                conn.messages_in.fetch_add(1, Ordering::Relaxed);
+                handle_text(app, conn, text.as_str()).await;
+            }
+            Message::Binary(b) => {
+                conn.bytes_in.fetch_add(b.len() as u64, Ordering::Relaxed);
+                let err = ErrorObject::invalid_request("binary frames are not supported");
+                conn.send(protocol::error_text(None, &err)).await;
+            }
+            Message::Ping(_) | Message::Pong(_) => {}
+            Message::Close(_) => return,
+        }
+    }
+}
+
+/// Answers what is still running with -32005 and closes with 1001.
+async fn shutdown_connection(conn: &Arc<ConnState>) {
+    conn.stop_all(Stopped::Shutdown);
+    let wait = async {
+        while conn.unanswered.load(Ordering::Acquire) > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let _ = tokio::time::timeout(STOP_GRACE + Duration::from_millis(500), wait).await;
+    conn.close_with(close::GOING_AWAY, "server shutting down");
+}
+
+fn is_too_big(e: axum::Error) -> bool {
+    let inner = e.into_inner();
+    matches!(
+        inner.downcast_ref::<tungstenite::Error>(),
+        Some(tungstenite::Error::Capacity(_))
+    )
+}
+
+async fn handle_text(app: &Arc<App>, conn: &Arc<ConnState>, text: &str) {
+    match protocol::parse_frame(text) {
+        Frame::Invalid(err) => conn.send(protocol::error_text(None, &err)).await,
+        Frame::Single(r) => handle_one(app, conn, r, Dest::Direct).await,
+        Frame::Batch(items) => {
+            let batch = Arc::new(Batch {
+                slots: Mutex::new(vec![None; items.len()]),
+                remaining: AtomicUsize::new(items.len()),
+            });
+            for (i, r) in items.into_iter().enumerate() {
+                handle_one(app, conn, r, Dest::Batch(batch.clone(), i)).await;
+            }
+        }
+    }
+}
+
+async fn handle_one(
+    app: &Arc<App>,
+    conn: &Arc<ConnState>,
+    r: Result<Request<'_>, Rejected>,
+    dest: Dest,
+) {
+    let req = match r {
+        Ok(req) => req,
+        Err(rej) => {
+            let text = (!rej.notification).then(|| protocol::error_text(rej.id.as_ref(), &rej.error));
+            dest.deliver(conn, text).await;
+            return;
+        }
+    };
+    let answer = |err: ErrorObject| {
+        req.id
+            .as_ref()
+            .map(|id| protocol::error_text(Some(id), &err))
+    };
+    match req.method.as_str() {
+        protocol::CANCEL_METHOD => {
+            let id = req.id.clone();
+            if let Some(target) = protocol::cancel_target(req.params) {
+                let task = conn
+                    .inflight
+                    .lock()
+                    .ok()
+                    .and_then(|m| m.ids.get(&target).and_then(|t| m.tasks.get(t)).cloned());
+                if let Some(t) = task {
+                    t.stop(Stopped::Cancelled);
+                }
+            }
+            // Sent as a request by mistake: it still gets exactly one answer.
+            let text = id.and_then(|id| {
+                let null = RawValue::from_string("null".to_string()).ok()?;
+                Some(protocol::success_text(&id, &null))
+            });
+            dest.deliver(conn, text).await;
+            return;
+        }
+        protocol::DISCOVER_METHOD => {
+            let text = req.id.as_ref().map(|id| protocol::success_text(id, &app.discover));
+            dest.deliver(conn, text).await;
+            return;
+        }
+        _ => {}
+    }
+    let Some(def) = app.registry.get(&req.method) else {
+        let text = answer(ErrorObject::method_not_found(&req.method));
+        dest.deliver(conn, text).await;
+        return;
+    };
+    if conn.shutting_down.load(Ordering::Relaxed) {
+        let text = answer(stopped_error(Stopped::Shutdown, None));
+        dest.deliver(conn, text).await;
+        return;
+    }
+    let timeout_ms = req
+        .meta
+        .timeout_ms
+        .unwrap_or(u64::MAX)
+        .min(app.cfg.max_task_timeout.as_millis() as u64);
+    let task = TaskShared::new(TaskInit {
+        id: app.next_task.fetch_add(1, Ordering::Relaxed),
+        conn: conn.id,
+        request_id: req.id.clone(),
+        method: def.name.clone(),
+        kind: def.kind,
+        timeout_ms: Some(timeout_ms),
+        progress_token: req.meta.progress_token,
+        outbound: conn.tx.clone(),
+    });
+    let ctx = Ctx {
+        shared: task.clone(),
+    };
+    let fut = match (def.call)(ctx, req.params) {
+        Ok(f) => f,
+        Err(err) => {
+            let text = answer(err);
+            dest.deliver(conn, text).await;
+            return;
+        }
+    };
+    // Admission: the connection's in-flight limit, then the pool's queues.
+    let refused = match conn.inflight.lock() {
+        Err(_) => Some(ErrorObject::new(codes::INTERNAL_ERROR, "internal error")),
+        Ok(mut m) => {
+            if req.id.as_ref().is_some_and(|rid| m.ids.contains_key(rid)) {
+                Some(ErrorObject::invalid_request(
+                    "duplicate id: a request with this id is still in flight",
+                ))
+            } else if m.tasks.len() >= app.cfg.max_inflight_per_connection {
+                Some(ErrorObject::overloaded("connection_inflight", 100))
+            } else {
+                m.tasks.insert(task.id, task.clone());
+                if let Some(rid) = &req.id {
+                    m.ids.insert(rid.clone(), task.id);
+                }
+                None
+            }
+        }
+    };
+    if let Some(err) = refused {
+        if err.code == codes::OVERLOADED {
+            app.observer.refused("connection_inflight");
+        }
+        let text = answer(err);
+        dest.deliver(conn, text).await;
+        return;
+    }
+    let permit = match def.kind {
+        TaskKind::Io => None,
+        TaskKind::Cpu => match app.pool.admit(&conn.cpu_admitted) {
+            Ok(p) => Some(p),
+            Err(refusal) => {
+                conn.remove(&task);
+                app.observer.refused(refusal.reason());
+                let text = answer(ErrorObject::overloaded(
+                    refusal.reason(),
+                    refusal.retry_after_ms(),
+                ));
+                dest.deliver(conn, text).await;
+                return;
+            }
+        },
+    };
+    app.observer.task_started(&task);
+    conn.unanswered.fetch_add(1, Ordering::AcqRel);
+    let reply = Reply {
+        app: app.clone(),
+        conn: conn.clone(),
+        task: task.clone(),
+        dest,
+        done: false,
+    };
+    let span = tracing::debug_span!("task", id = task.id, method = %task.method);
+    tokio::spawn(supervise(app.clone(), reply, fut, permit).instrument(span));
+}
+
+async fn writer(
+    app: Arc<App>,
+    conn: Arc<ConnState>,
+    mut sink: SplitSink<WebSocket, Message>,
+    mut rx: mpsc::Receiver<Outbound>,
+) {
+    let mut ping = tokio::time::interval_at(
+        tokio::time::Instant::now() + app.cfg.ping_interval,
+        app.cfg.ping_interval,
+    );
+    let timeout = app.cfg.write_timeout;
+    loop {
+        let first = tokio::select! {
+            biased;
+            m = rx.recv() => match m {
+                Some(m) => m,
+                None => break,
+            },
+            _ = conn.closing.cancelled() => {
+                // Flush what is already queued (the answers of a shutdown), then close.
+                while let Ok(m) = rx.try_recv() {
+                    if let Some(msg) = render(&conn, m) {
+                        if tokio::time::timeout(timeout, sink.feed(msg)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                let (code, reason) = conn
+                    .close_reason
+                    .lock()
+                    .ok()
+                    .and_then(|r| *r)
+                    .unwrap_or((close::GOING_AWAY, "closing"));
+                let frame = CloseFrame { code, reason: reason.into() };
+                let _ = tokio::time::timeout(timeout, sink.send(Message::Close(Some(frame)))).await;
+                return;
+            }
+            _ = ping.tick() => {
+                if conn.missed_pongs.fetch_add(1, Ordering::Relaxed) >= 2 {
+                    conn.close_with(close::GOING_AWAY, "heartbeat timeout");
+                    continue;
+                }
+                if tokio::time::timeout(timeout, sink.send(Message::Ping(Default::default()))).await.is_err() {
+                    conn.close_with(close::POLICY, "slow consumer");
+                }
+                continue;
+            }
+        };
+        // Write everything that is ready, then flush once: one syscall for many replies.
+        let mut batch = Some(first);
+        let mut n = 0;
+        let mut failed = false;
+        while let Some(m) = batch.take() {
+            if let Some(msg) = render(&conn, m) {
+                match tokio::time::timeout(timeout, sink.feed(msg)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => {
+                        failed = true;
+                        break;
+                    }
+                    Err(_) => {
+                        conn.close_with(close::POLICY, "slow consumer");
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+            n += 1;
+            if n < 64 {
+                batch = rx.try_recv().ok();
+            }
+        }
+        if failed {
+            break;
+        }
+        match tokio::time::timeout(timeout, sink.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => break,
+            Err(_) => {
+                conn.close_with(close::POLICY, "slow consumer");
+                break;
+            }
+        }
+    }
+    conn.closing.cancel();
+}
+
+fn render(conn: &ConnState, m: Outbound) -> Option<Message> {
+    let text = match m {
+        Outbound::Text(t) => t,
+        Outbound::Progress(task) => task.take_progress_text()?,
+    };
+    conn.bytes_out.fetch_add(text.len() as u64, Ordering::Relaxed);
+    conn.messages_out.fetch_add(1, Ordering::Relaxed);
+    Some(Message::Text(text.into()))
+}

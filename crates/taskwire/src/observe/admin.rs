@@ -1,0 +1,239 @@
+//! `/admin` (JSON, with an SSE stream), `/metrics`, and the dashboard's files.
+//!
+//! Secure by default: with a token configured, every admin and metrics request
+//! must carry it (`Authorization: Bearer …` or `?token=…`); with none, only
+//! loopback peers are answered.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::{stream, Stream, StreamExt};
+use serde_json::{json, Value};
+
+use super::metrics::Live;
+use super::{conn_info, count_states, task_info, TaskQuery};
+use crate::server::App;
+
+/// How often the event stream sends a snapshot.
+const SNAPSHOT_EVERY: Duration = Duration::from_millis(250);
+/// Tasks per snapshot, busiest first: enough for a dashboard, bounded in size.
+const SNAPSHOT_TASKS: usize = 500;
+
+mod files {
+    include!(concat!(env!("OUT_DIR"), "/web_files.rs"));
+}
+
+pub(crate) fn routes(app: Arc<App>) -> Router<Arc<App>> {
+    let guarded = Router::new()
+        .route("/admin/tasks", get(list_tasks))
+        .route("/admin/tasks/{id}", get(one_task))
+        .route("/admin/tasks/{id}/kill", post(kill_task))
+        .route("/admin/connections", get(list_conns))
+        .route("/admin/connections/{id}/close", post(close_conn))
+        .route("/admin/stats", get(stats))
+        .route("/admin/events", get(events))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(app, authorize));
+    Router::new()
+        .route("/", get(|| file("index.html")))
+        .route("/{name}", get(|Path(name): Path<String>| file_owned(name)))
+        .merge(guarded)
+}
+
+async fn file(name: &'static str) -> Response {
+    serve_file(name)
+}
+
+async fn file_owned(name: String) -> Response {
+    serve_file(&name)
+}
+
+fn serve_file(name: &str) -> Response {
+    match files::FILES.iter().find(|(n, _, _)| *n == name) {
+        Some((_, mime, body)) => ([(header::CONTENT_TYPE, *mime)], *body).into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+/// Compares without an early exit, so response timing does not leak how much
+/// of a guessed token was right.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn presented_token<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<&'a str> {
+    if let Some(v) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        if let Some(t) = v.strip_prefix("Bearer ") {
+            return Some(t.trim());
+        }
+    }
+    query?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("token="))
+}
+
+async fn authorize(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let ok = match &app.cfg.admin_token {
+        Some(expected) => presented_token(req.headers(), req.uri().query())
+            .is_some_and(|t| same(t, expected)),
+        None => peer.ip().is_loopback(),
+    };
+    if !ok {
+        let msg = if app.cfg.admin_token.is_some() {
+            "admin token required"
+        } else {
+            "admin is reachable from loopback only (configure an admin token)"
+        };
+        return (StatusCode::UNAUTHORIZED, msg).into_response();
+    }
+    next.run(req).await
+}
+
+async fn list_tasks(State(app): State<Arc<App>>, Query(q): Query<TaskQuery>) -> Json<Value> {
+    Json(json!({ "tasks": app.observer.tasks(&q) }))
+}
+
+async fn one_task(State(app): State<Arc<App>>, Path(id): Path<u64>) -> Response {
+    match app.observer.find_task(id) {
+        Some(t) => Json(task_info(&t)).into_response(),
+        None => (StatusCode::NOT_FOUND, Json(json!({"error": "no such task"}))).into_response(),
+    }
+}
+
+async fn kill_task(State(app): State<Arc<App>>, Path(id): Path<u64>) -> Response {
+    if app.observer.kill(id) {
+        Json(json!({ "killed": true })).into_response()
+    } else {
+        (StatusCode::NOT_FOUND, Json(json!({"error": "no such task"}))).into_response()
+    }
+}
+
+async fn list_conns(State(app): State<Arc<App>>) -> Json<Value> {
+    let mut conns: Vec<_> = app
+        .observer
+        .connections()
+        .iter()
+        .map(|c| conn_info(c))
+        .collect();
+    conns.sort_by_key(|c| c.id);
+    Json(json!({ "connections": conns }))
+}
+
+async fn close_conn(State(app): State<Arc<App>>, Path(id): Path<u64>) -> Response {
+    match app.observer.connection(id) {
+        Some(c) => {
+            c.close_with(crate::connection::close::GOING_AWAY, "closed by an operator");
+            tracing::info!(conn = id, "connection closed by an operator");
+            Json(json!({ "closed": true })).into_response()
+        }
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "no such connection"})),
+        )
+            .into_response(),
+    }
+}
+
+fn live(app: &App) -> Live {
+    let conns = app.observer.connections();
+    let tasks: Vec<_> = conns.iter().flat_map(|c| c.tasks()).collect();
+    Live {
+        open_conns: conns.len(),
+        states: count_states(&tasks),
+        pool: app.pool.stats(),
+        outbound_depth: conns.iter().map(|c| c.outbound_depth()).sum(),
+    }
+}
+
+fn stats_value(app: &App) -> Value {
+    let l = live(app);
+    let finished: serde_json::Map<String, Value> = app
+        .observer
+        .metrics
+        .totals()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), Value::from(v)))
+        .collect();
+    json!({
+        "connections": l.open_conns,
+        "tasks": {
+            "queued": l.states[0], "running": l.states[1],
+            "yielded": l.states[2], "waiting": l.states[3],
+        },
+        "pool": {
+            "workers": l.pool.workers,
+            "liveWorkers": l.pool.live_workers,
+            "busy": l.pool.busy,
+            "utilisation": l.pool.utilisation,
+            "queued": l.pool.queued,
+            "admitted": l.pool.admitted,
+            "nonYieldingTotal": l.pool.non_yielding_total,
+            "cpuMsTotal": l.pool.cpu_ns_total as f64 / 1e6,
+        },
+        "finished": finished,
+        "uptimeMs": app.observer.uptime_ms(),
+    })
+}
+
+async fn stats(State(app): State<Arc<App>>) -> Json<Value> {
+    Json(stats_value(&app))
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let text = app.observer.metrics.render(&live(&app));
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// A snapshot every 250 ms, made when the client is ready for it: a slow
+/// client gets fewer snapshots, never a growing buffer.
+async fn events(
+    State(app): State<Arc<App>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let limit = q
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(SNAPSHOT_TASKS)
+        .min(10_000);
+    let stop = app.shutdown.clone();
+    let mut tick = tokio::time::interval(SNAPSHOT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let s = stream::unfold((app, tick), move |(app, mut tick)| async move {
+        tick.tick().await;
+        let q = TaskQuery {
+            limit: Some(limit),
+            ..TaskQuery::default()
+        };
+        let data = json!({ "stats": stats_value(&app), "tasks": app.observer.tasks(&q) });
+        let ev = Event::default()
+            .event("snapshot")
+            .json_data(data)
+            .unwrap_or_else(|_| Event::default().event("error"));
+        Some((Ok(ev), (app, tick)))
+    })
+    // Ends with the server, so that graceful shutdown does not wait on it.
+    .take_until(async move { stop.cancelled().await });
+    Sse::new(s).keep_alive(KeepAlive::default())
+}

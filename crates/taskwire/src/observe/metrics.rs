@@ -1,0 +1,245 @@
+//! Prometheus metrics, in a registry of the server's own (not a process-global
+//! recorder), so that several servers in one process keep separate figures.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::compute::PoolStats;
+use crate::task::TaskShared;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodOutcome {
+    method: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabel {
+    method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: String,
+}
+
+type Histograms = Family<MethodLabel, Histogram, fn() -> Histogram>;
+
+fn seconds_histogram() -> Histogram {
+    // 100 µs .. ~105 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 21))
+}
+
+/// The outcomes counted for `/admin/stats`, in a fixed order.
+pub(crate) const OUTCOMES: [&str; 8] = [
+    "ok", "error", "crashed", "cancelled", "timeout", "killed", "shutdown", "refused",
+];
+
+pub(crate) struct Metrics {
+    registry: Registry,
+    finished: Family<MethodOutcome, Counter>,
+    queue_wait: Histograms,
+    run_time: Histograms,
+    cpu_time: Histograms,
+    refusals: Family<ReasonLabel, Counter>,
+    progress_coalesced: Counter,
+    open_conns: Gauge,
+    tasks: Family<StateLabel, Gauge>,
+    pool_workers: Gauge,
+    pool_live_workers: Gauge,
+    pool_busy: Gauge,
+    pool_queued: Gauge,
+    pool_utilisation: Gauge<f64, AtomicU64>,
+    pool_non_yielding: Gauge,
+    outbound_depth: Gauge,
+    totals: [AtomicU64; OUTCOMES.len()],
+}
+
+pub(crate) struct Live {
+    pub open_conns: usize,
+    pub states: [u64; 4],
+    pub pool: PoolStats,
+    pub outbound_depth: usize,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("taskwire");
+        let m = Metrics {
+            finished: Family::default(),
+            queue_wait: Family::new_with_constructor(seconds_histogram),
+            run_time: Family::new_with_constructor(seconds_histogram),
+            cpu_time: Family::new_with_constructor(seconds_histogram),
+            refusals: Family::default(),
+            progress_coalesced: Counter::default(),
+            open_conns: Gauge::default(),
+            tasks: Family::default(),
+            pool_workers: Gauge::default(),
+            pool_live_workers: Gauge::default(),
+            pool_busy: Gauge::default(),
+            pool_queued: Gauge::default(),
+            pool_utilisation: Gauge::default(),
+            pool_non_yielding: Gauge::default(),
+            outbound_depth: Gauge::default(),
+            totals: Default::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "tasks_finished",
+            "Tasks finished, by method and outcome",
+            m.finished.clone(),
+        );
+        registry.register(
+            "task_queue_wait_seconds",
+            "Time from admission to the first slice on the compute pool",
+            m.queue_wait.clone(),
+        );
+        registry.register(
+            "task_run_seconds",
+            "Time from admission to the answer",
+            m.run_time.clone(),
+        );
+        registry.register(
+            "task_cpu_seconds",
+            "CPU time a task used on the compute pool",
+            m.cpu_time.clone(),
+        );
+        registry.register(
+            "admission_refusals",
+            "Requests or upgrades refused by admission control, by reason",
+            m.refusals.clone(),
+        );
+        registry.register(
+            "progress_coalesced",
+            "Progress updates folded into a later notification",
+            m.progress_coalesced.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "Open WebSocket connections",
+            m.open_conns.clone(),
+        );
+        registry.register("tasks", "Live tasks by state", m.tasks.clone());
+        registry.register(
+            "pool_workers",
+            "Configured compute workers",
+            m.pool_workers.clone(),
+        );
+        registry.register(
+            "pool_live_workers",
+            "Compute worker threads alive, including replacements for stuck ones",
+            m.pool_live_workers.clone(),
+        );
+        registry.register(
+            "pool_busy_workers",
+            "Compute workers running a task",
+            m.pool_busy.clone(),
+        );
+        registry.register(
+            "pool_queued",
+            "CPU tasks waiting for a worker",
+            m.pool_queued.clone(),
+        );
+        registry.register(
+            "pool_utilisation",
+            "Fraction of compute worker time busy (recent window)",
+            m.pool_utilisation.clone(),
+        );
+        registry.register(
+            "pool_non_yielding",
+            "CPU tasks ever flagged as not yielding",
+            m.pool_non_yielding.clone(),
+        );
+        registry.register(
+            "outbound_queue_depth",
+            "Messages waiting in connections' outbound queues",
+            m.outbound_depth.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    pub fn task_finished(&self, t: &TaskShared, outcome: &'static str) {
+        let method = t.method.to_string();
+        self.finished
+            .get_or_create(&MethodOutcome {
+                method: method.clone(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+        if let Some(i) = OUTCOMES.iter().position(|o| *o == outcome) {
+            self.totals[i].fetch_add(1, Ordering::Relaxed);
+        }
+        let label = MethodLabel { method };
+        self.run_time
+            .get_or_create(&label)
+            .observe(t.created.elapsed().as_secs_f64());
+        if let Some(first) = t.stats.first_run() {
+            self.queue_wait
+                .get_or_create(&label)
+                .observe(first.saturating_duration_since(t.created).as_secs_f64());
+            self.cpu_time
+                .get_or_create(&label)
+                .observe(t.stats.cpu_time().as_secs_f64());
+        }
+        let coalesced = t.progress_coalesced();
+        if coalesced > 0 {
+            self.progress_coalesced.inc_by(coalesced);
+        }
+    }
+
+    pub fn refused(&self, reason: &str) {
+        self.refusals
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+        if let Some(i) = OUTCOMES.iter().position(|o| *o == "refused") {
+            self.totals[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn totals(&self) -> Vec<(&'static str, u64)> {
+        OUTCOMES
+            .iter()
+            .zip(&self.totals)
+            .map(|(o, n)| (*o, n.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// The exposition text, after bringing the gauges up to date.
+    pub fn render(&self, live: &Live) -> String {
+        self.open_conns.set(live.open_conns as i64);
+        for (i, name) in ["queued", "running", "yielded", "waiting"].iter().enumerate() {
+            self.tasks
+                .get_or_create(&StateLabel {
+                    state: (*name).to_string(),
+                })
+                .set(live.states[i] as i64);
+        }
+        self.pool_workers.set(live.pool.workers as i64);
+        self.pool_live_workers.set(live.pool.live_workers as i64);
+        self.pool_busy.set(live.pool.busy as i64);
+        self.pool_queued.set(live.pool.queued as i64);
+        self.pool_utilisation.set(live.pool.utilisation);
+        self.pool_non_yielding
+            .set(live.pool.non_yielding_total as i64);
+        self.outbound_depth.set(live.outbound_depth as i64);
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

@@ -1,0 +1,436 @@
+//! What a task sees: its [`Ctx`] (cancellation, deadline, progress,
+//! checkpoints) and the [`TaskError`] it returns.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::compute::{self, JobStats};
+use crate::protocol::{codes, ErrorObject, Id};
+
+/// Whether a task runs on the I/O runtime or on the compute pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskKind {
+    /// Waits on timers, sockets or other futures; runs on Tokio's threads.
+    Io,
+    /// Burns CPU; runs on the compute pool, time-sliced at checkpoints.
+    Cpu,
+}
+
+impl TaskKind {
+    /// `"io"` or `"cpu"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskKind::Io => "io",
+            TaskKind::Cpu => "cpu",
+        }
+    }
+}
+
+/// Why a task was told to stop. The first reason wins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Stopped {
+    /// The client sent `$/cancelRequest`.
+    #[error("cancelled by the client")]
+    Cancelled,
+    /// The connection closed.
+    #[error("cancelled: the connection closed")]
+    Disconnected,
+    /// The deadline passed.
+    #[error("deadline exceeded")]
+    DeadlineExceeded,
+    /// An operator killed the task.
+    #[error("killed by an operator")]
+    Killed,
+    /// The server is shutting down.
+    #[error("the server is shutting down")]
+    Shutdown,
+}
+
+impl Stopped {
+    fn to_u8(self) -> u8 {
+        match self {
+            Stopped::Cancelled => 1,
+            Stopped::Disconnected => 2,
+            Stopped::DeadlineExceeded => 3,
+            Stopped::Killed => 4,
+            Stopped::Shutdown => 5,
+        }
+    }
+
+    fn from_u8(v: u8) -> Option<Stopped> {
+        Some(match v {
+            1 => Stopped::Cancelled,
+            2 => Stopped::Disconnected,
+            3 => Stopped::DeadlineExceeded,
+            4 => Stopped::Killed,
+            5 => Stopped::Shutdown,
+            _ => return None,
+        })
+    }
+
+    /// The protocol's error code for this reason.
+    pub fn code(self) -> i32 {
+        match self {
+            Stopped::Cancelled | Stopped::Disconnected => codes::CANCELLED,
+            Stopped::DeadlineExceeded => codes::DEADLINE_EXCEEDED,
+            Stopped::Killed => codes::KILLED,
+            Stopped::Shutdown => codes::SHUTTING_DOWN,
+        }
+    }
+}
+
+/// The error a task returns.
+///
+/// A task reports its own failures with [`TaskError::InvalidParams`] or
+/// [`TaskError::Failed`]; `?` on [`Ctx::checkpoint`] turns a stop into
+/// [`TaskError::Stopped`], which the server answers with the right code.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    /// The params do not fit the task (`-32602`); name the field.
+    #[error("invalid params: {0}")]
+    InvalidParams(String),
+    /// The task failed with an application error of its own.
+    #[error("{message}")]
+    Failed {
+        /// An application code (use codes outside the protocol's reserved ranges).
+        code: i32,
+        /// What went wrong.
+        message: String,
+        /// Details for the client.
+        data: Option<Value>,
+    },
+    /// The server failed (`-32603`).
+    #[error("internal error: {0}")]
+    Internal(String),
+    /// The task stopped because it was told to.
+    #[error(transparent)]
+    Stopped(#[from] Stopped),
+}
+
+impl TaskError {
+    /// An application failure with a code and message.
+    pub fn failed(code: i32, message: impl Into<String>) -> Self {
+        TaskError::Failed {
+            code,
+            message: message.into(),
+            data: None,
+        }
+    }
+
+    pub(crate) fn to_error_object(&self, timeout_ms: Option<u64>) -> ErrorObject {
+        match self {
+            TaskError::InvalidParams(m) => ErrorObject::invalid_params(m),
+            TaskError::Failed {
+                code,
+                message,
+                data,
+            } => ErrorObject {
+                code: *code,
+                message: message.clone(),
+                data: data.clone(),
+            },
+            TaskError::Internal(m) => {
+                ErrorObject::new(codes::INTERNAL_ERROR, format!("internal error: {m}"))
+            }
+            TaskError::Stopped(s) => stopped_error(*s, timeout_ms),
+        }
+    }
+}
+
+pub(crate) fn stopped_error(s: Stopped, timeout_ms: Option<u64>) -> ErrorObject {
+    match s {
+        Stopped::DeadlineExceeded => ErrorObject::with_data(
+            s.code(),
+            s.to_string(),
+            serde_json::json!({ "timeoutMs": timeout_ms.unwrap_or(0) }),
+        ),
+        _ => ErrorObject::new(s.code(), s.to_string()),
+    }
+}
+
+/// Progress notifications of one task are sent at most this often; faster
+/// updates are coalesced, keeping the latest.
+pub(crate) const PROGRESS_INTERVAL: Duration = Duration::from_millis(50);
+
+/// What goes to a connection's writer.
+pub(crate) enum Outbound {
+    /// A response or a batch, already serialized.
+    Text(String),
+    /// This task has progress to send: the writer takes the latest value.
+    Progress(Arc<TaskShared>),
+}
+
+#[derive(Default)]
+pub(crate) struct ProgressSlot {
+    latest: Option<Box<RawValue>>,
+    unsent: bool,
+    queued: bool,
+    closed: bool,
+    last_sent: Option<Instant>,
+}
+
+/// Everything the server knows about one running task. Shared by the task's
+/// [`Ctx`], its connection's in-flight table and the admin view.
+pub(crate) struct TaskShared {
+    pub id: u64,
+    pub conn: u64,
+    pub request_id: Option<Id>,
+    pub method: Arc<str>,
+    pub kind: TaskKind,
+    pub created: Instant,
+    pub timeout_ms: Option<u64>,
+    pub deadline: Option<Instant>,
+    stop: AtomicU8,
+    pub token: CancellationToken,
+    pub stats: Arc<JobStats>,
+    progress_token: Option<Box<RawValue>>,
+    progress: Mutex<ProgressSlot>,
+    progress_calls: AtomicU64,
+    progress_sent: AtomicU64,
+    outbound: mpsc::Sender<Outbound>,
+}
+
+pub(crate) struct TaskInit {
+    pub id: u64,
+    pub conn: u64,
+    pub request_id: Option<Id>,
+    pub method: Arc<str>,
+    pub kind: TaskKind,
+    pub timeout_ms: Option<u64>,
+    pub progress_token: Option<Box<RawValue>>,
+    pub outbound: mpsc::Sender<Outbound>,
+}
+
+impl TaskShared {
+    pub fn new(init: TaskInit) -> Arc<TaskShared> {
+        let created = Instant::now();
+        Arc::new(TaskShared {
+            id: init.id,
+            conn: init.conn,
+            request_id: init.request_id,
+            method: init.method,
+            kind: init.kind,
+            created,
+            timeout_ms: init.timeout_ms,
+            deadline: init
+                .timeout_ms
+                .map(|ms| created + Duration::from_millis(ms)),
+            stop: AtomicU8::new(0),
+            token: CancellationToken::new(),
+            stats: Arc::new(JobStats::default()),
+            progress_token: init.progress_token,
+            progress: Mutex::new(ProgressSlot::default()),
+            progress_calls: AtomicU64::new(0),
+            progress_sent: AtomicU64::new(0),
+            outbound: init.outbound,
+        })
+    }
+
+    /// Tells the task to stop; returns false if it was already told.
+    pub fn stop(&self, why: Stopped) -> bool {
+        let first = self
+            .stop
+            .compare_exchange(0, why.to_u8(), Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        self.token.cancel();
+        first
+    }
+
+    pub fn stopped(&self) -> Option<Stopped> {
+        Stopped::from_u8(self.stop.load(Ordering::Acquire))
+    }
+
+    pub fn last_progress(&self) -> Option<Value> {
+        let slot = self.progress.lock().ok()?;
+        slot.latest
+            .as_ref()
+            .and_then(|v| serde_json::from_str(v.get()).ok())
+    }
+
+    fn set_progress(self: &Arc<Self>, value: Box<RawValue>) {
+        let Ok(mut slot) = self.progress.lock() else {
+            return;
+        };
+        if slot.closed {
+            return;
+        }
+        slot.latest = Some(value);
+        if self.progress_token.is_none() {
+            // Kept for the admin view only.
+            return;
+        }
+        slot.unsent = true;
+        self.progress_calls.fetch_add(1, Ordering::Relaxed);
+        if slot.queued {
+            return;
+        }
+        let due = slot
+            .last_sent
+            .is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL);
+        if due && self.outbound.try_send(Outbound::Progress(self.clone())).is_ok() {
+            slot.queued = true;
+        }
+    }
+
+    /// Called by the writer: the notification to send now, if any.
+    pub fn take_progress_text(&self) -> Option<String> {
+        let mut slot = self.progress.lock().ok()?;
+        slot.queued = false;
+        if !slot.unsent {
+            return None;
+        }
+        slot.unsent = false;
+        slot.last_sent = Some(Instant::now());
+        self.progress_sent.fetch_add(1, Ordering::Relaxed);
+        let token = self.progress_token.as_ref()?;
+        let value = slot.latest.as_ref()?;
+        Some(crate::protocol::progress_text(token, value))
+    }
+
+    /// Progress updates that were folded into a later notification.
+    pub fn progress_coalesced(&self) -> u64 {
+        self.progress_calls
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.progress_sent.load(Ordering::Relaxed))
+    }
+
+    /// Called just before the response: no progress after it, and whether the
+    /// latest value still has to go out first.
+    pub fn close_progress(&self) -> bool {
+        let Ok(mut slot) = self.progress.lock() else {
+            return false;
+        };
+        slot.closed = true;
+        let need = slot.unsent && !slot.queued;
+        if need {
+            slot.queued = true;
+        }
+        need
+    }
+}
+
+/// A task's handle on the server: cancellation, deadline, progress, checkpoints.
+///
+/// Cheap to clone. A CPU task must call [`Ctx::checkpoint`] in its loops (about
+/// every 100 µs of work): that is where it is preempted and where it learns that
+/// it was cancelled, timed out or killed.
+#[derive(Clone)]
+pub struct Ctx {
+    pub(crate) shared: Arc<TaskShared>,
+}
+
+impl std::fmt::Debug for Ctx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctx")
+            .field("task", &self.shared.id)
+            .field("method", &self.shared.method)
+            .finish()
+    }
+}
+
+impl Ctx {
+    /// The server-wide id of this task (as shown in the admin API).
+    pub fn task_id(&self) -> u64 {
+        self.shared.id
+    }
+
+    /// The id of the connection that started this task.
+    pub fn connection_id(&self) -> u64 {
+        self.shared.conn
+    }
+
+    /// The method name this task was started under.
+    pub fn method(&self) -> &str {
+        &self.shared.method
+    }
+
+    /// When the task must be done by, if it has a deadline.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.shared.deadline
+    }
+
+    /// Why the task was told to stop, if it was.
+    pub fn stopped(&self) -> Option<Stopped> {
+        self.shared.stopped()
+    }
+
+    /// Resolves when the task is told to stop: for I/O tasks that want to clean
+    /// up before returning (the server drops an I/O task's future on stop anyway).
+    pub async fn cancelled(&self) -> Stopped {
+        self.shared.token.cancelled().await;
+        self.shared.stopped().unwrap_or(Stopped::Cancelled)
+    }
+
+    /// Reports progress. Never blocks: values sent faster than about 20 per
+    /// second are coalesced, and the latest always reaches the client before
+    /// the response. Only sent if the client asked (`_meta.progressToken`);
+    /// always visible in the admin task table.
+    pub fn progress(&self, value: impl Serialize) {
+        if let Ok(raw) = serde_json::value::to_raw_value(&value) {
+            self.shared.set_progress(raw);
+        }
+    }
+
+    /// The preemption and cancellation point of CPU tasks.
+    ///
+    /// Returns `Err` once the task is told to stop (use `?`). On the compute
+    /// pool it yields the worker when the task's slice is used up. With no
+    /// yield due it costs an atomic load or two: call it freely.
+    ///
+    /// ```
+    /// # use taskwire::{Ctx, TaskError};
+    /// async fn sum(ctx: Ctx, n: u64) -> Result<u64, TaskError> {
+    ///     let mut total = 0u64;
+    ///     for i in 0..n {
+    ///         total = total.wrapping_add(i);
+    ///         if i % 100_000 == 0 {
+    ///             ctx.checkpoint().await?;
+    ///         }
+    ///     }
+    ///     Ok(total)
+    /// }
+    /// ```
+    pub fn checkpoint(&self) -> Checkpoint<'_> {
+        Checkpoint {
+            shared: &self.shared,
+            yielded: false,
+        }
+    }
+}
+
+/// The future returned by [`Ctx::checkpoint`].
+#[must_use = "a checkpoint does nothing unless awaited"]
+pub struct Checkpoint<'a> {
+    shared: &'a TaskShared,
+    yielded: bool,
+}
+
+impl Future for Checkpoint<'_> {
+    type Output = Result<(), Stopped>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Some(s) = self.shared.stopped() {
+            return Poll::Ready(Err(s));
+        }
+        if !self.yielded && compute::should_yield() {
+            self.yielded = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Output of a task once erased: its result as JSON text.
+pub(crate) type TaskOutput = Result<Box<RawValue>, TaskError>;
