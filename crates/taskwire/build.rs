@@ -29,9 +29,14 @@ fn main() {
     entries.sort();
     let mut out = String::from("/// (file name, content type, body) of every file in `web/`.\npub static FILES: &[(&str, &str, &str)] = &[\n");
     for (name, mime, path) in entries {
-        let _ = writeln!(out, "    ({name:?}, {mime:?}, include_str!({:?})),", path.display().to_string());
+        let _ = writeln!(
+            out,
+            "    ({name:?}, {mime:?}, include_str!({:?})),",
+            path.display().to_string()
+        );
     }
     out.push_str("];\n");
-    let dest = Path::new(&std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("web_files.rs");
+    let dest =
+        Path::new(&std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("web_files.rs");
     std::fs::write(dest, out).expect("write web_files.rs");
 }

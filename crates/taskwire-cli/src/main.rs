@@ -12,7 +12,11 @@ use taskwire::{Config, Registry, Server};
 mod top;
 
 #[derive(Parser, Debug)]
-#[command(name = "taskwire", version, about = "A WebSocket task server with the soul of the BEAM")]
+#[command(
+    name = "taskwire",
+    version,
+    about = "A WebSocket task server with the soul of the BEAM"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -156,7 +160,10 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("taskwire: cannot start the runtime: {e}");

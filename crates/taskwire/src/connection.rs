@@ -19,7 +19,9 @@ use tracing::Instrument;
 use crate::compute::{JobState, Permit};
 use crate::protocol::{self, codes, ErrorObject, Frame, Id, Rejected, Request};
 use crate::server::App;
-use crate::task::{stopped_error, Ctx, Outbound, Stopped, TaskError, TaskInit, TaskKind, TaskShared};
+use crate::task::{
+    stopped_error, Ctx, Outbound, Stopped, TaskError, TaskInit, TaskKind, TaskShared,
+};
 
 /// WebSocket close codes the server uses.
 pub(crate) mod close {
@@ -459,7 +461,8 @@ async fn reader(app: &Arc<App>, conn: &Arc<ConnState>, mut stream: SplitStream<W
         conn.missed_pongs.store(0, Ordering::Relaxed);
         match msg {
             Message::Text(text) => {
-                conn.bytes_in.fetch_add(text.len() as u64, Ordering::Relaxed);
+                conn.bytes_in
+                    .fetch_add(text.len() as u64, Ordering::Relaxed);
                 conn.messages_in.fetch_add(1, Ordering::Relaxed);
                 handle_text(app, conn, text.as_str()).await;
             }
@@ -519,7 +522,8 @@ async fn handle_one(
     let req = match r {
         Ok(req) => req,
         Err(rej) => {
-            let text = (!rej.notification).then(|| protocol::error_text(rej.id.as_ref(), &rej.error));
+            let text =
+                (!rej.notification).then(|| protocol::error_text(rej.id.as_ref(), &rej.error));
             dest.deliver(conn, text).await;
             return;
         }
@@ -551,7 +555,10 @@ async fn handle_one(
             return;
         }
         protocol::DISCOVER_METHOD => {
-            let text = req.id.as_ref().map(|id| protocol::success_text(id, &app.discover));
+            let text = req
+                .id
+                .as_ref()
+                .map(|id| protocol::success_text(id, &app.discover));
             dest.deliver(conn, text).await;
             return;
         }
@@ -741,7 +748,8 @@ fn render(conn: &ConnState, m: Outbound) -> Option<Message> {
         Outbound::Text(t) => t,
         Outbound::Progress(task) => task.take_progress_text()?,
     };
-    conn.bytes_out.fetch_add(text.len() as u64, Ordering::Relaxed);
+    conn.bytes_out
+        .fetch_add(text.len() as u64, Ordering::Relaxed);
     conn.messages_out.fetch_add(1, Ordering::Relaxed);
     Some(Message::Text(text.into()))
 }

@@ -69,7 +69,11 @@ impl Id {
                 .map(|s| Id::Str(s.into()));
         }
         // Only plain integers: `1.0`, `1e3` and friends are not ids.
-        if raw.bytes().enumerate().all(|(i, b)| b.is_ascii_digit() || (i == 0 && b == b'-')) {
+        if raw
+            .bytes()
+            .enumerate()
+            .all(|(i, b)| b.is_ascii_digit() || (i == 0 && b == b'-'))
+        {
             return raw.parse::<i128>().ok().map(Id::Int);
         }
         None
@@ -501,7 +505,10 @@ mod tests {
             matches!(parse_frame(" [] "), Frame::Invalid(e) if e.code == codes::INVALID_REQUEST)
         );
         let e = single(r#"{"id":1,"method":"echo"}"#).unwrap_err();
-        assert_eq!((e.id, e.error.code), (Some(Id::Int(1)), codes::INVALID_REQUEST));
+        assert_eq!(
+            (e.id, e.error.code),
+            (Some(Id::Int(1)), codes::INVALID_REQUEST)
+        );
         let e = single(r#"{"jsonrpc":"2.0","id":null,"method":"echo"}"#).unwrap_err();
         assert_eq!((e.id, e.notification), (None, false));
         let e = single(r#"{"jsonrpc":"2.0","id":1,"method":5}"#).unwrap_err();
@@ -519,7 +526,9 @@ mod tests {
 
     #[test]
     fn batches_keep_every_element() {
-        match parse_frame(r#"[{"jsonrpc":"2.0","id":1,"method":"a"}, 3, {"jsonrpc":"2.0","method":"b"}]"#) {
+        match parse_frame(
+            r#"[{"jsonrpc":"2.0","id":1,"method":"a"}, 3, {"jsonrpc":"2.0","method":"b"}]"#,
+        ) {
             Frame::Batch(items) => {
                 assert_eq!(items.len(), 3);
                 assert!(items[0].is_ok());
@@ -544,8 +553,8 @@ mod tests {
 
     #[test]
     fn cancel_params() {
-        let r = single(r#"{"jsonrpc":"2.0","method":"$/cancelRequest","params":{"id":"x"}}"#)
-            .unwrap();
+        let r =
+            single(r#"{"jsonrpc":"2.0","method":"$/cancelRequest","params":{"id":"x"}}"#).unwrap();
         assert_eq!(cancel_target(r.params), Some(Id::Str("x".into())));
     }
 }

@@ -278,7 +278,12 @@ impl TaskShared {
         let due = slot
             .last_sent
             .is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL);
-        if due && self.outbound.try_send(Outbound::Progress(self.clone())).is_ok() {
+        if due
+            && self
+                .outbound
+                .try_send(Outbound::Progress(self.clone()))
+                .is_ok()
+        {
             slot.queued = true;
         }
     }

@@ -452,9 +452,13 @@ impl ComputePool {
         let meta = Arc::new(JobMeta { group, stats });
         let weak = Arc::downgrade(&self.inner);
         let schedule = move |job: Job| schedule(&weak, job);
-        let (job, task) = async_task::Builder::new()
-            .metadata(meta)
-            .spawn(move |_| Permitted { _permit: permit, fut }, schedule);
+        let (job, task) = async_task::Builder::new().metadata(meta).spawn(
+            move |_| Permitted {
+                _permit: permit,
+                fut,
+            },
+            schedule,
+        );
         job.schedule();
         task
     }
@@ -853,10 +857,21 @@ mod tests {
                 std::hint::spin_loop();
             }
         });
+        for _ in 0..2000 {
+            if stuck_stats.state() == JobState::Running {
+                break;
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
         let (tx, rx) = mpsc::channel();
-        let _other = p.spawn(2, Arc::new(JobStats::default()), p.admit(&g).unwrap(), async move {
-            let _ = tx.send(());
-        });
+        let _other = p.spawn(
+            2,
+            Arc::new(JobStats::default()),
+            p.admit(&g).unwrap(),
+            async move {
+                let _ = tx.send(());
+            },
+        );
         // With one worker stuck, the other job only runs on a replacement.
         let ran = rx.recv_timeout(Duration::from_secs(20)).is_ok();
         stop.store(true, Ordering::Relaxed);

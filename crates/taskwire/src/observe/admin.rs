@@ -68,18 +68,23 @@ fn serve_file(name: &str) -> Response {
 /// Compares without an early exit, so response timing does not leak how much
 /// of a guessed token was right.
 fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 fn presented_token<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<&'a str> {
-    if let Some(v) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+    if let Some(v) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
         if let Some(t) = v.strip_prefix("Bearer ") {
             return Some(t.trim());
         }
     }
-    query?
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("token="))
+    query?.split('&').find_map(|kv| kv.strip_prefix("token="))
 }
 
 async fn authorize(
@@ -89,8 +94,9 @@ async fn authorize(
     next: Next,
 ) -> Response {
     let ok = match &app.cfg.admin_token {
-        Some(expected) => presented_token(req.headers(), req.uri().query())
-            .is_some_and(|t| same(t, expected)),
+        Some(expected) => {
+            presented_token(req.headers(), req.uri().query()).is_some_and(|t| same(t, expected))
+        }
         None => peer.ip().is_loopback(),
     };
     if !ok {
@@ -111,7 +117,11 @@ async fn list_tasks(State(app): State<Arc<App>>, Query(q): Query<TaskQuery>) -> 
 async fn one_task(State(app): State<Arc<App>>, Path(id): Path<u64>) -> Response {
     match app.observer.find_task(id) {
         Some(t) => Json(task_info(&t)).into_response(),
-        None => (StatusCode::NOT_FOUND, Json(json!({"error": "no such task"}))).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "no such task"})),
+        )
+            .into_response(),
     }
 }
 
@@ -119,7 +129,11 @@ async fn kill_task(State(app): State<Arc<App>>, Path(id): Path<u64>) -> Response
     if app.observer.kill(id) {
         Json(json!({ "killed": true })).into_response()
     } else {
-        (StatusCode::NOT_FOUND, Json(json!({"error": "no such task"}))).into_response()
+        (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "no such task"})),
+        )
+            .into_response()
     }
 }
 
@@ -137,7 +151,10 @@ async fn list_conns(State(app): State<Arc<App>>) -> Json<Value> {
 async fn close_conn(State(app): State<Arc<App>>, Path(id): Path<u64>) -> Response {
     match app.observer.connection(id) {
         Some(c) => {
-            c.close_with(crate::connection::close::GOING_AWAY, "closed by an operator");
+            c.close_with(
+                crate::connection::close::GOING_AWAY,
+                "closed by an operator",
+            );
             tracing::info!(conn = id, "connection closed by an operator");
             Json(json!({ "closed": true })).into_response()
         }

@@ -44,7 +44,14 @@ fn seconds_histogram() -> Histogram {
 
 /// The outcomes counted for `/admin/stats`, in a fixed order.
 pub(crate) const OUTCOMES: [&str; 8] = [
-    "ok", "error", "crashed", "cancelled", "timeout", "killed", "shutdown", "refused",
+    "ok",
+    "error",
+    "crashed",
+    "cancelled",
+    "timeout",
+    "killed",
+    "shutdown",
+    "refused",
 ];
 
 pub(crate) struct Metrics {
@@ -221,7 +228,10 @@ impl Metrics {
     /// The exposition text, after bringing the gauges up to date.
     pub fn render(&self, live: &Live) -> String {
         self.open_conns.set(live.open_conns as i64);
-        for (i, name) in ["queued", "running", "yielded", "waiting"].iter().enumerate() {
+        for (i, name) in ["queued", "running", "yielded", "waiting"]
+            .iter()
+            .enumerate()
+        {
             self.tasks
                 .get_or_create(&StateLabel {
                     state: (*name).to_string(),

@@ -186,7 +186,11 @@ pub(crate) fn task_info(t: &TaskShared) -> TaskInfo {
     TaskInfo {
         id: t.id,
         conn: t.conn,
-        request_id: t.request_id.as_ref().map(|i| i.to_value()).unwrap_or(Value::Null),
+        request_id: t
+            .request_id
+            .as_ref()
+            .map(|i| i.to_value())
+            .unwrap_or(Value::Null),
         method: t.method.to_string(),
         kind: t.kind.as_str(),
         state,
