@@ -1,0 +1,224 @@
+//! Starting, locating and stopping the servers under test.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::BenchError;
+
+/// How long a server may take to print `listening on HOST:PORT`.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A server the bench can start and measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum Target {
+    /// The real server: `taskwire serve`.
+    Taskwire,
+    /// `baseline-raw-echo`: echoes every frame, the round-trip ceiling.
+    RawEcho,
+    /// `baseline-textbook`: spawn per request, mpsc writer, `spawn_blocking`.
+    Textbook,
+    /// `baseline-naive`: awaits each task before reading the next message.
+    Naive,
+}
+
+impl Target {
+    /// The name used in reports (the binary's name).
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Taskwire => "taskwire",
+            Target::RawEcho => "baseline-raw-echo",
+            Target::Textbook => "baseline-textbook",
+            Target::Naive => "baseline-naive",
+        }
+    }
+
+    /// Whether the server runs JSON-RPC tasks (the raw echo server does not).
+    pub fn speaks_json_rpc(self) -> bool {
+        !matches!(self, Target::RawEcho)
+    }
+
+    /// Whether it has `runaway` (the baselines do not: they get a long `spin`).
+    pub fn has_runaway(self) -> bool {
+        matches!(self, Target::Taskwire)
+    }
+
+    fn binary(self) -> &'static str {
+        self.name()
+    }
+
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Target::Taskwire => &["serve", "--addr", "127.0.0.1:0"],
+            _ => &["--addr", "127.0.0.1:0"],
+        }
+    }
+}
+
+/// Where to look for server binaries: `--bin-dir`, else the directory of the
+/// running executable (and its parent when that is a `deps/` directory, as for
+/// test binaries).
+pub fn bin_dirs(explicit: Option<&Path>) -> Vec<PathBuf> {
+    if let Some(dir) = explicit {
+        return vec![dir.to_path_buf()];
+    }
+    let mut dirs = Vec::new();
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf))
+    {
+        if dir.file_name().is_some_and(|n| n == "deps") {
+            if let Some(parent) = dir.parent() {
+                dirs.push(parent.to_path_buf());
+            }
+        }
+        dirs.push(dir);
+    }
+    dirs
+}
+
+/// Finds a target's binary in `dirs`.
+pub fn locate(target: Target, dirs: &[PathBuf]) -> Result<PathBuf, BenchError> {
+    dirs.iter()
+        .map(|d| d.join(target.binary()))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            BenchError::BinaryNotFound(dirs.first().map_or_else(
+                || PathBuf::from(target.binary()),
+                |d| d.join(target.binary()),
+            ))
+        })
+}
+
+/// A running server process, killed when dropped.
+#[derive(Debug)]
+pub struct ServerProcess {
+    child: Child,
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// Its process id (for /proc).
+    pub pid: u32,
+}
+
+impl ServerProcess {
+    /// Starts `target` on 127.0.0.1:0 and waits (bounded) for its `listening on` line.
+    pub async fn start(
+        target: Target,
+        dirs: &[PathBuf],
+        server_logs: bool,
+    ) -> Result<ServerProcess, BenchError> {
+        let path = locate(target, dirs)?;
+        let name = target.name().to_string();
+        let mut child = Command::new(&path)
+            .args(target.args())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(if server_logs {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            // The servers must never outlive a bench that panics or is interrupted.
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| BenchError::Spawn {
+                name: name.clone(),
+                source,
+            })?;
+        let pid = child.id().ok_or_else(|| BenchError::ServerNotReady {
+            name: name.clone(),
+            reason: "exited at once".into(),
+        })?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| BenchError::ServerNotReady {
+                name: name.clone(),
+                reason: "no stdout pipe".into(),
+            })?;
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = tokio::time::timeout(READY_TIMEOUT, async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(addr) = parse_listening(&line) {
+                    return Ok(Some(addr));
+                }
+            }
+            Ok::<_, std::io::Error>(None)
+        })
+        .await;
+        let addr = match ready {
+            Ok(Ok(Some(addr))) => addr,
+            Ok(Ok(None)) => {
+                return Err(BenchError::ServerNotReady {
+                    name,
+                    reason: "exited (or closed stdout) before printing `listening on`".into(),
+                })
+            }
+            Ok(Err(e)) => return Err(BenchError::Io(e)),
+            Err(_) => {
+                return Err(BenchError::ServerNotReady {
+                    name,
+                    reason: format!("no `listening on` line within {READY_TIMEOUT:?}"),
+                })
+            }
+        };
+        if !crate::client::is_allowed_ip(addr.ip()) {
+            return Err(BenchError::NonLoopback(addr.to_string()));
+        }
+        // Keep draining stdout so that a chatty server never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(ServerProcess { child, addr, pid })
+    }
+
+    /// The server's WebSocket URL.
+    pub fn url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// Kills the server and reaps it (bounded).
+    pub async fn stop(mut self) {
+        let _ = self.child.start_kill();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+    }
+}
+
+/// Parses the `listening on HOST:PORT` readiness line.
+fn parse_listening(line: &str) -> Option<SocketAddr> {
+    line.trim()
+        .strip_prefix("listening on ")?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_line() {
+        assert_eq!(
+            parse_listening("listening on 127.0.0.1:4000"),
+            Some(SocketAddr::from(([127, 0, 0, 1], 4000)))
+        );
+        assert_eq!(
+            parse_listening("  listening on 127.0.0.1:1\n").map(|a| a.port()),
+            Some(1)
+        );
+        assert_eq!(parse_listening("starting up"), None);
+        assert_eq!(parse_listening("listening on nowhere"), None);
+    }
+
+    #[test]
+    fn missing_binary_is_reported() {
+        let dirs = vec![PathBuf::from("/nonexistent-dir")];
+        assert!(matches!(
+            locate(Target::Taskwire, &dirs),
+            Err(BenchError::BinaryNotFound(p)) if p.ends_with("taskwire")
+        ));
+    }
+}
