@@ -53,13 +53,34 @@ function splitmix(x) {
   return z ^ (z >> 31n);
 }
 
-// CPU tasks "burn" simulated CPU: cpuMs grows with wall time while running.
+// CPU tasks "burn" simulated CPU in 20 ms slices on a pool of WORKERS slots
+// (FIFO), so a flood queues up as it would on the real compute pool.
+const waiters = [];
+let busySlots = 0;
+function acquire(signal) {
+  if (busySlots < WORKERS) { busySlots++; return Promise.resolve(); }
+  return new Promise((resolve, reject) => {
+    const w = { resolve };
+    waiters.push(w);
+    signal.addEventListener('abort', () => {
+      const i = waiters.indexOf(w);
+      if (i >= 0) { waiters.splice(i, 1); reject(signal.reason); }
+    }, { once: true });
+  });
+}
+function release() {
+  const w = waiters.shift();
+  if (w) w.resolve(); else busySlots--;
+}
 async function burn(task, ms, signal) {
   const step = 20;
   let left = ms;
   while (left > 0) {
     const d = Math.min(step, left);
-    await sleep(d, signal);
+    task.state = 'queued';
+    await acquire(signal);
+    task.state = 'running';
+    try { await sleep(d, signal); } finally { release(); }
     task.cpuMs += d;
     left -= d;
   }
@@ -119,15 +140,11 @@ function taskInfo(t) {
 
 function stats() {
   const st = { queued: 0, running: 0, yielded: 0, waiting: 0 };
-  let busy = 0;
-  for (const t of tasks.values()) {
-    st[t.state]++;
-    if (t.kind === 'cpu') busy++;
-  }
-  busy = Math.min(busy, WORKERS);
+  for (const t of tasks.values()) st[t.state]++;
+  const busy = busySlots;
   return {
     connections: conns.size, tasks: st,
-    pool: { workers: WORKERS, busy, utilisation: busy / WORKERS, queued: 0 },
+    pool: { workers: WORKERS, busy, utilisation: busy / WORKERS, queued: waiters.length },
     finished: { ...finished }, uptimeMs: Date.now() - started,
   };
 }

@@ -1,0 +1,132 @@
+// Browser end-to-end tests: Debian's Chromium (headless) opens the dashboard
+// served by a real taskwire server started on 127.0.0.1:0.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { startServer, eventually } from '../testing/server.mjs';
+import { launch, screenshot } from '../testing/browser.mjs';
+
+let srv;
+let browser;
+
+before(async () => {
+  srv = await startServer();
+  browser = await launch();
+});
+after(async () => {
+  await browser?.close();
+  await srv?.stop();
+});
+
+/** A fresh page on the dashboard, with page errors collected. */
+async function openDashboard(t) {
+  const context = await browser.newContext({ viewport: { width: 1400, height: 1000 } });
+  const page = await context.newPage();
+  const errors = [];
+  page.on('pageerror', (err) => errors.push(err.message));
+  page.on('console', (msg) => { if (msg.type() === 'error') errors.push(msg.text()); });
+  t.after(() => context.close());
+  await page.goto(`${srv.httpUrl}/`, { waitUntil: 'load', timeout: 15_000 });
+  await page.waitForSelector('html[data-ready="true"]', { timeout: 15_000 });
+  await page.waitForSelector('#conn-state[data-state="open"]', { timeout: 15_000 });
+  await page.waitForSelector('#admin-state[data-state="open"]', { timeout: 15_000 });
+  return { page, errors };
+}
+
+const points = (page, id) => page.$eval(`#${id}`, (c) => Number(c.dataset.points ?? 0));
+
+test('the dashboard loads from the server, connects, and draws live charts', { timeout: 60_000 }, async (t) => {
+  const { page, errors } = await openDashboard(t);
+  assert.equal(await page.title(), 'taskwire · live');
+  // The latency probe and the admin stream feed their charts.
+  await eventually(async () => (await points(page, 'chart-latency')) >= 5, { timeoutMs: 15_000, message: 'latency points' });
+  await eventually(async () => (await points(page, 'chart-pool')) >= 3, { timeoutMs: 15_000, message: 'pool points' });
+  await eventually(async () => (await points(page, 'chart-tps')) >= 2, { timeoutMs: 15_000, message: 'tps points' });
+  const conns = await page.textContent('#connections');
+  assert.ok(Number(conns) >= 3, `the page's three connections are counted: ${conns}`);
+  await screenshot(page, '01-dashboard');
+  assert.deepEqual(errors, []);
+});
+
+test('start a runaway, see its CPU time grow in the table, kill it, see it leave', { timeout: 90_000 }, async (t) => {
+  const { page, errors } = await openDashboard(t);
+  await page.click('#btn-runaway');
+  const row = 'tr[data-testid="task-row"][data-method="runaway"]';
+  await page.waitForSelector(row, { timeout: 15_000 });
+  const id = await page.$eval(row, (tr) => tr.dataset.taskId);
+  const cpu = () => page.$eval(`tr[data-testid="task-row"][data-task-id="${id}"] [data-testid="task-cpu"]`,
+    (td) => Number(td.dataset.cpuMs));
+  const first = await eventually(async () => { const v = await cpu(); return v > 0 ? v : 0; },
+    { timeoutMs: 15_000, message: 'runaway CPU time > 0' });
+  await eventually(async () => (await cpu()) > first + 200, { timeoutMs: 20_000, message: 'runaway CPU time growing' });
+  // It is at the top of the "top" view too.
+  await page.waitForSelector(`tr[data-testid="top-row"][data-task-id="${id}"]`, { timeout: 15_000 });
+  await screenshot(page, '02-runaway');
+
+  await page.click(`tr[data-testid="task-row"][data-task-id="${id}"] button[data-testid="task-kill"]`);
+  await page.waitForSelector(`tr[data-testid="task-row"][data-task-id="${id}"]`, { state: 'detached', timeout: 15_000 });
+  // The caller (the page's actions connection) got -32004.
+  await page.waitForSelector('li[data-testid="log-entry"][data-code="-32004"]', { timeout: 15_000 });
+  const gone = await fetch(`${srv.httpUrl}/admin/tasks/${id}`);
+  assert.equal(gone.status, 404);
+  await screenshot(page, '03-runaway-killed');
+  assert.deepEqual(errors, []);
+});
+
+test('crash a task: the error shows, everything else carries on', { timeout: 60_000 }, async (t) => {
+  const { page, errors } = await openDashboard(t);
+  await page.click('#btn-crash');
+  const entry = await page.waitForSelector('li[data-testid="log-entry"][data-code="-32003"]', { timeout: 15_000 });
+  const text = await entry.textContent();
+  assert.match(text, /-32003/);
+  assert.match(text, /boom #1 from the dashboard/);
+  // Still connected, and the probe still answers.
+  assert.equal(await page.getAttribute('#conn-state', 'data-state'), 'open');
+  const before = await points(page, 'chart-latency');
+  await eventually(async () => (await points(page, 'chart-latency')) > before + 3, { timeoutMs: 10_000, message: 'probe after crash' });
+  await eventually(async () => Number(await page.textContent('#kpi-crashed')) >= 1, { timeoutMs: 10_000, message: 'crashed counter' });
+  await screenshot(page, '04-crash');
+  assert.deepEqual(errors, []);
+});
+
+test('flood the server: the latency chart keeps updating, the steady load keeps running', { timeout: 120_000 }, async (t) => {
+  const { page, errors } = await openDashboard(t);
+  await page.fill('#load-rate', '20');
+  await page.dispatchEvent('#load-rate', 'change');
+  await page.click('#load-toggle');
+  await eventually(async () => Number(await page.textContent('#load-done')) >= 10, { timeoutMs: 20_000, message: 'steady load running' });
+
+  await page.fill('#n-jobs', '3'); // 300 × spin 100 ms
+  await page.click('#btn-flood');
+  await eventually(async () => Number(await page.textContent('#task-count')) >= 20, { timeoutMs: 20_000, message: 'flood tasks in the table' });
+  // While flooded, every few seconds the latency chart has new points, and load jobs complete.
+  for (let round = 0; round < 3; round++) {
+    const lat = await points(page, 'chart-latency');
+    const done = Number(await page.textContent('#load-done'));
+    await eventually(async () => (await points(page, 'chart-latency')) >= lat + 5, { timeoutMs: 10_000, message: `latency points, round ${round}` });
+    await eventually(async () => Number(await page.textContent('#load-done')) > done, { timeoutMs: 10_000, message: `load progress, round ${round}` });
+  }
+  await screenshot(page, '05-flood');
+  const lastRtt = Number(await page.$eval('#chart-latency', (c) => c.dataset.last));
+  assert.ok(Number.isFinite(lastRtt) && lastRtt >= 0);
+
+  await page.click('#btn-stop-flood');
+  await page.waitForSelector('li[data-testid="log-entry"]:has-text("flood done")', { timeout: 30_000 });
+  await page.click('#load-toggle');
+  await eventually(async () => Number(await page.textContent('#task-count')) < 20, { timeoutMs: 30_000, message: 'flood drained' });
+  await screenshot(page, '06-after-flood');
+  assert.deepEqual(errors, []);
+});
+
+test('start N jobs of each built-in kind', { timeout: 120_000 }, async (t) => {
+  const { page, errors } = await openDashboard(t);
+  await page.fill('#n-jobs', '2');
+  for (const kind of ['echo', 'sleep', 'spin', 'hash_chain', 'count_primes']) {
+    await page.click(`[data-testid="start-${kind}"]`);
+  }
+  await page.waitForSelector('tr[data-testid="task-row"]', { timeout: 15_000 });
+  await screenshot(page, '07-jobs');
+  for (const kind of ['echo', 'sleep', 'spin', 'hash_chain', 'count_primes']) {
+    await page.waitForSelector(`li[data-testid="log-entry"]:has-text("2× ${kind}: 2 ok")`, { timeout: 90_000 });
+  }
+  assert.deepEqual(errors, []);
+});
