@@ -26,7 +26,11 @@ pub struct ServerArgs {
 
 /// Binds `addr`, prints exactly one `listening on HOST:PORT` line on stdout (the
 /// bench waits for it) and serves `router` until the process is killed.
+/// Accepted sockets get `TCP_NODELAY`: without it Nagle's algorithm holds a
+/// small reply back until the client's next segment acknowledges the previous
+/// one, adding milliseconds to every round trip that is not pipelined.
 pub async fn serve(addr: SocketAddr, router: Router) -> std::io::Result<()> {
+    use axum::serve::ListenerExt as _;
     use std::io::Write as _;
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
@@ -34,6 +38,11 @@ pub async fn serve(addr: SocketAddr, router: Router) -> std::io::Result<()> {
     writeln!(stdout, "listening on {local}")?;
     stdout.flush()?;
     drop(stdout);
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            eprintln!("set_nodelay: {e}");
+        }
+    });
     axum::serve(listener, router).await
 }
 

@@ -94,6 +94,10 @@ pub fn machine() -> crate::report::Machine {
         kernel,
         mem_total_kib,
         open_file_limit: open_file_limit(),
+        load_avg_1m: std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|l| l.split_whitespace().next().and_then(|v| v.parse().ok()))
+            .unwrap_or(0.0),
     }
 }
 

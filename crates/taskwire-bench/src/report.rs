@@ -50,6 +50,10 @@ pub struct Machine {
     pub mem_total_kib: u64,
     /// The bench process's open-file limit.
     pub open_file_limit: u64,
+    /// The 1-minute load average when the run started: other work on the
+    /// machine (builds, tests) shows here and makes figures noisier.
+    #[serde(default)]
+    pub load_avg_1m: f64,
 }
 
 /// Whether a server was measured.
@@ -208,8 +212,12 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "== {} ({}; {} CPUs, {}) ==",
-            self.scenario, self.date_utc, self.machine.nproc, self.machine.cpu_model
+            "== {} ({}; {} CPUs, {}; load average {:.2}) ==",
+            self.scenario,
+            self.date_utc,
+            self.machine.nproc,
+            self.machine.cpu_model,
+            self.machine.load_avg_1m
         );
         for t in &self.targets {
             match t.status {
@@ -217,7 +225,7 @@ impl Report {
                     let _ = writeln!(out, "{}:", t.target);
                     for m in &t.metrics {
                         let _ =
-                            writeln!(out, "  {:<34} {:>14} {}", m.name, fmt_num(m.value), m.unit);
+                            writeln!(out, "  {:<42} {:>12} {}", m.name, fmt_num(m.value), m.unit);
                     }
                 }
                 _ => {
@@ -253,7 +261,11 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(out, "### `{}`\n", self.scenario);
         let _ = writeln!(out, "Command: `{}`  ", self.command);
-        let _ = writeln!(out, "Measured: {}  ", self.date_utc);
+        let _ = writeln!(
+            out,
+            "Measured: {} (load average {:.2} at start)  ",
+            self.date_utc, self.machine.load_avg_1m
+        );
         let settings: Vec<String> = self
             .settings
             .iter()
@@ -453,6 +465,7 @@ mod tests {
                 kernel: "6".into(),
                 mem_total_kib: 1024 * 1024,
                 open_file_limit: 20_000,
+                load_avg_1m: 0.5,
             },
             settings: serde_json::Map::new(),
             targets: vec![a, b, c],
