@@ -345,6 +345,39 @@ impl std::fmt::Debug for Ctx {
 }
 
 impl Ctx {
+    /// A context attached to no connection: for unit-testing a task function
+    /// or running it outside a server. Progress goes nowhere; [`Ctx::stop`]
+    /// plays the part of a cancel.
+    ///
+    /// ```
+    /// # use taskwire::{Ctx, Stopped};
+    /// let ctx = Ctx::detached("my_task");
+    /// ctx.stop(Stopped::Cancelled);
+    /// assert_eq!(ctx.stopped(), Some(Stopped::Cancelled));
+    /// ```
+    pub fn detached(method: &str) -> Ctx {
+        // A closed channel: progress is kept for `last_progress` and dropped.
+        let (outbound, _) = mpsc::channel(1);
+        Ctx {
+            shared: TaskShared::new(TaskInit {
+                id: 0,
+                conn: 0,
+                request_id: None,
+                method: method.into(),
+                kind: TaskKind::Cpu,
+                timeout_ms: None,
+                progress_token: None,
+                outbound,
+            }),
+        }
+    }
+
+    /// Tells the task to stop, as a cancel, deadline or kill would. The first
+    /// reason wins.
+    pub fn stop(&self, why: Stopped) {
+        self.shared.stop(why);
+    }
+
     /// The server-wide id of this task (as shown in the admin API).
     pub fn task_id(&self) -> u64 {
         self.shared.id

@@ -170,7 +170,7 @@ impl Observer {
             .filter(|t| q.method.as_deref().is_none_or(|m| m == t.method))
             .collect();
         match q.sort.as_deref() {
-            Some("age") => out.sort_by(|a, b| b.age_ms.cmp(&a.age_ms)),
+            Some("age") => out.sort_by_key(|t| std::cmp::Reverse(t.age_ms)),
             _ => out.sort_by(|a, b| b.cpu_ms.total_cmp(&a.cpu_ms)),
         }
         out.truncate(q.limit.unwrap_or(500).min(10_000));
