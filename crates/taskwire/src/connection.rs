@@ -643,7 +643,6 @@ async fn handle_one(
             }
         },
     };
-    app.observer.task_started(&task);
     conn.unanswered.fetch_add(1, Ordering::AcqRel);
     let reply = Reply {
         app: app.clone(),

@@ -51,6 +51,9 @@ pub struct Config {
     pub admin_token: Option<String>,
     /// The compute pool.
     pub compute: ComputeConfig,
+    /// Keep the live table of connections and the per-task metrics (default
+    /// true). Off only to measure what observing costs.
+    pub observe: bool,
 }
 
 impl Default for Config {
@@ -67,6 +70,7 @@ impl Default for Config {
             write_timeout: Duration::from_secs(10),
             admin_token: None,
             compute: ComputeConfig::default(),
+            observe: true,
         }
     }
 }
@@ -127,7 +131,10 @@ impl Server {
             .map_err(|e| io::Error::other(format!("rpc.discover: {e}")))?;
         let pool = ComputePool::new(cfg.compute.clone());
         let app = Arc::new(App {
-            observer: Observer::new(),
+            observer: Observer::new(
+                cfg.observe,
+                &registry.tasks().iter().map(|t| t.name()).collect::<Vec<_>>(),
+            ),
             registry,
             discover,
             pool,

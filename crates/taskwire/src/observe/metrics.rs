@@ -54,8 +54,18 @@ pub(crate) const OUTCOMES: [&str; 8] = [
     "refused",
 ];
 
+/// One method's metric handles, made once at start so that recording a
+/// finished task allocates nothing and takes no lock of the family maps.
+struct MethodMetrics {
+    finished: Vec<Counter>,
+    queue_wait: Histogram,
+    run_time: Histogram,
+    cpu_time: Histogram,
+}
+
 pub(crate) struct Metrics {
     registry: Registry,
+    by_method: std::collections::HashMap<String, MethodMetrics>,
     finished: Family<MethodOutcome, Counter>,
     queue_wait: Histograms,
     run_time: Histograms,
@@ -82,9 +92,10 @@ pub(crate) struct Live {
 }
 
 impl Metrics {
-    pub fn new() -> Metrics {
+    pub fn new(methods: &[&str]) -> Metrics {
         let mut registry = Registry::with_prefix("taskwire");
         let m = Metrics {
+            by_method: Default::default(),
             finished: Family::default(),
             queue_wait: Family::new_with_constructor(seconds_histogram),
             run_time: Family::new_with_constructor(seconds_histogram),
@@ -174,31 +185,55 @@ impl Metrics {
             "Messages waiting in connections' outbound queues",
             m.outbound_depth.clone(),
         );
-        Metrics { registry, ..m }
+        let by_method = methods
+            .iter()
+            .map(|&method| {
+                let label = MethodLabel {
+                    method: method.to_string(),
+                };
+                let finished = OUTCOMES
+                    .iter()
+                    .map(|o| {
+                        m.finished
+                            .get_or_create(&MethodOutcome {
+                                method: method.to_string(),
+                                outcome: (*o).to_string(),
+                            })
+                            .clone()
+                    })
+                    .collect();
+                let handles = MethodMetrics {
+                    finished,
+                    queue_wait: m.queue_wait.get_or_create(&label).clone(),
+                    run_time: m.run_time.get_or_create(&label).clone(),
+                    cpu_time: m.cpu_time.get_or_create(&label).clone(),
+                };
+                (method.to_string(), handles)
+            })
+            .collect();
+        Metrics {
+            registry,
+            by_method,
+            ..m
+        }
     }
 
     pub fn task_finished(&self, t: &TaskShared, outcome: &'static str) {
-        let method = t.method.to_string();
-        self.finished
-            .get_or_create(&MethodOutcome {
-                method: method.clone(),
-                outcome: outcome.to_string(),
-            })
-            .inc();
-        if let Some(i) = OUTCOMES.iter().position(|o| *o == outcome) {
-            self.totals[i].fetch_add(1, Ordering::Relaxed);
+        let Some(i) = OUTCOMES.iter().position(|o| *o == outcome) else {
+            return;
+        };
+        self.totals[i].fetch_add(1, Ordering::Relaxed);
+        let Some(m) = self.by_method.get(&*t.method) else {
+            return;
+        };
+        if let Some(c) = m.finished.get(i) {
+            c.inc();
         }
-        let label = MethodLabel { method };
-        self.run_time
-            .get_or_create(&label)
-            .observe(t.created.elapsed().as_secs_f64());
+        m.run_time.observe(t.created.elapsed().as_secs_f64());
         if let Some(first) = t.stats.first_run() {
-            self.queue_wait
-                .get_or_create(&label)
+            m.queue_wait
                 .observe(first.saturating_duration_since(t.created).as_secs_f64());
-            self.cpu_time
-                .get_or_create(&label)
-                .observe(t.stats.cpu_time().as_secs_f64());
+            m.cpu_time.observe(t.stats.cpu_time().as_secs_f64());
         }
         let coalesced = t.progress_coalesced();
         if coalesced > 0 {

@@ -90,21 +90,27 @@ pub struct TaskQuery {
 }
 
 pub(crate) struct Observer {
+    /// Off only to measure what observing costs (`Config::observe`).
+    enabled: bool,
     conns: Mutex<HashMap<u64, Arc<ConnState>>>,
     started: Instant,
     pub metrics: metrics::Metrics,
 }
 
 impl Observer {
-    pub fn new() -> Observer {
+    pub fn new(enabled: bool, methods: &[&str]) -> Observer {
         Observer {
+            enabled,
             conns: Mutex::new(HashMap::new()),
             started: Instant::now(),
-            metrics: metrics::Metrics::new(),
+            metrics: metrics::Metrics::new(methods),
         }
     }
 
     pub fn conn_opened(&self, c: &Arc<ConnState>) {
+        if !self.enabled {
+            return;
+        }
         if let Ok(mut m) = self.conns.lock() {
             m.insert(c.id, c.clone());
         }
@@ -116,10 +122,10 @@ impl Observer {
         }
     }
 
-    pub fn task_started(&self, _t: &TaskShared) {}
-
     pub fn task_finished(&self, t: &TaskShared, outcome: &Outcome) {
-        self.metrics.task_finished(t, outcome.label());
+        if self.enabled {
+            self.metrics.task_finished(t, outcome.label());
+        }
     }
 
     pub fn refused(&self, reason: &str) {
