@@ -87,18 +87,29 @@ fn presented_token<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option
     query?.split('&').find_map(|kv| kv.strip_prefix("token="))
 }
 
+/// The admin rule: the configured token if there is one, else loopback only.
+pub(crate) fn admin_allowed(
+    configured: Option<&str>,
+    presented: Option<&str>,
+    peer: std::net::IpAddr,
+) -> bool {
+    match configured {
+        Some(expected) => presented.is_some_and(|t| same(t, expected)),
+        None => peer.is_loopback(),
+    }
+}
+
 async fn authorize(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request,
     next: Next,
 ) -> Response {
-    let ok = match &app.cfg.admin_token {
-        Some(expected) => {
-            presented_token(req.headers(), req.uri().query()).is_some_and(|t| same(t, expected))
-        }
-        None => peer.ip().is_loopback(),
-    };
+    let ok = admin_allowed(
+        app.cfg.admin_token.as_deref(),
+        presented_token(req.headers(), req.uri().query()),
+        peer.ip(),
+    );
     if !ok {
         let msg = if app.cfg.admin_token.is_some() {
             "admin token required"
@@ -253,4 +264,35 @@ async fn events(
     // Ends with the server, so that graceful shutdown does not wait on it.
     .take_until(async move { stop.cancelled().await });
     Sse::new(s).keep_alive(KeepAlive::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    #[test]
+    fn admin_rule() {
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let lo6: IpAddr = "::1".parse().unwrap();
+        let remote: IpAddr = "203.0.113.9".parse().unwrap();
+        // No token configured: loopback only.
+        assert!(admin_allowed(None, None, lo));
+        assert!(admin_allowed(None, None, lo6));
+        assert!(!admin_allowed(None, None, remote));
+        assert!(!admin_allowed(None, Some("anything"), remote));
+        // A token configured: the token, from anywhere, and nothing else.
+        assert!(admin_allowed(Some("s3cret"), Some("s3cret"), remote));
+        assert!(!admin_allowed(Some("s3cret"), None, lo));
+        assert!(!admin_allowed(Some("s3cret"), Some("s3cre"), lo));
+        assert!(!admin_allowed(Some("s3cret"), Some("s3cret!"), lo));
+    }
+
+    #[test]
+    fn token_sources() {
+        let mut h = HeaderMap::new();
+        assert_eq!(presented_token(&h, Some("a=1&token=xyz")), Some("xyz"));
+        h.insert(header::AUTHORIZATION, "Bearer abc".parse().unwrap());
+        assert_eq!(presented_token(&h, Some("token=xyz")), Some("abc"));
+    }
 }

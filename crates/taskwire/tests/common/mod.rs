@@ -232,6 +232,20 @@ where
     false
 }
 
+/// The server's compute pool really is idle: no worker busy, and no CPU time
+/// charged over half a second. (Per server, unlike the process's CPU clock,
+/// which the other tests running in parallel share.)
+pub async fn assert_pool_idle(addr: SocketAddr) {
+    let before = admin_json(addr, "GET", "/admin/stats").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = admin_json(addr, "GET", "/admin/stats").await;
+    assert_eq!(after["pool"]["busy"], 0, "{after}");
+    assert_eq!(
+        before["pool"]["cpuMsTotal"], after["pool"]["cpuMsTotal"],
+        "the pool still burns CPU"
+    );
+}
+
 /// This process's CPU time (user + system), from /proc.
 pub fn process_cpu() -> Duration {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();

@@ -1,0 +1,340 @@
+//! Observe and kill: the admin API, the live table and /metrics, end to end.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use taskwire::Config;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+/// Parses the Prometheus/OpenMetrics text format into (name, labels) -> value.
+fn parse_metrics(text: &str) -> HashMap<(String, Vec<(String, String)>), f64> {
+    let mut out = HashMap::new();
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect("series value");
+        let (name, labels) = match series.split_once('{') {
+            Some((n, rest)) => {
+                let body = rest.strip_suffix('}').expect("closing brace");
+                let mut labels: Vec<(String, String)> = body
+                    .split("\",")
+                    .filter(|kv| !kv.is_empty())
+                    .map(|kv| {
+                        let (k, v) = kv.split_once('=').expect("label k=v");
+                        (k.to_string(), v.trim_matches('"').to_string())
+                    })
+                    .collect();
+                labels.sort();
+                (n.to_string(), labels)
+            }
+            None => (series.to_string(), Vec::new()),
+        };
+        out.insert((name, labels), value.parse::<f64>().expect("value"));
+    }
+    out
+}
+
+fn metric(
+    m: &HashMap<(String, Vec<(String, String)>), f64>,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> f64 {
+    let mut l: Vec<(String, String)> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    l.sort();
+    *m.get(&(name.to_string(), l)).unwrap_or(&0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_a_known_sequence() {
+    let mut cfg = config();
+    cfg.compute.per_connection_limit = 1;
+    let s = TestServer::start(cfg).await;
+    let mut c = s.client().await;
+    for i in 0..3 {
+        c.call(i, "echo", json!({"value": i})).await;
+    }
+    c.call(10, "crash", json!({"message": "x"})).await;
+    c.call(11, "sleep", json!({"ms": 5000, "_meta": {"timeoutMs": 20}}))
+        .await;
+    c.request(12, "runaway", json!({})).await;
+    // The connection's one CPU slot is taken: this is refused.
+    assert_eq!(code(&c.call(13, "spin", json!({"ms": 1})).await), -32001);
+    c.send(json!({"jsonrpc":"2.0","method":"$/cancelRequest","params":{"id":12}}))
+        .await;
+    c.response(12).await;
+    c.call(
+        14,
+        "count_primes",
+        json!({"below": 20_000_000, "_meta": {"progressToken": 1}}),
+    )
+    .await;
+
+    let (status, body) = http(s.addr, "GET", "/metrics", None).await;
+    assert_eq!(status, 200);
+    let m = parse_metrics(&body);
+    let fin = "taskwire_tasks_finished_total";
+    assert_eq!(
+        metric(&m, fin, &[("method", "echo"), ("outcome", "ok")]),
+        3.0
+    );
+    assert_eq!(
+        metric(&m, fin, &[("method", "crash"), ("outcome", "crashed")]),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, fin, &[("method", "sleep"), ("outcome", "timeout")]),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, fin, &[("method", "runaway"), ("outcome", "cancelled")]),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, fin, &[("method", "count_primes"), ("outcome", "ok")]),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "taskwire_admission_refusals_total",
+            &[("reason", "connection_queue")]
+        ),
+        1.0
+    );
+    assert_eq!(metric(&m, "taskwire_connections_open", &[]), 1.0);
+    // Histograms: one observation of run time per finished echo, CPU time per CPU task.
+    assert_eq!(
+        metric(&m, "taskwire_task_run_seconds_count", &[("method", "echo")]),
+        3.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "taskwire_task_cpu_seconds_count",
+            &[("method", "count_primes")]
+        ),
+        1.0
+    );
+    assert!(
+        metric(
+            &m,
+            "taskwire_task_cpu_seconds_sum",
+            &[("method", "count_primes")]
+        ) > 0.0
+    );
+    assert_eq!(metric(&m, "taskwire_pool_workers", &[]), s_workers() as f64);
+    assert!(m
+        .keys()
+        .any(|(n, _)| n == "taskwire_progress_coalesced_total"));
+    assert!(m.keys().any(|(n, _)| n == "taskwire_outbound_queue_depth"));
+    assert!(m.keys().any(|(n, _)| n == "taskwire_pool_utilisation"));
+    assert!(m
+        .keys()
+        .any(|(n, l)| n == "taskwire_task_queue_wait_seconds_bucket" && !l.is_empty()));
+}
+
+fn s_workers() -> usize {
+    Config::default().compute.workers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_a_runaway_and_the_cpu_goes_idle() {
+    let s = TestServer::start(config()).await;
+    let mut c = s.client().await;
+    c.request("r", "runaway", json!({})).await;
+    let mut id = 0;
+    for _ in 0..500 {
+        let v = admin_json(s.addr, "GET", "/admin/tasks?sort=cpu&limit=5").await;
+        if let Some(t) = v["tasks"].as_array().and_then(|t| t.first()) {
+            if t["cpuMs"].as_f64().unwrap_or(0.0) > 0.0 {
+                assert_eq!(t["method"], "runaway");
+                assert_eq!(t["kind"], "cpu");
+                assert_eq!(t["requestId"], "r");
+                id = t["id"].as_u64().unwrap();
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(id > 0, "the runaway shows up with CPU time");
+    let one = admin_json(s.addr, "GET", &format!("/admin/tasks/{id}")).await;
+    assert_eq!(one["id"], id);
+    let v = admin_json(s.addr, "POST", &format!("/admin/tasks/{id}/kill")).await;
+    assert_eq!(v["killed"], true);
+    assert_eq!(code(&c.response("r").await), -32004);
+    assert!(
+        eventually(|| async {
+            let v = admin_json(s.addr, "GET", "/admin/stats").await;
+            v["pool"]["busy"] == 0 && v["tasks"]["running"] == 0
+        })
+        .await
+    );
+    assert_pool_idle(s.addr).await;
+    // Gone: 404 for the task and for a second kill.
+    assert_eq!(
+        http(s.addr, "GET", &format!("/admin/tasks/{id}"), None)
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        http(s.addr, "POST", &format!("/admin/tasks/{id}/kill"), None)
+            .await
+            .0,
+        404
+    );
+    // Its connection lives on.
+    assert_eq!(c.call(1, "echo", json!({"value": 1})).await["result"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_table_follows_connections_and_empties() {
+    let s = TestServer::start(config()).await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let mut c = s.client().await;
+        c.request(1, "sleep", json!({"ms": 60_000})).await;
+        c.request(2, "runaway", json!({})).await;
+        clients.push(c);
+    }
+    assert!(
+        eventually(|| async {
+            let v = admin_json(s.addr, "GET", "/admin/tasks").await;
+            v["tasks"].as_array().map(|t| t.len()) == Some(6)
+        })
+        .await
+    );
+    let conns = admin_json(s.addr, "GET", "/admin/connections").await;
+    let conns = conns["connections"].as_array().unwrap().clone();
+    assert_eq!(conns.len(), 3);
+    assert_eq!(conns[0]["inflight"], 2);
+    assert!(conns[0]["bytesIn"].as_u64().unwrap() > 0);
+    let first = conns[0]["id"].as_u64().unwrap();
+    let only = admin_json(
+        s.addr,
+        "GET",
+        &format!("/admin/tasks?conn={first}&method=sleep"),
+    )
+    .await;
+    assert_eq!(only["tasks"].as_array().unwrap().len(), 1);
+
+    // An operator closes one connection: its tasks go with it.
+    let v = admin_json(s.addr, "POST", &format!("/admin/connections/{first}/close")).await;
+    assert_eq!(v["closed"], true);
+    assert!(
+        eventually(|| async {
+            let v = admin_json(s.addr, "GET", "/admin/tasks").await;
+            v["tasks"].as_array().map(|t| t.len()) == Some(4)
+        })
+        .await
+    );
+    clients.clear();
+    assert!(
+        eventually(|| async {
+            let t = admin_json(s.addr, "GET", "/admin/tasks").await;
+            let c = admin_json(s.addr, "GET", "/admin/connections").await;
+            t["tasks"].as_array().map(|t| t.is_empty()) == Some(true)
+                && c["connections"].as_array().map(|c| c.is_empty()) == Some(true)
+        })
+        .await,
+        "the registry empties when connections close"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_needs_the_token_when_one_is_set() {
+    let cfg = Config {
+        admin_token: Some("s3cret".into()),
+        ..config()
+    };
+    let s = TestServer::start(cfg).await;
+    for path in [
+        "/admin/tasks",
+        "/admin/stats",
+        "/admin/connections",
+        "/metrics",
+    ] {
+        assert_eq!(http(s.addr, "GET", path, None).await.0, 401, "{path}");
+        assert_eq!(
+            http(s.addr, "GET", path, Some("wrong")).await.0,
+            401,
+            "{path}"
+        );
+        assert_eq!(
+            http(s.addr, "GET", path, Some("s3cret")).await.0,
+            200,
+            "{path}"
+        );
+    }
+    assert_eq!(
+        http(s.addr, "GET", "/admin/stats?token=s3cret", None)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        http(s.addr, "POST", "/admin/tasks/1/kill", None).await.0,
+        401
+    );
+    // The WebSocket and health check are not admin.
+    assert_eq!(http(s.addr, "GET", "/healthz", None).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_stream_sends_snapshots() {
+    let s = TestServer::start(config()).await;
+    let mut c = s.client().await;
+    c.request(1, "runaway", json!({})).await;
+    let mut sock = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let req = format!(
+        "GET /admin/events HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n",
+        s.addr
+    );
+    sock.write_all(req.as_bytes()).await.unwrap();
+    let mut lines = BufReader::new(sock).lines();
+    let mut snapshots = 0;
+    let mut saw_runaway = false;
+    let read = async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(data) = line.strip_prefix("data: ") {
+                let v: serde_json::Value = serde_json::from_str(data).unwrap();
+                assert!(v["stats"]["pool"]["workers"].as_u64().unwrap() >= 1);
+                snapshots += 1;
+                saw_runaway |= v["tasks"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|t| t["method"] == "runaway");
+                if snapshots >= 3 && saw_runaway {
+                    break;
+                }
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, read)
+        .await
+        .expect("snapshots arrive");
+    assert!(saw_runaway);
+    // The stream ends with the server, so shutdown does not hang on it.
+    s.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_files_are_served() {
+    let s = TestServer::start(config()).await;
+    let (status, body) = http(s.addr, "GET", "/", None).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("<html") || body.contains("<!doctype") || body.contains("<!DOCTYPE"));
+    let (status, body) = http(s.addr, "GET", "/taskwire.js", None).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("export"));
+    assert_eq!(http(s.addr, "GET", "/nope.js", None).await.0, 404);
+}
