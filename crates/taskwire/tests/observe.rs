@@ -10,8 +10,11 @@ use serde_json::json;
 use taskwire::Config;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-/// Parses the Prometheus/OpenMetrics text format into (name, labels) -> value.
-fn parse_metrics(text: &str) -> HashMap<(String, Vec<(String, String)>), f64> {
+/// (metric name, sorted labels) -> value.
+type Series = HashMap<(String, Vec<(String, String)>), f64>;
+
+/// Parses the Prometheus/OpenMetrics text format.
+fn parse_metrics(text: &str) -> Series {
     let mut out = HashMap::new();
     for line in text.lines() {
         if line.starts_with('#') || line.trim().is_empty() {
@@ -39,11 +42,7 @@ fn parse_metrics(text: &str) -> HashMap<(String, Vec<(String, String)>), f64> {
     out
 }
 
-fn metric(
-    m: &HashMap<(String, Vec<(String, String)>), f64>,
-    name: &str,
-    labels: &[(&str, &str)],
-) -> f64 {
+fn metric(m: &Series, name: &str, labels: &[(&str, &str)]) -> f64 {
     let mut l: Vec<(String, String)> = labels
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
