@@ -185,7 +185,7 @@ const ACTION_JOBS = {
   echo: (i) => ['echo', { value: `hello ${i}` }],
   sleep: () => ['sleep', { ms: 2000 }],
   hash_chain: (i) => ['hash_chain', { seed: Date.now() + i, rounds: 200_000_000 }],
-  count_primes: () => ['count_primes', { below: 20_000_000 }],
+  count_primes: () => ['count_primes', { below: 2_000_000_000 }],
   spin: () => ['spin', { ms: 2000 }],
   flood: () => ['spin', { ms: 100 }],
 };
@@ -325,10 +325,11 @@ function onSnapshot(snap) {
   const seen = new Set();
   for (const t of tasks) {
     seen.add(t.id);
+    // The task's own age is the server's clock: no jitter from the network or this page.
     const p = cpuPrev.get(t.id);
-    if (p && now > p.t) cpuRate.set(t.id, Math.max(0, (t.cpuMs - p.cpuMs) / (now - p.t)));
+    if (p && t.ageMs > p.ageMs) cpuRate.set(t.id, Math.min(1, Math.max(0, (t.cpuMs - p.cpuMs) / (t.ageMs - p.ageMs))));
     else if (!p) cpuRate.set(t.id, t.ageMs > 0 ? Math.min(1, t.cpuMs / t.ageMs) : 0);
-    cpuPrev.set(t.id, { cpuMs: t.cpuMs, t: now });
+    cpuPrev.set(t.id, { cpuMs: t.cpuMs, ageMs: t.ageMs });
   }
   for (const id of cpuPrev.keys()) if (!seen.has(id)) { cpuPrev.delete(id); cpuRate.delete(id); }
   renderTop(tasks);
@@ -411,7 +412,7 @@ function setText(el, text) { if (el.textContent !== text) el.textContent = text;
 function renderTop(tasks) {
   const top = tasks
     .map((t) => ({ t, rate: cpuRate.get(t.id) ?? 0 }))
-    .filter((x) => x.rate > 0.01)
+    .filter((x) => x.rate > 0.001)
     .sort((a, b) => b.rate - a.rate || b.t.cpuMs - a.t.cpuMs)
     .slice(0, 6);
   const body = $('top-body');
@@ -420,9 +421,9 @@ function renderTop(tasks) {
     tr.dataset.testid = 'top-row';
     tr.dataset.taskId = String(t.id);
     tr.dataset.method = t.method;
-    const pct = Math.round(rate * 100);
+    const pct = rate * 100;
     tr.innerHTML = `<td class="num"></td><td class="method"></td><td class="num"></td>`
-      + `<td class="num"><span class="cpu-bar" style="width:${Math.min(60, pct * 0.6)}px"></span>${pct}%</td><td class="num"></td><td></td>`;
+      + `<td class="num"><span class="cpu-bar" style="width:${Math.max(1, Math.min(60, pct * 0.6))}px"></span>${pct < 10 ? pct.toFixed(1) : Math.round(pct)}%</td><td class="num"></td><td></td>`;
     const c = tr.children;
     c[0].textContent = String(t.id);
     c[1].textContent = t.method + (t.notYielding ? ' ⚠' : '');

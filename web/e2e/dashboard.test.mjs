@@ -124,6 +124,8 @@ test('start N jobs of each built-in kind', { timeout: 120_000 }, async (t) => {
     await page.click(`[data-testid="start-${kind}"]`);
   }
   await page.waitForSelector('tr[data-testid="task-row"]', { timeout: 15_000 });
+  // count_primes reports progress: its row grows a progress bar.
+  await page.waitForSelector('tr[data-testid="task-row"][data-method="count_primes"] td.prog[data-progress]', { timeout: 30_000 });
   await screenshot(page, '07-jobs');
   for (const kind of ['echo', 'sleep', 'spin', 'hash_chain', 'count_primes']) {
     await page.waitForSelector(`li[data-testid="log-entry"]:has-text("2× ${kind}: 2 ok")`, { timeout: 90_000 });
