@@ -85,6 +85,10 @@ struct ServeArgs {
     /// Niceness of compute workers (0 leaves it alone).
     #[arg(long, env = "TASKWIRE_NICE", default_value_t = 10)]
     nice: i32,
+    /// Keep the live task table and per-task metrics (turn off only to
+    /// measure what they cost).
+    #[arg(long, env = "TASKWIRE_OBSERVE", default_value_t = true, action = clap::ArgAction::Set, hide = true)]
+    observe: bool,
     /// Log filter, RUST_LOG syntax (e.g. `info,taskwire=debug`).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log: String,
@@ -105,6 +109,7 @@ impl ServeArgs {
             outbound_queue: self.outbound_queue.max(1),
             write_timeout: Duration::from_millis(self.write_timeout_ms),
             admin_token: self.admin_token.clone().filter(|t| !t.is_empty()),
+            observe: self.observe,
             compute: ComputeConfig {
                 workers,
                 slice: Duration::from_micros(self.slice_us.max(100)),

@@ -1,13 +1,587 @@
-//! `taskwire top`: placeholder until the observe issue lands.
+//! `taskwire top`: the busiest tasks and connections of a running server,
+//! refreshed like `top` or the BEAM's observer, with a key to kill a task.
+//!
+//! The model (what is shown, what a key does) is kept apart from the drawing
+//! and from the HTTP calls, so that each is tested on its own.
+
+use std::time::Duration;
+
+use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind};
+use ratatui::layout::{Constraint, Layout};
+use ratatui::style::{Color, Modifier, Style};
+use ratatui::text::Line;
+use ratatui::widgets::{Block, Paragraph, Row, Table, TableState};
+use ratatui::Frame;
+use serde::Deserialize;
+use serde_json::Value;
 
 /// Arguments of `taskwire top`.
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct TopArgs {
-    /// Base URL of the server.
-    #[arg(long, default_value = "http://127.0.0.1:7878")]
+    /// Base URL of the server's HTTP side (plain HTTP; the admin API).
+    #[arg(long, env = "TASKWIRE_URL", default_value = "http://127.0.0.1:7878")]
     pub url: String,
+    /// Admin token, if the server requires one.
+    #[arg(long, env = "TASKWIRE_ADMIN_TOKEN")]
+    pub token: Option<String>,
+    /// Refresh period in ms.
+    #[arg(long, default_value_t = 1000)]
+    pub interval_ms: u64,
+    /// Print one snapshot as text and exit (for scripts).
+    #[arg(long)]
+    pub once: bool,
+    /// Kill this task id and exit.
+    #[arg(long)]
+    pub kill: Option<u64>,
 }
 
-pub async fn run(_args: TopArgs) -> Result<(), String> {
-    Err("taskwire top is not built yet".into())
+/// One task row.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskRow {
+    /// Task id.
+    pub id: u64,
+    /// Connection id.
+    pub conn: u64,
+    /// Method.
+    pub method: String,
+    /// `io` / `cpu`.
+    pub kind: String,
+    /// State.
+    pub state: String,
+    /// Age in ms.
+    pub age_ms: u64,
+    /// CPU time in ms.
+    pub cpu_ms: f64,
+    /// Last progress.
+    #[serde(default)]
+    pub progress: Value,
+    /// Flagged as not yielding.
+    #[serde(default)]
+    pub not_yielding: bool,
+}
+
+/// One connection row.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnRow {
+    /// Connection id.
+    pub id: u64,
+    /// Peer address.
+    pub peer: String,
+    /// Requests in flight.
+    pub inflight: u64,
+    /// Age in ms.
+    pub age_ms: u64,
+    /// Bytes in.
+    pub bytes_in: u64,
+    /// Bytes out.
+    pub bytes_out: u64,
+}
+
+/// What the server said at one refresh.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// Busiest tasks first.
+    pub tasks: Vec<TaskRow>,
+    /// Connections.
+    pub conns: Vec<ConnRow>,
+    /// `/admin/stats` as sent.
+    pub stats: Value,
+}
+
+/// How the task table is ordered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sort {
+    /// Most CPU first.
+    Cpu,
+    /// Oldest first.
+    Age,
+}
+
+/// What a key asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing to do outside the model.
+    None,
+    /// Leave.
+    Quit,
+    /// Kill this task.
+    Kill(u64),
+}
+
+/// The state of the view.
+#[derive(Debug)]
+pub struct Model {
+    /// The last snapshot.
+    pub snap: Snapshot,
+    /// The selected row of the task table.
+    pub selected: usize,
+    /// The order of the task table.
+    pub sort: Sort,
+    /// A one-line message (errors, kill results).
+    pub status: String,
+}
+
+impl Default for Model {
+    fn default() -> Self {
+        Model {
+            snap: Snapshot::default(),
+            selected: 0,
+            sort: Sort::Cpu,
+            status: "q quit · ↑↓ select · x kill · c/a sort by CPU/age".into(),
+        }
+    }
+}
+
+impl Model {
+    /// Takes a new snapshot, keeping the selection on the same task if it lives.
+    pub fn apply(&mut self, mut snap: Snapshot) {
+        let keep = self.selected_task().map(|t| t.id);
+        match self.sort {
+            Sort::Cpu => snap.tasks.sort_by(|a, b| b.cpu_ms.total_cmp(&a.cpu_ms)),
+            Sort::Age => snap.tasks.sort_by_key(|t| std::cmp::Reverse(t.age_ms)),
+        }
+        self.selected = keep
+            .and_then(|id| snap.tasks.iter().position(|t| t.id == id))
+            .unwrap_or(self.selected)
+            .min(snap.tasks.len().saturating_sub(1));
+        self.snap = snap;
+    }
+
+    /// The task under the cursor.
+    pub fn selected_task(&self) -> Option<&TaskRow> {
+        self.snap.tasks.get(self.selected)
+    }
+
+    /// Applies a key.
+    pub fn on_key(&mut self, key: KeyCode) -> Action {
+        match key {
+            KeyCode::Char('q') | KeyCode::Esc => Action::Quit,
+            KeyCode::Down | KeyCode::Char('j') => {
+                if self.selected + 1 < self.snap.tasks.len() {
+                    self.selected += 1;
+                }
+                Action::None
+            }
+            KeyCode::Up | KeyCode::Char('k') => {
+                self.selected = self.selected.saturating_sub(1);
+                Action::None
+            }
+            KeyCode::Char('c') => {
+                self.sort = Sort::Cpu;
+                self.apply(self.snap.clone());
+                Action::None
+            }
+            KeyCode::Char('a') => {
+                self.sort = Sort::Age;
+                self.apply(self.snap.clone());
+                Action::None
+            }
+            KeyCode::Char('x') | KeyCode::Delete => match self.selected_task() {
+                Some(t) => Action::Kill(t.id),
+                None => Action::None,
+            },
+            _ => Action::None,
+        }
+    }
+}
+
+fn progress_text(v: &Value) -> String {
+    match (
+        v.get("done").and_then(Value::as_f64),
+        v.get("total").and_then(Value::as_f64),
+    ) {
+        (Some(d), Some(t)) if t > 0.0 => format!("{:>3.0}%", 100.0 * d / t),
+        _ if v.is_null() => String::new(),
+        _ => v.to_string().chars().take(12).collect(),
+    }
+}
+
+fn summary(stats: &Value) -> String {
+    let p = &stats["pool"];
+    let t = &stats["tasks"];
+    format!(
+        "connections {}  tasks: {} running, {} queued, {} yielded  pool: {}/{} busy, {:.0}% used, {} not yielding (ever)",
+        stats["connections"],
+        t["running"],
+        t["queued"],
+        t["yielded"],
+        p["busy"],
+        p["workers"],
+        p["utilisation"].as_f64().unwrap_or(0.0) * 100.0,
+        p["nonYieldingTotal"],
+    )
+}
+
+/// Draws the model.
+pub fn draw(frame: &mut Frame<'_>, m: &Model) {
+    let [head, tasks, conns, foot] = Layout::vertical([
+        Constraint::Length(1),
+        Constraint::Min(5),
+        Constraint::Length(8),
+        Constraint::Length(1),
+    ])
+    .areas(frame.area());
+    frame.render_widget(
+        Paragraph::new(summary(&m.snap.stats)).style(Style::default().add_modifier(Modifier::BOLD)),
+        head,
+    );
+    let rows = m.snap.tasks.iter().map(|t| {
+        let style = if t.not_yielding {
+            Style::default().fg(Color::Red)
+        } else {
+            Style::default()
+        };
+        Row::new(vec![
+            t.id.to_string(),
+            t.conn.to_string(),
+            t.method.clone(),
+            t.kind.clone(),
+            t.state.clone(),
+            format!("{:.1}", t.cpu_ms / 1000.0),
+            format!("{:.1}", t.age_ms as f64 / 1000.0),
+            progress_text(&t.progress),
+            if t.not_yielding {
+                "NOT YIELDING".into()
+            } else {
+                String::new()
+            },
+        ])
+        .style(style)
+    });
+    let table = Table::new(
+        rows,
+        [
+            Constraint::Length(7),
+            Constraint::Length(5),
+            Constraint::Length(14),
+            Constraint::Length(4),
+            Constraint::Length(8),
+            Constraint::Length(8),
+            Constraint::Length(8),
+            Constraint::Length(6),
+            Constraint::Min(12),
+        ],
+    )
+    .header(
+        Row::new([
+            "TASK", "CONN", "METHOD", "KIND", "STATE", "CPU s", "AGE s", "PROG", "",
+        ])
+        .style(Style::default().add_modifier(Modifier::REVERSED)),
+    )
+    .row_highlight_style(
+        Style::default()
+            .add_modifier(Modifier::REVERSED)
+            .fg(Color::Yellow),
+    )
+    .block(Block::bordered().title(format!(
+        " tasks ({}) by {} ",
+        m.snap.tasks.len(),
+        if m.sort == Sort::Cpu { "CPU" } else { "age" }
+    )));
+    let mut state = TableState::default().with_selected(Some(m.selected));
+    frame.render_stateful_widget(table, tasks, &mut state);
+    let conn_lines: Vec<Line<'_>> = m
+        .snap
+        .conns
+        .iter()
+        .map(|c| {
+            Line::from(format!(
+                "#{:<5} {:<22} in flight {:<5} age {:>7.1}s  in {:>9} B  out {:>9} B",
+                c.id,
+                c.peer,
+                c.inflight,
+                c.age_ms as f64 / 1000.0,
+                c.bytes_in,
+                c.bytes_out
+            ))
+        })
+        .collect();
+    frame.render_widget(
+        Paragraph::new(conn_lines)
+            .block(Block::bordered().title(format!(" connections ({}) ", m.snap.conns.len()))),
+        conns,
+    );
+    frame.render_widget(Paragraph::new(m.status.as_str()), foot);
+}
+
+/// The admin API, over plain HTTP.
+pub struct AdminClient {
+    base: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl AdminClient {
+    /// A client for the server at `base` (`http://host:port`).
+    pub fn new(base: &str, token: Option<String>) -> AdminClient {
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(5)))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        AdminClient {
+            base: base.trim_end_matches('/').to_string(),
+            token,
+            agent,
+        }
+    }
+
+    fn auth(&self) -> Option<String> {
+        self.token.as_ref().map(|t| format!("Bearer {t}"))
+    }
+
+    fn get(&self, path: &str) -> Result<Value, String> {
+        let mut req = self.agent.get(format!("{}{path}", self.base));
+        if let Some(a) = self.auth() {
+            req = req.header("Authorization", a);
+        }
+        let mut resp = req.call().map_err(|e| format!("GET {path}: {e}"))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body = resp.body_mut().read_to_string().unwrap_or_default();
+            return Err(format!("GET {path}: {status} {body}"));
+        }
+        resp.body_mut()
+            .read_json::<Value>()
+            .map_err(|e| format!("GET {path}: {e}"))
+    }
+
+    /// Everything one refresh shows.
+    pub fn snapshot(&self) -> Result<Snapshot, String> {
+        let tasks = self.get("/admin/tasks?sort=cpu&limit=200")?;
+        let conns = self.get("/admin/connections")?;
+        let stats = self.get("/admin/stats")?;
+        Ok(Snapshot {
+            tasks: serde_json::from_value(tasks["tasks"].clone()).map_err(|e| e.to_string())?,
+            conns: serde_json::from_value(conns["connections"].clone())
+                .map_err(|e| e.to_string())?,
+            stats,
+        })
+    }
+
+    /// Kills a task; its client gets -32004.
+    pub fn kill(&self, id: u64) -> Result<(), String> {
+        let path = format!("/admin/tasks/{id}/kill");
+        let mut req = self.agent.post(format!("{}{path}", self.base));
+        if let Some(a) = self.auth() {
+            req = req.header("Authorization", a);
+        }
+        let resp = req.send_empty().map_err(|e| format!("POST {path}: {e}"))?;
+        match resp.status().as_u16() {
+            200 => Ok(()),
+            404 => Err(format!("task {id} is gone")),
+            s => Err(format!("POST {path}: {s}")),
+        }
+    }
+}
+
+/// Renders a snapshot as plain text (for `--once`).
+pub fn render_text(m: &Model) -> String {
+    let mut out = summary(&m.snap.stats);
+    out.push('\n');
+    out.push_str(&format!(
+        "{:>7} {:>5} {:<14} {:<4} {:<8} {:>8} {:>8} {:>5}\n",
+        "TASK", "CONN", "METHOD", "KIND", "STATE", "CPU s", "AGE s", "PROG"
+    ));
+    for t in &m.snap.tasks {
+        out.push_str(&format!(
+            "{:>7} {:>5} {:<14} {:<4} {:<8} {:>8.1} {:>8.1} {:>5}{}\n",
+            t.id,
+            t.conn,
+            t.method,
+            t.kind,
+            t.state,
+            t.cpu_ms / 1000.0,
+            t.age_ms as f64 / 1000.0,
+            progress_text(&t.progress),
+            if t.not_yielding { "  NOT YIELDING" } else { "" }
+        ));
+    }
+    out
+}
+
+fn run_blocking(args: TopArgs) -> Result<(), String> {
+    let client = AdminClient::new(&args.url, args.token.clone());
+    if let Some(id) = args.kill {
+        client.kill(id)?;
+        println!("killed task {id}");
+        return Ok(());
+    }
+    let mut model = Model::default();
+    if args.once {
+        model.apply(client.snapshot()?);
+        print!("{}", render_text(&model));
+        return Ok(());
+    }
+    let mut terminal = ratatui::init();
+    let result = (|| -> Result<(), String> {
+        let period = Duration::from_millis(args.interval_ms.max(100));
+        let mut next = std::time::Instant::now();
+        loop {
+            if std::time::Instant::now() >= next {
+                match client.snapshot() {
+                    Ok(s) => model.apply(s),
+                    Err(e) => model.status = e,
+                }
+                next = std::time::Instant::now() + period;
+            }
+            terminal
+                .draw(|f| draw(f, &model))
+                .map_err(|e| e.to_string())?;
+            let wait = next.saturating_duration_since(std::time::Instant::now());
+            if event::poll(wait).map_err(|e| e.to_string())? {
+                if let Event::Key(k) = event::read().map_err(|e| e.to_string())? {
+                    if k.kind != KeyEventKind::Press {
+                        continue;
+                    }
+                    match model.on_key(k.code) {
+                        Action::Quit => return Ok(()),
+                        Action::Kill(id) => {
+                            model.status = match client.kill(id) {
+                                Ok(()) => format!("killed task {id}"),
+                                Err(e) => e,
+                            };
+                            next = std::time::Instant::now();
+                        }
+                        Action::None => {}
+                    }
+                }
+            }
+        }
+    })();
+    ratatui::restore();
+    result
+}
+
+/// Runs `taskwire top`.
+pub async fn run(args: TopArgs) -> Result<(), String> {
+    tokio::task::spawn_blocking(move || run_blocking(args))
+        .await
+        .map_err(|e| e.to_string())?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::{SinkExt, StreamExt};
+    use ratatui::backend::TestBackend;
+    use ratatui::Terminal;
+    use taskwire::{Config, Registry, Server};
+    use tokio_tungstenite::tungstenite::Message;
+
+    fn row(id: u64, cpu: f64, age: u64) -> TaskRow {
+        TaskRow {
+            id,
+            conn: 1,
+            method: format!("m{id}"),
+            kind: "cpu".into(),
+            state: "running".into(),
+            age_ms: age,
+            cpu_ms: cpu,
+            progress: serde_json::json!({"done": 1, "total": 4}),
+            not_yielding: id == 3,
+        }
+    }
+
+    fn snap() -> Snapshot {
+        Snapshot {
+            tasks: vec![row(1, 5.0, 300), row(2, 50.0, 100), row(3, 20.0, 200)],
+            conns: vec![],
+            stats: serde_json::json!({"connections": 1, "tasks": {}, "pool": {"workers": 2}}),
+        }
+    }
+
+    #[test]
+    fn model_sorts_selects_and_kills() {
+        let mut m = Model::default();
+        m.apply(snap());
+        let ids: Vec<u64> = m.snap.tasks.iter().map(|t| t.id).collect();
+        assert_eq!(ids, vec![2, 3, 1], "busiest first");
+        assert_eq!(m.on_key(KeyCode::Down), Action::None);
+        assert_eq!(m.on_key(KeyCode::Char('x')), Action::Kill(3));
+        // The selection follows the task across a re-sort.
+        m.on_key(KeyCode::Char('a'));
+        assert_eq!(m.selected_task().map(|t| t.id), Some(3));
+        assert_eq!(m.snap.tasks[0].id, 1, "oldest first");
+        // And across a refresh in which it is gone, it stays in range.
+        m.apply(Snapshot {
+            tasks: vec![row(9, 1.0, 1)],
+            ..snap()
+        });
+        assert_eq!(m.selected_task().map(|t| t.id), Some(9));
+        assert_eq!(m.on_key(KeyCode::Char('q')), Action::Quit);
+    }
+
+    #[test]
+    fn draws_the_table() {
+        let mut m = Model::default();
+        m.apply(snap());
+        let mut term = Terminal::new(TestBackend::new(100, 20)).unwrap();
+        term.draw(|f| draw(f, &m)).unwrap();
+        let text: String = term
+            .backend()
+            .buffer()
+            .content()
+            .iter()
+            .map(|c| c.symbol())
+            .collect();
+        assert!(text.contains("NOT YIELDING"));
+        assert!(text.contains("m2"));
+        assert!(text.contains(" 25%"));
+        assert!(text.contains("tasks (3) by CPU"));
+    }
+
+    /// Against a real server: find the runaway, kill it, its client gets -32004.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn finds_and_kills_a_runaway() {
+        let cfg = Config {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            ..Config::default()
+        };
+        let server = Server::bind(cfg, Registry::with_builtins()).await.unwrap();
+        let addr = server.local_addr().unwrap();
+        let stop = server.shutdown_handle();
+        let running = tokio::spawn(server.run(std::future::pending()));
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+            .await
+            .unwrap();
+        ws.send(Message::Text(
+            r#"{"jsonrpc":"2.0","id":1,"method":"runaway","params":{}}"#.into(),
+        ))
+        .await
+        .unwrap();
+        let base = format!("http://{addr}");
+        let found = tokio::task::spawn_blocking(move || {
+            let client = AdminClient::new(&base, None);
+            let mut m = Model::default();
+            for _ in 0..200 {
+                m.apply(client.snapshot().unwrap());
+                if m.snap.tasks.iter().any(|t| t.method == "runaway") {
+                    let text = render_text(&m);
+                    assert!(text.contains("runaway"), "{text}");
+                    let Action::Kill(id) = m.on_key(KeyCode::Char('x')) else {
+                        panic!("no task selected");
+                    };
+                    client.kill(id).unwrap();
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            false
+        })
+        .await
+        .unwrap();
+        assert!(found);
+        let reply = tokio::time::timeout(Duration::from_secs(20), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let v: Value = serde_json::from_str(reply.to_text().unwrap()).unwrap();
+        assert_eq!(v["error"]["code"], -32004);
+        stop.shutdown();
+        let _ = running.await;
+    }
 }
