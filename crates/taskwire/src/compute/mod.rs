@@ -900,4 +900,41 @@ mod tests {
         }
         assert_eq!(g.load(Ordering::Acquire), 0, "the job's future was dropped");
     }
+
+    #[test]
+    fn a_stop_reaches_a_running_task_within_one_slice() {
+        let p = pool(1);
+        let g = Arc::new(AtomicUsize::new(0));
+        let stats = Arc::new(JobStats::default());
+        let ctx = crate::Ctx::detached("t");
+        let c2 = ctx.clone();
+        let (tx, rx) = mpsc::channel();
+        let _t = p.spawn(1, stats.clone(), p.admit(&g).unwrap(), async move {
+            let mut x = 0u64;
+            loop {
+                for i in 0..5_000u64 {
+                    x = x.wrapping_mul(31).wrapping_add(i);
+                }
+                std::hint::black_box(x);
+                if let Err(why) = c2.checkpoint().await {
+                    let _ = tx.send(why);
+                    return;
+                }
+            }
+        });
+        while stats.slices() < 3 {
+            thread::sleep(Duration::from_millis(1));
+        }
+        ctx.stop(crate::Stopped::Cancelled);
+        let at = stats.slices();
+        let why = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+        assert_eq!(why, crate::Stopped::Cancelled);
+        // The slice running at the stop ends at its next checkpoint; at most one
+        // more slice starts if the stop landed between two.
+        assert!(
+            stats.slices() <= at + 1,
+            "{} slices after {at}",
+            stats.slices()
+        );
+    }
 }
