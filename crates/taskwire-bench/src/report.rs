@@ -170,6 +170,12 @@ impl Report {
     /// Computes `target / reference` for `metrics` for every measured target
     /// other than `reference` (when both have the metric).
     pub fn compare(&mut self, reference: &str, metrics: &[&str]) {
+        self.compare_excluding(reference, metrics, &[]);
+    }
+
+    /// Like [`Report::compare`], leaving out the targets in `exclude` (to avoid
+    /// printing a ratio and its inverse).
+    pub fn compare_excluding(&mut self, reference: &str, metrics: &[&str], exclude: &[&str]) {
         let Some(base) = self
             .targets
             .iter()
@@ -179,7 +185,10 @@ impl Report {
             return;
         };
         for t in &self.targets {
-            if t.target == reference || t.status != Status::Ok {
+            if t.target == reference
+                || t.status != Status::Ok
+                || exclude.contains(&t.target.as_str())
+            {
                 continue;
             }
             for &metric in metrics {
@@ -244,8 +253,11 @@ impl Report {
             for c in &self.comparisons {
                 let _ = writeln!(
                     out,
-                    "  {:<28} {} / {} = {:.3}",
-                    c.metric, c.target, c.reference, c.ratio
+                    "  {:<28} {} / {} = {}",
+                    c.metric,
+                    c.target,
+                    c.reference,
+                    fmt_ratio(c.ratio)
                 );
             }
         }
@@ -296,7 +308,7 @@ impl Report {
             }
             out.push('\n');
             for (name, unit) in &names {
-                let label = if unit.is_empty() {
+                let label = if unit.is_empty() || unit == name {
                     name.clone()
                 } else {
                     format!("{name} ({unit})")
@@ -328,8 +340,11 @@ impl Report {
             for c in &self.comparisons {
                 let _ = writeln!(
                     out,
-                    "- {}: {} / {} = **{:.3}**",
-                    c.metric, c.target, c.reference, c.ratio
+                    "- {}: {} / {} = **{}**",
+                    c.metric,
+                    c.target,
+                    c.reference,
+                    fmt_ratio(c.ratio)
                 );
             }
         }
@@ -359,6 +374,15 @@ pub fn fmt_num(v: f64) -> String {
     } else {
         format!("{v:.3}")
     }
+}
+
+/// A ratio with three significant digits (tiny ratios matter: 0.00017 is not 0).
+pub fn fmt_ratio(r: f64) -> String {
+    if !r.is_finite() || r == 0.0 {
+        return r.to_string();
+    }
+    let digits = (2 - r.abs().log10().floor() as i32).clamp(0, 12) as usize;
+    format!("{r:.digits$}")
 }
 
 /// Reads every `*.json` report in `dir` (ordered by scenario) and splices their
@@ -523,7 +547,7 @@ mod tests {
         assert!(human.contains("taskwire bench") || human.contains("throughput"));
         assert!(human.contains("0.900"));
         let md = back.markdown();
-        assert!(md.contains("| req/s (req/s) | 90000 | 100000 |"), "{md}");
+        assert!(md.contains("| req/s | 90000 | 100000 |"), "{md}");
         assert!(md.contains("baseline-naive not measured"));
     }
 
@@ -549,5 +573,9 @@ mod tests {
         assert_eq!(fmt_num(123.45), "123.5");
         assert_eq!(fmt_num(1.2345), "1.23");
         assert_eq!(fmt_num(0.01234), "0.012");
+        assert_eq!(fmt_ratio(0.000172), "0.000172");
+        assert_eq!(fmt_ratio(1.2251), "1.23");
+        assert_eq!(fmt_ratio(36.32), "36.3");
+        assert_eq!(fmt_ratio(0.9), "0.900");
     }
 }

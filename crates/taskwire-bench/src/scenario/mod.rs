@@ -211,6 +211,13 @@ pub async fn run(plan: Plan) -> Result<Report, BenchError> {
         "the load generator runs on the same {} CPU(s) as the server it measures",
         report.machine.nproc
     ));
+    if report.machine.load_avg_1m > report.machine.nproc as f64 {
+        report.notes.push(format!(
+            "the machine was busy with other work when this run started (load average {:.1} \
+             on {} CPUs): expect noisy figures, especially latency tails",
+            report.machine.load_avg_1m, report.machine.nproc
+        ));
+    }
     Ok(report)
 }
 
