@@ -340,15 +340,20 @@ function startAdminStream() {
   let gotSnapshot = false;
   let polling = null;
   const poll = async () => {
+    const get = async (url) => {
+      const r = await fetch(url, { headers: adminHeaders });
+      if (!r.ok) throw new Error(r.status === 401 || r.status === 403 ? `admin: HTTP ${r.status}, add ?token=…` : `admin: HTTP ${r.status}`);
+      return r.json();
+    };
     try {
       const [s, t] = await Promise.all([
-        fetch(`/admin/stats${tokenQs}`, { headers: adminHeaders }).then((r) => r.json()),
-        fetch(`/admin/tasks?sort=cpu&limit=500${token ? `&token=${encodeURIComponent(token)}` : ''}`, { headers: adminHeaders }).then((r) => r.json()),
+        get(`/admin/stats${tokenQs}`),
+        get(`/admin/tasks?sort=cpu&limit=500${token ? `&token=${encodeURIComponent(token)}` : ''}`),
       ]);
       setAdminPill('open', 'admin (polling)');
       onSnapshot({ stats: s, tasks: t.tasks ?? [] });
-    } catch {
-      setAdminPill('closed', 'admin unreachable');
+    } catch (err) {
+      setAdminPill('closed', err.message.startsWith('admin:') ? err.message : 'admin unreachable');
     }
   };
   const startPolling = () => {

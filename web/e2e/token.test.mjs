@@ -1,0 +1,54 @@
+// The dashboard against a server with an admin token: `/?token=T` reaches the
+// admin stream and kills; without it the admin API refuses.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { startServer } from '../testing/server.mjs';
+import { launch, screenshot } from '../testing/browser.mjs';
+
+const TOKEN = 'e2e-secret-token';
+let srv;
+let browser;
+
+before(async () => {
+  srv = await startServer({ extraArgs: ['--admin-token', TOKEN] });
+  browser = await launch();
+});
+after(async () => {
+  await browser?.close();
+  await srv?.stop();
+});
+
+test('with ?token= the dashboard streams the table and kills; without it admin is refused', { timeout: 60_000 }, async (t) => {
+  assert.equal((await fetch(`${srv.httpUrl}/admin/stats`)).status, 401);
+  const context = await browser.newContext({ viewport: { width: 1400, height: 1000 } });
+  t.after(() => context.close());
+  const page = await context.newPage();
+  const errors = [];
+  page.on('pageerror', (err) => errors.push(err.message));
+  await page.goto(`${srv.httpUrl}/?token=${TOKEN}`, { timeout: 15_000 });
+  await page.waitForSelector('html[data-ready="true"]', { timeout: 15_000 });
+  await page.waitForSelector('#admin-state[data-state="open"]', { timeout: 15_000 });
+  await page.click('#btn-runaway');
+  const row = 'tr[data-testid="task-row"][data-method="runaway"]';
+  await page.waitForSelector(row, { timeout: 15_000 });
+  await page.click(`${row} button[data-testid="task-kill"]`);
+  await page.waitForSelector(row, { state: 'detached', timeout: 15_000 });
+  await page.waitForSelector('li[data-testid="log-entry"][data-code="-32004"]', { timeout: 15_000 });
+  await screenshot(page, '08-token');
+  assert.deepEqual(errors, []);
+});
+
+test('without the token the page still works, and says the admin stream is closed', { timeout: 60_000 }, async (t) => {
+  const context = await browser.newContext();
+  t.after(() => context.close());
+  const page = await context.newPage();
+  await page.goto(`${srv.httpUrl}/`, { timeout: 15_000 });
+  await page.waitForSelector('html[data-ready="true"]', { timeout: 15_000 });
+  await page.waitForSelector('#conn-state[data-state="open"]', { timeout: 15_000 });
+  await page.waitForSelector('#admin-state[data-state="closed"]', { timeout: 15_000 });
+  await new Promise((r) => setTimeout(r, 4000)); // past the fallback to polling: still refused
+  assert.equal(await page.getAttribute('#admin-state', 'data-state'), 'closed');
+  assert.match(await page.textContent('#admin-state'), /401|token|unreachable|closed/);
+  // The probe still runs: the WebSocket needs no admin token.
+  await page.waitForFunction(() => Number(document.getElementById('chart-latency').dataset.points ?? 0) >= 3, null, { timeout: 15_000 });
+});
