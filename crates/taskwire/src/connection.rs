@@ -18,6 +18,7 @@ use tracing::Instrument;
 
 use crate::compute::{JobState, Permit};
 use crate::protocol::{self, codes, ErrorObject, Frame, Id, Rejected, Request};
+use crate::security::TokenBucket;
 use crate::server::App;
 use crate::task::{
     stopped_error, Ctx, Outbound, Stopped, TaskError, TaskInit, TaskKind, TaskShared,
@@ -33,6 +34,13 @@ pub(crate) mod close {
 /// How long a stopped CPU task gets to reach its next checkpoint before its
 /// request is answered anyway (it keeps its not-yielding flag in the table).
 const STOP_GRACE: Duration = Duration::from_secs(1);
+
+/// The limits of one connection: the server's, or those of the token it presented.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ConnLimits {
+    pub max_inflight: usize,
+    pub rate: Option<crate::config::RateLimit>,
+}
 
 #[derive(Default)]
 struct Inflight {
@@ -61,6 +69,9 @@ pub(crate) struct ConnState {
     unanswered: AtomicUsize,
     write_timeout: Duration,
     shutting_down: AtomicBool,
+    max_inflight: usize,
+    /// The request rate limit; only the reader touches it.
+    bucket: Mutex<Option<TokenBucket>>,
 }
 
 impl ConnState {
@@ -101,6 +112,18 @@ impl ConnState {
                     m.ids.remove(rid);
                 }
             }
+        }
+    }
+
+    /// One request's worth of the rate limit, or how long until there is one.
+    fn take_rate_token(&self) -> Result<(), Duration> {
+        match self.bucket.lock() {
+            Ok(mut b) => match b.as_mut() {
+                Some(b) => b.take(Instant::now()),
+                None => Ok(()),
+            },
+            // A poisoned lock means a panic elsewhere; do not refuse for it.
+            Err(_) => Ok(()),
         }
     }
 
@@ -374,7 +397,7 @@ async fn supervise(
 }
 
 /// Serves one upgraded WebSocket until it closes.
-pub(crate) async fn serve(app: Arc<App>, socket: WebSocket, peer: SocketAddr) {
+pub(crate) async fn serve(app: Arc<App>, socket: WebSocket, peer: SocketAddr, limits: ConnLimits) {
     let id = app.next_conn.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("conn", id, %peer);
     async move {
@@ -397,6 +420,8 @@ pub(crate) async fn serve(app: Arc<App>, socket: WebSocket, peer: SocketAddr) {
             unanswered: AtomicUsize::new(0),
             write_timeout: app.cfg.write_timeout,
             shutting_down: AtomicBool::new(false),
+            max_inflight: limits.max_inflight,
+            bucket: Mutex::new(limits.rate.map(|r| TokenBucket::new(r, Instant::now()))),
         });
         app.observer.conn_opened(&conn);
         tracing::debug!("connection opened");
@@ -533,6 +558,18 @@ async fn handle_one(
             .as_ref()
             .map(|id| protocol::error_text(Some(id), &err))
     };
+    // The request rate, counted before the method is looked up: an unknown
+    // method costs the server as much to answer as a known one. A cancel is
+    // exempt: it only ever frees resources.
+    if req.method != protocol::CANCEL_METHOD {
+        if let Err(wait) = conn.take_rate_token() {
+            app.observer.refused("rate_limited");
+            let retry = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+            let text = answer(ErrorObject::overloaded("rate_limited", retry));
+            dest.deliver(conn, text).await;
+            return;
+        }
+    }
     match req.method.as_str() {
         protocol::CANCEL_METHOD => {
             let id = req.id.clone();
@@ -608,7 +645,7 @@ async fn handle_one(
                 Some(ErrorObject::invalid_request(
                     "duplicate id: a request with this id is still in flight",
                 ))
-            } else if m.tasks.len() >= app.cfg.max_inflight_per_connection {
+            } else if m.tasks.len() >= conn.max_inflight {
                 Some(ErrorObject::overloaded("connection_inflight", 100))
             } else {
                 m.tasks.insert(task.id, task.clone());

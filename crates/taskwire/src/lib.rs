@@ -37,12 +37,15 @@
 
 pub mod builtin;
 pub mod compute;
+pub mod config;
 mod connection;
 pub mod observe;
 pub mod protocol;
 mod registry;
+pub mod security;
 mod server;
 mod task;
+mod tls;
 
 pub use registry::{Registry, TaskDef};
 pub use server::{shutdown_signal, Config, Server, ShutdownHandle};

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, State};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -20,11 +20,16 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::compute::{ComputeConfig, ComputePool};
+use crate::config::{AuthToken, RateLimit, TlsConfig};
+use crate::connection::ConnLimits;
 use crate::observe::Observer;
 use crate::protocol::SUBPROTOCOL;
 use crate::registry::Registry;
+use crate::security::{self, CountSlot, IpSlot, PerIp};
 
-/// Server settings. Every field has a working default.
+/// Server settings. Every field has a working default, and the defaults suit
+/// local use: see docs/SECURITY.md before exposing a server to the internet.
+/// [`crate::config::Settings`] builds one from a file, the environment and flags.
 #[derive(Clone, Debug)]
 pub struct Config {
     /// Address to listen on (default `127.0.0.1:7878`).
@@ -36,6 +41,9 @@ pub struct Config {
     pub max_inflight_per_connection: usize,
     /// Open connections before new upgrades get HTTP 503 (default 10 000).
     pub max_connections: usize,
+    /// Open connections per client IP address before new upgrades get HTTP 429
+    /// (default: no limit).
+    pub max_connections_per_ip: Option<usize>,
     /// Cap on any task's deadline (default 1 hour).
     pub max_task_timeout: Duration,
     /// How long in-flight tasks get to finish on shutdown (default 5 s).
@@ -49,6 +57,21 @@ pub struct Config {
     pub write_timeout: Duration,
     /// Bearer token for `/admin`; without one, `/admin` answers loopback peers only.
     pub admin_token: Option<String>,
+    /// Page origins (`https://app.example.com`) allowed to open `/ws` besides
+    /// the server's own host; `*` allows any. Others get HTTP 403 (default: none).
+    pub allowed_origins: Vec<String>,
+    /// Refuse upgrades that carry no `Origin` header, i.e. non-browser
+    /// clients (default false).
+    pub require_origin: bool,
+    /// Client tokens; when any is configured, `/ws` requires one (header,
+    /// `token` query parameter or `taskwire_token` cookie) and answers 401
+    /// without (default: none, `/ws` is open).
+    pub auth_tokens: Vec<AuthToken>,
+    /// Serve `wss://` and `https://` with this certificate (default: plain).
+    pub tls: Option<TlsConfig>,
+    /// Request rate per connection; excess requests get `-32001 rate_limited`
+    /// (default: no limit).
+    pub rate_limit: Option<RateLimit>,
     /// The compute pool.
     pub compute: ComputeConfig,
     /// Keep the live table of connections and the per-task metrics (default
@@ -63,12 +86,18 @@ impl Default for Config {
             max_frame_bytes: 1 << 20,
             max_inflight_per_connection: 1024,
             max_connections: 10_000,
+            max_connections_per_ip: None,
             max_task_timeout: Duration::from_secs(3600),
             shutdown_grace: Duration::from_secs(5),
             ping_interval: Duration::from_secs(20),
             outbound_queue: 1024,
             write_timeout: Duration::from_secs(10),
             admin_token: None,
+            allowed_origins: Vec::new(),
+            require_origin: false,
+            auth_tokens: Vec::new(),
+            tls: None,
+            rate_limit: None,
             compute: ComputeConfig::default(),
             observe: true,
         }
@@ -87,12 +116,16 @@ pub(crate) struct App {
     pub next_conn: AtomicU64,
     open_conns: AtomicUsize,
     conns_changed: Notify,
+    per_ip: Arc<PerIp>,
+    /// Open connections per configured client token, by index.
+    token_conns: Vec<Arc<AtomicUsize>>,
 }
 
 /// A bound server, ready to run.
 pub struct Server {
     app: Arc<App>,
     listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl std::fmt::Debug for Server {
@@ -125,7 +158,17 @@ impl Server {
     /// server.run(taskwire::shutdown_signal()).await
     /// # }
     /// ```
+    ///
+    /// An invalid configuration ([`Config::validate`]) or unreadable TLS files
+    /// are an [`io::ErrorKind::InvalidInput`] error naming the setting.
     pub async fn bind(cfg: Config, registry: Registry) -> io::Result<Server> {
+        let invalid =
+            |e: crate::config::ConfigError| io::Error::new(io::ErrorKind::InvalidInput, e);
+        cfg.validate().map_err(invalid)?;
+        let tls = match &cfg.tls {
+            Some(t) => Some(crate::tls::acceptor(t).map_err(invalid)?),
+            None => None,
+        };
         let listener = TcpListener::bind(cfg.addr).await?;
         let discover = serde_json::value::to_raw_value(&registry.discover())
             .map_err(|e| io::Error::other(format!("rpc.discover: {e}")))?;
@@ -133,7 +176,11 @@ impl Server {
         let app = Arc::new(App {
             observer: Observer::new(
                 cfg.observe,
-                &registry.tasks().iter().map(|t| t.name()).collect::<Vec<_>>(),
+                &registry
+                    .tasks()
+                    .iter()
+                    .map(|t| t.name())
+                    .collect::<Vec<_>>(),
             ),
             registry,
             discover,
@@ -143,9 +190,11 @@ impl Server {
             next_conn: AtomicU64::new(1),
             open_conns: AtomicUsize::new(0),
             conns_changed: Notify::new(),
+            per_ip: Arc::default(),
+            token_conns: cfg.auth_tokens.iter().map(|_| Arc::default()).collect(),
             cfg,
         });
-        Ok(Server { app, listener })
+        Ok(Server { app, listener, tls })
     }
 
     /// The bound address (useful with port 0).
@@ -175,12 +224,24 @@ impl Server {
                 tracing::info!("shutting down");
             }
         };
-        axum::serve(
-            self.listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(stop)
-        .await?;
+        let service = router.into_make_service_with_connect_info::<SocketAddr>();
+        match self.tls {
+            None => {
+                axum::serve(self.listener, service)
+                    .with_graceful_shutdown(stop)
+                    .await?
+            }
+            Some(acceptor) => {
+                use axum::serve::ListenerExt;
+                // tap_io gives the listener axum's `ConnectInfo<SocketAddr>`.
+                let listener =
+                    crate::tls::TlsListener::spawn(self.listener, acceptor, token.clone())?
+                        .tap_io(|_| {});
+                axum::serve(listener, service)
+                    .with_graceful_shutdown(stop)
+                    .await?
+            }
+        }
         // Upgraded connections are ours to wait for, not hyper's.
         let deadline = app.cfg.shutdown_grace + Duration::from_secs(3);
         let _ = tokio::time::timeout(deadline, async {
@@ -249,17 +310,121 @@ impl Drop for ConnSlot {
     }
 }
 
+/// Everything that keeps a connection counted; dropped when it closes.
+struct Slots {
+    _conn: ConnSlot,
+    _ip: Option<IpSlot>,
+    _token: Option<CountSlot>,
+}
+
+fn refuse(status: StatusCode, reason: &'static str) -> Response {
+    (status, reason).into_response()
+}
+
+/// The checks before an upgrade, cheapest and most telling first: origin
+/// (403), token (401), per-IP and per-token connections (429), then the
+/// server's total (503).
+fn admit_upgrade(
+    app: &Arc<App>,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    uri: &Uri,
+) -> Result<(Slots, ConnLimits), Response> {
+    let cfg = &app.cfg;
+    let text = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    if !security::origin_allowed(
+        text(header::ORIGIN),
+        text(header::HOST),
+        &cfg.allowed_origins,
+        cfg.require_origin,
+    ) {
+        app.observer.refused("origin");
+        return Err(refuse(StatusCode::FORBIDDEN, "origin not allowed"));
+    }
+    let token = if cfg.auth_tokens.is_empty() {
+        None
+    } else {
+        let presented = security::presented_tokens(headers, uri.query());
+        match security::find_token(&cfg.auth_tokens, &presented) {
+            Some(i) => Some(i),
+            None => {
+                app.observer.refused("unauthorized");
+                let mut r = refuse(StatusCode::UNAUTHORIZED, "a valid token is required");
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    axum::http::HeaderValue::from_static("Bearer"),
+                );
+                return Err(r);
+            }
+        }
+    };
+    let ip = match cfg.max_connections_per_ip {
+        None => None,
+        Some(max) => match PerIp::acquire(&app.per_ip, peer.ip(), max) {
+            Some(s) => Some(s),
+            None => {
+                app.observer.refused("connections_per_ip");
+                return Err(refuse(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many connections from this address",
+                ));
+            }
+        },
+    };
+    let spec = token.and_then(|i| Some((cfg.auth_tokens.get(i)?, app.token_conns.get(i)?)));
+    let token_slot = match spec {
+        Some((t, count)) => match t.max_connections {
+            None => None,
+            Some(max) => match CountSlot::acquire(count, max) {
+                Some(s) => Some(s),
+                None => {
+                    app.observer.refused("connections_per_token");
+                    return Err(refuse(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "too many connections with this token",
+                    ));
+                }
+            },
+        },
+        None => None,
+    };
+    let Some(conn) = ConnSlot::acquire(app) else {
+        app.observer.refused("connections");
+        return Err(refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many connections",
+        ));
+    };
+    let t = spec.map(|(t, _)| t);
+    let limits = ConnLimits {
+        max_inflight: t
+            .and_then(|t| t.max_inflight)
+            .unwrap_or(cfg.max_inflight_per_connection),
+        rate: t.and_then(|t| t.rate_limit).or(cfg.rate_limit),
+    };
+    Ok((
+        Slots {
+            _conn: conn,
+            _ip: ip,
+            _token: token_slot,
+        },
+        limits,
+    ))
+}
+
 async fn ws_handler(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    uri: Uri,
     ws: WebSocketUpgrade,
 ) -> Response {
     if app.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
     }
-    let Some(slot) = ConnSlot::acquire(&app) else {
-        app.observer.refused("connections");
-        return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
+    let (slots, limits) = match admit_upgrade(&app, peer, &headers, &uri) {
+        Ok(x) => x,
+        Err(refusal) => return refusal,
     };
     let max = app.cfg.max_frame_bytes;
     // A small read buffer and no write buffer keep an idle connection at a few
@@ -270,7 +435,7 @@ async fn ws_handler(
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
-            let _slot = slot;
-            crate::connection::serve(app, socket, peer).await;
+            let _slots = slots;
+            crate::connection::serve(app, socket, peer, limits).await;
         })
 }
