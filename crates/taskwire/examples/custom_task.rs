@@ -31,7 +31,9 @@ struct CollatzResult {
 /// preempted (so it cannot hog a core) and where it learns it was cancelled.
 async fn collatz(ctx: Ctx, p: CollatzParams) -> Result<CollatzResult, TaskError> {
     if p.below > 100_000_000 {
-        return Err(TaskError::InvalidParams("`below` must be at most 10^8".into()));
+        return Err(TaskError::InvalidParams(
+            "`below` must be at most 10^8".into(),
+        ));
     }
     let mut best = CollatzResult {
         longest_start: 1,
@@ -60,7 +62,11 @@ async fn collatz(ctx: Ctx, p: CollatzParams) -> Result<CollatzResult, TaskError>
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut registry = Registry::with_builtins();
-    registry.cpu("collatz", "The longest Collatz chain below `below`.", collatz);
+    registry.cpu(
+        "collatz",
+        "The longest Collatz chain below `below`.",
+        collatz,
+    );
 
     let config = Config {
         addr: "127.0.0.1:0".parse()?,

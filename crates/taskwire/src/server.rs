@@ -227,7 +227,12 @@ impl Server {
         let service = router.into_make_service_with_connect_info::<SocketAddr>();
         match self.tls {
             None => {
-                axum::serve(self.listener, service)
+                use axum::serve::ListenerExt;
+                // Replies are small and latency matters: don't let Nagle hold them.
+                let listener = self.listener.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
+                axum::serve(listener, service)
                     .with_graceful_shutdown(stop)
                     .await?
             }
