@@ -12,7 +12,10 @@ import { LineChart, formatNumber } from './chart.js';
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
-const token = params.get('token') || undefined;
+// `?token=T` is sent on the WebSocket (client token) and to the admin API;
+// `?admin_token=A` overrides the latter when the two differ.
+const wsToken = params.get('token') || undefined;
+const token = params.get('admin_token') || wsToken;
 const tokenQs = token ? `?token=${encodeURIComponent(token)}` : '';
 const adminHeaders = token ? { authorization: `Bearer ${token}` } : {};
 
@@ -64,7 +67,7 @@ const conns = {};
 async function open(name) {
   for (let delay = 250; ; delay = Math.min(delay * 2, 5000)) {
     try {
-      const tw = await Taskwire.connect(wsUrl, { token, reconnect: { maxDelayMs: 5000 }, queueLimit: 50 });
+      const tw = await Taskwire.connect(wsUrl, { token: wsToken, reconnect: { maxDelayMs: 5000 }, queueLimit: 50 });
       conns[name] = tw;
       return tw;
     } catch (err) {
