@@ -434,6 +434,15 @@ pub(crate) async fn serve(app: Arc<App>, socket: WebSocket, peer: SocketAddr, li
         conn.stop_all(Stopped::Disconnected);
         conn.closing.cancel();
         let _ = writer.await;
+        // Stay in the live table (and hold the connection's slot) until every
+        // task has settled, so that what a closed connection still costs stays
+        // visible; bounded, as a task that never yields is answered after STOP_GRACE.
+        let settled = async {
+            while conn.unanswered.load(Ordering::Acquire) > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let _ = tokio::time::timeout(STOP_GRACE + Duration::from_millis(500), settled).await;
         app.observer.conn_closed(&conn);
         tracing::debug!("connection closed");
     }
