@@ -305,4 +305,43 @@ mod tests {
         q.descheduled(g, 0, 10_000 * MS);
         assert!(q.groups() < 64, "{}", q.groups());
     }
+
+    /// The target 2, in simulated time: one connection has 200 jobs of
+    /// 50 ms queued, a second sends a burst of 10 such jobs 100 ms later; on
+    /// two workers the burst finishes within 2x of its solo time (250 ms).
+    #[test]
+    fn a_burst_behind_a_flood_stays_within_twice_its_solo_time() {
+        let mut q = RunQueue::new(1_000 * MS);
+        let mut left = HashMap::new();
+        for i in 0..200u32 {
+            q.push(1, 0, i, 0);
+            left.insert(i, (50 * MS, 0u64));
+        }
+        let (mut now, mut arrived, mut done, mut end) = (0, false, 0, 0);
+        while done < 10 {
+            if !arrived && now >= 100 * MS {
+                for i in 1000..1010u32 {
+                    q.push(2, 0, i, now);
+                    left.insert(i, (50 * MS, 0));
+                }
+                arrived = true;
+            }
+            let batch: Vec<_> = (0..2).filter_map(|_| q.pop(now)).collect();
+            now += 2 * MS;
+            for (g, id) in batch {
+                let (rem, att) = left[&id];
+                let used = rem.min(2 * MS);
+                q.descheduled(g, used, now);
+                if rem > used {
+                    left.insert(id, (rem - used, att + used));
+                    q.push(g, att + used, id, now);
+                } else if g == 2 {
+                    done += 1;
+                    end = now;
+                }
+            }
+        }
+        let took = end - 100 * MS;
+        assert!(took <= 500 * MS, "the burst took {} ms", took / MS);
+    }
 }
