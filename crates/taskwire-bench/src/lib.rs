@@ -70,6 +70,9 @@ pub enum Scenario {
     Connections,
     /// A mixed workload for `--duration`: memory and latency drift per window.
     Soak,
+    /// C connections × W pipelined tiny CPU tasks (`hash_chain`, 1000 rounds):
+    /// the compute pool's throughput against `spawn_blocking`.
+    Tiny,
 }
 
 impl Scenario {
@@ -82,17 +85,19 @@ impl Scenario {
             Scenario::Cancel => "cancel",
             Scenario::Connections => "connections",
             Scenario::Soak => "soak",
+            Scenario::Tiny => "tiny",
         }
     }
 
     /// Every scenario, in the order reports and `BENCHMARKS.md` list them.
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::Throughput,
         Scenario::Flood,
         Scenario::Fairness,
         Scenario::Cancel,
         Scenario::Connections,
         Scenario::Soak,
+        Scenario::Tiny,
     ];
 }
 

@@ -101,7 +101,7 @@ fn default_targets(scenario: Scenario) -> &'static [Target] {
     match scenario {
         Scenario::Throughput | Scenario::Connections => &[Taskwire, RawEcho, Textbook],
         Scenario::Flood | Scenario::Fairness | Scenario::Cancel => &[Taskwire, Textbook, Naive],
-        Scenario::Soak => &[Taskwire, Textbook],
+        Scenario::Soak | Scenario::Tiny => &[Taskwire, Textbook],
     }
 }
 
@@ -130,7 +130,7 @@ pub async fn run(plan: Plan) -> Result<Report, BenchError> {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let settings = match plan.scenario {
-        Scenario::Throughput => throughput::Settings::new(&plan).to_json(),
+        Scenario::Throughput | Scenario::Tiny => throughput::Settings::new(&plan).to_json(),
         Scenario::Flood => flood::Settings::new(&plan).to_json(),
         Scenario::Fairness => fairness::Settings::new(&plan).to_json(),
         Scenario::Cancel => cancel::Settings::new(&plan).to_json(),
@@ -201,6 +201,7 @@ pub async fn run(plan: Plan) -> Result<Report, BenchError> {
     }
     match plan.scenario {
         Scenario::Throughput => throughput::finish(&mut report),
+        Scenario::Tiny => throughput::finish_tiny(&mut report),
         Scenario::Flood => flood::finish(&mut report),
         Scenario::Fairness => fairness::finish(&mut report),
         Scenario::Cancel => cancel::finish(&mut report),
@@ -227,7 +228,7 @@ fn needs_json_rpc(scenario: Scenario) -> bool {
 
 async fn measure_or_fail(plan: &Plan, subject: &Subject) -> TargetReport {
     let result = match plan.scenario {
-        Scenario::Throughput => {
+        Scenario::Throughput | Scenario::Tiny => {
             throughput::measure(&throughput::Settings::new(plan), subject).await
         }
         Scenario::Flood => flood::measure(&flood::Settings::new(plan), subject).await,

@@ -27,6 +27,8 @@ pub struct Settings {
     pub warmup: Duration,
     pub connections: usize,
     pub inflight: usize,
+    /// `tiny`: a stream of tiny CPU tasks (`hash_chain`, 1000 rounds) instead of `echo`.
+    pub tiny: bool,
 }
 
 impl Settings {
@@ -41,6 +43,7 @@ impl Settings {
             warmup,
             connections: plan.connections.unwrap_or(connections),
             inflight: plan.inflight.unwrap_or(inflight),
+            tiny: plan.scenario == crate::Scenario::Tiny,
         }
     }
 
@@ -50,7 +53,12 @@ impl Settings {
         m.insert("warmup_s".into(), secs(self.warmup));
         m.insert("connections".into(), self.connections.into());
         m.insert("inflight_per_connection".into(), self.inflight.into());
-        m.insert("method".into(), "echo".into());
+        let method = if self.tiny {
+            "hash_chain (1000 rounds)"
+        } else {
+            "echo"
+        };
+        m.insert("method".into(), method.into());
         m
     }
 }
@@ -83,7 +91,7 @@ pub async fn measure(s: &Settings, subject: &Subject) -> Result<TargetReport, Be
         .into_iter()
         .map(|ws| {
             let counter = Arc::clone(&counter);
-            tokio::spawn(drive(ws, s.inflight, record_from, end, counter))
+            tokio::spawn(drive(ws, s.inflight, s.tiny, record_from, end, counter))
         })
         .collect();
     let mut total = ConnStats::default();
@@ -115,7 +123,12 @@ pub async fn measure(s: &Settings, subject: &Subject) -> Result<TargetReport, Be
     Ok(t)
 }
 
-fn echo_request(id: u64) -> Message {
+fn request(id: u64, tiny: bool) -> Message {
+    if tiny {
+        return Message::text(format!(
+            r#"{{"jsonrpc":"2.0","id":{id},"method":"hash_chain","params":{{"seed":{id},"rounds":1000}}}}"#
+        ));
+    }
     Message::text(format!(
         r#"{{"jsonrpc":"2.0","id":{id},"method":"echo","params":{{"value":"taskwire-bench"}}}}"#
     ))
@@ -125,6 +138,7 @@ fn echo_request(id: u64) -> Message {
 async fn drive(
     ws: Ws,
     inflight: usize,
+    tiny: bool,
     record_from: Instant,
     end: Instant,
     counter: Arc<AtomicU64>,
@@ -136,7 +150,7 @@ async fn drive(
     let now = Instant::now();
     for _ in 0..inflight {
         pending.insert(next_id, now, ());
-        sink.feed(echo_request(next_id)).await?;
+        sink.feed(request(next_id, tiny)).await?;
         next_id += 1;
     }
     sink.flush().await?;
@@ -166,7 +180,7 @@ async fn drive(
                     }
                     if now < end {
                         pending.insert(next_id, now, ());
-                        sink.send(echo_request(next_id)).await?;
+                        sink.send(request(next_id, tiny)).await?;
                         next_id += 1;
                     } else if pending.is_empty() {
                         break;
@@ -180,6 +194,16 @@ async fn drive(
     // Best effort: the server may already be gone.
     let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(None))).await;
     Ok(stats)
+}
+
+/// `tiny`: the compute pool against `spawn_blocking` on tiny CPU tasks.
+pub fn finish_tiny(report: &mut Report) {
+    report.compare("baseline-textbook", &["req/s", "p50", "p99"]);
+    report.notes.push(
+        "target (issue 3): taskwire ≥ 0.90 × baseline-textbook req/s on tiny CPU tasks \
+         (hash_chain, 1000 rounds): the compute pool against spawn_blocking"
+            .into(),
+    );
 }
 
 pub fn finish(report: &mut Report) {
