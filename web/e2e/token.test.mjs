@@ -1,16 +1,18 @@
-// The dashboard against a server with an admin token: `/?token=T` reaches the
-// admin stream and kills; without it the admin API refuses.
+// The dashboard against a server with a client token (--token) and an admin
+// token (--admin-token): `/?token=C&admin_token=A` reaches both; with the client
+// token only, the WebSocket works and the admin API refuses.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { startServer } from '../testing/server.mjs';
 import { launch, screenshot } from '../testing/browser.mjs';
 
-const TOKEN = 'e2e-secret-token';
+const TOKEN = 'e2e-admin-token';
+const CLIENT = 'e2e-client-token';
 let srv;
 let browser;
 
 before(async () => {
-  srv = await startServer({ extraArgs: ['--admin-token', TOKEN] });
+  srv = await startServer({ extraArgs: ['--admin-token', TOKEN, '--token', CLIENT] });
   browser = await launch();
 });
 after(async () => {
@@ -25,7 +27,7 @@ test('with ?token= the dashboard streams the table and kills; without it admin i
   const page = await context.newPage();
   const errors = [];
   page.on('pageerror', (err) => errors.push(err.message));
-  await page.goto(`${srv.httpUrl}/?token=${TOKEN}`, { timeout: 15_000 });
+  await page.goto(`${srv.httpUrl}/?token=${CLIENT}&admin_token=${TOKEN}`, { timeout: 15_000 });
   await page.waitForSelector('html[data-ready="true"]', { timeout: 15_000 });
   await page.waitForSelector('#admin-state[data-state="open"]', { timeout: 15_000 });
   await page.click('#btn-runaway');
@@ -38,17 +40,17 @@ test('with ?token= the dashboard streams the table and kills; without it admin i
   assert.deepEqual(errors, []);
 });
 
-test('without the token the page still works, and says the admin stream is closed', { timeout: 60_000 }, async (t) => {
+test('with the client token only, the page works and says the admin stream is closed', { timeout: 60_000 }, async (t) => {
   const context = await browser.newContext();
   t.after(() => context.close());
   const page = await context.newPage();
-  await page.goto(`${srv.httpUrl}/`, { timeout: 15_000 });
+  await page.goto(`${srv.httpUrl}/?token=${CLIENT}`, { timeout: 15_000 });
   await page.waitForSelector('html[data-ready="true"]', { timeout: 15_000 });
   await page.waitForSelector('#conn-state[data-state="open"]', { timeout: 15_000 });
   await page.waitForSelector('#admin-state[data-state="closed"]', { timeout: 15_000 });
   await new Promise((r) => setTimeout(r, 4000)); // past the fallback to polling: still refused
   assert.equal(await page.getAttribute('#admin-state', 'data-state'), 'closed');
   assert.match(await page.textContent('#admin-state'), /401|token|unreachable|closed/);
-  // The probe still runs: the WebSocket needs no admin token.
+  // The probe still runs: the WebSocket takes the client token.
   await page.waitForFunction(() => Number(document.getElementById('chart-latency').dataset.points ?? 0) >= 3, null, { timeout: 15_000 });
 });
