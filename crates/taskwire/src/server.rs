@@ -322,8 +322,53 @@ struct Slots {
     _token: Option<CountSlot>,
 }
 
-fn refuse(status: StatusCode, reason: &'static str) -> Response {
-    (status, reason).into_response()
+/// Why an upgrade was refused, before it happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Refusal {
+    Origin,
+    Unauthorized,
+    PerIp,
+    PerToken,
+    Full,
+}
+
+impl Refusal {
+    /// The metrics label.
+    fn reason(self) -> &'static str {
+        match self {
+            Refusal::Origin => "origin",
+            Refusal::Unauthorized => "unauthorized",
+            Refusal::PerIp => "connections_per_ip",
+            Refusal::PerToken => "connections_per_token",
+            Refusal::Full => "connections",
+        }
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let (status, text) = match self {
+            Refusal::Origin => (StatusCode::FORBIDDEN, "origin not allowed"),
+            Refusal::Unauthorized => (StatusCode::UNAUTHORIZED, "a valid token is required"),
+            Refusal::PerIp => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many connections from this address",
+            ),
+            Refusal::PerToken => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many connections with this token",
+            ),
+            Refusal::Full => (StatusCode::SERVICE_UNAVAILABLE, "too many connections"),
+        };
+        let mut r = (status, text).into_response();
+        if self == Refusal::Unauthorized {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        r
+    }
 }
 
 /// The checks before an upgrade, cheapest and most telling first: origin
@@ -334,7 +379,7 @@ fn admit_upgrade(
     peer: SocketAddr,
     headers: &HeaderMap,
     uri: &Uri,
-) -> Result<(Slots, ConnLimits), Response> {
+) -> Result<(Slots, ConnLimits), Refusal> {
     let cfg = &app.cfg;
     let text = |name| headers.get(name).and_then(|v| v.to_str().ok());
     if !security::origin_allowed(
@@ -343,8 +388,7 @@ fn admit_upgrade(
         &cfg.allowed_origins,
         cfg.require_origin,
     ) {
-        app.observer.refused("origin");
-        return Err(refuse(StatusCode::FORBIDDEN, "origin not allowed"));
+        return Err(Refusal::Origin);
     }
     let token = if cfg.auth_tokens.is_empty() {
         None
@@ -352,28 +396,14 @@ fn admit_upgrade(
         let presented = security::presented_tokens(headers, uri.query());
         match security::find_token(&cfg.auth_tokens, &presented) {
             Some(i) => Some(i),
-            None => {
-                app.observer.refused("unauthorized");
-                let mut r = refuse(StatusCode::UNAUTHORIZED, "a valid token is required");
-                r.headers_mut().insert(
-                    header::WWW_AUTHENTICATE,
-                    axum::http::HeaderValue::from_static("Bearer"),
-                );
-                return Err(r);
-            }
+            None => return Err(Refusal::Unauthorized),
         }
     };
     let ip = match cfg.max_connections_per_ip {
         None => None,
         Some(max) => match PerIp::acquire(&app.per_ip, peer.ip(), max) {
             Some(s) => Some(s),
-            None => {
-                app.observer.refused("connections_per_ip");
-                return Err(refuse(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "too many connections from this address",
-                ));
-            }
+            None => return Err(Refusal::PerIp),
         },
     };
     let spec = token.and_then(|i| Some((cfg.auth_tokens.get(i)?, app.token_conns.get(i)?)));
@@ -382,23 +412,13 @@ fn admit_upgrade(
             None => None,
             Some(max) => match CountSlot::acquire(count, max) {
                 Some(s) => Some(s),
-                None => {
-                    app.observer.refused("connections_per_token");
-                    return Err(refuse(
-                        StatusCode::TOO_MANY_REQUESTS,
-                        "too many connections with this token",
-                    ));
-                }
+                None => return Err(Refusal::PerToken),
             },
         },
         None => None,
     };
     let Some(conn) = ConnSlot::acquire(app) else {
-        app.observer.refused("connections");
-        return Err(refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too many connections",
-        ));
+        return Err(Refusal::Full);
     };
     let t = spec.map(|(t, _)| t);
     let limits = ConnLimits {
@@ -429,7 +449,10 @@ async fn ws_handler(
     }
     let (slots, limits) = match admit_upgrade(&app, peer, &headers, &uri) {
         Ok(x) => x,
-        Err(refusal) => return refusal,
+        Err(refusal) => {
+            app.observer.refused(refusal.reason());
+            return refusal.into_response();
+        }
     };
     let max = app.cfg.max_frame_bytes;
     // A small read buffer and no write buffer keep an idle connection at a few
