@@ -70,6 +70,13 @@ struct ServeArgs {
     /// Capacity of each connection's outbound queue, in messages [default: 1024].
     #[arg(long, env = "TASKWIRE_OUTBOUND_QUEUE")]
     outbound_queue: Option<usize>,
+    /// Bytes each connection's outbound queue may hold [default: 4194304].
+    #[arg(long, env = "TASKWIRE_OUTBOUND_BYTES")]
+    outbound_bytes: Option<usize>,
+    /// Keep the live task table and per-task metrics [default: true]; off only
+    /// to measure what they cost.
+    #[arg(long, env = "TASKWIRE_OBSERVE", hide = true)]
+    observe: Option<bool>,
     /// How long a reply may wait on a client that does not read before it is
     /// closed as a slow consumer, in ms [default: 10000].
     #[arg(long, env = "TASKWIRE_WRITE_TIMEOUT_MS")]
@@ -140,6 +147,8 @@ impl ServeArgs {
             shutdown_grace_ms: self.shutdown_grace_ms,
             ping_interval_ms: self.ping_interval_ms,
             outbound_queue: self.outbound_queue,
+            outbound_bytes: self.outbound_bytes,
+            observe: self.observe,
             write_timeout_ms: self.write_timeout_ms,
             // An empty variable means "unset", as a shell user expects.
             admin_token: self.admin_token.clone().filter(|t| !t.is_empty()),

@@ -170,8 +170,12 @@ settings! {
     ping_interval_ms: u64,
     /// Outbound queue per connection, messages.
     outbound_queue: usize,
+    /// Outbound queue per connection, bytes.
+    outbound_bytes: usize,
     /// Slow-consumer timeout, ms.
     write_timeout_ms: u64,
+    /// Keep the live task table and per-task metrics (off only to measure their cost).
+    observe: bool,
     /// Bearer token for `/admin` and `/metrics`.
     admin_token: String,
     /// Origins allowed besides the server's own host (`*` for any).
@@ -284,6 +288,7 @@ impl Settings {
             shutdown_grace: self.shutdown_grace_ms.map(ms).unwrap_or(d.shutdown_grace),
             ping_interval: self.ping_interval_ms.map(ms).unwrap_or(d.ping_interval),
             outbound_queue: self.outbound_queue.unwrap_or(d.outbound_queue),
+            outbound_bytes: self.outbound_bytes.unwrap_or(d.outbound_bytes),
             write_timeout: self.write_timeout_ms.map(ms).unwrap_or(d.write_timeout),
             admin_token: self.admin_token.or(d.admin_token),
             allowed_origins: self.allowed_origins.unwrap_or(d.allowed_origins),
@@ -306,7 +311,7 @@ impl Settings {
                 nice: self.nice.unwrap_or(cd.nice),
                 ..cd
             },
-            observe: d.observe,
+            observe: self.observe.unwrap_or(d.observe),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -360,6 +365,12 @@ impl Config {
         positive("max_timeout_ms", self.max_task_timeout.as_millis())?;
         positive("ping_interval_ms", self.ping_interval.as_millis())?;
         positive("outbound_queue", self.outbound_queue as u128)?;
+        if self.outbound_bytes < self.max_frame_bytes {
+            return Err(invalid(
+                "outbound_bytes",
+                "must be at least max_frame_bytes (a reply as large as a request must fit)",
+            ));
+        }
         positive("write_timeout_ms", self.write_timeout.as_millis())?;
         if self.admin_token.as_deref() == Some("") {
             return Err(invalid(

@@ -12,7 +12,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde_json::value::RawValue;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -68,6 +68,11 @@ pub(crate) struct ConnState {
     /// Requests admitted whose answer is not yet queued for the writer.
     unanswered: AtomicUsize,
     write_timeout: Duration,
+    /// Bytes of replies queued for the writer, and the most it may hold.
+    queued_bytes: AtomicUsize,
+    outbound_bytes: usize,
+    /// Signalled when the writer has drained what it could.
+    drained: Notify,
     shutting_down: AtomicBool,
     max_inflight: usize,
     /// The request rate limit; only the reader touches it.
@@ -140,6 +145,30 @@ impl ConnState {
     }
 
     async fn send_outbound(&self, msg: Outbound) {
+        let n = match &msg {
+            Outbound::Text(t) => t.len(),
+            Outbound::Progress(_) => 0,
+        };
+        if n > 0 {
+            // The queue is bounded in bytes as well as messages: a client that
+            // does not read cannot pin more than `outbound_bytes` of replies.
+            let room = async {
+                loop {
+                    let drained = self.drained.notified();
+                    if self.reserve(n) {
+                        return;
+                    }
+                    drained.await;
+                }
+            };
+            if tokio::time::timeout(self.write_timeout, room)
+                .await
+                .is_err()
+            {
+                self.close_with(close::POLICY, "slow consumer");
+                return;
+            }
+        }
         match self.tx.try_send(msg) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(msg)) => {
@@ -154,7 +183,20 @@ impl ConnState {
         }
     }
 
+    /// Takes `n` bytes of the outbound budget. A message larger than the whole
+    /// budget still goes when the queue is empty, so it is never stuck.
+    fn reserve(&self, n: usize) -> bool {
+        self.queued_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                (cur == 0 || cur + n <= self.outbound_bytes).then_some(cur + n)
+            })
+            .is_ok()
+    }
+
     fn try_send(&self, text: String) {
+        // The drop path cannot wait: it overdraws the budget rather than lose
+        // an answer, and the message bound still holds.
+        self.queued_bytes.fetch_add(text.len(), Ordering::AcqRel);
         if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(Outbound::Text(text)) {
             self.close_with(close::POLICY, "slow consumer");
         }
@@ -419,6 +461,9 @@ pub(crate) async fn serve(app: Arc<App>, socket: WebSocket, peer: SocketAddr, li
             missed_pongs: AtomicU32::new(0),
             unanswered: AtomicUsize::new(0),
             write_timeout: app.cfg.write_timeout,
+            queued_bytes: AtomicUsize::new(0),
+            outbound_bytes: app.cfg.outbound_bytes,
+            drained: Notify::new(),
             shutting_down: AtomicBool::new(false),
             max_inflight: limits.max_inflight,
             bucket: Mutex::new(limits.rate.map(|r| TokenBucket::new(r, Instant::now()))),
@@ -776,6 +821,7 @@ async fn writer(
         if failed {
             break;
         }
+        conn.drained.notify_waiters();
         match tokio::time::timeout(timeout, sink.flush()).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => break,
@@ -790,7 +836,10 @@ async fn writer(
 
 fn render(conn: &ConnState, m: Outbound) -> Option<Message> {
     let text = match m {
-        Outbound::Text(t) => t,
+        Outbound::Text(t) => {
+            conn.queued_bytes.fetch_sub(t.len(), Ordering::AcqRel);
+            t
+        }
         Outbound::Progress(task) => task.take_progress_text()?,
     };
     conn.bytes_out

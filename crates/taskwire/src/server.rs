@@ -52,6 +52,10 @@ pub struct Config {
     pub ping_interval: Duration,
     /// Capacity of each connection's outbound queue (default 1024 messages).
     pub outbound_queue: usize,
+    /// Bytes each connection's outbound queue may hold (default 4 MiB): with
+    /// the message count, what bounds the memory a client that does not read
+    /// can pin until the write timeout closes it.
+    pub outbound_bytes: usize,
     /// How long a reply may wait for room in the outbound queue, or a write for
     /// the socket, before the client is closed as a slow consumer (default 10 s).
     pub write_timeout: Duration,
@@ -91,6 +95,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(5),
             ping_interval: Duration::from_secs(20),
             outbound_queue: 1024,
+            outbound_bytes: 4 << 20,
             write_timeout: Duration::from_secs(10),
             admin_token: None,
             allowed_origins: Vec::new(),

@@ -588,3 +588,49 @@ async fn a_peer_that_never_answers_pings_is_dropped() {
     assert_eq!(u16::from_be_bytes([close.1[0], close.1[1]]), 1001);
     s.stop().await.unwrap();
 }
+
+/// The outbound queue is bounded in bytes, not only in messages: with a
+/// 256 KiB budget, no more than four 64 KiB replies (plus one let through when
+/// the queue is empty) ever wait for a client that does not read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbound_queue_is_bounded_in_bytes() {
+    let cfg = Config {
+        outbound_queue: 1024,
+        outbound_bytes: 256 << 10,
+        max_frame_bytes: 128 << 10,
+        write_timeout: Duration::from_millis(1500),
+        ..config()
+    };
+    let s = TestServer::start(cfg).await;
+    let mut c = s.client().await;
+    let big = "x".repeat(64 * 1024);
+    let mut deepest = 0.0f64;
+    for i in 0..400u32 {
+        let text =
+            json!({"jsonrpc":"2.0","id":i,"method":"echo","params":{"value": &big}}).to_string();
+        let sent = tokio::time::timeout(
+            Duration::from_millis(200),
+            c.ws.send(Message::Text(text.into())),
+        )
+        .await;
+        if i % 20 == 0 || !matches!(sent, Ok(Ok(()))) {
+            let (_, body) = http(s.addr, "GET", "/metrics", None).await;
+            let depth = body
+                .lines()
+                .find_map(|l| l.strip_prefix("taskwire_outbound_queue_depth "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0);
+            deepest = deepest.max(depth);
+        }
+        if !matches!(sent, Ok(Ok(()))) && open_connections(s.addr).await == 0 {
+            break;
+        }
+    }
+    assert!(deepest <= 5.0, "{deepest} replies queued");
+    assert!(
+        eventually(|| async { open_connections(s.addr).await == 0 }).await,
+        "closed as a slow consumer"
+    );
+    alive(&mut s.client().await).await;
+    s.stop().await.unwrap();
+}

@@ -65,16 +65,6 @@ fn serve_file(name: &str) -> Response {
     }
 }
 
-/// Compares without an early exit, so response timing does not leak how much
-/// of a guessed token was right.
-fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
-}
-
 fn presented_token<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<&'a str> {
     if let Some(v) = headers
         .get(header::AUTHORIZATION)
@@ -94,7 +84,7 @@ pub(crate) fn admin_allowed(
     peer: std::net::IpAddr,
 ) -> bool {
     match configured {
-        Some(expected) => presented.is_some_and(|t| same(t, expected)),
+        Some(expected) => presented.is_some_and(|t| crate::security::same(t, expected)),
         None => peer.is_loopback(),
     }
 }
