@@ -490,3 +490,43 @@ async fn cpu_admission_limits() {
         1
     );
 }
+
+/// I/O tasks are polled once in place before they get a task of their own: a
+/// panic on that first poll, or on a later one, is still a -32003 for that
+/// request alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn io_task_panics_are_isolated_on_every_poll() {
+    #[derive(serde::Deserialize, schemars::JsonSchema)]
+    struct Nothing {}
+    let mut reg = Registry::with_builtins();
+    reg.io(
+        "panic_now",
+        "panics on its first poll",
+        |_c: Ctx, _p: Nothing| async {
+            if true {
+                panic!("at once");
+            }
+            Ok::<u8, TaskError>(0)
+        },
+    );
+    reg.io(
+        "panic_later",
+        "panics after a timer",
+        |_c: Ctx, _p: Nothing| async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            if true {
+                panic!("later");
+            }
+            Ok::<u8, TaskError>(0)
+        },
+    );
+    let s = TestServer::with_registry(config(), reg).await;
+    let mut c = s.client().await;
+    let m = c.call(1, "panic_now", json!({})).await;
+    assert_eq!(code(&m), -32003);
+    assert!(m["error"]["message"].as_str().unwrap().contains("at once"));
+    let m = c.call(2, "panic_later", json!({})).await;
+    assert_eq!(code(&m), -32003);
+    assert!(m["error"]["message"].as_str().unwrap().contains("later"));
+    assert_eq!(c.call(3, "echo", json!({"value": 3})).await["result"], 3);
+}
