@@ -90,6 +90,12 @@ impl Registry {
 
     /// Registers an I/O task: it runs on Tokio's threads and must not burn CPU.
     ///
+    /// The connection's reader polls a new I/O task once in place, so that an
+    /// instant task is answered without a spawn; a task that is not ready then
+    /// continues on a Tokio task of its own. Either way each poll must return
+    /// quickly: a blocking call in an I/O task stalls the threads that serve
+    /// connections (use a CPU task, or `tokio::task::spawn_blocking`, instead).
+    ///
     /// # Panics
     /// If the name is taken or reserved (`rpc.*`, `$/*`): a programming error,
     /// caught when the server is built.
