@@ -135,6 +135,8 @@ async fn metrics_count_a_known_sequence() {
         .any(|(n, _)| n == "taskwire_progress_coalesced_total"));
     assert!(m.keys().any(|(n, _)| n == "taskwire_outbound_queue_depth"));
     assert!(m.keys().any(|(n, _)| n == "taskwire_pool_utilisation"));
+    assert_eq!(metric(&m, "taskwire_runtime_workers", &[]), 2.0);
+    assert!(metric(&m, "taskwire_runtime_alive_tasks", &[]) >= 2.0);
     assert!(m
         .keys()
         .any(|(n, l)| n == "taskwire_task_queue_wait_seconds_bucket" && !l.is_empty()));

@@ -170,8 +170,14 @@ async fn close_conn(State(app): State<Arc<App>>, Path(id): Path<u64>) -> Respons
 fn live(app: &App) -> Live {
     let conns = app.observer.connections();
     let tasks: Vec<_> = conns.iter().flat_map(|c| c.tasks()).collect();
+    let rt = tokio::runtime::Handle::current().metrics();
     Live {
         open_conns: conns.len(),
+        runtime: (
+            rt.num_workers(),
+            rt.num_alive_tasks(),
+            rt.global_queue_depth(),
+        ),
         states: count_states(&tasks),
         pool: app.pool.stats(),
         outbound_depth: conns.iter().map(|c| c.outbound_depth()).sum(),

@@ -81,11 +81,16 @@ pub(crate) struct Metrics {
     pool_utilisation: Gauge<f64, AtomicU64>,
     pool_non_yielding: Gauge,
     outbound_depth: Gauge,
+    runtime_workers: Gauge,
+    runtime_alive_tasks: Gauge,
+    runtime_global_queue: Gauge,
     totals: [AtomicU64; OUTCOMES.len()],
 }
 
 pub(crate) struct Live {
     pub open_conns: usize,
+    /// Tokio's own stable runtime metrics: workers, alive tasks, global queue depth.
+    pub runtime: (usize, usize, usize),
     pub states: [u64; 4],
     pub pool: PoolStats,
     pub outbound_depth: usize,
@@ -111,6 +116,9 @@ impl Metrics {
             pool_utilisation: Gauge::default(),
             pool_non_yielding: Gauge::default(),
             outbound_depth: Gauge::default(),
+            runtime_workers: Gauge::default(),
+            runtime_alive_tasks: Gauge::default(),
+            runtime_global_queue: Gauge::default(),
             totals: Default::default(),
             registry: Registry::default(),
         };
@@ -179,6 +187,21 @@ impl Metrics {
             "pool_non_yielding",
             "CPU tasks ever flagged as not yielding",
             m.pool_non_yielding.clone(),
+        );
+        registry.register(
+            "runtime_workers",
+            "Tokio worker threads serving connections",
+            m.runtime_workers.clone(),
+        );
+        registry.register(
+            "runtime_alive_tasks",
+            "Tokio tasks alive (connections, writers, waiting I/O tasks)",
+            m.runtime_alive_tasks.clone(),
+        );
+        registry.register(
+            "runtime_global_queue_depth",
+            "Tokio tasks waiting in the runtime's global queue",
+            m.runtime_global_queue.clone(),
         );
         registry.register(
             "outbound_queue_depth",
@@ -281,6 +304,9 @@ impl Metrics {
         self.pool_non_yielding
             .set(live.pool.non_yielding_total as i64);
         self.outbound_depth.set(live.outbound_depth as i64);
+        self.runtime_workers.set(live.runtime.0 as i64);
+        self.runtime_alive_tasks.set(live.runtime.1 as i64);
+        self.runtime_global_queue.set(live.runtime.2 as i64);
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             out.clear();
