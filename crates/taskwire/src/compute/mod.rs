@@ -204,7 +204,8 @@ pub struct PoolStats {
     pub queued: usize,
     /// Jobs admitted and not finished.
     pub admitted: usize,
-    /// Fraction of worker time spent running jobs since the last snapshot.
+    /// Fraction of the configured workers busy, averaged over the last
+    /// quarter second (sampled every 10 ms by the watchdog).
     pub utilisation: f64,
     /// Jobs flagged as not yielding, ever.
     pub non_yielding_total: u64,
@@ -244,7 +245,9 @@ struct Inner {
     slots: Mutex<Vec<Arc<WorkerSlot>>>,
     non_yielding_total: AtomicU64,
     cpu_ns_total: AtomicU64,
-    util: Mutex<(Instant, u64)>,
+    /// `utilisation` as f64 bits: one writer (the watchdog), any readers, so
+    /// that several dashboards and scrapers do not shorten each other's window.
+    utilisation: AtomicU64,
     shutdown: AtomicBool,
 }
 
@@ -375,7 +378,7 @@ impl ComputePool {
             slots: Mutex::new(Vec::new()),
             non_yielding_total: AtomicU64::new(0),
             cpu_ns_total: AtomicU64::new(0),
-            util: Mutex::new((Instant::now(), 0)),
+            utilisation: AtomicU64::new(0),
             shutdown: AtomicBool::new(false),
             cfg,
         });
@@ -463,25 +466,12 @@ impl ComputePool {
         task
     }
 
-    /// A snapshot of the pool; utilisation covers the time since the previous call.
+    /// A snapshot of the pool.
     pub fn stats(&self) -> PoolStats {
         let p = &self.inner;
         let queued = p.queue.lock().map(|s| s.rq.len()).unwrap_or(0);
         let cpu_total = p.cpu_ns_total.load(Ordering::Relaxed);
-        let utilisation = match p.util.lock() {
-            Ok(mut u) => {
-                let now = Instant::now();
-                let wall = now.duration_since(u.0).as_nanos() as f64 * p.cfg.workers as f64;
-                let used = cpu_total.saturating_sub(u.1) as f64;
-                *u = (now, cpu_total);
-                if wall > 0.0 {
-                    (used / wall).clamp(0.0, 1.0)
-                } else {
-                    0.0
-                }
-            }
-            Err(_) => 0.0,
-        };
+        let utilisation = f64::from_bits(p.utilisation.load(Ordering::Relaxed));
         PoolStats {
             workers: p.cfg.workers,
             live_workers: p.live.load(Ordering::Relaxed),
@@ -704,11 +694,20 @@ fn worker(pool: Weak<Inner>, slot: Arc<WorkerSlot>) {
 /// replacement worker for each (up to `max_extra_workers`), so that one
 /// non-cooperative task does not take a core away from everybody else.
 fn watchdog(pool: Weak<Inner>) {
+    const WINDOW: u32 = 25; // samples of 10 ms
+    let (mut busy_sum, mut samples) = (0usize, 0u32);
     loop {
         thread::sleep(Duration::from_millis(10));
         let Some(p) = pool.upgrade() else { return };
         if p.shutdown.load(Ordering::Relaxed) {
             return;
+        }
+        busy_sum += p.busy.load(Ordering::Relaxed).min(p.cfg.workers);
+        samples += 1;
+        if samples == WINDOW {
+            let u = busy_sum as f64 / (WINDOW as f64 * p.cfg.workers as f64);
+            p.utilisation.store(u.to_bits(), Ordering::Relaxed);
+            (busy_sum, samples) = (0, 0);
         }
         let epoch = EPOCH.load(Ordering::Relaxed);
         let slots: Vec<Arc<WorkerSlot>> = match p.slots.lock() {
@@ -936,5 +935,34 @@ mod tests {
             "{} slices after {at}",
             stats.slices()
         );
+    }
+
+    #[test]
+    fn utilisation_follows_busy_workers() {
+        let p = pool(1);
+        let g = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        let _t = p.spawn(
+            1,
+            Arc::new(JobStats::default()),
+            p.admit(&g).unwrap(),
+            async move {
+                while !s2.load(Ordering::Relaxed) {
+                    burn(1).await;
+                }
+            },
+        );
+        let busy = (0..200).any(|_| {
+            thread::sleep(Duration::from_millis(20));
+            p.stats().utilisation > 0.5
+        });
+        stop.store(true, Ordering::Relaxed);
+        assert!(busy, "one of one workers busy shows as utilised");
+        let idle = (0..200).any(|_| {
+            thread::sleep(Duration::from_millis(20));
+            p.stats().utilisation == 0.0
+        });
+        assert!(idle, "and idle again once the job ends");
     }
 }
