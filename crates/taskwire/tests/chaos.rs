@@ -35,15 +35,6 @@ impl Rng {
     }
 }
 
-fn proc_status(key: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Answers per request id on one connection.
 type Answers = Arc<Mutex<HashMap<i64, usize>>>;
 
@@ -217,17 +208,6 @@ async fn client(addr: SocketAddr, seed: u64, until: tokio::time::Instant) -> usi
         reader.abort();
         return sent.len();
     }
-}
-
-/// The `crash` task panics by design, hundreds of times here: keep those off
-/// the output (any other panic still prints).
-fn quiet_crash_tasks() {
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        if std::thread::current().name() != Some("taskwire-cpu") {
-            default(info);
-        }
-    }));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

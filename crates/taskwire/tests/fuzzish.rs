@@ -339,17 +339,6 @@ async fn fuzz_client(addr: std::net::SocketAddr, seed: u64, frames: usize) {
     reader.abort();
 }
 
-/// The `crash` task panics by design, hundreds of times here: keep those off
-/// the output (any other panic still prints).
-fn quiet_crash_tasks() {
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        if std::thread::current().name() != Some("taskwire-cpu") {
-            default(info);
-        }
-    }));
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_frames_at_live_connections() {
     quiet_crash_tasks();

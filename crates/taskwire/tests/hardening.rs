@@ -135,15 +135,6 @@ fn rss_kib() -> u64 {
     proc_status("VmRSS")
 }
 
-fn proc_status(key: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn origin_is_checked_before_the_upgrade() {
     let s = TestServer::start(config()).await;

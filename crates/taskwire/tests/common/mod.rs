@@ -256,3 +256,24 @@ pub fn process_cpu() -> Duration {
     // USER_HZ is 100 on every Linux the project supports.
     Duration::from_millis(ticks * 10)
 }
+
+/// The `crash` task panics by design, hundreds of times in some tests: keep
+/// those off the output (any other panic still prints).
+pub fn quiet_crash_tasks() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current().name() != Some("taskwire-cpu") {
+            default(info);
+        }
+    }));
+}
+
+/// A field of /proc/self/status, in its own unit (kB for memory).
+pub fn proc_status(key: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
