@@ -19,22 +19,6 @@ use tokio_tungstenite::tungstenite::Message;
 const CLIENTS: u64 = 12;
 const CHAOS_FOR: Duration = Duration::from_secs(6);
 
-/// splitmix64, seeded: a failing run is replayed by its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
 /// Answers per request id on one connection.
 type Answers = Arc<Mutex<HashMap<i64, usize>>>;
 

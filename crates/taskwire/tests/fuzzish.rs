@@ -17,28 +17,6 @@ use serde_json::{json, Map, Value};
 use taskwire::protocol::{parse_frame, Frame};
 use tokio_tungstenite::tungstenite::Message;
 
-/// splitmix64: small, fast, and the same sequence on every machine.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
-    }
-}
-
 /// Characters that matter to a JSON parser, and some that test UTF-8 handling.
 const CHARS: &[char] = &[
     '{', '}', '[', ']', '"', ':', ',', '\\', '0', '1', '9', '-', '+', '.', 'e', 'E', 'a', 'n', 'u',
