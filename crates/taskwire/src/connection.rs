@@ -35,6 +35,9 @@ pub(crate) mod close {
 /// request is answered anyway (it keeps its not-yielding flag in the table).
 const STOP_GRACE: Duration = Duration::from_secs(1);
 
+/// Most messages the writer gathers before a flush.
+const MAX_BATCH: usize = 64;
+
 /// The limits of one connection: the server's, or those of the token it presented.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct ConnLimits {
@@ -65,8 +68,10 @@ pub(crate) struct ConnState {
     pub closing: CancellationToken,
     close_reason: Mutex<Option<(u16, &'static str)>>,
     missed_pongs: AtomicU32,
-    /// Requests admitted whose answer is not yet queued for the writer.
+    /// Requests admitted whose answer is not yet queued for the writer, and
+    /// the signal that it fell to zero.
     unanswered: AtomicUsize,
+    answered: Notify,
     write_timeout: Duration,
     /// Bytes of replies queued for the writer, and the most it may hold.
     queued_bytes: AtomicUsize,
@@ -129,6 +134,24 @@ impl ConnState {
             },
             // A poisoned lock means a panic elsewhere; do not refuse for it.
             Err(_) => Ok(()),
+        }
+    }
+
+    /// One admitted request has been answered.
+    fn answered_one(&self) {
+        if self.unanswered.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.answered.notify_waiters();
+        }
+    }
+
+    /// Resolves once every admitted request has been answered.
+    async fn all_answered(&self) {
+        loop {
+            let answered = self.answered.notified();
+            if self.unanswered.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            answered.await;
         }
     }
 
@@ -339,7 +362,7 @@ impl Reply {
         }
         let text = self.settle(&outcome);
         self.dest.deliver(&self.conn, text).await;
-        self.conn.unanswered.fetch_sub(1, Ordering::AcqRel);
+        self.conn.answered_one();
     }
 }
 
@@ -350,7 +373,7 @@ impl Drop for Reply {
         }
         let text = self.settle(&Outcome::Lost);
         self.dest.try_deliver(&self.conn, text);
-        self.conn.unanswered.fetch_sub(1, Ordering::AcqRel);
+        self.conn.answered_one();
     }
 }
 
@@ -460,6 +483,7 @@ pub(crate) async fn serve(app: Arc<App>, socket: WebSocket, peer: SocketAddr, li
             close_reason: Mutex::new(None),
             missed_pongs: AtomicU32::new(0),
             unanswered: AtomicUsize::new(0),
+            answered: Notify::new(),
             write_timeout: app.cfg.write_timeout,
             queued_bytes: AtomicUsize::new(0),
             outbound_bytes: app.cfg.outbound_bytes,
@@ -482,12 +506,8 @@ pub(crate) async fn serve(app: Arc<App>, socket: WebSocket, peer: SocketAddr, li
         // Stay in the live table (and hold the connection's slot) until every
         // task has settled, so that what a closed connection still costs stays
         // visible; bounded, as a task that never yields is answered after STOP_GRACE.
-        let settled = async {
-            while conn.unanswered.load(Ordering::Acquire) > 0 {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        };
-        let _ = tokio::time::timeout(STOP_GRACE + Duration::from_millis(500), settled).await;
+        let _ = tokio::time::timeout(STOP_GRACE + Duration::from_millis(500), conn.all_answered())
+            .await;
         app.observer.conn_closed(&conn);
         tracing::debug!("connection closed");
     }
@@ -507,17 +527,12 @@ async fn reader(app: &Arc<App>, conn: &Arc<ConnState>, mut stream: SplitStream<W
                 grace = Some(tokio::time::Instant::now() + app.cfg.shutdown_grace);
                 continue;
             }
+            // Shutting down: leave as soon as nothing is in flight, or when
+            // the grace period ends.
             _ = async {
                 match grace {
                     Some(g) => {
-                        // Shutting down: leave as soon as nothing is in flight,
-                        // or when the grace period ends.
-                        let poll = async {
-                            while conn.unanswered.load(Ordering::Acquire) > 0 {
-                                tokio::time::sleep(Duration::from_millis(10)).await;
-                            }
-                        };
-                        let _ = tokio::time::timeout_at(g, poll).await;
+                        let _ = tokio::time::timeout_at(g, conn.all_answered()).await;
                     }
                     None => std::future::pending::<()>().await,
                 }
@@ -559,12 +574,8 @@ async fn reader(app: &Arc<App>, conn: &Arc<ConnState>, mut stream: SplitStream<W
 /// Answers what is still running with -32005 and closes with 1001.
 async fn shutdown_connection(conn: &Arc<ConnState>) {
     conn.stop_all(Stopped::Shutdown);
-    let wait = async {
-        while conn.unanswered.load(Ordering::Acquire) > 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    };
-    let _ = tokio::time::timeout(STOP_GRACE + Duration::from_millis(500), wait).await;
+    let _ =
+        tokio::time::timeout(STOP_GRACE + Duration::from_millis(500), conn.all_answered()).await;
     conn.close_with(close::GOING_AWAY, "server shutting down");
 }
 
@@ -816,35 +827,24 @@ async fn writer(
                 continue;
             }
         };
-        // Write everything that is ready, then flush once: one syscall for many replies.
-        let mut batch = Some(first);
-        let mut n = 0;
-        let mut failed = false;
-        while let Some(m) = batch.take() {
-            if let Some(msg) = render(&conn, m) {
-                match tokio::time::timeout(timeout, sink.feed(msg)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => {
-                        failed = true;
-                        break;
-                    }
-                    Err(_) => {
-                        conn.close_with(close::POLICY, "slow consumer");
-                        failed = true;
-                        break;
-                    }
+        // Write everything that is ready, then flush once: one send(2) for many
+        // replies, and one deadline for the whole batch rather than a timer each.
+        let batch = async {
+            let mut next = Some(first);
+            let mut n = 0;
+            while let Some(m) = next.take() {
+                if let Some(msg) = render(&conn, m) {
+                    sink.feed(msg).await?;
+                }
+                n += 1;
+                if n < MAX_BATCH {
+                    next = rx.try_recv().ok();
                 }
             }
-            n += 1;
-            if n < 64 {
-                batch = rx.try_recv().ok();
-            }
-        }
-        if failed {
-            break;
-        }
-        conn.drained.notify_waiters();
-        match tokio::time::timeout(timeout, sink.flush()).await {
+            conn.drained.notify_waiters();
+            sink.flush().await
+        };
+        match tokio::time::timeout(timeout, batch).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => break,
             Err(_) => {

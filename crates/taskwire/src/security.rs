@@ -74,10 +74,13 @@ pub(crate) fn origin_allowed(
     normalize_authority(&scheme, authority) == normalize_authority(host_scheme, host)
 }
 
-/// Every token a request presents: `Authorization: Bearer`, the `token` query
-/// parameter, the `taskwire_token` cookie. Each is checked, so a stale cookie
-/// does not hide a valid header.
-pub(crate) fn presented_tokens<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Vec<&'a str> {
+/// The tokens a request presents explicitly: `Authorization: Bearer` and the
+/// `token` query parameter. The admin API takes only these: a cookie is sent
+/// by the browser on its own, which would let another site's form act with it.
+pub(crate) fn bearer_or_query_tokens<'a>(
+    headers: &'a HeaderMap,
+    query: Option<&'a str>,
+) -> Vec<&'a str> {
     let mut out = Vec::new();
     for v in headers.get_all(header::AUTHORIZATION) {
         if let Some(t) = v.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")) {
@@ -87,6 +90,14 @@ pub(crate) fn presented_tokens<'a>(headers: &'a HeaderMap, query: Option<&'a str
     if let Some(q) = query {
         out.extend(q.split('&').filter_map(|kv| kv.strip_prefix("token=")));
     }
+    out
+}
+
+/// Every token a request presents: `Authorization: Bearer`, the `token` query
+/// parameter, the `taskwire_token` cookie. Each is checked, so a stale cookie
+/// does not hide a valid header.
+pub(crate) fn presented_tokens<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Vec<&'a str> {
+    let mut out = bearer_or_query_tokens(headers, query);
     for v in headers.get_all(header::COOKIE) {
         let Ok(v) = v.to_str() else { continue };
         for c in v.split(';') {

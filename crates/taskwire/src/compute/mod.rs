@@ -585,6 +585,18 @@ fn set_nice(nice: i32) {
     }
 }
 
+/// Charges a worker's last slice to its group and requeues the job if it
+/// yielded (with its attained service as of that charge).
+fn put_back(s: &mut State, finished: Option<(u64, u64)>, requeue: Option<Job>, now: u64) {
+    if let Some((group, used)) = finished {
+        s.rq.descheduled(group, used, now);
+    }
+    if let Some(job) = requeue {
+        let m = job.metadata().clone();
+        s.rq.push(m.group, m.stats.cpu_ns.load(Ordering::Relaxed), job, now);
+    }
+}
+
 fn worker(pool: Weak<Inner>, slot: Arc<WorkerSlot>) {
     let Some(p) = pool.upgrade() else { return };
     set_nice(p.cfg.nice);
@@ -595,14 +607,7 @@ fn worker(pool: Weak<Inner>, slot: Arc<WorkerSlot>) {
     loop {
         let next = {
             let Ok(mut s) = p.queue.lock() else { break };
-            let now = p.now_ns();
-            if let Some((group, used)) = finished.take() {
-                s.rq.descheduled(group, used, now);
-            }
-            if let Some(job) = requeue.take() {
-                let m = job.metadata().clone();
-                s.rq.push(m.group, m.stats.cpu_ns.load(Ordering::Relaxed), job, now);
-            }
+            put_back(&mut s, finished.take(), requeue.take(), p.now_ns());
             loop {
                 if s.shutdown {
                     break None;
@@ -672,13 +677,10 @@ fn worker(pool: Weak<Inner>, slot: Arc<WorkerSlot>) {
         }
     }
     if let Ok(mut s) = p.queue.lock() {
-        if let Some((group, used)) = finished.take() {
-            s.rq.descheduled(group, used, p.now_ns());
-        }
-        if let Some(job) = requeue.take() {
-            let m = job.metadata().clone();
-            let now = p.now_ns();
-            s.rq.push(m.group, m.stats.cpu_ns.load(Ordering::Relaxed), job, now);
+        let handed_back = requeue.is_some();
+        put_back(&mut s, finished.take(), requeue.take(), p.now_ns());
+        if handed_back {
+            // Another worker takes over the job this one leaves behind.
             p.cv.notify_one();
         }
     }

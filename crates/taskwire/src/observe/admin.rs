@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Path, Query, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -65,26 +65,14 @@ fn serve_file(name: &str) -> Response {
     }
 }
 
-fn presented_token<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<&'a str> {
-    if let Some(v) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    {
-        if let Some(t) = v.strip_prefix("Bearer ") {
-            return Some(t.trim());
-        }
-    }
-    query?.split('&').find_map(|kv| kv.strip_prefix("token="))
-}
-
 /// The admin rule: the configured token if there is one, else loopback only.
 pub(crate) fn admin_allowed(
     configured: Option<&str>,
-    presented: Option<&str>,
+    presented: &[&str],
     peer: std::net::IpAddr,
 ) -> bool {
     match configured {
-        Some(expected) => presented.is_some_and(|t| crate::security::same(t, expected)),
+        Some(expected) => presented.iter().any(|t| crate::security::same(t, expected)),
         None => peer.is_loopback(),
     }
 }
@@ -97,7 +85,7 @@ async fn authorize(
 ) -> Response {
     let ok = admin_allowed(
         app.cfg.admin_token.as_deref(),
-        presented_token(req.headers(), req.uri().query()),
+        &crate::security::bearer_or_query_tokens(req.headers(), req.uri().query()),
         peer.ip(),
     );
     if !ok {
@@ -265,6 +253,7 @@ async fn events(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::HeaderMap;
     use std::net::IpAddr;
 
     #[test]
@@ -273,22 +262,26 @@ mod tests {
         let lo6: IpAddr = "::1".parse().unwrap();
         let remote: IpAddr = "203.0.113.9".parse().unwrap();
         // No token configured: loopback only.
-        assert!(admin_allowed(None, None, lo));
-        assert!(admin_allowed(None, None, lo6));
-        assert!(!admin_allowed(None, None, remote));
-        assert!(!admin_allowed(None, Some("anything"), remote));
+        assert!(admin_allowed(None, &[], lo));
+        assert!(admin_allowed(None, &[], lo6));
+        assert!(!admin_allowed(None, &[], remote));
+        assert!(!admin_allowed(None, &["anything"], remote));
         // A token configured: the token, from anywhere, and nothing else.
-        assert!(admin_allowed(Some("s3cret"), Some("s3cret"), remote));
-        assert!(!admin_allowed(Some("s3cret"), None, lo));
-        assert!(!admin_allowed(Some("s3cret"), Some("s3cre"), lo));
-        assert!(!admin_allowed(Some("s3cret"), Some("s3cret!"), lo));
+        assert!(admin_allowed(Some("s3cret"), &["s3cret"], remote));
+        assert!(admin_allowed(Some("s3cret"), &["stale", "s3cret"], remote));
+        assert!(!admin_allowed(Some("s3cret"), &[], lo));
+        assert!(!admin_allowed(Some("s3cret"), &["s3cre"], lo));
+        assert!(!admin_allowed(Some("s3cret"), &["s3cret!"], lo));
     }
 
     #[test]
-    fn token_sources() {
+    fn admin_takes_no_cookie() {
         let mut h = HeaderMap::new();
-        assert_eq!(presented_token(&h, Some("a=1&token=xyz")), Some("xyz"));
+        h.insert(header::COOKIE, "taskwire_token=s3cret".parse().unwrap());
+        let presented = crate::security::bearer_or_query_tokens(&h, Some("a=1"));
+        assert!(presented.is_empty());
         h.insert(header::AUTHORIZATION, "Bearer abc".parse().unwrap());
-        assert_eq!(presented_token(&h, Some("token=xyz")), Some("abc"));
+        let presented = crate::security::bearer_or_query_tokens(&h, Some("token=xyz"));
+        assert_eq!(presented, vec!["abc", "xyz"]);
     }
 }
