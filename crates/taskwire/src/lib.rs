@@ -47,6 +47,7 @@ mod server;
 mod task;
 mod tls;
 
+pub use config::Config;
 pub use registry::{Registry, TaskDef};
-pub use server::{shutdown_signal, Config, Server, ShutdownHandle};
+pub use server::{shutdown_signal, Server, ShutdownHandle};
 pub use task::{Checkpoint, Ctx, Stopped, TaskError, TaskKind};

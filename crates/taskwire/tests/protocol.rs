@@ -466,8 +466,8 @@ async fn limits_connections_and_timeouts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cpu_admission_limits() {
     let mut cfg = config();
-    cfg.compute.per_connection_limit = 2;
-    cfg.compute.queue_limit = 3;
+    cfg.connection_cpu_limit = 2;
+    cfg.queue_limit = 3;
     let s = TestServer::start(cfg).await;
     let mut a = s.client().await;
     let mut b = s.client().await;

@@ -27,7 +27,7 @@ impl TestServer {
 
     pub async fn with_registry(mut cfg: Config, registry: Registry) -> TestServer {
         cfg.addr = "127.0.0.1:0".parse().unwrap();
-        cfg.compute.nice = 0;
+        cfg.nice = 0;
         let server = Server::bind(cfg, registry).await.unwrap();
         let addr = server.local_addr().unwrap();
         let handle = server.shutdown_handle();
