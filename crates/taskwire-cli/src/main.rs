@@ -82,7 +82,9 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     } else {
         ("ws", "http")
     };
-    let server = Server::bind(config, Registry::with_builtins())
+    let mut registry = Registry::new();
+    taskwire::builtin::register(&mut registry);
+    let server = Server::bind(config, registry)
         .await
         .map_err(|e| match e.kind() {
             std::io::ErrorKind::InvalidInput => e.to_string(),

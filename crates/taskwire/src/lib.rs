@@ -26,7 +26,8 @@
 //! }
 //!
 //! # async fn run() -> std::io::Result<()> {
-//! let mut registry = Registry::with_builtins();
+//! let mut registry = Registry::new();
+//! taskwire::builtin::register(&mut registry);
 //! registry.cpu("fib", "The n-th Fibonacci number, wrapping", fib);
 //! let server = Server::bind(Config::default(), registry).await?;
 //! server.run(taskwire::shutdown_signal()).await

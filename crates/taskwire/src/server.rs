@@ -76,7 +76,9 @@ impl Server {
     /// ```no_run
     /// # async fn run() -> std::io::Result<()> {
     /// use taskwire::{Config, Registry, Server};
-    /// let server = Server::bind(Config::default(), Registry::with_builtins()).await?;
+    /// let mut registry = Registry::new();
+    /// taskwire::builtin::register(&mut registry);
+    /// let server = Server::bind(Config::default(), registry).await?;
     /// println!("listening on {}", server.local_addr()?);
     /// server.run(taskwire::shutdown_signal()).await
     /// # }

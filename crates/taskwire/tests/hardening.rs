@@ -11,7 +11,7 @@ use common::*;
 use futures_util::SinkExt;
 use serde_json::{json, Value};
 use taskwire::config::{AuthToken, Settings};
-use taskwire::{Config, Registry, Server};
+use taskwire::{Config, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -406,7 +406,7 @@ async fn tls_with_a_self_signed_certificate() {
         tls_key: Some(key),
         ..config()
     };
-    let e = Server::bind(cfg, Registry::with_builtins())
+    let e = Server::bind(cfg, common::builtins())
         .await
         .unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
@@ -421,7 +421,7 @@ async fn invalid_configuration_is_refused_at_start() {
         outbound_queue: 0,
         ..config()
     };
-    let e = Server::bind(cfg, Registry::with_builtins())
+    let e = Server::bind(cfg, common::builtins())
         .await
         .unwrap_err();
     assert!(e.to_string().contains("outbound_queue"), "{e}");

@@ -22,7 +22,7 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(cfg: Config) -> TestServer {
-        Self::with_registry(cfg, Registry::with_builtins()).await
+        Self::with_registry(cfg, builtins()).await
     }
 
     pub async fn with_registry(mut cfg: Config, registry: Registry) -> TestServer {
@@ -58,6 +58,13 @@ impl Drop for TestServer {
     fn drop(&mut self) {
         self.handle.shutdown();
     }
+}
+
+/// A registry with every built-in task.
+pub fn builtins() -> Registry {
+    let mut r = Registry::new();
+    taskwire::builtin::register(&mut r);
+    r
 }
 
 pub fn config() -> Config {
