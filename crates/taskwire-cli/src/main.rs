@@ -58,6 +58,16 @@ struct ServeArgs {
     /// Open connections per client IP before new upgrades get HTTP 429 [default: no limit].
     #[arg(long, env = "TASKWIRE_MAX_CONNECTIONS_PER_IP")]
     max_connections_per_ip: Option<usize>,
+    /// Connections not upgraded to WebSocket (TLS handshakes, request heads
+    /// being read, HTTP keep-alive), all clients; more are closed at accept [default: 1024].
+    #[arg(long, env = "TASKWIRE_MAX_HTTP_CONNECTIONS")]
+    max_http_connections: Option<usize>,
+    /// The same, per client address (IPv6: per /64); trusted proxies exempt [default: 64].
+    #[arg(long, env = "TASKWIRE_MAX_HTTP_CONNECTIONS_PER_IP")]
+    max_http_connections_per_ip: Option<usize>,
+    /// Time for a TLS handshake and each request head (also the keep-alive idle time), in ms [default: 10000].
+    #[arg(long, env = "TASKWIRE_REQUEST_HEAD_TIMEOUT_MS")]
+    request_head_timeout_ms: Option<u64>,
     /// Cap on any task's deadline, in ms [default: 3600000].
     #[arg(long, env = "TASKWIRE_MAX_TIMEOUT_MS")]
     max_timeout_ms: Option<u64>,
@@ -94,6 +104,22 @@ struct ServeArgs {
     /// Refuse WebSocket upgrades without an Origin header (non-browser clients) [default: false].
     #[arg(long, env = "TASKWIRE_REQUIRE_ORIGIN")]
     require_origin: Option<bool>,
+    /// Host names accepted in Host besides loopback ones, where Host is checked
+    /// (admin from loopback, /ws on a loopback listener); repeat or comma-separate.
+    #[arg(
+        long = "allowed-host",
+        env = "TASKWIRE_ALLOWED_HOSTS",
+        value_delimiter = ','
+    )]
+    allowed_hosts: Option<Vec<String>>,
+    /// Reverse proxies (IPs or CIDR blocks) whose X-Forwarded-For / Forwarded
+    /// names the client; repeat or comma-separate [default: none].
+    #[arg(
+        long = "trusted-proxy",
+        env = "TASKWIRE_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
+    trusted_proxies: Option<Vec<String>>,
     /// Client token for /ws (turns authentication on); repeat or comma-separate.
     /// Per-token limits are set in the file's [[tokens]].
     #[arg(long = "token", env = "TASKWIRE_TOKENS", value_delimiter = ',')]
@@ -143,6 +169,9 @@ impl ServeArgs {
             max_inflight: self.max_inflight,
             max_connections: self.max_connections,
             max_connections_per_ip: self.max_connections_per_ip,
+            max_http_connections: self.max_http_connections,
+            max_http_connections_per_ip: self.max_http_connections_per_ip,
+            request_head_timeout_ms: self.request_head_timeout_ms,
             max_timeout_ms: self.max_timeout_ms,
             shutdown_grace_ms: self.shutdown_grace_ms,
             ping_interval_ms: self.ping_interval_ms,
@@ -154,6 +183,8 @@ impl ServeArgs {
             admin_token: self.admin_token.clone().filter(|t| !t.is_empty()),
             allowed_origins: self.allowed_origins.clone(),
             require_origin: self.require_origin,
+            allowed_hosts: self.allowed_hosts.clone(),
+            trusted_proxies: self.trusted_proxies.clone(),
             tokens: self.tokens.as_ref().map(|ts| {
                 ts.iter()
                     .filter(|t| !t.is_empty())
@@ -257,6 +288,9 @@ fn main() -> ExitCode {
             Command::Top(args) => top::run(args).await,
         }
     });
+    // `Server::run` has returned (its shutdown deadline passed at the latest);
+    // whatever task is left must not keep the process alive.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

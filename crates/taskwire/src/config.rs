@@ -23,6 +23,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::compute::ComputeConfig;
+use crate::security::IpRangeError;
 use crate::server::Config;
 
 /// Why a configuration was refused. The message names the setting.
@@ -162,6 +163,12 @@ settings! {
     max_connections: usize,
     /// Open connections per client IP address.
     max_connections_per_ip: usize,
+    /// Connections not upgraded to WebSocket, all clients.
+    max_http_connections: usize,
+    /// Connections not upgraded to WebSocket, per client address.
+    max_http_connections_per_ip: usize,
+    /// TLS handshake and request head timeout (also the keep-alive idle time), ms.
+    request_head_timeout_ms: u64,
     /// Cap on any task's deadline, ms.
     max_timeout_ms: u64,
     /// Shutdown grace period, ms.
@@ -182,6 +189,10 @@ settings! {
     allowed_origins: Vec<String>,
     /// Refuse upgrades without an `Origin` header.
     require_origin: bool,
+    /// Host names accepted besides loopback ones where `Host` is checked.
+    allowed_hosts: Vec<String>,
+    /// Proxies (IPs or CIDR blocks) whose forwarding headers name the client.
+    trusted_proxies: Vec<String>,
     /// Client tokens; when any is set, `/ws` requires one.
     tokens: Vec<TokenSettings>,
     /// TLS certificate chain, PEM.
@@ -278,12 +289,26 @@ impl Settings {
                 })
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
+        let trusted_proxies = self
+            .trusted_proxies
+            .unwrap_or_default()
+            .iter()
+            .map(|p| p.parse().map_err(|e: IpRangeError| invalid("trusted_proxies", e.to_string())))
+            .collect::<Result<Vec<_>, ConfigError>>()?;
         let cfg = Config {
             addr: self.addr.unwrap_or(d.addr),
             max_frame_bytes: self.max_frame_bytes.unwrap_or(d.max_frame_bytes),
             max_inflight_per_connection: self.max_inflight.unwrap_or(d.max_inflight_per_connection),
             max_connections: self.max_connections.unwrap_or(d.max_connections),
             max_connections_per_ip: self.max_connections_per_ip.or(d.max_connections_per_ip),
+            max_http_connections: self.max_http_connections.unwrap_or(d.max_http_connections),
+            max_http_connections_per_ip: self
+                .max_http_connections_per_ip
+                .unwrap_or(d.max_http_connections_per_ip),
+            request_head_timeout: self
+                .request_head_timeout_ms
+                .map(ms)
+                .unwrap_or(d.request_head_timeout),
             max_task_timeout: self.max_timeout_ms.map(ms).unwrap_or(d.max_task_timeout),
             shutdown_grace: self.shutdown_grace_ms.map(ms).unwrap_or(d.shutdown_grace),
             ping_interval: self.ping_interval_ms.map(ms).unwrap_or(d.ping_interval),
@@ -293,6 +318,8 @@ impl Settings {
             admin_token: self.admin_token.or(d.admin_token),
             allowed_origins: self.allowed_origins.unwrap_or(d.allowed_origins),
             require_origin: self.require_origin.unwrap_or(d.require_origin),
+            allowed_hosts: self.allowed_hosts.unwrap_or(d.allowed_hosts),
+            trusted_proxies,
             auth_tokens: tokens,
             tls,
             rate_limit: rate(
@@ -343,6 +370,15 @@ fn valid_origin(o: &str) -> bool {
         && !rest.contains(['/', '?', '#', ' ', '@'])
 }
 
+/// A host name or address as it appears in `Host` (an optional port allowed),
+/// or `*`; not an origin or a URL.
+fn valid_host(h: &str) -> bool {
+    h == "*"
+        || (!h.is_empty()
+            && h.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':' | '[' | ']')))
+}
+
 impl Config {
     /// Checks every setting; the error names the first one at fault (by its
     /// configuration-file name). [`crate::Server::bind`] calls this.
@@ -362,6 +398,15 @@ impl Config {
         if let Some(n) = self.max_connections_per_ip {
             positive("max_connections_per_ip", n as u128)?;
         }
+        positive("max_http_connections", self.max_http_connections as u128)?;
+        positive(
+            "max_http_connections_per_ip",
+            self.max_http_connections_per_ip as u128,
+        )?;
+        positive(
+            "request_head_timeout_ms",
+            self.request_head_timeout.as_millis(),
+        )?;
         positive("max_timeout_ms", self.max_task_timeout.as_millis())?;
         positive("ping_interval_ms", self.ping_interval.as_millis())?;
         positive("outbound_queue", self.outbound_queue as u128)?;
@@ -383,6 +428,14 @@ impl Config {
                 return Err(invalid(
                     "allowed_origins",
                     format!("{o:?} is not an origin like \"https://app.example.com\" (or \"*\")"),
+                ));
+            }
+        }
+        for h in &self.allowed_hosts {
+            if !valid_host(h) {
+                return Err(invalid(
+                    "allowed_hosts",
+                    format!("{h:?} is not a host name like \"app.example.com\" (or \"*\")"),
                 ));
             }
         }
@@ -485,6 +538,12 @@ mod tests {
                 "tokens.max_inflight",
             ),
             ("slice_us = 5", "slice_us"),
+            ("max_http_connections = 0", "max_http_connections"),
+            ("max_http_connections_per_ip = 0", "max_http_connections_per_ip"),
+            ("request_head_timeout_ms = 0", "request_head_timeout_ms"),
+            ("allowed_hosts = [\"https://a.example\"]", "allowed_hosts"),
+            ("trusted_proxies = [\"10.0.0.0/33\"]", "trusted_proxies"),
+            ("trusted_proxies = [\"proxy.example\"]", "trusted_proxies"),
         ];
         for (text, setting) in cases {
             let e = Settings::from_toml(text)

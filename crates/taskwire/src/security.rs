@@ -1,9 +1,12 @@
 //! What is checked before a WebSocket upgrade (origin, token, connection
-//! counts) and the per-connection request rate. Pure functions and small
-//! counters, no I/O, so each rule has a unit test.
+//! counts), what guards the HTTP doors around it (Host, cross-site requests,
+//! the client address behind a trusted proxy) and the per-connection request
+//! rate. Pure functions and small counters, no I/O, so each rule has a unit
+//! test.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -124,6 +127,253 @@ pub(crate) fn find_token(tokens: &[AuthToken], presented: &[&str]) -> Option<usi
         }
     }
     found
+}
+
+/// Loopback, counting an IPv4-mapped IPv6 loopback (`::ffff:127.0.0.1`, what a
+/// dual-stack listener on `[::]` sees for a local IPv4 client) as loopback too.
+pub(crate) fn is_loopback(ip: IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
+}
+
+/// The unit that per-address limits count against: an IPv4 address as is (an
+/// IPv4-mapped IPv6 address as its IPv4 address), an IPv6 address by its /64,
+/// since one subscriber usually holds a whole /64 and could otherwise take a
+/// fresh address for every connection.
+pub(crate) fn address_group(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(Ipv6Addr::from(bits))
+        }
+    }
+}
+
+/// An IP address or a CIDR block (`10.0.0.0/8`, `2001:db8::/32`, `127.0.0.1`),
+/// as in the `trusted_proxies` setting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpRange {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+/// A `trusted_proxies` entry that is not an address or a CIDR block.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not an IP address or a CIDR block like \"10.0.0.0/8\"")]
+pub struct IpRangeError(String);
+
+impl IpRange {
+    /// Whether `ip` is inside (IPv4-mapped IPv6 addresses compare as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for IpRange {
+    type Err = IpRangeError;
+
+    fn from_str(s: &str) -> Result<IpRange, IpRangeError> {
+        let bad = || IpRangeError(s.to_string());
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr = IpAddr::from_str(addr.trim()).map_err(|_| bad())?.to_canonical();
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p.trim().parse::<u8>().map_err(|_| bad())?,
+            None => max,
+        };
+        if prefix > max {
+            return Err(bad());
+        }
+        Ok(IpRange { addr, prefix })
+    }
+}
+
+impl std::fmt::Display for IpRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// Whether `ip` is one of the trusted proxies.
+pub(crate) fn trusted(ip: IpAddr, proxies: &[IpRange]) -> bool {
+    proxies.iter().any(|p| p.contains(ip))
+}
+
+/// One hop of `X-Forwarded-For` or a `Forwarded` `for=` value: an address,
+/// with or without a port (`192.0.2.1`, `"192.0.2.1:80"`, `"[2001:db8::1]:80"`).
+/// `unknown` and obfuscated names (`_hidden`) are not addresses.
+fn parse_hop(v: &str) -> Option<SocketAddr> {
+    let v = v.trim().trim_matches('"');
+    if let Ok(ip) = IpAddr::from_str(v) {
+        return Some(SocketAddr::new(ip.to_canonical(), 0));
+    }
+    if let Some(inner) = v.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+        return IpAddr::from_str(inner)
+            .ok()
+            .map(|ip| SocketAddr::new(ip.to_canonical(), 0));
+    }
+    SocketAddr::from_str(v)
+        .ok()
+        .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
+}
+
+/// The client behind a proxy. Only when the TCP peer is a trusted proxy is a
+/// forwarding header read, and then the right-most hop that is not itself a
+/// trusted proxy is the client: every hop to its left was written by the
+/// client (or by proxies we do not trust) and could be forged. A hop that is no
+/// address (`unknown`) stops the walk: the proxy that wrote it is the client as
+/// far as we can tell. `X-Forwarded-For` is read when present (what most
+/// proxies set), else `Forwarded`; the proxy must overwrite or strip the one it
+/// does not set (docs/SECURITY.md).
+pub(crate) fn client_addr(peer: SocketAddr, headers: &HeaderMap, proxies: &[IpRange]) -> SocketAddr {
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+    if !trusted(peer.ip(), proxies) {
+        return peer;
+    }
+    let mut hops: Vec<&str> = Vec::new();
+    let xff = headers.get_all("x-forwarded-for");
+    if xff.iter().next().is_some() {
+        for v in xff {
+            let Ok(v) = v.to_str() else { return peer };
+            hops.extend(v.split(','));
+        }
+    } else {
+        for v in headers.get_all(header::FORWARDED) {
+            let Ok(v) = v.to_str() else { return peer };
+            for element in v.split(',') {
+                let hop = element.split(';').find_map(|pair| {
+                    let (k, v) = pair.split_once('=')?;
+                    k.trim().eq_ignore_ascii_case("for").then_some(v)
+                });
+                // An element without `for=` still is a hop we cannot place.
+                hops.push(hop.unwrap_or("unknown"));
+            }
+        }
+    }
+    let mut client = peer;
+    for hop in hops.iter().rev() {
+        match parse_hop(hop) {
+            Some(a) if trusted(a.ip(), proxies) => client = a,
+            Some(a) => return a,
+            None => return client,
+        }
+    }
+    client
+}
+
+/// The host part of a `Host` header or URI authority, lower-cased, without its
+/// port, brackets or a trailing dot.
+fn host_name(host: &str) -> String {
+    let h = host.trim();
+    let name = if let Some(rest) = h.strip_prefix('[') {
+        rest.split(']').next().unwrap_or_default()
+    } else {
+        match h.rsplit_once(':') {
+            Some((n, port)) if port.chars().all(|c| c.is_ascii_digit()) => n,
+            _ => h,
+        }
+    };
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// The DNS rebinding check: a request that is let in because it comes from (or
+/// is made to) this machine must also name this machine, or a host the
+/// operator listed; a page on `evil.example` whose name was re-pointed to
+/// 127.0.0.1 sends `Host: evil.example`. Loopback names are `localhost` and
+/// `*.localhost` (RFC 6761: they never leave the machine) and loopback
+/// addresses, with any port.
+pub(crate) fn host_allowed(host: Option<&str>, allowed: &[String]) -> bool {
+    let Some(host) = host else {
+        return false;
+    };
+    let name = host_name(host);
+    if name == "localhost" || name.ends_with(".localhost") {
+        return true;
+    }
+    if IpAddr::from_str(&name).is_ok_and(is_loopback) {
+        return true;
+    }
+    allowed
+        .iter()
+        .any(|a| a == "*" || host_name(a) == name)
+}
+
+/// The cross-site request forgery check for state-changing admin requests
+/// (POST, PUT, DELETE). A browser marks a request a page on another site made
+/// with `Sec-Fetch-Site` (modern browsers) and `Origin` (every browser, on a
+/// POST); either telling of another site refuses it. A request with neither
+/// comes from a non-browser client, which passes here (it still needs the
+/// token, or a loopback address, to get in at all). `*` in `allowed_origins`
+/// (meant for `/ws`) is not honoured here: it would turn this check off.
+pub(crate) fn same_site_request(headers: &HeaderMap, allowed_origins: &[String]) -> bool {
+    let text = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(site) = text("sec-fetch-site") {
+        // `same-site` is another origin of the same site, such as another
+        // port on localhost: another application, not ours.
+        if !matches!(site.trim(), "same-origin" | "none") {
+            return false;
+        }
+    }
+    match text(header::ORIGIN.as_str()) {
+        None => true,
+        Some(origin) => {
+            let listed: Vec<String> = allowed_origins
+                .iter()
+                .filter(|o| o.as_str() != "*")
+                .cloned()
+                .collect();
+            origin_allowed(Some(origin), text(header::HOST.as_str()), &listed, false)
+        }
+    }
+}
+
+/// At most one log line per period for a flood of refusals: the first refusal
+/// of a period is logged with the count of those suppressed since the last
+/// line. Time is passed in, so the test needs no clock.
+#[derive(Debug)]
+pub(crate) struct LogLimiter {
+    period: Duration,
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl LogLimiter {
+    pub fn new(period: Duration) -> LogLimiter {
+        LogLimiter {
+            period,
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(suppressed)` when this event should be logged.
+    pub fn allow(&self, now: Instant) -> Option<u64> {
+        let mut s = self.state.lock().ok()?;
+        match s.0 {
+            Some(last) if now.saturating_duration_since(last) < self.period => {
+                s.1 += 1;
+                None
+            }
+            _ => {
+                let suppressed = s.1;
+                *s = (Some(now), 0);
+                Some(suppressed)
+            }
+        }
+    }
 }
 
 /// Open connections per client IP address, released when the slot drops.
