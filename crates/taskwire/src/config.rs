@@ -293,7 +293,10 @@ impl Settings {
             .trusted_proxies
             .unwrap_or_default()
             .iter()
-            .map(|p| p.parse().map_err(|e: IpRangeError| invalid("trusted_proxies", e.to_string())))
+            .map(|p| {
+                p.parse()
+                    .map_err(|e: IpRangeError| invalid("trusted_proxies", e.to_string()))
+            })
             .collect::<Result<Vec<_>, ConfigError>>()?;
         let cfg = Config {
             addr: self.addr.unwrap_or(d.addr),
@@ -375,8 +378,9 @@ fn valid_origin(o: &str) -> bool {
 fn valid_host(h: &str) -> bool {
     h == "*"
         || (!h.is_empty()
-            && h.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':' | '[' | ']')))
+            && h.chars().all(|c| {
+                c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':' | '[' | ']')
+            }))
 }
 
 impl Config {
@@ -539,7 +543,10 @@ mod tests {
             ),
             ("slice_us = 5", "slice_us"),
             ("max_http_connections = 0", "max_http_connections"),
-            ("max_http_connections_per_ip = 0", "max_http_connections_per_ip"),
+            (
+                "max_http_connections_per_ip = 0",
+                "max_http_connections_per_ip",
+            ),
             ("request_head_timeout_ms = 0", "request_head_timeout_ms"),
             ("allowed_hosts = [\"https://a.example\"]", "allowed_hosts"),
             ("trusted_proxies = [\"10.0.0.0/33\"]", "trusted_proxies"),

@@ -167,7 +167,9 @@ impl IpRange {
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip.to_canonical()) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
@@ -190,7 +192,9 @@ impl FromStr for IpRange {
             Some((a, p)) => (a, Some(p)),
             None => (s, None),
         };
-        let addr = IpAddr::from_str(addr.trim()).map_err(|_| bad())?.to_canonical();
+        let addr = IpAddr::from_str(addr.trim())
+            .map_err(|_| bad())?
+            .to_canonical();
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             Some(p) => p.trim().parse::<u8>().map_err(|_| bad())?,
@@ -240,7 +244,11 @@ fn parse_hop(v: &str) -> Option<SocketAddr> {
 /// far as we can tell. `X-Forwarded-For` is read when present (what most
 /// proxies set), else `Forwarded`; the proxy must overwrite or strip the one it
 /// does not set (docs/SECURITY.md).
-pub(crate) fn client_addr(peer: SocketAddr, headers: &HeaderMap, proxies: &[IpRange]) -> SocketAddr {
+pub(crate) fn client_addr(
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    proxies: &[IpRange],
+) -> SocketAddr {
     let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     if !trusted(peer.ip(), proxies) {
         return peer;
@@ -308,9 +316,7 @@ pub(crate) fn host_allowed(host: Option<&str>, allowed: &[String]) -> bool {
     if IpAddr::from_str(&name).is_ok_and(is_loopback) {
         return true;
     }
-    allowed
-        .iter()
-        .any(|a| a == "*" || host_name(a) == name)
+    allowed.iter().any(|a| a == "*" || host_name(a) == name)
 }
 
 /// The cross-site request forgery check for state-changing admin requests
@@ -618,5 +624,189 @@ mod tests {
         assert!(CountSlot::acquire(&n, 1).is_none());
         drop(s);
         assert!(CountSlot::acquire(&n, 1).is_some());
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn loopback_and_address_groups() {
+        assert!(is_loopback(ip("127.0.0.1")));
+        assert!(is_loopback(ip("127.9.8.7")));
+        assert!(is_loopback(ip("::1")));
+        assert!(is_loopback(ip("::ffff:127.0.0.1")));
+        assert!(!is_loopback(ip("::ffff:10.0.0.1")));
+        assert!(!is_loopback(ip("0.0.0.0")));
+        assert_eq!(address_group(ip("192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(address_group(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(
+            address_group(ip("2001:db8:1:2:aaaa:bbbb:cccc:dddd")),
+            ip("2001:db8:1:2::")
+        );
+        assert_ne!(
+            address_group(ip("2001:db8:1:2::1")),
+            address_group(ip("2001:db8:1:3::1"))
+        );
+    }
+
+    #[test]
+    fn ip_ranges() {
+        let r: IpRange = "10.1.0.0/16".parse().unwrap();
+        assert!(r.contains(ip("10.1.200.3")));
+        assert!(r.contains(ip("::ffff:10.1.0.1")));
+        assert!(!r.contains(ip("10.2.0.1")));
+        assert!(!r.contains(ip("::1")));
+        let one: IpRange = "127.0.0.1".parse().unwrap();
+        assert!(one.contains(ip("127.0.0.1")));
+        assert!(!one.contains(ip("127.0.0.2")));
+        let all: IpRange = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains(ip("198.51.100.1")));
+        let v6: IpRange = "2001:db8::/32".parse().unwrap();
+        assert!(v6.contains(ip("2001:db8:ffff::1")));
+        assert!(!v6.contains(ip("2001:db9::1")));
+        assert_eq!(v6.to_string(), "2001:db8::/32");
+        for bad in ["10.0.0.0/33", "::/129", "proxy.example", "10.0.0.0/x", ""] {
+            assert!(bad.parse::<IpRange>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn client_address_behind_trusted_proxies() {
+        let proxies: Vec<IpRange> =
+            vec!["127.0.0.1".parse().unwrap(), "10.0.0.0/8".parse().unwrap()];
+        let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let stranger: SocketAddr = "192.0.2.9:5000".parse().unwrap();
+        let with = |name: &'static str, v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.append(name, HeaderValue::from_static(v));
+            h
+        };
+        // No header, or an untrusted peer: the peer.
+        assert_eq!(client_addr(peer, &HeaderMap::new(), &proxies), peer);
+        let xff = with("x-forwarded-for", "203.0.113.5");
+        assert_eq!(client_addr(stranger, &xff, &proxies), stranger);
+        assert_eq!(client_addr(peer, &xff, &[]), peer);
+        // Trusted: the right-most hop that is not a proxy; forged hops to its left are ignored.
+        let got = client_addr(
+            peer,
+            &with("x-forwarded-for", "6.6.6.6, 203.0.113.5, 10.1.1.1"),
+            &proxies,
+        );
+        assert_eq!(got.ip(), ip("203.0.113.5"));
+        // Forwarded, with quoting, ports and IPv6.
+        let got = client_addr(
+            peer,
+            &with(
+                "forwarded",
+                "for=6.6.6.6, for=\"[2001:db8::7]:4711\";proto=https, for=10.0.0.2",
+            ),
+            &proxies,
+        );
+        assert_eq!(got.ip(), ip("2001:db8::7"));
+        assert_eq!(got.port(), 4711);
+        // A hop that is no address: the proxy that wrote it.
+        let got = client_addr(
+            peer,
+            &with("x-forwarded-for", "6.6.6.6, unknown, 10.0.0.3"),
+            &proxies,
+        );
+        assert_eq!(got.ip(), ip("10.0.0.3"));
+        // All hops are proxies: the left-most of them.
+        let got = client_addr(
+            peer,
+            &with("x-forwarded-for", "10.0.0.4, 10.0.0.5"),
+            &proxies,
+        );
+        assert_eq!(got.ip(), ip("10.0.0.4"));
+        // Garbage never panics and never yields an attacker's choice.
+        let got = client_addr(peer, &with("x-forwarded-for", ",,[::1"), &proxies);
+        assert_eq!(got, peer);
+        // A v4-mapped peer counts as its IPv4 address.
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:5000".parse().unwrap();
+        assert_eq!(client_addr(mapped, &xff, &proxies).ip(), ip("203.0.113.5"));
+    }
+
+    #[test]
+    fn host_rules() {
+        let none: &[String] = &[];
+        for h in [
+            "localhost",
+            "LOCALHOST:7878",
+            "localhost.",
+            "app.localhost:80",
+            "127.0.0.1",
+            "127.0.0.2:7878",
+            "[::1]:7878",
+            "[::ffff:127.0.0.1]",
+        ] {
+            assert!(host_allowed(Some(h), none), "{h}");
+        }
+        for h in [
+            "evil.example",
+            "evil.example:7878",
+            "localhost.evil.example",
+            "10.0.0.1",
+            "[::2]",
+            "127.0.0.1.evil.example",
+            "",
+        ] {
+            assert!(!host_allowed(Some(h), none), "{h}");
+        }
+        assert!(!host_allowed(None, none));
+        let listed = vec!["Tasks.Example.com".to_string()];
+        assert!(host_allowed(Some("tasks.example.com:8443"), &listed));
+        assert!(!host_allowed(Some("other.example.com"), &listed));
+        assert!(host_allowed(Some("anything"), &["*".to_string()]));
+    }
+
+    #[test]
+    fn cross_site_rules() {
+        let mk = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(*k, HeaderValue::from_static(v));
+            }
+            h
+        };
+        let none: &[String] = &[];
+        // curl, scripts: no Origin, no Sec-Fetch-Site.
+        assert!(same_site_request(&mk(&[("host", "127.0.0.1:7878")]), none));
+        // The dashboard itself.
+        let own = mk(&[
+            ("host", "127.0.0.1:7878"),
+            ("origin", "http://127.0.0.1:7878"),
+            ("sec-fetch-site", "same-origin"),
+        ]);
+        assert!(same_site_request(&own, none));
+        // A form on another site, with or without Sec-Fetch-Site.
+        let form = mk(&[
+            ("host", "127.0.0.1:7878"),
+            ("origin", "http://evil.example"),
+        ]);
+        assert!(!same_site_request(&form, none));
+        let fetch = mk(&[("host", "127.0.0.1:7878"), ("sec-fetch-site", "cross-site")]);
+        assert!(!same_site_request(&fetch, none));
+        let sibling = mk(&[("host", "localhost:7878"), ("sec-fetch-site", "same-site")]);
+        assert!(!same_site_request(&sibling, none));
+        let null = mk(&[("host", "127.0.0.1:7878"), ("origin", "null")]);
+        assert!(!same_site_request(&null, none));
+        // Listed origins pass; `*` (meant for /ws) does not open admin.
+        let app = vec!["http://evil.example".to_string()];
+        assert!(same_site_request(&form, &app));
+        assert!(!same_site_request(&form, &["*".to_string()]));
+    }
+
+    #[test]
+    fn log_limiter_lets_one_line_a_period_through() {
+        let l = LogLimiter::new(Duration::from_secs(1));
+        let t0 = Instant::now();
+        assert_eq!(l.allow(t0), Some(0));
+        for i in 1..=5 {
+            assert_eq!(l.allow(t0 + Duration::from_millis(i * 100)), None);
+        }
+        assert_eq!(l.allow(t0 + Duration::from_millis(1000)), Some(5));
+        assert_eq!(l.allow(t0 + Duration::from_millis(1001)), None);
+        assert_eq!(l.allow(t0 + Duration::from_secs(5)), Some(1));
     }
 }

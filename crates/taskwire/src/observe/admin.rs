@@ -287,8 +287,16 @@ mod tests {
         assert!(admin_allowed(None, &[], lo));
         assert!(admin_allowed(None, &[], lo6));
         // What a dual-stack listener on [::] sees for 127.0.0.1.
-        assert!(admin_allowed(None, &[], "::ffff:127.0.0.1".parse().unwrap()));
-        assert!(!admin_allowed(None, &[], "::ffff:203.0.113.9".parse().unwrap()));
+        assert!(admin_allowed(
+            None,
+            &[],
+            "::ffff:127.0.0.1".parse().unwrap()
+        ));
+        assert!(!admin_allowed(
+            None,
+            &[],
+            "::ffff:203.0.113.9".parse().unwrap()
+        ));
         assert!(!admin_allowed(None, &[], remote));
         assert!(!admin_allowed(None, &["anything"], remote));
         // A token configured: the token, from anywhere, and nothing else.
