@@ -419,6 +419,56 @@ async fn the_server_wide_bound_on_connections_not_upgraded() {
     assert!(server.log().contains("http_connections"));
 }
 
+/// Many live tasks (so that every event-stream snapshot is large), and an
+/// event stream whose client never reads, with a small receive buffer: the
+/// server's writes to it stall.
+async fn stalled_event_stream(to: SocketAddr) -> (Ws, TcpStream) {
+    let mut ws = ws_from([127, 0, 0, 1], to, &[]).await.expect("upgrade");
+    for id in 0..1000u64 {
+        let req = json!({"jsonrpc": "2.0", "id": id, "method": "sleep", "params": {"ms": 600_000}});
+        ws.send(Message::Text(req.to_string().into()))
+            .await
+            .expect("send");
+    }
+    let sock = TcpSocket::new_v4().expect("socket");
+    sock.set_recv_buffer_size(4096).expect("rcvbuf");
+    let mut sse = sock.connect(to).await.expect("connect");
+    sse.write_all(
+        format!("GET /admin/events?limit=10000 HTTP/1.1\r\nHost: {to}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("write");
+    // The stream flows (and then stalls, as nobody reads it).
+    let mut peek = vec![0u8; 2048];
+    let end = tokio::time::Instant::now() + WAIT;
+    while sse.peek(&mut peek).await.unwrap_or(0) < 1024 {
+        assert!(tokio::time::Instant::now() < end, "the event stream flows");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (ws, sse)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_a_response_is_closed() {
+    // HTTP responses get twice the write timeout: 1 s here.
+    let server = Proc::start(&["--write-timeout-ms", "500"]);
+    let to = server.addr;
+    let (ws, mut sse) = stalled_event_stream(to).await;
+    let with_stream = server.fds();
+    // The stalled stream's connection is closed by the server while its
+    // client still reads nothing; the WebSocket (which reads) stays.
+    assert!(
+        eventually(|| async { server.fds() < with_stream }).await,
+        "{} descriptors, {with_stream} with the stream",
+        server.fds()
+    );
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(WAIT, sse.read_to_end(&mut rest))
+        .await
+        .expect("the stream has ended");
+    drop(ws);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_ends_the_process_whatever_clients_hold_open() {
     let mut server = Proc::start(&[
@@ -432,30 +482,7 @@ async fn sigterm_ends_the_process_whatever_clients_hold_open() {
     // A request head that is never finished.
     let mut half = tcp_from([127, 0, 0, 1], to).await.expect("connect");
     half.write_all(HALF_HEAD).await.expect("write");
-    // Many live tasks, so that every event-stream snapshot is large.
-    let mut ws = ws_from([127, 0, 0, 1], to, &[]).await.expect("upgrade");
-    for id in 0..1000u64 {
-        let req = json!({"jsonrpc": "2.0", "id": id, "method": "sleep", "params": {"ms": 600_000}});
-        ws.send(Message::Text(req.to_string().into()))
-            .await
-            .expect("send");
-    }
-    // An event stream whose client never reads, with a small receive buffer.
-    let sock = TcpSocket::new_v4().expect("socket");
-    sock.set_recv_buffer_size(4096).expect("rcvbuf");
-    let mut sse = sock.connect(to).await.expect("connect");
-    sse.write_all(
-        format!("GET /admin/events?limit=10000 HTTP/1.1\r\nHost: {to}\r\n\r\n").as_bytes(),
-    )
-    .await
-    .expect("write");
-    // The stream is flowing (and then stalls, as nobody reads it).
-    let mut peek = vec![0u8; 2048];
-    let end = tokio::time::Instant::now() + WAIT;
-    while sse.peek(&mut peek).await.unwrap_or(0) < 1024 {
-        assert!(tokio::time::Instant::now() < end, "the event stream flows");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (ws, sse) = stalled_event_stream(to).await;
     // Give the server time to fill its side of the stalled stream.
     tokio::time::sleep(Duration::from_secs(2)).await;
 

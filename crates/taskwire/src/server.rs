@@ -4,8 +4,10 @@
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::WebSocketUpgrade;
@@ -17,6 +19,7 @@ use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::value::RawValue;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -74,6 +77,8 @@ pub struct Config {
     pub outbound_bytes: usize,
     /// How long a reply may wait for room in the outbound queue, or a write for
     /// the socket, before the client is closed as a slow consumer (default 10 s).
+    /// A plain HTTP response (the event stream, an admin answer) whose client
+    /// stops reading gets twice this before its connection is closed.
     pub write_timeout: Duration,
     /// Bearer token for `/admin`; without one, `/admin` answers loopback peers only.
     pub admin_token: Option<String>,
@@ -413,7 +418,7 @@ async fn serve_tcp(
 /// upgrades to a WebSocket (which then lives on in its own task).
 async fn serve_http<I>(app: &Arc<App>, router: Router, io: I, peer: SocketAddr)
 where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let proxies = app.clone();
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
@@ -428,6 +433,9 @@ where
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(app.cfg.request_head_timeout);
+    // Twice the WebSocket write timeout: an upgraded connection keeps this
+    // layer, and its own slow-consumer close (1008) must come first.
+    let io = WriteDeadline::new(io, app.cfg.write_timeout.saturating_mul(2));
     let conn = builder
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
@@ -454,6 +462,88 @@ where
         } else {
             tracing::debug!(%peer, "HTTP connection: {e}");
         }
+    }
+}
+
+/// Fails a write that has made no progress for `limit`, so that an HTTP client
+/// that stops reading a response (an event stream, a large admin answer) is
+/// closed instead of holding its connection for ever. The timer exists only
+/// while a write is stalled.
+struct WriteDeadline<I> {
+    io: I,
+    limit: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<I> WriteDeadline<I> {
+    fn new(io: I, limit: Duration) -> Self {
+        WriteDeadline {
+            io,
+            limit,
+            stalled: None,
+        }
+    }
+
+    fn check<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if r.is_ready() {
+            self.stalled = None;
+            return r;
+        }
+        let limit = self.limit;
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client stopped reading",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for WriteDeadline<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.check(cx, r)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.check(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.io).poll_flush(cx);
+        self.check(cx, r)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.io).poll_shutdown(cx);
+        self.check(cx, r)
     }
 }
 
@@ -592,7 +682,7 @@ struct Slots {
 
 /// Why an upgrade was refused, before it happened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Refusal {
+enum Refusal {
     Host,
     Origin,
     Unauthorized,
