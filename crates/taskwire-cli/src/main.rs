@@ -342,6 +342,39 @@ mod tests {
     }
 
     #[test]
+    fn http_door_flags() {
+        let (cfg, _) = serve_args(&[
+            "--trusted-proxy",
+            "10.0.0.0/8,127.0.0.1",
+            "--allowed-host",
+            "tasks.example.com",
+            "--request-head-timeout-ms",
+            "500",
+            "--max-http-connections",
+            "100",
+            "--max-http-connections-per-ip",
+            "5",
+        ])
+        .load()
+        .unwrap();
+        let proxies: Vec<String> = cfg.trusted_proxies.iter().map(|p| p.to_string()).collect();
+        assert_eq!(proxies, vec!["10.0.0.0/8", "127.0.0.1/32"]);
+        assert_eq!(cfg.allowed_hosts, vec!["tasks.example.com".to_string()]);
+        assert_eq!(
+            cfg.request_head_timeout,
+            std::time::Duration::from_millis(500)
+        );
+        assert_eq!(
+            (cfg.max_http_connections, cfg.max_http_connections_per_ip),
+            (100, 5)
+        );
+        let e = serve_args(&["--trusted-proxy", "proxy.example"])
+            .load()
+            .unwrap_err();
+        assert!(e.to_string().contains("trusted_proxies"), "{e}");
+    }
+
+    #[test]
     fn invalid_settings_name_themselves() {
         let e = serve_args(&["--outbound-queue", "0"]).load().unwrap_err();
         assert!(e.to_string().contains("outbound_queue"), "{e}");

@@ -373,6 +373,30 @@ async fn half_sent_heads_are_bounded_per_address_and_timed_out() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgraded_websockets_leave_the_http_bound() {
+    // A connection counts as HTTP only until its upgrade: many WebSockets from
+    // one address fit under a per-address HTTP bound of 2.
+    let server = Proc::start(&[
+        "--max-http-connections-per-ip",
+        "2",
+        "--max-http-connections",
+        "2",
+    ]);
+    let mut open = Vec::new();
+    for i in 0..8u64 {
+        let mut ws = ws_from([127, 0, 0, 1], server.addr, &[])
+            .await
+            .unwrap_or_else(|status| panic!("upgrade {i}: {status}"));
+        let r = call(&mut ws, i, "echo", json!({"value": i})).await;
+        assert_eq!(r["result"], i, "{r}");
+        open.push(ws);
+    }
+    // And HTTP still gets in beside them.
+    let (status, _, _) = request(server.addr, "GET", "/healthz", "localhost", "").await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_wide_bound_on_connections_not_upgraded() {
     let server = Proc::start(&[
         "--max-http-connections-per-ip",
