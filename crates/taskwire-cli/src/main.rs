@@ -119,6 +119,9 @@ fn main() -> ExitCode {
             Command::Top(args) => top::run(args).await,
         }
     });
+    // `Server::run` has returned (its shutdown deadline passed at the latest);
+    // whatever task is left must not keep the process alive.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -167,6 +170,39 @@ mod tests {
         );
         assert_eq!(cfg.log, "info");
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn http_door_flags() {
+        let cfg = serve_args(&[
+            "--trusted-proxy",
+            "10.0.0.0/8,127.0.0.1",
+            "--allowed-host",
+            "tasks.example.com",
+            "--request-head-timeout-ms",
+            "500",
+            "--max-http-connections",
+            "100",
+            "--max-http-connections-per-ip",
+            "5",
+        ])
+        .load()
+        .unwrap();
+        let proxies: Vec<String> = cfg.trusted_proxies.iter().map(|p| p.to_string()).collect();
+        assert_eq!(proxies, vec!["10.0.0.0/8", "127.0.0.1/32"]);
+        assert_eq!(cfg.allowed_hosts, vec!["tasks.example.com".to_string()]);
+        assert_eq!(
+            cfg.request_head_timeout,
+            std::time::Duration::from_millis(500)
+        );
+        assert_eq!(
+            (cfg.max_http_connections, cfg.max_http_connections_per_ip),
+            (100, 5)
+        );
+        let e = serve_args(&["--trusted-proxy", "proxy.example"])
+            .load()
+            .unwrap_err();
+        assert!(e.to_string().contains("trusted_proxies"), "{e}");
     }
 
     #[test]

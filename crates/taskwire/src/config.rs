@@ -24,7 +24,7 @@
 //! variable, whichever the value came from).
 
 use std::fmt::Display;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -153,6 +153,70 @@ impl std::fmt::Debug for TokenSettings {
             .field("max_connections", &self.max_connections)
             .field("max_inflight", &self.max_inflight)
             .finish_non_exhaustive()
+    }
+}
+
+/// An IP address or a CIDR block (`10.0.0.0/8`, `2001:db8::/32`, `127.0.0.1`),
+/// as in the `trusted_proxies` setting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpRange {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+/// A `trusted_proxies` entry that is not an address or a CIDR block.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not an IP address or a CIDR block like \"10.0.0.0/8\"")]
+pub struct IpRangeError(String);
+
+impl IpRange {
+    /// Whether `ip` is inside (IPv4-mapped IPv6 addresses compare as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for IpRange {
+    type Err = IpRangeError;
+
+    fn from_str(s: &str) -> Result<IpRange, IpRangeError> {
+        let bad = || IpRangeError(s.to_string());
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr = IpAddr::from_str(addr.trim())
+            .map_err(|_| bad())?
+            .to_canonical();
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p.trim().parse::<u8>().map_err(|_| bad())?,
+            None => max,
+        };
+        if prefix > max {
+            return Err(bad());
+        }
+        Ok(IpRange { addr, prefix })
+    }
+}
+
+impl std::fmt::Display for IpRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
     }
 }
 
@@ -408,6 +472,33 @@ impl Kind for Tokens {
     }
 }
 
+/// A list of values that parse from text (such as [`IpRange`]): a TOML array
+/// of strings, a repeated flag, or a comma-separated variable.
+#[derive(Debug)]
+pub struct ParsedList<T>(std::marker::PhantomData<T>);
+
+impl<T> Kind for ParsedList<T>
+where
+    T: FromStr + Clone + std::fmt::Debug,
+    T::Err: Display,
+{
+    type Raw = Vec<String>;
+    type Value = Vec<T>;
+    const LIST: bool = true;
+    fn parse(text: &str) -> Result<Vec<String>, String> {
+        Ok(split_list(text))
+    }
+    fn show(raw: &Vec<String>) -> String {
+        raw.join(",")
+    }
+    fn value(raw: Option<Vec<String>>, key: &'static str) -> Result<Vec<T>, ConfigError> {
+        raw.unwrap_or_default()
+            .iter()
+            .map(|t| t.parse::<T>().map_err(|e| invalid(key, e.to_string())))
+            .collect()
+    }
+}
+
 /// One setting as `--help`, the README and tools see it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Spec {
@@ -567,6 +658,17 @@ settings! {
     max_connections => max_connections: usize = Some(10_000), min 1;
     /// Open connections per client address before new upgrades get HTTP 429.
     max_connections_per_ip => max_connections_per_ip: Opt<usize> = None, shown "no limit", min 1;
+    /// Connections that are not WebSockets (yet), over all clients: TLS
+    /// handshakes, request heads being read, plain HTTP keep-alive connections
+    /// (the dashboard, admin, `/admin/events`); beyond it a new TCP connection is
+    /// closed at once. Bounds what clients who never finish a request can hold.
+    max_http_connections => max_http_connections: usize = Some(1024), min 1;
+    /// The same, per client address (IPv6: per /64), so that one address cannot
+    /// take them all; a trusted proxy is exempt (it carries many clients).
+    max_http_connections_per_ip => max_http_connections_per_ip: usize = Some(64), min 1;
+    /// Time for a TLS handshake and for each request head to arrive in full
+    /// (also how long an idle keep-alive connection is kept).
+    request_head_timeout_ms => request_head_timeout: Millis = Some(10_000), min 1;
     /// Cap on any task's deadline.
     max_timeout_ms => max_task_timeout: Millis = Some(3_600_000), min 1;
     /// How long in-flight tasks get to finish on shutdown.
@@ -590,6 +692,14 @@ settings! {
     allowed_origins => allowed_origins: List = None, shown "none: same host only", flag "allowed-origin";
     /// Refuse upgrades without an `Origin` header, i.e. non-browser clients.
     require_origin => require_origin: bool = Some(false);
+    /// Host names (port ignored; `*`: any) accepted in `Host` besides loopback
+    /// names and addresses where the server checks it: requests let into
+    /// `/admin` and `/metrics` because they come from loopback, and upgrades when
+    /// the server listens on loopback (protection against DNS rebinding).
+    allowed_hosts => allowed_hosts: List = None, shown "none: loopback names only", flag "allowed-host";
+    /// Reverse proxies (addresses or CIDR blocks) whose `X-Forwarded-For` /
+    /// `Forwarded` header names the client; from any other peer those headers are ignored.
+    trusted_proxies => trusted_proxies: ParsedList<IpRange> = None, shown "none: the TCP peer is the client", flag "trusted-proxy";
     /// Client tokens; when any is set, `/ws` requires one (header, `token`
     /// query parameter or `taskwire_token` cookie). Per-token limits: `[[tokens]]` in the file.
     tokens => auth_tokens: Tokens = None, shown "none: /ws is open", flag "token";
@@ -712,6 +822,16 @@ fn token_char(c: char) -> bool {
 /// The shortest client token accepted: shorter ones can be guessed online.
 pub const MIN_TOKEN_LEN: usize = 16;
 
+/// A host name or address as it appears in `Host` (an optional port allowed),
+/// or `*`; not an origin or a URL.
+fn valid_host(h: &str) -> bool {
+    h == "*"
+        || (!h.is_empty()
+            && h.chars().all(|c| {
+                c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':' | '[' | ']')
+            }))
+}
+
 /// `scheme://host[:port]`, as a browser sends it in `Origin`, or `*`, or `null`.
 fn valid_origin(o: &str) -> bool {
     if o == "*" || o == "null" {
@@ -783,6 +903,14 @@ impl Config {
                 return Err(invalid(
                     "allowed_origins",
                     format!("{o:?} is not an origin like \"https://app.example.com\" (or \"*\")"),
+                ));
+            }
+        }
+        for h in &self.allowed_hosts {
+            if !valid_host(h) {
+                return Err(invalid(
+                    "allowed_hosts",
+                    format!("{h:?} is not a host name like \"app.example.com\" (or \"*\")"),
                 ));
             }
         }
@@ -1114,6 +1242,15 @@ mod tests {
             ),
             ("slice_us = 5", "slice_us"),
             ("max_frame_bytes = 10", "max_frame_bytes"),
+            ("max_http_connections = 0", "max_http_connections"),
+            (
+                "max_http_connections_per_ip = 0",
+                "max_http_connections_per_ip",
+            ),
+            ("request_head_timeout_ms = 0", "request_head_timeout_ms"),
+            ("allowed_hosts = [\"https://a.example\"]", "allowed_hosts"),
+            ("trusted_proxies = [\"10.0.0.0/33\"]", "trusted_proxies"),
+            ("trusted_proxies = [\"proxy.example\"]", "trusted_proxies"),
         ];
         for (text, setting) in cases {
             let e = Settings::from_toml(text)

@@ -3,19 +3,24 @@
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{ConnectInfo, State};
-use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::value::RawValue;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -25,7 +30,7 @@ use crate::connection::ConnLimits;
 use crate::observe::Observer;
 use crate::protocol::SUBPROTOCOL;
 use crate::registry::Registry;
-use crate::security::{self, CountSlot, IpSlot, PerIp};
+use crate::security::{self, CountSlot, IpSlot, LogLimiter, PerIp};
 
 /// Everything a connection needs, shared.
 pub(crate) struct App {
@@ -42,6 +47,13 @@ pub(crate) struct App {
     per_ip: Arc<PerIp>,
     /// Open connections per configured client token, by index.
     token_conns: Vec<Arc<AtomicUsize>>,
+    /// Connections not upgraded to WebSocket: in all, and per address group.
+    http_conns: Arc<AtomicUsize>,
+    http_per_ip: Arc<PerIp>,
+    /// Fired when the shutdown deadline passes: whatever is still open ends.
+    pub hard_stop: CancellationToken,
+    /// Refusals and accept errors are logged at most once a second.
+    refusal_log: LogLimiter,
 }
 
 /// A bound server, ready to run.
@@ -117,6 +129,10 @@ impl Server {
             conns_changed: Notify::new(),
             per_ip: Arc::default(),
             token_conns: cfg.auth_tokens.iter().map(|_| Arc::default()).collect(),
+            http_conns: Arc::default(),
+            http_per_ip: Arc::default(),
+            hard_stop: CancellationToken::new(),
+            refusal_log: LogLimiter::new(Duration::from_secs(1)),
             cfg,
         });
         Ok(Server { app, listener, tls })
@@ -135,57 +151,332 @@ impl Server {
     /// Serves until `signal` resolves (or a [`ShutdownHandle`] fires), then shuts
     /// down gracefully: stops accepting, gives in-flight tasks the grace period,
     /// answers the rest `-32005` and closes every WebSocket with 1001.
+    ///
+    /// Returns at the latest [`SHUTDOWN_MARGIN`] after the grace period,
+    /// whatever clients hold open (a half-sent request head, an event stream
+    /// or a WebSocket that does not read): what is still open then is dropped.
     pub async fn run(self, signal: impl Future<Output = ()> + Send + 'static) -> io::Result<()> {
         let app = self.app.clone();
-        let token = app.shutdown.clone();
         let router = router(app.clone());
-        let stop = {
-            let token = token.clone();
-            async move {
-                tokio::select! {
-                    _ = signal => token.cancel(),
-                    _ = token.cancelled() => {}
+        let stop = app.shutdown.clone();
+        let mut signal = std::pin::pin!(signal);
+        loop {
+            let accepted = tokio::select! {
+                _ = &mut signal => {
+                    stop.cancel();
+                    break;
                 }
-                tracing::info!("shutting down");
-            }
-        };
-        let service = router.into_make_service_with_connect_info::<SocketAddr>();
-        match self.tls {
-            None => {
-                use axum::serve::ListenerExt;
-                // Replies are small and latency matters: don't let Nagle hold them.
-                let listener = self.listener.tap_io(|tcp| {
-                    let _ = tcp.set_nodelay(true);
-                });
-                axum::serve(listener, service)
-                    .with_graceful_shutdown(stop)
-                    .await?
-            }
-            Some(acceptor) => {
-                use axum::serve::ListenerExt;
-                // tap_io gives the listener axum's `ConnectInfo<SocketAddr>`.
-                let listener =
-                    crate::tls::TlsListener::spawn(self.listener, acceptor, token.clone())?
-                        .tap_io(|_| {});
-                axum::serve(listener, service)
-                    .with_graceful_shutdown(stop)
-                    .await?
+                _ = stop.cancelled() => break,
+                r = self.listener.accept() => r,
+            };
+            match accepted {
+                Ok((tcp, peer)) => accept_one(&app, &router, self.tls.as_ref(), tcp, peer),
+                Err(e) => {
+                    // Out of file descriptors and the like: pause rather than
+                    // spin, as axum and hyper do.
+                    if let Some(suppressed) = app.refusal_log.allow(Instant::now()) {
+                        tracing::warn!(suppressed, "accept: {e}");
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    }
+                }
             }
         }
-        // Upgraded connections are ours to wait for, not hyper's.
-        let deadline = app.cfg.shutdown_grace + Duration::from_secs(3);
-        let _ = tokio::time::timeout(deadline, async {
+        tracing::info!("shutting down");
+        // Nothing new gets in: the port is closed at once.
+        drop(self.listener);
+        // HTTP connections finish their request and close (see `serve_http`);
+        // WebSockets close with 1001 once their tasks had the grace period.
+        let deadline = app.cfg.shutdown_grace + SHUTDOWN_MARGIN;
+        let closed = tokio::time::timeout(deadline, async {
             loop {
                 let changed = app.conns_changed.notified();
-                if app.open_conns.load(Ordering::Acquire) == 0 {
+                if app.open_conns.load(Ordering::Acquire) == 0
+                    && app.http_conns.load(Ordering::Acquire) == 0
+                {
                     break;
                 }
                 changed.await;
             }
         })
         .await;
+        if closed.is_err() {
+            tracing::warn!(
+                websockets = app.open_conns.load(Ordering::Acquire),
+                http = app.http_conns.load(Ordering::Acquire),
+                "shutdown deadline passed: dropping the connections still open"
+            );
+        }
+        app.hard_stop.cancel();
         app.pool.shutdown();
         Ok(())
+    }
+}
+
+/// How long after the grace period shutdown waits for connections to close
+/// before it drops them: room for the close handshakes and the last replies.
+pub const SHUTDOWN_MARGIN: Duration = Duration::from_secs(3);
+
+/// The answers to a connection refused before HTTP is spoken: written with
+/// one non-blocking write, best effort, then the socket is closed.
+const REFUSED_PER_IP: &[u8] =
+    b"HTTP/1.1 429 Too Many Requests\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+const REFUSED_FULL: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+
+/// Admits or refuses one accepted TCP connection against the HTTP bounds and
+/// spawns its task. Refused ones are closed at once, so that a flood of
+/// connections that never send a request cannot hold descriptors.
+fn accept_one(
+    app: &Arc<App>,
+    router: &Router,
+    tls: Option<&tokio_rustls::TlsAcceptor>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) {
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+    let slot = match HttpSlot::acquire(app, peer.ip()) {
+        Ok(s) => s,
+        Err(refusal) => {
+            app.observer.refused(refusal.reason());
+            log_refusal(app, refusal, peer);
+            if tls.is_none() {
+                let _ = tcp.try_write(match refusal {
+                    Refusal::HttpPerIp => REFUSED_PER_IP,
+                    _ => REFUSED_FULL,
+                });
+            }
+            return;
+        }
+    };
+    // Replies are small and latency matters: don't let Nagle hold them.
+    let _ = tcp.set_nodelay(true);
+    tokio::spawn(serve_tcp(
+        app.clone(),
+        router.clone(),
+        tls.cloned(),
+        tcp,
+        peer,
+        slot,
+    ));
+}
+
+/// One warn line per second at most, with the count of those suppressed: a
+/// flood must not flood the log too.
+fn log_refusal(app: &App, refusal: Refusal, peer: SocketAddr) {
+    if let Some(suppressed) = app.refusal_log.allow(Instant::now()) {
+        tracing::warn!(
+            %peer,
+            reason = refusal.reason(),
+            suppressed,
+            "refused a connection"
+        );
+    }
+}
+
+/// One TCP connection until it upgrades or closes: the TLS handshake (under the
+/// request-head timeout), then HTTP.
+async fn serve_tcp(
+    app: Arc<App>,
+    router: Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    slot: HttpSlot,
+) {
+    let _slot = slot;
+    let Some(acceptor) = tls else {
+        return serve_http(&app, router, tcp, peer).await;
+    };
+    let handshake = tokio::time::timeout(app.cfg.request_head_timeout, acceptor.accept(tcp));
+    let stream = tokio::select! {
+        r = handshake => r,
+        _ = app.shutdown.cancelled() => return,
+    };
+    match stream {
+        Ok(Ok(stream)) => serve_http(&app, router, stream, peer).await,
+        Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+    }
+}
+
+/// HTTP/1.1 on one connection, with hyper's request-head timeout (which also
+/// closes an idle keep-alive connection); ends when the connection closes or
+/// upgrades to a WebSocket (which then lives on in its own task).
+async fn serve_http<I>(app: &Arc<App>, router: Router, io: I, peer: SocketAddr)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let proxies = app.clone();
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        // Every handler sees the client: the peer, or the address a trusted
+        // proxy names.
+        let client = security::client_addr(peer, req.headers(), &proxies.cfg.trusted_proxies);
+        req.extensions_mut().insert(ConnectInfo(client));
+        let mut router = router.clone();
+        tower_service::Service::call(&mut router, req)
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(app.cfg.request_head_timeout);
+    // Twice the WebSocket write timeout: an upgraded connection keeps this
+    // layer, and its own slow-consumer close (1008) must come first.
+    let io = WriteDeadline::new(io, app.cfg.write_timeout.saturating_mul(2));
+    let conn = builder
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    let done = tokio::select! {
+        r = conn.as_mut() => Some(r),
+        _ = app.shutdown.cancelled() => None,
+    };
+    let result = match done {
+        Some(r) => r,
+        None => {
+            // Finish the request in progress, take no other; the hard stop
+            // ends what does not (a head never finished, a client not reading).
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = app.hard_stop.cancelled() => return,
+            }
+        }
+    };
+    if let Err(e) = result {
+        if e.is_timeout() {
+            tracing::debug!(%peer, "request head timed out");
+        } else {
+            tracing::debug!(%peer, "HTTP connection: {e}");
+        }
+    }
+}
+
+/// Fails a write that has made no progress for `limit`, so that an HTTP client
+/// that stops reading a response (an event stream, a large admin answer) is
+/// closed instead of holding its connection for ever. The timer exists only
+/// while a write is stalled.
+struct WriteDeadline<I> {
+    io: I,
+    limit: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<I> WriteDeadline<I> {
+    fn new(io: I, limit: Duration) -> Self {
+        WriteDeadline {
+            io,
+            limit,
+            stalled: None,
+        }
+    }
+
+    fn check<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if r.is_ready() {
+            self.stalled = None;
+            return r;
+        }
+        let limit = self.limit;
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client stopped reading",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for WriteDeadline<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.check(cx, r)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.check(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.io).poll_flush(cx);
+        self.check(cx, r)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.io).poll_shutdown(cx);
+        self.check(cx, r)
+    }
+}
+
+/// Counts a connection that is not (yet) a WebSocket, in total and against its
+/// address group, from accept until it upgrades or closes.
+struct HttpSlot {
+    app: Arc<App>,
+    total: Option<CountSlot>,
+    ip: Option<IpSlot>,
+}
+
+impl HttpSlot {
+    fn acquire(app: &Arc<App>, peer: IpAddr) -> Result<HttpSlot, Refusal> {
+        let cfg = &app.cfg;
+        // A trusted proxy carries many clients: only the total bounds it.
+        let ip = if security::trusted(peer, &cfg.trusted_proxies) {
+            None
+        } else {
+            match PerIp::acquire(
+                &app.http_per_ip,
+                security::address_group(peer),
+                cfg.max_http_connections_per_ip,
+            ) {
+                Some(s) => Some(s),
+                None => return Err(Refusal::HttpPerIp),
+            }
+        };
+        let Some(total) = CountSlot::acquire(&app.http_conns, cfg.max_http_connections) else {
+            return Err(Refusal::HttpFull);
+        };
+        Ok(HttpSlot {
+            app: app.clone(),
+            total: Some(total),
+            ip,
+        })
+    }
+}
+
+impl Drop for HttpSlot {
+    fn drop(&mut self) {
+        self.ip.take();
+        self.total.take();
+        // Shutdown waits for this count to reach zero.
+        self.app.conns_changed.notify_waiters();
     }
 }
 
@@ -216,7 +507,35 @@ fn router(app: Arc<App>) -> Router {
         .route("/ws", get(ws_handler))
         .route("/healthz", get(|| async { "ok" }))
         .merge(crate::observe::routes(app.clone()))
+        .layer(axum::middleware::map_response(no_framing))
         .with_state(app)
+}
+
+/// No page of ours may be framed by another site (the dashboard's kill
+/// buttons could be clickjacked), nor any response sniffed into another type.
+async fn no_framing(mut r: Response) -> Response {
+    if r.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("frame-ancestors 'none'"),
+        );
+        h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+        h.insert(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        );
+    }
+    r
+}
+
+/// The host a request names: its `Host` header, or the authority of an
+/// absolute-form request target.
+pub(crate) fn request_host<'a>(headers: &'a HeaderMap, uri: &'a Uri) -> Option<&'a str> {
+    headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()))
 }
 
 /// Replies gathered before a write to the socket (flushed at every batch end).
@@ -253,22 +572,28 @@ struct Slots {
 /// Why an upgrade was refused, before it happened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Refusal {
+    Host,
     Origin,
     Unauthorized,
     PerIp,
     PerToken,
     Full,
+    HttpPerIp,
+    HttpFull,
 }
 
 impl Refusal {
     /// The metrics label.
     fn reason(self) -> &'static str {
         match self {
+            Refusal::Host => "host",
             Refusal::Origin => "origin",
             Refusal::Unauthorized => "unauthorized",
             Refusal::PerIp => "connections_per_ip",
             Refusal::PerToken => "connections_per_token",
             Refusal::Full => "connections",
+            Refusal::HttpPerIp => "http_connections_per_ip",
+            Refusal::HttpFull => "http_connections",
         }
     }
 }
@@ -276,6 +601,7 @@ impl Refusal {
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
         let (status, text) = match self {
+            Refusal::Host => (StatusCode::FORBIDDEN, "host not allowed"),
             Refusal::Origin => (StatusCode::FORBIDDEN, "origin not allowed"),
             Refusal::Unauthorized => (StatusCode::UNAUTHORIZED, "a valid token is required"),
             Refusal::PerIp => (
@@ -286,7 +612,13 @@ impl IntoResponse for Refusal {
                 StatusCode::TOO_MANY_REQUESTS,
                 "too many connections with this token",
             ),
-            Refusal::Full => (StatusCode::SERVICE_UNAVAILABLE, "too many connections"),
+            Refusal::Full | Refusal::HttpFull => {
+                (StatusCode::SERVICE_UNAVAILABLE, "too many connections")
+            }
+            Refusal::HttpPerIp => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many connections from this address",
+            ),
         };
         let mut r = (status, text).into_response();
         if self == Refusal::Unauthorized {
@@ -299,9 +631,9 @@ impl IntoResponse for Refusal {
     }
 }
 
-/// The checks before an upgrade, cheapest and most telling first: origin
-/// (403), token (401), per-IP and per-token connections (429), then the
-/// server's total (503).
+/// The checks before an upgrade, cheapest and most telling first: host, on a
+/// loopback listener (403), origin (403), token (401), per-IP and per-token
+/// connections (429), then the server's total (503).
 fn admit_upgrade(
     app: &Arc<App>,
     peer: SocketAddr,
@@ -310,6 +642,13 @@ fn admit_upgrade(
 ) -> Result<(Slots, ConnLimits), Refusal> {
     let cfg = &app.cfg;
     let text = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    // A server on loopback is meant for this machine: a page elsewhere that
+    // re-points its own name to 127.0.0.1 must not reach it.
+    if security::is_loopback(cfg.addr.ip())
+        && !security::host_allowed(request_host(headers, uri), &cfg.allowed_hosts)
+    {
+        return Err(Refusal::Host);
+    }
     if !security::origin_allowed(
         text(header::ORIGIN),
         text(header::HOST),
@@ -329,7 +668,7 @@ fn admit_upgrade(
     };
     let ip = match cfg.max_connections_per_ip {
         None => None,
-        Some(max) => match PerIp::acquire(&app.per_ip, peer.ip(), max) {
+        Some(max) => match PerIp::acquire(&app.per_ip, security::address_group(peer.ip()), max) {
             Some(s) => Some(s),
             None => return Err(Refusal::PerIp),
         },
@@ -379,6 +718,7 @@ async fn ws_handler(
         Ok(x) => x,
         Err(refusal) => {
             app.observer.refused(refusal.reason());
+            log_refusal(&app, refusal, peer);
             return refusal.into_response();
         }
     };
@@ -395,6 +735,12 @@ async fn ws_handler(
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
             let _slots = slots;
-            crate::connection::serve(app, socket, peer, limits).await;
+            let hard = app.hard_stop.clone();
+            // Past the shutdown deadline, a WebSocket that has not closed
+            // (its client does not read) is dropped.
+            tokio::select! {
+                _ = crate::connection::serve(app, socket, peer, limits) => {}
+                _ = hard.cancelled() => {}
+            }
         })
 }

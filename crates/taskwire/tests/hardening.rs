@@ -406,9 +406,7 @@ async fn tls_with_a_self_signed_certificate() {
         tls_key: Some(key),
         ..config()
     };
-    let e = Server::bind(cfg, common::builtins())
-        .await
-        .unwrap_err();
+    let e = Server::bind(cfg, common::builtins()).await.unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
     assert!(e.to_string().contains("tls_key"), "{e}");
     let _ = std::fs::remove_dir_all(dir);
@@ -421,9 +419,7 @@ async fn invalid_configuration_is_refused_at_start() {
         outbound_queue: 0,
         ..config()
     };
-    let e = Server::bind(cfg, common::builtins())
-        .await
-        .unwrap_err();
+    let e = Server::bind(cfg, common::builtins()).await.unwrap_err();
     assert!(e.to_string().contains("outbound_queue"), "{e}");
 
     let dir = scratch("config");

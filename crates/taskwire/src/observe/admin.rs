@@ -2,7 +2,9 @@
 //!
 //! Secure by default: with a token configured, every admin and metrics request
 //! must carry it (`Authorization: Bearer …` or `?token=…`); with none, only
-//! loopback peers are answered.
+//! loopback peers are answered, and only when they name a loopback host (DNS
+//! rebinding). A state-changing request a page on another site made is
+//! refused either way (cross-site request forgery).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -11,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Path, Query, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -73,7 +75,7 @@ pub(crate) fn admin_allowed(
 ) -> bool {
     match configured {
         Some(expected) => presented.iter().any(|t| crate::security::same(t, expected)),
-        None => peer.is_loopback(),
+        None => crate::security::is_loopback(peer),
     }
 }
 
@@ -83,11 +85,31 @@ async fn authorize(
     req: Request,
     next: Next,
 ) -> Response {
+    let cfg = &app.cfg;
     let ok = admin_allowed(
-        app.cfg.admin_token.as_deref(),
+        cfg.admin_token.as_deref(),
         &crate::security::bearer_or_query_tokens(req.headers(), req.uri().query()),
         peer.ip(),
     );
+    // Let in for being local: the page that asks must be local too, not a
+    // foreign name re-pointed to 127.0.0.1. A token cannot be had that way.
+    if ok
+        && cfg.admin_token.is_none()
+        && !crate::security::host_allowed(
+            crate::server::request_host(req.headers(), req.uri()),
+            &cfg.allowed_hosts,
+        )
+    {
+        app.observer.refused("host");
+        return (StatusCode::FORBIDDEN, "host not allowed").into_response();
+    }
+    if ok
+        && !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
+        && !crate::security::same_site_request(req.headers(), &cfg.allowed_origins)
+    {
+        app.observer.refused("cross_site");
+        return (StatusCode::FORBIDDEN, "cross-site request refused").into_response();
+    }
     if !ok {
         let msg = if app.cfg.admin_token.is_some() {
             "admin token required"
@@ -264,6 +286,17 @@ mod tests {
         // No token configured: loopback only.
         assert!(admin_allowed(None, &[], lo));
         assert!(admin_allowed(None, &[], lo6));
+        // What a dual-stack listener on [::] sees for 127.0.0.1.
+        assert!(admin_allowed(
+            None,
+            &[],
+            "::ffff:127.0.0.1".parse().unwrap()
+        ));
+        assert!(!admin_allowed(
+            None,
+            &[],
+            "::ffff:203.0.113.9".parse().unwrap()
+        ));
         assert!(!admin_allowed(None, &[], remote));
         assert!(!admin_allowed(None, &["anything"], remote));
         // A token configured: the token, from anywhere, and nothing else.
