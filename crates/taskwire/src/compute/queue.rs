@@ -680,6 +680,7 @@ mod tests {
             for seed in 0..60 {
                 match side_by_side(seed * 4 + i as u64, 1_500, Arith::Log, &clock) {
                     Ok(n) => picks += n,
+                    Err(Split::Other(why)) => panic!("tau {tau} seed {seed}: {why}"),
                     Err(e) => panic!("tau {tau} seed {seed}: {e:?}"),
                 }
             }
@@ -709,6 +710,7 @@ mod tests {
                     Ok(n) => picks += n,
                     Err(Split::Groups { rel }) if rel <= 1e-9 => parted += 1,
                     Err(Split::Jobs { ns64 }) if ns64.abs() < 64 => parted += 1,
+                    Err(Split::Other(why)) => panic!("tau {tau} seed {seed}: {why}"),
                     Err(e) => panic!("tau {tau} seed {seed}: {e:?}"),
                 }
             }
