@@ -20,6 +20,10 @@
 //! - a job's aged attained service `attained - (now - enqueued)/64` orders like
 //!   `64·attained + enqueued`, fixed from its push to its pop.
 //!
+//! Rounding: a claim's `t/τ` term grows with uptime (86 400 after a day at
+//! τ = 1 s), so two usages closer than ~1e-11 relative may compare either way,
+//! a near-tie that the `exp` comparison also left to rounding.
+//!
 //! The scan these structures replace is kept as a reference in
 //! `queue_reference.rs`; the tests below check that both make the same picks.
 
@@ -237,7 +241,9 @@ impl<T> RunQueue<T> {
     }
 
     /// Takes the next job to run, with its group; the group counts it as running
-    /// until [`RunQueue::descheduled`].
+    /// until [`RunQueue::descheduled`]. The clock no longer matters to the pick
+    /// (both orders are time-invariant); it stays in the signature so the
+    /// policy may use it again without touching the pool.
     pub fn pop(&mut self, _now_ns: u64) -> Option<(u64, T)> {
         let (_, id) = self.ready.pop_first()?;
         let g = self.groups.get_mut(&id)?;
