@@ -552,8 +552,9 @@ mod tests {
 
     /// Runs one random sequence of `ops` operations on the ordered queue and
     /// on the scan, comparing every pick, length, group count and usage.
-    /// Returns the number of picks made, or where they first differed.
-    fn side_by_side(seed: u64, ops: u32, arith: Arith, clock: &Clock) -> Result<u64, Split> {
+    /// Returns the number of picks made and of groups forgotten, or where the
+    /// picks first differed.
+    fn side_by_side(seed: u64, ops: u32, arith: Arith, clock: &Clock) -> Result<(u64, u64), Split> {
         let mut rng = Rng(seed);
         let groups = 1 + rng.below(150);
         let mut new: RunQueue<u32> = RunQueue::new(clock.tau_ns);
@@ -561,8 +562,9 @@ mod tests {
         // job id -> (group, attained, enqueued) of queued jobs
         let mut queued: HashMap<u32, (u64, u64, u64)> = HashMap::new();
         let mut running: Vec<(u64, u32, u64)> = Vec::new(); // (group, id, attained)
-        let (mut now, mut next_id, mut picks) = (0u64, 0u32, 0u64);
+        let (mut now, mut next_id, mut picks, mut forgot) = (0u64, 0u32, 0u64, 0u64);
         for _ in 0..ops {
+            let groups_before = new.groups();
             match rng.below(100) {
                 0..=34 => {
                     let g = rng.below(groups);
@@ -639,6 +641,7 @@ mod tests {
                 }
             }
             new.check_invariants();
+            forgot += groups_before.saturating_sub(new.groups()) as u64;
             if (new.len(), new.groups()) != (old.len(), old.groups()) {
                 return Err(Split::Other(format!(
                     "len/groups {:?} against {:?}",
@@ -660,7 +663,7 @@ mod tests {
                 return Err(Split::Other(format!("drain: {a:?} against {b:?}")));
             }
             if a.is_none() {
-                return Ok(picks);
+                return Ok((picks, forgot));
             }
             picks += 1;
         }
@@ -671,7 +674,7 @@ mod tests {
     /// where `exp` underflows), late pushes, unexpected charges, forgetting.
     #[test]
     fn same_picks_as_the_scan_with_the_same_keys() {
-        let mut picks = 0;
+        let (mut picks, mut forgot) = (0, 0);
         for (i, tau) in [1_000u64, MS, 1_000 * MS, 7_777_777]
             .into_iter()
             .enumerate()
@@ -685,13 +688,14 @@ mod tests {
             };
             for seed in 0..60 {
                 match side_by_side(seed * 4 + i as u64, 1_500, Arith::Log, &clock) {
-                    Ok(n) => picks += n,
+                    Ok((n, f)) => (picks, forgot) = (picks + n, forgot + f),
                     Err(Split::Other(why)) => panic!("tau {tau} seed {seed}: {why}"),
                     Err(e) => panic!("tau {tau} seed {seed}: {e:?}"),
                 }
             }
         }
         assert!(picks > 100_000, "{picks}");
+        assert!(forgot > 1_000, "{forgot}");
     }
 
     /// Against the original arithmetic (`exp` at the time of the pick, wait
@@ -713,7 +717,7 @@ mod tests {
             for seed in 0..100 {
                 runs += 1;
                 match side_by_side(1_000 + seed, 1_500, Arith::Exp, &clock) {
-                    Ok(n) => picks += n,
+                    Ok((n, _)) => picks += n,
                     Err(Split::Groups { rel }) if rel <= 1e-9 => parted += 1,
                     Err(Split::Jobs { ns64 }) if ns64.abs() < 64 => parted += 1,
                     Err(Split::Other(why)) => panic!("tau {tau} seed {seed}: {why}"),
