@@ -5,7 +5,8 @@
 //! 1. the *group* (a connection) with the least recently attained CPU service:
 //!    its usage decays exponentially (time constant `tau`), so a group that has
 //!    just arrived runs ahead of one that has been flooding, and a flooder's
-//!    claim recovers once it has waited. Equal claims go round-robin.
+//!    claim recovers once it has waited. Equal claims go round-robin (among
+//!    groups never picked yet: first created, first served).
 //! 2. within that group, the job with the least attained service, aged by its
 //!    wait so that no job starves however many short jobs keep arriving.
 //!
@@ -42,8 +43,8 @@ const FORGET_BELOW_NS: f64 = 1_000.0;
 
 /// A group's claim, time-invariant: `ln(usage) + usage_at/τ`, so that a smaller
 /// key is a smaller decayed usage at any later time. Never NaN and never -0.0
-/// (a positive logarithm plus a non-negative quotient), so `total_cmp` is the
-/// numeric order.
+/// (`ln` of a positive number is not -0.0, and adding the non-negative
+/// `usage_at/τ` cannot make it so), so `total_cmp` is the numeric order.
 #[derive(Clone, Copy, Debug)]
 struct Claim(f64);
 
