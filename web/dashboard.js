@@ -390,12 +390,18 @@ async function kill(id, button) {
   try {
     const r = await fetch(`/admin/tasks/${encodeURIComponent(id)}/kill${tokenQs}`, { method: 'POST', headers: adminHeaders });
     if (r.status === 404) log(`task ${id} was already gone`);
-    else if (!r.ok) log(`kill ${id}: HTTP ${r.status}`, 'err');
+    else if (!r.ok) { log(`kill ${id}: HTTP ${r.status}`, 'err'); rearm(button); }
     else log(`killed task ${id}`, 'ok');
   } catch (err) {
     log(`kill ${id}: ${err.message}`, 'err');
-    if (button) { button.disabled = false; button.textContent = 'kill'; }
+    rearm(button);
   }
+}
+
+// Rows live on across snapshots, so a button a failed kill disabled must be re-armed
+// here: no rebuild will do it.
+function rearm(button) {
+  if (button && button.isConnected) { button.disabled = false; button.textContent = 'kill'; }
 }
 
 function killButton(id) {
@@ -417,30 +423,112 @@ for (const tbodyId of ['tasks-body', 'top-body']) {
 
 function setText(el, text) { if (el.textContent !== text) el.textContent = text; }
 
+// Both tables are refreshed four times a second, and a person's press and release
+// are some 100 ms apart: a refresh between them that replaced or moved the row under
+// the pointer sent the release elsewhere and lost the click. So rows are keyed by task
+// id and updated in place, and while a table is *held* (the pointer over it or pressed
+// in it, or the keyboard focus inside it) nothing in it moves: rows keep their places,
+// a row whose task has ended stays, marked ended, so that the next row does not slide
+// under the pointer, and new rows are only added at the bottom. The order catches up
+// with the next snapshot after the pointer leaves.
+function holdable(el) {
+  const h = { pointer: false, pressed: false, focus: false };
+  el.addEventListener('pointerenter', () => { h.pointer = true; });
+  el.addEventListener('pointerleave', () => { h.pointer = false; });
+  el.addEventListener('pointerdown', () => { h.pressed = true; });
+  // The release may land outside the table; a re-render on it could still beat the
+  // click event, so the order catches up with the next snapshot instead.
+  window.addEventListener('pointerup', () => { h.pressed = false; });
+  window.addEventListener('pointercancel', () => { h.pressed = false; });
+  el.addEventListener('focusin', () => { h.focus = true; });
+  el.addEventListener('focusout', (e) => { if (!el.contains(e.relatedTarget)) h.focus = false; });
+  return () => h.pointer || h.pressed || h.focus;
+}
+
+/**
+ * Puts the rows of `wanted` (task ids, in order) into `body`. `rows` maps a task id
+ * to its row (`{ tr }` and whatever `make` adds); `live` maps a task id to its task.
+ * While `held`, see above; `heldMax` bounds the rows kept then.
+ */
+function reconcile(body, rows, wanted, live, held, heldMax, { make, update, ended }) {
+  let order = wanted;
+  if (held) {
+    order = [...body.children].map((tr) => tr.twId).filter((id) => rows.has(id));
+    const placed = new Set(order);
+    for (const id of wanted) {
+      if (order.length >= heldMax) break;
+      if (!placed.has(id)) order.push(id);
+    }
+  }
+  const keep = new Set(order);
+  for (const [id, r] of rows) if (!keep.has(id)) { r.tr.remove(); rows.delete(id); }
+  let prev = null;
+  for (const id of order) {
+    let r = rows.get(id);
+    const t = live.get(id);
+    if (!r) {
+      if (!t) continue;
+      r = make(t);
+      r.tr.twId = id;
+      rows.set(id, r);
+    }
+    if (t) update(r, t); else ended(r);
+    const want = prev ? prev.nextSibling : body.firstChild;
+    if (want !== r.tr) body.insertBefore(r.tr, want);
+    prev = r.tr;
+  }
+}
+
+function markEnded(tr) {
+  if (tr.dataset.state === 'ended') return;
+  tr.dataset.state = 'ended';
+  tr.classList.add('ended');
+  tr.classList.remove('hot');
+  const b = tr.querySelector('button[data-kill]');
+  if (b) { b.disabled = true; b.textContent = 'ended'; }
+}
+
+const TOP_ROWS = 6;
+const topRows = new Map();
+const topHeld = holdable($('top'));
+
+function makeTopRow(t) {
+  const tr = document.createElement('tr');
+  tr.dataset.testid = 'top-row';
+  tr.dataset.taskId = String(t.id);
+  tr.innerHTML = '<td class="num"></td><td class="method"></td><td class="num"></td>'
+    + '<td class="num"><span class="cpu-bar"></span><span></span></td><td class="num"></td><td></td>';
+  const c = tr.children;
+  c[5].append(killButton(t.id));
+  return { tr, id: c[0], method: c[1], conn: c[2], bar: c[3].firstChild, now: c[3].lastChild, total: c[4] };
+}
+
+function updateTopRow(r, t) {
+  const pct = (cpuRate.get(t.id) ?? 0) * 100;
+  r.tr.dataset.method = t.method;
+  setText(r.id, String(t.id));
+  setText(r.method, t.method + (t.notYielding ? ' ⚠' : ''));
+  setText(r.conn, String(t.conn));
+  const width = `${Math.max(1, Math.min(60, pct * 0.6))}px`;
+  if (r.bar.style.width !== width) r.bar.style.width = width;
+  setText(r.now, `${pct < 10 ? pct.toFixed(1) : Math.round(pct)}%`);
+  setText(r.total, fmtDuration(t.cpuMs));
+}
+
 function renderTop(tasks) {
-  const top = tasks
+  const live = new Map(tasks.map((t) => [t.id, t]));
+  const wanted = tasks
     .map((t) => ({ t, rate: cpuRate.get(t.id) ?? 0 }))
     .filter((x) => x.rate > 0.001)
     .sort((a, b) => b.rate - a.rate || b.t.cpuMs - a.t.cpuMs)
-    .slice(0, 6);
-  const body = $('top-body');
-  body.replaceChildren(...top.map(({ t, rate }) => {
-    const tr = document.createElement('tr');
-    tr.dataset.testid = 'top-row';
-    tr.dataset.taskId = String(t.id);
-    tr.dataset.method = t.method;
-    const pct = rate * 100;
-    tr.innerHTML = `<td class="num"></td><td class="method"></td><td class="num"></td>`
-      + `<td class="num"><span class="cpu-bar" style="width:${Math.max(1, Math.min(60, pct * 0.6))}px"></span>${pct < 10 ? pct.toFixed(1) : Math.round(pct)}%</td><td class="num"></td><td></td>`;
-    const c = tr.children;
-    c[0].textContent = String(t.id);
-    c[1].textContent = t.method + (t.notYielding ? ' ⚠' : '');
-    c[2].textContent = String(t.conn);
-    c[4].textContent = fmtDuration(t.cpuMs);
-    c[5].append(killButton(t.id));
-    return tr;
-  }));
-  $('top-empty').hidden = top.length > 0;
+    .slice(0, TOP_ROWS)
+    .map((x) => x.t.id);
+  reconcile($('top-body'), topRows, wanted, live, topHeld(), 2 * TOP_ROWS, {
+    make: makeTopRow,
+    update: updateTopRow,
+    ended: (r) => { markEnded(r.tr); setText(r.now, '–'); },
+  });
+  $('top-empty').hidden = topRows.size > 0;
 }
 
 // Keyed rows: update in place, so 500 rows at 4 Hz stay cheap.
@@ -497,26 +585,23 @@ function updateRow(r, t) {
   }
 }
 
+const TASK_ROWS_HELD = 600;
+const tasksHeld = holdable($('tasks'));
+
 function renderTasks(tasks) {
   const q = $('task-filter').value.trim().toLowerCase();
   const shown = q
     ? tasks.filter((t) => `${t.id} ${t.method} ${t.state} ${t.kind} conn${t.conn} ${t.conn}`.toLowerCase().includes(q))
     : tasks;
-  const body = $('tasks-body');
-  const seen = new Set();
-  let prev = null;
-  for (const t of shown) {
-    let r = rows.get(t.id);
-    if (!r) { r = makeRow(t); rows.set(t.id, r); }
-    updateRow(r, t);
-    seen.add(t.id);
-    const want = prev ? prev.nextSibling : body.firstChild;
-    if (want !== r.tr) body.insertBefore(r.tr, want);
-    prev = r.tr;
-  }
-  for (const [id, r] of rows) if (!seen.has(id)) { r.tr.remove(); rows.delete(id); }
+  // Every live task, shown or not: a row held under the pointer is "ended" only when its task is.
+  const live = new Map(tasks.map((t) => [t.id, t]));
+  reconcile($('tasks-body'), rows, shown.map((t) => t.id), live, tasksHeld(), TASK_ROWS_HELD, {
+    make: makeRow,
+    update: updateRow,
+    ended: (r) => markEnded(r.tr),
+  });
   setText($('task-count'), String(tasks.length));
-  $('tasks-empty').hidden = shown.length > 0;
+  $('tasks-empty').hidden = rows.size > 0;
 }
 
 // ------------------------------------------------------------------ start

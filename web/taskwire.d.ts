@@ -13,6 +13,16 @@ export declare const ErrorCode: Readonly<{
   CRASHED: -32003;
   KILLED: -32004;
   SHUTTING_DOWN: -32005;
+  /** The cluster node running the task was lost; the task may have run in part. */
+  NODE_LOST: -32008;
+  /** A WebAssembly task passed its memory limit. */
+  MEMORY_LIMIT: -32010;
+  /** A WebAssembly task trapped (unreachable, out-of-bounds access, stack overflow, ...). */
+  TRAPPED: -32011;
+  /** No such session: unknown, expired, already resumed, or other credentials. */
+  NO_SUCH_SESSION: -32020;
+  /** The result was dropped: the session's buffer was full while the client was away (the task did run). */
+  RESULT_DROPPED: -32021;
   /** Client-side: the connection dropped while the request was in flight. */
   CONNECTION_LOST: -32099;
   /** Client-side: the request was never sent (closed, reconnect off/gave up, queue full). */
@@ -58,7 +68,7 @@ export interface ConnectOptions {
   queueLimit?: number;
   /** Give up on one opening attempt after this long. Default 10000. */
   connectTimeoutMs?: number;
-  /** Send a tiny echo when idle this long; no frame at all for another interval closes the socket and reconnects. 0 disables. Default 30000. */
+  /** Send `$/ping` every this many ms; no frame at all (any answer counts, even an error) for a whole interval after a ping closes the socket (code 4000) and reconnects. 0 disables. Default 30000. */
   heartbeatMs?: number;
 }
 

@@ -24,6 +24,16 @@ export const ErrorCode = Object.freeze({
   CRASHED: -32003,
   KILLED: -32004,
   SHUTTING_DOWN: -32005,
+  /** The cluster node running the task was lost; the task may have run in part. */
+  NODE_LOST: -32008,
+  /** A WebAssembly task passed its memory limit. */
+  MEMORY_LIMIT: -32010,
+  /** A WebAssembly task trapped (unreachable, out-of-bounds access, stack overflow, ...). */
+  TRAPPED: -32011,
+  /** No such session: unknown, expired, already resumed, or other credentials. */
+  NO_SUCH_SESSION: -32020,
+  /** The result was dropped: the session's buffer was full while the client was away (the task did run). */
+  RESULT_DROPPED: -32021,
   // Client-side codes (never sent by a server):
   /** The connection dropped while the request was in flight; its outcome is unknown
    *  (the server cancels every task of a closed connection). */
@@ -51,6 +61,8 @@ export class TaskwireError extends Error {
 }
 
 const SUBPROTOCOL = 'taskwire.v1';
+/** The protocol's heartbeat method (PROTOCOL.md): answered `{}` by the connection itself. */
+const PING_METHOD = '$/ping';
 const OPEN = 1;
 
 const DEFAULT_RECONNECT = Object.freeze({
@@ -390,7 +402,8 @@ export class Taskwire extends EventTarget {
   _handle(msg) {
     if (msg === null || typeof msg !== 'object') return;
     if ('id' in msg && ('result' in msg || 'error' in msg) && !('method' in msg)) {
-      if (typeof msg.id === 'string' && msg.id.startsWith('$hb')) return; // heartbeat answer
+      // A heartbeat answer, `{}` or an error alike: _onMessage already noted that the peer is alive.
+      if (typeof msg.id === 'string' && msg.id.startsWith('$hb')) return;
       const entry = msg.id === null ? undefined : this._pending.get(msg.id);
       if (!entry) {
         // id null: the server could not tie the error to a request.
@@ -491,8 +504,10 @@ export class Taskwire extends EventTarget {
         return;
       }
       this._heartbeatOutstanding = true;
-      // A tiny echo: any frame received (this answer or anything else) proves liveness.
-      this._sendRaw({ jsonrpc: '2.0', id: `$hb${this._nextId++}`, method: 'echo', params: { value: 'heartbeat' } });
+      // `$/ping` is answered by the connection itself, whatever tasks the server has.
+      // Any frame received proves liveness, so an error answer counts too: a server
+      // older than `$/ping` answers -32601 (method not found), and that is just as alive.
+      this._sendRaw({ jsonrpc: '2.0', id: `$hb${this._nextId++}`, method: PING_METHOD });
     }, this._heartbeatMs);
   }
 

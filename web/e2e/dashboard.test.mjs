@@ -63,6 +63,8 @@ test('start a runaway, see its CPU time grow in the table, kill it, see it leave
   await screenshot(page, '02-runaway');
 
   await page.click(`tr[data-testid="task-row"][data-task-id="${id}"] button[data-testid="task-kill"]`);
+  // The row stays in place, marked ended, while the pointer rests on the table; then it goes.
+  await page.mouse.move(5, 5);
   await page.waitForSelector(`tr[data-testid="task-row"][data-task-id="${id}"]`, { state: 'detached', timeout: 15_000 });
   // The caller (the page's actions connection) got -32004.
   await page.waitForSelector('li[data-testid="log-entry"][data-code="-32004"]', { timeout: 15_000 });

@@ -34,6 +34,7 @@ test('with ?token= the dashboard streams the table and kills; without it admin i
   const row = 'tr[data-testid="task-row"][data-method="runaway"]';
   await page.waitForSelector(row, { timeout: 15_000 });
   await page.click(`${row} button[data-testid="task-kill"]`);
+  await page.mouse.move(5, 5); // the table holds its rows while the pointer rests on it
   await page.waitForSelector(row, { state: 'detached', timeout: 15_000 });
   await page.waitForSelector('li[data-testid="log-entry"][data-code="-32004"]', { timeout: 15_000 });
   await screenshot(page, '08-token');

@@ -161,6 +161,10 @@ function runRequest(conn, req, reply) {
     return;
   }
   const send = (m) => { if (hasId) reply(m); };
+  if (req.method === '$/ping') {
+    send({ jsonrpc: '2.0', id: req.id, result: {} });
+    return;
+  }
   if (req.method === 'rpc.discover') {
     send({ jsonrpc: '2.0', id: req.id, result: { methods: Object.entries(registry).map(([name, d]) => ({ name, kind: d.kind })) } });
     return;

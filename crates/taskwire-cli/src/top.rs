@@ -540,7 +540,9 @@ mod tests {
             addr: "127.0.0.1:0".parse().unwrap(),
             ..Config::default()
         };
-        let server = Server::bind(cfg, Registry::with_builtins()).await.unwrap();
+        let mut registry = Registry::new();
+        taskwire::builtin::register(&mut registry);
+        let server = Server::bind(cfg, registry).await.unwrap();
         let addr = server.local_addr().unwrap();
         let stop = server.shutdown_handle();
         let running = tokio::spawn(server.run(std::future::pending()));

@@ -61,7 +61,8 @@ async fn collatz(ctx: Ctx, p: CollatzParams) -> Result<CollatzResult, TaskError>
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut registry = Registry::with_builtins();
+    let mut registry = Registry::new();
+    taskwire::builtin::register(&mut registry);
     registry.cpu(
         "collatz",
         "The longest Collatz chain below `below`.",

@@ -1,7 +1,15 @@
-//! One configuration, three sources: a TOML file, `TASKWIRE_*` environment
-//! variables and command-line flags all fill the same [`Settings`]; the layers
-//! are merged with [`Settings::or`] (higher layer first) and turned into a
-//! validated [`Config`] with [`Settings::into_config`].
+//! Every setting of the server, declared once.
+//!
+//! One declaration per setting (in [`settings!`](self) below) gives its name,
+//! type, unit, default, doc line and lower bound; from it come the typed
+//! [`Config`] a library user fills in code, the [`Settings`] layer that a TOML
+//! file, `TASKWIRE_*` environment variables and command-line flags each fill,
+//! the flags themselves ([`Flags`], with the `cli` feature), validation, and the
+//! README's configuration table ([`markdown_table`], checked by a test).
+//!
+//! The layers are merged per setting, the higher first: **flag > environment >
+//! file > default**. A file key, a flag and a variable are one name in three
+//! spellings: `max_inflight`, `--max-inflight`, `TASKWIRE_MAX_INFLIGHT`.
 //!
 //! ```
 //! use taskwire::config::Settings;
@@ -12,18 +20,19 @@
 //! assert_eq!(cfg.ping_interval, std::time::Duration::from_secs(5));
 //! ```
 //!
-//! Names are the same everywhere: the TOML key `max_inflight` is the flag
-//! `--max-inflight` and the variable `TASKWIRE_MAX_INFLIGHT`. Every error names
-//! the setting at fault.
+//! Every error names the setting at fault (by its file key, its flag or its
+//! variable, whichever the value came from).
 
+use std::fmt::Display;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::compute::ComputeConfig;
-use crate::server::Config;
 
 /// Why a configuration was refused. The message names the setting.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +51,22 @@ pub enum ConfigError {
         /// The file (or `<string>`).
         path: PathBuf,
         /// The parser's message, which names the key and its line.
+        message: String,
+    },
+    /// An environment variable holds a value that does not parse.
+    #[error("invalid environment variable {var}: {message}")]
+    Env {
+        /// The variable, e.g. `TASKWIRE_MAX_INFLIGHT`.
+        var: String,
+        /// What is wrong with its value.
+        message: String,
+    },
+    /// A command-line flag holds a value that does not parse.
+    #[error("invalid value for --{flag}: {message}")]
+    Flag {
+        /// The flag without its dashes, e.g. `max-inflight`.
+        flag: String,
+        /// What is wrong with its value.
         message: String,
     },
     /// A setting has a value the server cannot run with.
@@ -131,81 +156,476 @@ impl std::fmt::Debug for TokenSettings {
     }
 }
 
+/// How one kind of setting is written in a file, a flag or a variable, and
+/// what it becomes in [`Config`]. The units of a setting live here, so that a
+/// duration is `Duration` in code and milliseconds everywhere else.
+pub trait Kind {
+    /// What the file holds (and flags and variables parse into).
+    type Raw: DeserializeOwned + Clone + std::fmt::Debug;
+    /// What [`Config`] holds.
+    type Value: Clone + std::fmt::Debug;
+    /// The unit shown in `--help` and the README ("" for none).
+    const UNIT: &'static str = "";
+    /// Whether a flag may be repeated and a variable is comma-separated.
+    const LIST: bool = false;
+    /// Parses one flag or variable value.
+    fn parse(text: &str) -> Result<Self::Raw, String>;
+    /// The raw value as the README shows it.
+    fn show(raw: &Self::Raw) -> String;
+    /// Turns the raw value into the typed one; `None` means "not set".
+    fn value(raw: Option<Self::Raw>, key: &'static str) -> Result<Self::Value, ConfigError>;
+    /// The raw value as a number, for lower bounds.
+    fn number(_raw: &Self::Raw) -> Option<u128> {
+        None
+    }
+    /// The typed value as a number in the setting's unit, for lower bounds.
+    fn value_number(_value: &Self::Value) -> Option<u128> {
+        None
+    }
+}
+
+fn parsed<T: FromStr>(text: &str) -> Result<T, String>
+where
+    T::Err: Display,
+{
+    text.trim().parse::<T>().map_err(|e| e.to_string())
+}
+
+fn required<T>(raw: Option<T>, key: &'static str) -> Result<T, ConfigError> {
+    raw.ok_or_else(|| invalid(key, "must be set"))
+}
+
+macro_rules! plain_kind {
+    ($($t:ty),*) => {$(
+        impl Kind for $t {
+            type Raw = $t;
+            type Value = $t;
+            fn parse(text: &str) -> Result<$t, String> { parsed(text) }
+            fn show(raw: &$t) -> String { raw.to_string() }
+            fn value(raw: Option<$t>, key: &'static str) -> Result<$t, ConfigError> { required(raw, key) }
+        }
+    )*};
+}
+plain_kind!(bool, i32, String, SocketAddr);
+
+macro_rules! number_kind {
+    ($($t:ty),*) => {$(
+        impl Kind for $t {
+            type Raw = $t;
+            type Value = $t;
+            fn parse(text: &str) -> Result<$t, String> { parsed(text) }
+            fn show(raw: &$t) -> String { raw.to_string() }
+            fn value(raw: Option<$t>, key: &'static str) -> Result<$t, ConfigError> { required(raw, key) }
+            fn number(raw: &$t) -> Option<u128> { Some(*raw as u128) }
+            fn value_number(v: &$t) -> Option<u128> { Some(*v as u128) }
+        }
+    )*};
+}
+number_kind!(usize, u32, u64);
+
+impl Kind for PathBuf {
+    type Raw = PathBuf;
+    type Value = PathBuf;
+    fn parse(text: &str) -> Result<PathBuf, String> {
+        Ok(PathBuf::from(text))
+    }
+    fn show(raw: &PathBuf) -> String {
+        raw.display().to_string()
+    }
+    fn value(raw: Option<PathBuf>, key: &'static str) -> Result<PathBuf, ConfigError> {
+        required(raw, key)
+    }
+}
+
+/// A duration written in milliseconds.
+#[derive(Debug)]
+pub enum Millis {}
+
+impl Kind for Millis {
+    type Raw = u64;
+    type Value = Duration;
+    const UNIT: &'static str = "ms";
+    fn parse(text: &str) -> Result<u64, String> {
+        parsed(text)
+    }
+    fn show(raw: &u64) -> String {
+        raw.to_string()
+    }
+    fn value(raw: Option<u64>, key: &'static str) -> Result<Duration, ConfigError> {
+        required(raw, key).map(Duration::from_millis)
+    }
+    fn number(raw: &u64) -> Option<u128> {
+        Some(*raw as u128)
+    }
+    fn value_number(v: &Duration) -> Option<u128> {
+        Some(v.as_millis())
+    }
+}
+
+/// A duration written in microseconds.
+#[derive(Debug)]
+pub enum Micros {}
+
+impl Kind for Micros {
+    type Raw = u64;
+    type Value = Duration;
+    const UNIT: &'static str = "µs";
+    fn parse(text: &str) -> Result<u64, String> {
+        parsed(text)
+    }
+    fn show(raw: &u64) -> String {
+        raw.to_string()
+    }
+    fn value(raw: Option<u64>, key: &'static str) -> Result<Duration, ConfigError> {
+        required(raw, key).map(Duration::from_micros)
+    }
+    fn number(raw: &u64) -> Option<u128> {
+        Some(*raw as u128)
+    }
+    fn value_number(v: &Duration) -> Option<u128> {
+        Some(v.as_micros())
+    }
+}
+
+/// A size in bytes.
+#[derive(Debug)]
+pub enum Bytes {}
+
+impl Kind for Bytes {
+    type Raw = usize;
+    type Value = usize;
+    const UNIT: &'static str = "bytes";
+    fn parse(text: &str) -> Result<usize, String> {
+        parsed(text)
+    }
+    fn show(raw: &usize) -> String {
+        raw.to_string()
+    }
+    fn value(raw: Option<usize>, key: &'static str) -> Result<usize, ConfigError> {
+        required(raw, key)
+    }
+    fn number(raw: &usize) -> Option<u128> {
+        Some(*raw as u128)
+    }
+    fn value_number(v: &usize) -> Option<u128> {
+        Some(*v as u128)
+    }
+}
+
+/// A setting that may be left unset (its default then says what that means).
+#[derive(Debug)]
+pub struct Opt<K>(std::marker::PhantomData<K>);
+
+impl<K: Kind> Kind for Opt<K> {
+    type Raw = K::Raw;
+    type Value = Option<K::Value>;
+    const UNIT: &'static str = K::UNIT;
+    const LIST: bool = K::LIST;
+    fn parse(text: &str) -> Result<K::Raw, String> {
+        K::parse(text)
+    }
+    fn show(raw: &K::Raw) -> String {
+        K::show(raw)
+    }
+    fn value(raw: Option<K::Raw>, key: &'static str) -> Result<Option<K::Value>, ConfigError> {
+        raw.map(|r| K::value(Some(r), key)).transpose()
+    }
+    fn number(raw: &K::Raw) -> Option<u128> {
+        K::number(raw)
+    }
+    fn value_number(v: &Option<K::Value>) -> Option<u128> {
+        v.as_ref().and_then(K::value_number)
+    }
+}
+
+/// A list of strings: a TOML array, a repeated flag, or a comma-separated variable.
+#[derive(Debug)]
+pub enum List {}
+
+fn split_list(text: &str) -> Vec<String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+impl Kind for List {
+    type Raw = Vec<String>;
+    type Value = Vec<String>;
+    const LIST: bool = true;
+    fn parse(text: &str) -> Result<Vec<String>, String> {
+        Ok(split_list(text))
+    }
+    fn show(raw: &Vec<String>) -> String {
+        raw.join(",")
+    }
+    fn value(raw: Option<Vec<String>>, _key: &'static str) -> Result<Vec<String>, ConfigError> {
+        Ok(raw.unwrap_or_default())
+    }
+}
+
+/// Client tokens: `[[tokens]]` tables in the file (with per-token limits), or
+/// bare secrets from a repeated flag or a comma-separated variable.
+#[derive(Debug)]
+pub enum Tokens {}
+
+impl Kind for Tokens {
+    type Raw = Vec<TokenSettings>;
+    type Value = Vec<AuthToken>;
+    const LIST: bool = true;
+    fn parse(text: &str) -> Result<Vec<TokenSettings>, String> {
+        Ok(split_list(text)
+            .into_iter()
+            .map(|token| TokenSettings {
+                token,
+                ..TokenSettings::default()
+            })
+            .collect())
+    }
+    fn show(raw: &Vec<TokenSettings>) -> String {
+        format!("{} token(s)", raw.len())
+    }
+    fn value(
+        raw: Option<Vec<TokenSettings>>,
+        _key: &'static str,
+    ) -> Result<Vec<AuthToken>, ConfigError> {
+        raw.unwrap_or_default()
+            .into_iter()
+            .map(|t| {
+                Ok(AuthToken {
+                    rate_limit: rate(
+                        t.rate_limit_per_sec,
+                        t.rate_limit_burst,
+                        ("tokens.rate_limit_per_sec", "tokens.rate_limit_burst"),
+                    )?,
+                    token: t.token,
+                    max_connections: t.max_connections,
+                    max_inflight: t.max_inflight,
+                })
+            })
+            .collect()
+    }
+}
+
+/// One setting as `--help`, the README and tools see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Spec {
+    /// The TOML key, e.g. `max_inflight`.
+    pub key: &'static str,
+    /// The flag without its dashes, e.g. `max-inflight`.
+    pub flag: String,
+    /// The environment variable, e.g. `TASKWIRE_MAX_INFLIGHT`.
+    pub env: String,
+    /// The unit ("" for none).
+    pub unit: &'static str,
+    /// The first line of the setting's documentation.
+    pub doc: String,
+    /// The default as the README shows it.
+    pub default: String,
+    /// Whether the flag repeats and the variable is comma-separated.
+    pub list: bool,
+}
+
+fn doc_line(lines: &[&str]) -> String {
+    lines
+        .iter()
+        .map(|l| l.trim())
+        .take_while(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn flag_of(key: &str) -> String {
+    key.replace('_', "-")
+}
+
+fn env_of(key: &str) -> String {
+    format!("TASKWIRE_{}", key.to_ascii_uppercase())
+}
+
+fn check_min(key: &'static str, n: Option<u128>, min: u128) -> Result<(), ConfigError> {
+    match n {
+        Some(n) if n < min => Err(invalid(key, format!("must be at least {min}"))),
+        _ => Ok(()),
+    }
+}
+
 macro_rules! settings {
-    ($( $(#[$doc:meta])* $name:ident : $ty:ty, )*) => {
+    ($(
+        $(#[doc = $doc:literal])+
+        $key:ident => $field:ident : $kind:ty = $default:expr
+            $(, shown $shown:literal)?
+            $(, min $min:literal)?
+            $(, flag $flag:literal)?
+            $(, env $env:literal)?
+        ;
+    )*) => {
+        /// Server settings, typed. Every field has a working default and the
+        /// defaults suit local use: see docs/SECURITY.md before exposing a
+        /// server to the internet. [`Settings`] builds one from a file, the
+        /// environment and flags; in code, `Config { field: value,
+        /// ..Config::default() }`.
+        #[derive(Clone, Debug)]
+        pub struct Config {
+            $( $(#[doc = $doc])* pub $field: <$kind as Kind>::Value, )*
+        }
+
         /// Every setting, each optional: one layer of the configuration (the
-        /// file, the environment or the flags). See the README's
-        /// "Configuration" table for names, defaults and precedence.
+        /// file, the environment or the flags). Field names are the TOML keys.
         #[derive(Clone, Debug, Default, Deserialize)]
         #[serde(deny_unknown_fields)]
         pub struct Settings {
-            $( $(#[$doc])* pub $name: Option<$ty>, )*
+            $( $(#[doc = $doc])* pub $key: Option<<$kind as Kind>::Raw>, )*
         }
 
         impl Settings {
             /// This layer over `lower`: each setting set here wins.
             pub fn or(self, lower: Settings) -> Settings {
-                Settings { $( $name: self.$name.or(lower.$name), )* }
+                Settings { $( $key: self.$key.or(lower.$key), )* }
             }
+
+            /// The declared defaults, as a layer.
+            pub fn defaults() -> Settings {
+                Settings { $( $key: $default, )* }
+            }
+
+            /// A layer from text values found by a setting's [`Spec`] (the
+            /// environment, flags); `err` names the source of a bad value.
+            fn from_texts(
+                mut get: impl FnMut(&Spec) -> Option<Vec<String>>,
+                err: impl Fn(&Spec, String) -> ConfigError,
+            ) -> Result<Settings, ConfigError> {
+                let specs = specs();
+                let mut specs = specs.iter();
+                Ok(Settings { $( $key: {
+                    let spec = specs.next().ok_or_else(|| invalid(stringify!($key), "undeclared"))?;
+                    match get(spec) {
+                        None => None,
+                        Some(texts) => Some(parse_texts::<$kind>(&texts).map_err(|m| err(spec, m))?),
+                    }
+                }, )* })
+            }
+
+            /// Fills what is unset with the defaults and validates the result.
+            pub fn into_config(self) -> Result<Config, ConfigError> {
+                let s = self.or(Settings::defaults());
+                let cfg = Config {
+                    $( $field: <$kind as Kind>::value(s.$key, stringify!($key))?, )*
+                };
+                cfg.validate()?;
+                Ok(cfg)
+            }
+        }
+
+        impl Config {
+            /// The lower bounds stated in the declarations.
+            fn check_declared(&self) -> Result<(), ConfigError> {
+                $( $( check_min(stringify!($key), <$kind as Kind>::value_number(&self.$field), $min)?; )? )*
+                Ok(())
+            }
+        }
+
+        /// Every setting, in declaration order: key, flag, variable, unit, doc, default.
+        pub fn specs() -> Vec<Spec> {
+            vec![ $( Spec {
+                key: stringify!($key),
+                flag: [$($flag)?].first().map(|f: &&str| f.to_string()).unwrap_or_else(|| flag_of(stringify!($key))),
+                env: [$($env)?].first().map(|e: &&str| e.to_string()).unwrap_or_else(|| env_of(stringify!($key))),
+                unit: <$kind as Kind>::UNIT,
+                doc: doc_line(&[$($doc),*]),
+                default: {
+                    let d: Option<<$kind as Kind>::Raw> = $default;
+                    match d {
+                        Some(v) => <$kind as Kind>::show(&v),
+                        None => [$($shown)?].first().map(|s: &&str| s.to_string()).unwrap_or_else(|| "none".to_string()),
+                    }
+                },
+                list: <$kind as Kind>::LIST,
+            }, )* ]
         }
     };
 }
 
+/// A flag's or variable's texts (several for a repeated flag) as one raw value.
+fn parse_texts<K: Kind>(texts: &[String]) -> Result<K::Raw, String> {
+    if K::LIST {
+        K::parse(&texts.join(","))
+    } else {
+        K::parse(texts.last().map(String::as_str).unwrap_or(""))
+    }
+}
+
 settings! {
-    /// Address to listen on.
-    addr: SocketAddr,
-    /// Largest WebSocket message, bytes.
-    max_frame_bytes: usize,
-    /// In-flight requests per connection.
-    max_inflight: usize,
-    /// Open connections, all clients.
-    max_connections: usize,
-    /// Open connections per client IP address.
-    max_connections_per_ip: usize,
-    /// Cap on any task's deadline, ms.
-    max_timeout_ms: u64,
-    /// Shutdown grace period, ms.
-    shutdown_grace_ms: u64,
-    /// WebSocket ping period, ms.
-    ping_interval_ms: u64,
-    /// Outbound queue per connection, messages.
-    outbound_queue: usize,
-    /// Outbound queue per connection, bytes.
-    outbound_bytes: usize,
-    /// Slow-consumer timeout, ms.
-    write_timeout_ms: u64,
-    /// Keep the live task table and per-task metrics (off only to measure their cost).
-    observe: bool,
-    /// Bearer token for `/admin` and `/metrics`.
-    admin_token: String,
-    /// Origins allowed besides the server's own host (`*` for any).
-    allowed_origins: Vec<String>,
-    /// Refuse upgrades without an `Origin` header.
-    require_origin: bool,
-    /// Client tokens; when any is set, `/ws` requires one.
-    tokens: Vec<TokenSettings>,
-    /// TLS certificate chain, PEM.
-    tls_cert: PathBuf,
-    /// TLS private key, PEM.
-    tls_key: PathBuf,
-    /// Requests per second per connection.
-    rate_limit_per_sec: u32,
+    /// Address to listen on (port 0 picks a free port).
+    addr => addr: SocketAddr = "127.0.0.1:7878".parse().ok();
+    /// Largest WebSocket message; larger ones close the connection with 1009.
+    max_frame_bytes => max_frame_bytes: Bytes = Some(1 << 20), min 1024;
+    /// Requests in flight per connection before `-32001 connection_inflight`.
+    max_inflight => max_inflight_per_connection: usize = Some(1024), min 1;
+    /// Open connections before new upgrades get HTTP 503.
+    max_connections => max_connections: usize = Some(10_000), min 1;
+    /// Open connections per client address before new upgrades get HTTP 429.
+    max_connections_per_ip => max_connections_per_ip: Opt<usize> = None, shown "no limit", min 1;
+    /// Cap on any task's deadline.
+    max_timeout_ms => max_task_timeout: Millis = Some(3_600_000), min 1;
+    /// How long in-flight tasks get to finish on shutdown.
+    shutdown_grace_ms => shutdown_grace: Millis = Some(5_000);
+    /// WebSocket ping period; two unanswered pings close the connection (1001).
+    ping_interval_ms => ping_interval: Millis = Some(20_000), min 1;
+    /// Capacity of each connection's outbound queue, in messages.
+    outbound_queue => outbound_queue: usize = Some(1024), min 1;
+    /// Bytes each connection's outbound queue may hold: with the message
+    /// count, what bounds the memory a client that does not read can pin
+    /// until the write timeout closes it.
+    outbound_bytes => outbound_bytes: Bytes = Some(4 << 20);
+    /// How long a reply may wait for room in the outbound queue, or a write for
+    /// the socket, before the client is closed as a slow consumer (1008).
+    write_timeout_ms => write_timeout: Millis = Some(10_000), min 1;
+    /// Keep the live task table and per-task metrics (off only to measure what they cost).
+    observe => observe: bool = Some(true);
+    /// Bearer token for `/admin` and `/metrics`; without one they answer loopback peers only.
+    admin_token => admin_token: Opt<String> = None, shown "none: loopback only";
+    /// Page origins allowed to open `/ws` besides the server's own host (`*`: any).
+    allowed_origins => allowed_origins: List = None, shown "none: same host only", flag "allowed-origin";
+    /// Refuse upgrades without an `Origin` header, i.e. non-browser clients.
+    require_origin => require_origin: bool = Some(false);
+    /// Client tokens; when any is set, `/ws` requires one (header, `token`
+    /// query parameter or `taskwire_token` cookie). Per-token limits: `[[tokens]]` in the file.
+    tokens => auth_tokens: Tokens = None, shown "none: /ws is open", flag "token";
+    /// TLS certificate chain (PEM); with `tls_key`, serves `wss://` and `https://`.
+    tls_cert => tls_cert: Opt<PathBuf> = None, shown "none: plain ws://";
+    /// TLS private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    tls_key => tls_key: Opt<PathBuf> = None;
+    /// Requests per second per connection; excess gets `-32001 rate_limited`.
+    rate_limit_per_sec => rate_limit_per_sec: Opt<u32> = None, shown "no limit", min 1;
     /// Burst of requests per connection.
-    rate_limit_burst: u32,
+    rate_limit_burst => rate_limit_burst: Opt<u32> = None, shown "rate_limit_per_sec", min 1;
     /// Compute worker threads.
-    workers: usize,
-    /// CPU time slice, µs.
-    slice_us: u64,
-    /// Not-yielding threshold, ms.
-    non_yield_ms: u64,
-    /// CPU tasks admitted, all connections.
-    queue_limit: usize,
-    /// CPU tasks admitted per connection.
-    connection_cpu_limit: usize,
-    /// Niceness of compute workers.
-    nice: i32,
-    /// Log filter (used by the binary, not the library).
-    log: String,
+    workers => workers: Opt<usize> = None, shown "available cores", min 1;
+    /// Time slice of CPU tasks.
+    slice_us => slice: Micros = Some(2_000), min 100;
+    /// A CPU task running this long past its slice without a checkpoint is
+    /// flagged and its worker replaced.
+    non_yield_ms => non_yield_after: Millis = Some(100), min 1;
+    /// Most CPU tasks admitted and unfinished, over all connections.
+    queue_limit => queue_limit: usize = Some(10_000), min 1;
+    /// Most CPU tasks admitted and unfinished, per connection.
+    connection_cpu_limit => connection_cpu_limit: usize = Some(256), min 1;
+    /// Niceness of compute workers (0 leaves it alone), so connection threads
+    /// win the CPU when both want it.
+    nice => nice: i32 = Some(10);
+    /// Log filter, `RUST_LOG` syntax (e.g. `info,taskwire=debug`), for binaries that log.
+    log => log: String = Some("info".to_string()), env "RUST_LOG";
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        // The declared defaults are constants; `defaults_are_valid` checks them.
+        Settings::default()
+            .into_config()
+            .unwrap_or_else(|e| panic!("a declared default is invalid: {e}"))
+    }
 }
 
 fn rate(
@@ -245,76 +665,41 @@ impl Settings {
         Self::parse(&text, path)
     }
 
-    /// Fills what is unset with the defaults and validates the result.
-    pub fn into_config(self) -> Result<Config, ConfigError> {
-        let d = Config::default();
-        let cd = ComputeConfig::default();
-        let ms = Duration::from_millis;
-        let workers = self.workers.unwrap_or(cd.workers);
-        let tls = match (self.tls_cert, self.tls_key) {
-            (None, None) => None,
-            (Some(cert), Some(key)) => Some(TlsConfig { cert, key }),
-            (Some(_), None) => {
-                return Err(invalid("tls_key", "`tls_cert` is set but not `tls_key`"))
-            }
-            (None, Some(_)) => {
-                return Err(invalid("tls_cert", "`tls_key` is set but not `tls_cert`"))
-            }
-        };
-        let tokens = self
-            .tokens
-            .unwrap_or_default()
-            .into_iter()
-            .map(|t| {
-                Ok(AuthToken {
-                    rate_limit: rate(
-                        t.rate_limit_per_sec,
-                        t.rate_limit_burst,
-                        ("tokens.rate_limit_per_sec", "tokens.rate_limit_burst"),
-                    )?,
-                    token: t.token,
-                    max_connections: t.max_connections,
-                    max_inflight: t.max_inflight,
-                })
-            })
-            .collect::<Result<Vec<_>, ConfigError>>()?;
-        let cfg = Config {
-            addr: self.addr.unwrap_or(d.addr),
-            max_frame_bytes: self.max_frame_bytes.unwrap_or(d.max_frame_bytes),
-            max_inflight_per_connection: self.max_inflight.unwrap_or(d.max_inflight_per_connection),
-            max_connections: self.max_connections.unwrap_or(d.max_connections),
-            max_connections_per_ip: self.max_connections_per_ip.or(d.max_connections_per_ip),
-            max_task_timeout: self.max_timeout_ms.map(ms).unwrap_or(d.max_task_timeout),
-            shutdown_grace: self.shutdown_grace_ms.map(ms).unwrap_or(d.shutdown_grace),
-            ping_interval: self.ping_interval_ms.map(ms).unwrap_or(d.ping_interval),
-            outbound_queue: self.outbound_queue.unwrap_or(d.outbound_queue),
-            outbound_bytes: self.outbound_bytes.unwrap_or(d.outbound_bytes),
-            write_timeout: self.write_timeout_ms.map(ms).unwrap_or(d.write_timeout),
-            admin_token: self.admin_token.or(d.admin_token),
-            allowed_origins: self.allowed_origins.unwrap_or(d.allowed_origins),
-            require_origin: self.require_origin.unwrap_or(d.require_origin),
-            auth_tokens: tokens,
-            tls,
-            rate_limit: rate(
-                self.rate_limit_per_sec,
-                self.rate_limit_burst,
-                ("rate_limit_per_sec", "rate_limit_burst"),
-            )?
-            .or(d.rate_limit),
-            compute: ComputeConfig {
-                workers,
-                slice: self.slice_us.map(Duration::from_micros).unwrap_or(cd.slice),
-                non_yield_after: self.non_yield_ms.map(ms).unwrap_or(cd.non_yield_after),
-                max_extra_workers: workers,
-                queue_limit: self.queue_limit.unwrap_or(cd.queue_limit),
-                per_connection_limit: self.connection_cpu_limit.unwrap_or(cd.per_connection_limit),
-                nice: self.nice.unwrap_or(cd.nice),
-                ..cd
+    /// The environment layer: every `TASKWIRE_*` variable of a setting (an
+    /// empty one counts as unset). A bad value names its variable.
+    pub fn from_env() -> Result<Settings, ConfigError> {
+        Self::from_lookup(|name| std::env::var_os(name))
+    }
+
+    /// The environment layer from any lookup (for tests and embedding).
+    pub fn from_lookup(
+        mut var: impl FnMut(&str) -> Option<std::ffi::OsString>,
+    ) -> Result<Settings, ConfigError> {
+        let mut not_unicode = None;
+        let layer = Self::from_texts(
+            |spec| {
+                let v = var(&spec.env)?;
+                match v.into_string() {
+                    Ok(s) if s.trim().is_empty() => None,
+                    Ok(s) => Some(vec![s]),
+                    Err(_) => {
+                        not_unicode.get_or_insert_with(|| spec.env.clone());
+                        None
+                    }
+                }
             },
-            observe: self.observe.unwrap_or(d.observe),
-        };
-        cfg.validate()?;
-        Ok(cfg)
+            |spec, message| ConfigError::Env {
+                var: spec.env.clone(),
+                message,
+            },
+        )?;
+        match not_unicode {
+            Some(var) => Err(ConfigError::Env {
+                var,
+                message: "not valid UTF-8".to_string(),
+            }),
+            None => Ok(layer),
+        }
     }
 }
 
@@ -344,34 +729,49 @@ fn valid_origin(o: &str) -> bool {
 }
 
 impl Config {
+    /// The TLS files, when both are set.
+    pub fn tls(&self) -> Option<TlsConfig> {
+        Some(TlsConfig {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+        })
+    }
+
+    /// The server-wide request rate limit, if any.
+    pub fn rate_limit(&self) -> Option<RateLimit> {
+        let per_second = self.rate_limit_per_sec?;
+        Some(RateLimit {
+            per_second,
+            burst: self.rate_limit_burst.unwrap_or(per_second),
+        })
+    }
+
+    /// The compute pool's part of the settings.
+    pub fn compute(&self) -> ComputeConfig {
+        let d = ComputeConfig::default();
+        let workers = self.workers.unwrap_or(d.workers);
+        ComputeConfig {
+            workers,
+            slice: self.slice,
+            non_yield_after: self.non_yield_after,
+            max_extra_workers: workers,
+            queue_limit: self.queue_limit,
+            per_connection_limit: self.connection_cpu_limit,
+            nice: self.nice,
+            ..d
+        }
+    }
+
     /// Checks every setting; the error names the first one at fault (by its
     /// configuration-file name). [`crate::Server::bind`] calls this.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let positive = |name: &'static str, v: u128| {
-            if v == 0 {
-                Err(invalid(name, "must be greater than 0"))
-            } else {
-                Ok(())
-            }
-        };
-        if self.max_frame_bytes < 1024 {
-            return Err(invalid("max_frame_bytes", "must be at least 1024"));
-        }
-        positive("max_inflight", self.max_inflight_per_connection as u128)?;
-        positive("max_connections", self.max_connections as u128)?;
-        if let Some(n) = self.max_connections_per_ip {
-            positive("max_connections_per_ip", n as u128)?;
-        }
-        positive("max_timeout_ms", self.max_task_timeout.as_millis())?;
-        positive("ping_interval_ms", self.ping_interval.as_millis())?;
-        positive("outbound_queue", self.outbound_queue as u128)?;
+        self.check_declared()?;
         if self.outbound_bytes < self.max_frame_bytes {
             return Err(invalid(
                 "outbound_bytes",
                 "must be at least max_frame_bytes (a reply as large as a request must fit)",
             ));
         }
-        positive("write_timeout_ms", self.write_timeout.as_millis())?;
         if self.admin_token.as_deref() == Some("") {
             return Err(invalid(
                 "admin_token",
@@ -386,14 +786,27 @@ impl Config {
                 ));
             }
         }
-        let check_rate = |r: &Option<RateLimit>, names: (&'static str, &'static str)| {
-            if let Some(r) = r {
-                positive(names.0, r.per_second as u128)?;
-                positive(names.1, r.burst as u128)?;
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => {
+                return Err(invalid("tls_key", "`tls_cert` is set but not `tls_key`"))
             }
-            Ok::<(), ConfigError>(())
+            (None, Some(_)) => {
+                return Err(invalid("tls_cert", "`tls_key` is set but not `tls_cert`"))
+            }
+            _ => {}
+        }
+        rate(
+            self.rate_limit_per_sec,
+            self.rate_limit_burst,
+            ("rate_limit_per_sec", "rate_limit_burst"),
+        )?;
+        let positive = |name: &'static str, v: u128| {
+            if v == 0 {
+                Err(invalid(name, "must be greater than 0"))
+            } else {
+                Ok(())
+            }
         };
-        check_rate(&self.rate_limit, ("rate_limit_per_sec", "rate_limit_burst"))?;
         let mut seen = std::collections::HashSet::new();
         for t in &self.auth_tokens {
             if t.token.len() < MIN_TOKEN_LEN || !t.token.chars().all(token_char) {
@@ -413,23 +826,171 @@ impl Config {
             if let Some(n) = t.max_inflight {
                 positive("tokens.max_inflight", n as u128)?;
             }
-            check_rate(
-                &t.rate_limit,
-                ("tokens.rate_limit_per_sec", "tokens.rate_limit_burst"),
-            )?;
+            if let Some(r) = t.rate_limit {
+                positive("tokens.rate_limit_per_sec", r.per_second as u128)?;
+                positive("tokens.rate_limit_burst", r.burst as u128)?;
+            }
         }
-        let c = &self.compute;
-        positive("workers", c.workers as u128)?;
-        if c.slice < Duration::from_micros(100) {
-            return Err(invalid("slice_us", "must be at least 100"));
-        }
-        positive("non_yield_ms", c.non_yield_after.as_millis())?;
-        positive("queue_limit", c.queue_limit as u128)?;
-        positive("connection_cpu_limit", c.per_connection_limit as u128)?;
-        if !(-20..=19).contains(&c.nice) {
+        if !(-20..=19).contains(&self.nice) {
             return Err(invalid("nice", "must be between -20 and 19"));
         }
         Ok(())
+    }
+}
+
+/// The README's configuration table, derived from the declarations (a test
+/// keeps the README equal to it).
+pub fn markdown_table() -> String {
+    let mut out = String::from(
+        "| file key | flag | environment | unit | default | what |\n|---|---|---|---|---|---|\n",
+    );
+    for s in specs() {
+        let repeat = if s.list { " (repeat)" } else { "" };
+        let comma = if s.list { " (comma-separated)" } else { "" };
+        out.push_str(&format!(
+            "| `{}` | `--{}`{repeat} | `{}`{comma} | {} | {} | {} |\n",
+            s.key,
+            s.flag,
+            s.env,
+            s.unit,
+            s.default,
+            s.doc.replace('|', "\\|"),
+        ));
+    }
+    out
+}
+
+#[cfg(feature = "cli")]
+pub use flags::Flags;
+
+#[cfg(feature = "cli")]
+mod flags {
+    use super::*;
+    use clap::{Arg, ArgAction, ArgMatches, Command};
+
+    /// Every setting as a command-line flag, plus `--config FILE`: flatten it
+    /// into your own clap command (`#[command(flatten)] settings: Flags`) and
+    /// [`Flags::load`] gives the layered, validated [`Config`], exactly as the
+    /// `taskwire` binary does.
+    ///
+    /// ```
+    /// use clap::Parser;
+    /// #[derive(Parser)]
+    /// struct Cli {
+    ///     #[command(flatten)]
+    ///     settings: taskwire::config::Flags,
+    /// }
+    /// let cli = Cli::parse_from(["app", "--max-inflight", "8"]);
+    /// let cfg = cli.settings.load().unwrap();
+    /// assert_eq!(cfg.max_inflight_per_connection, 8);
+    /// ```
+    #[derive(Clone, Debug, Default)]
+    pub struct Flags {
+        config: Option<PathBuf>,
+        values: Vec<(&'static str, Vec<String>)>,
+    }
+
+    impl Flags {
+        /// The flags layer alone; a bad value names its flag.
+        pub fn settings(&self) -> Result<Settings, ConfigError> {
+            Settings::from_texts(
+                |spec| {
+                    self.values
+                        .iter()
+                        .find(|(k, _)| *k == spec.key)
+                        .map(|(_, v)| v.clone())
+                },
+                |spec, message| ConfigError::Flag {
+                    flag: spec.flag.clone(),
+                    message,
+                },
+            )
+        }
+
+        /// The file named by `--config` (or `TASKWIRE_CONFIG`), if any.
+        pub fn config_file(&self) -> Option<PathBuf> {
+            self.config.clone().or_else(|| {
+                std::env::var_os("TASKWIRE_CONFIG")
+                    .filter(|v| !v.is_empty())
+                    .map(PathBuf::from)
+            })
+        }
+
+        /// Flags over the environment over the file over the defaults, validated.
+        pub fn load(&self) -> Result<Config, ConfigError> {
+            let file = match self.config_file() {
+                Some(path) => Settings::load(&path)?,
+                None => Settings::default(),
+            };
+            self.settings()?
+                .or(Settings::from_env()?)
+                .or(file)
+                .into_config()
+        }
+    }
+
+    impl clap::FromArgMatches for Flags {
+        fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
+            let values = specs()
+                .into_iter()
+                .filter_map(|s| {
+                    let v: Vec<String> = m.get_many::<String>(s.key)?.cloned().collect();
+                    Some((s.key, v))
+                })
+                .collect();
+            Ok(Flags {
+                config: m.get_one::<String>("config").map(PathBuf::from),
+                values,
+            })
+        }
+
+        fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
+            *self = Self::from_arg_matches(m)?;
+            Ok(())
+        }
+    }
+
+    impl clap::Args for Flags {
+        fn augment_args(cmd: Command) -> Command {
+            let mut cmd = cmd.arg(
+                Arg::new("config")
+                    .long("config")
+                    .value_name("FILE")
+                    .help("A TOML file with any of the settings below (same names, snake_case) [env: TASKWIRE_CONFIG]"),
+            );
+            for s in specs() {
+                let unit = if s.unit.is_empty() {
+                    String::new()
+                } else {
+                    format!(", in {}", s.unit)
+                };
+                let value_name = if s.unit.is_empty() {
+                    "VALUE".to_string()
+                } else {
+                    s.unit.to_ascii_uppercase()
+                };
+                cmd = cmd.arg(
+                    Arg::new(s.key)
+                        .long(s.flag)
+                        .value_name(value_name)
+                        .allow_negative_numbers(true)
+                        .action(if s.list {
+                            ArgAction::Append
+                        } else {
+                            ArgAction::Set
+                        })
+                        .help(format!(
+                            "{}{unit} [default: {}] [env: {}]",
+                            s.doc, s.default, s.env
+                        )),
+                );
+            }
+            cmd
+        }
+
+        fn augment_args_for_update(cmd: Command) -> Command {
+            Self::augment_args(cmd)
+        }
     }
 }
 
@@ -439,8 +1000,47 @@ mod tests {
 
     #[test]
     fn defaults_are_valid() {
-        Config::default().validate().unwrap();
         Settings::default().into_config().unwrap();
+        let c = Config::default();
+        assert_eq!(c.max_inflight_per_connection, 1024);
+        assert_eq!(c.ping_interval, Duration::from_secs(20));
+        assert_eq!(c.slice, Duration::from_micros(2000));
+    }
+
+    #[test]
+    fn every_setting_is_declared_once_with_distinct_names() {
+        let specs = specs();
+        let mut keys = std::collections::HashSet::new();
+        let mut flags = std::collections::HashSet::new();
+        let mut envs = std::collections::HashSet::new();
+        for s in &specs {
+            assert!(keys.insert(s.key), "{} twice", s.key);
+            assert!(flags.insert(s.flag.clone()), "--{} twice", s.flag);
+            assert!(envs.insert(s.env.clone()), "{} twice", s.env);
+            assert!(!s.doc.is_empty(), "{} has no doc", s.key);
+        }
+    }
+
+    #[test]
+    fn readme_table_matches_the_declarations() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md");
+        let readme = std::fs::read_to_string(&path).unwrap();
+        let start = "<!-- settings: generated from crates/taskwire/src/config.rs -->\n";
+        let end = "<!-- /settings -->";
+        let from = readme.find(start).expect("README has the settings marker") + start.len();
+        let to = readme[from..].find(end).expect("README has the end marker") + from;
+        let table = markdown_table();
+        // `TASKWIRE_BLESS=1 cargo test -p taskwire --lib readme` rewrites it.
+        if std::env::var_os("TASKWIRE_BLESS").is_some() && readme[from..to] != table {
+            let updated = format!("{}{table}{}", &readme[..from], &readme[to..]);
+            std::fs::write(&path, updated).unwrap();
+            return;
+        }
+        assert_eq!(
+            &readme[from..to],
+            table,
+            "the README's configuration table is stale; replace it with:\n{table}"
+        );
     }
 
     #[test]
@@ -453,6 +1053,34 @@ mod tests {
         let cfg = env.or(file).into_config().unwrap();
         assert_eq!(cfg.max_inflight_per_connection, 5);
         assert_eq!(cfg.max_connections, 9);
+    }
+
+    #[test]
+    fn environment_layer_names_the_variable() {
+        let vars = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| std::ffi::OsString::from(v))
+            }
+        };
+        let s = Settings::from_lookup(vars(&[
+            ("TASKWIRE_MAX_INFLIGHT", "12"),
+            (
+                "TASKWIRE_ALLOWED_ORIGINS",
+                "https://a.example, https://b.example",
+            ),
+            ("TASKWIRE_ADMIN_TOKEN", ""),
+            ("RUST_LOG", "debug"),
+        ]))
+        .unwrap();
+        assert_eq!(s.max_inflight, Some(12));
+        assert_eq!(s.allowed_origins.as_ref().map(Vec::len), Some(2));
+        assert_eq!(s.admin_token, None, "an empty variable is unset");
+        assert_eq!(s.log.as_deref(), Some("debug"));
+        let e = Settings::from_lookup(vars(&[("TASKWIRE_MAX_INFLIGHT", "many")])).unwrap_err();
+        assert!(e.to_string().contains("TASKWIRE_MAX_INFLIGHT"), "{e}");
     }
 
     #[test]
@@ -485,6 +1113,7 @@ mod tests {
                 "tokens.max_inflight",
             ),
             ("slice_us = 5", "slice_us"),
+            ("max_frame_bytes = 10", "max_frame_bytes"),
         ];
         for (text, setting) in cases {
             let e = Settings::from_toml(text)
@@ -496,6 +1125,19 @@ mod tests {
             }
             assert!(e.to_string().contains(setting));
         }
+    }
+
+    #[test]
+    fn a_config_built_in_code_is_checked_too() {
+        let cfg = Config {
+            max_inflight_per_connection: 0,
+            ..Config::default()
+        };
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("max_inflight"));
     }
 
     #[test]
@@ -524,5 +1166,38 @@ mod tests {
         assert!(valid_origin("*"));
         assert!(!valid_origin("app.example.com"));
         assert!(!valid_origin("https://app.example.com/"));
+    }
+
+    #[cfg(feature = "cli")]
+    #[test]
+    fn flags_parse_repeat_and_name_themselves() {
+        use clap::Parser;
+        #[derive(Parser, Debug)]
+        struct Cli {
+            #[command(flatten)]
+            settings: Flags,
+        }
+        let cli = Cli::try_parse_from([
+            "t",
+            "--max-inflight",
+            "7",
+            "--allowed-origin",
+            "https://a.example",
+            "--allowed-origin",
+            "https://b.example,https://c.example",
+            "--nice",
+            "-5",
+            "--slice-us",
+            "500",
+        ])
+        .unwrap();
+        let s = cli.settings.settings().unwrap();
+        assert_eq!(s.max_inflight, Some(7));
+        assert_eq!(s.allowed_origins.map(|o| o.len()), Some(3));
+        assert_eq!(s.nice, Some(-5));
+        assert_eq!(s.slice_us, Some(500));
+        let cli = Cli::try_parse_from(["t", "--max-inflight", "many"]).unwrap();
+        let e = cli.settings.settings().unwrap_err().to_string();
+        assert!(e.contains("--max-inflight"), "{e}");
     }
 }

@@ -26,7 +26,8 @@
 //! }
 //!
 //! # async fn run() -> std::io::Result<()> {
-//! let mut registry = Registry::with_builtins();
+//! let mut registry = Registry::new();
+//! taskwire::builtin::register(&mut registry);
 //! registry.cpu("fib", "The n-th Fibonacci number, wrapping", fib);
 //! let server = Server::bind(Config::default(), registry).await?;
 //! server.run(taskwire::shutdown_signal()).await
@@ -47,6 +48,7 @@ mod server;
 mod task;
 mod tls;
 
+pub use config::Config;
 pub use registry::{Registry, TaskDef};
-pub use server::{shutdown_signal, Config, Server, ShutdownHandle};
+pub use server::{shutdown_signal, Server, ShutdownHandle};
 pub use task::{Checkpoint, Ctx, Stopped, TaskError, TaskKind};

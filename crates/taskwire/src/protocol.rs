@@ -36,6 +36,20 @@ pub mod codes {
     pub const KILLED: i32 = -32004;
     /// The server is shutting down and the task did not finish.
     pub const SHUTTING_DOWN: i32 = -32005;
+    /// The cluster node running the task was lost; the task may have run in
+    /// part. `data` is `{"node": ...}`.
+    pub const NODE_LOST: i32 = -32008;
+    /// A WebAssembly task passed its memory limit. `data` is `{"limitBytes": n}`.
+    pub const MEMORY_LIMIT: i32 = -32010;
+    /// A WebAssembly task trapped (unreachable, out-of-bounds access, stack
+    /// overflow, ...); the trap is in the message.
+    pub const TRAPPED: i32 = -32011;
+    /// No such session: its token is unknown, expired, already spent, or was
+    /// presented with other credentials than the session was opened with.
+    pub const NO_SUCH_SESSION: i32 = -32020;
+    /// The result was dropped because the session's buffer was full while the
+    /// client was away; the task did run. `data` is `{"bytes": n}`.
+    pub const RESULT_DROPPED: i32 = -32021;
 }
 
 /// Method name of the cancellation notification.

@@ -64,7 +64,7 @@ impl TaskDef {
 /// #[derive(Deserialize, JsonSchema)]
 /// struct Add { a: i64, b: i64 }
 ///
-/// let mut registry = Registry::with_builtins();
+/// let mut registry = Registry::new();
 /// registry.io("add", "Adds two integers", |_ctx: Ctx, p: Add| async move {
 ///     Ok::<_, TaskError>(p.a + p.b)
 /// });
@@ -76,16 +76,10 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// A registry with no tasks.
+    /// A registry with no tasks (the built-ins are added by
+    /// [`crate::builtin::register`]).
     pub fn new() -> Self {
         Registry::default()
-    }
-
-    /// A registry with the built-in tasks of the protocol.
-    pub fn with_builtins() -> Self {
-        let mut r = Registry::new();
-        crate::builtin::register(&mut r);
-        r
     }
 
     /// Registers an I/O task: it runs on Tokio's threads and must not burn CPU.

@@ -19,95 +19,13 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::compute::{ComputeConfig, ComputePool};
-use crate::config::{AuthToken, RateLimit, TlsConfig};
+use crate::compute::ComputePool;
+use crate::config::Config;
 use crate::connection::ConnLimits;
 use crate::observe::Observer;
 use crate::protocol::SUBPROTOCOL;
 use crate::registry::Registry;
 use crate::security::{self, CountSlot, IpSlot, PerIp};
-
-/// Server settings. Every field has a working default, and the defaults suit
-/// local use: see docs/SECURITY.md before exposing a server to the internet.
-/// [`crate::config::Settings`] builds one from a file, the environment and flags.
-#[derive(Clone, Debug)]
-pub struct Config {
-    /// Address to listen on (default `127.0.0.1:7878`).
-    pub addr: SocketAddr,
-    /// Largest WebSocket message accepted; larger ones close the connection
-    /// with 1009 (default 1 MiB).
-    pub max_frame_bytes: usize,
-    /// Requests in flight per connection before `-32001 connection_inflight` (default 1024).
-    pub max_inflight_per_connection: usize,
-    /// Open connections before new upgrades get HTTP 503 (default 10 000).
-    pub max_connections: usize,
-    /// Open connections per client IP address before new upgrades get HTTP 429
-    /// (default: no limit).
-    pub max_connections_per_ip: Option<usize>,
-    /// Cap on any task's deadline (default 1 hour).
-    pub max_task_timeout: Duration,
-    /// How long in-flight tasks get to finish on shutdown (default 5 s).
-    pub shutdown_grace: Duration,
-    /// WebSocket ping period; two unanswered pings close the connection (default 20 s).
-    pub ping_interval: Duration,
-    /// Capacity of each connection's outbound queue (default 1024 messages).
-    pub outbound_queue: usize,
-    /// Bytes each connection's outbound queue may hold (default 4 MiB): with
-    /// the message count, what bounds the memory a client that does not read
-    /// can pin until the write timeout closes it.
-    pub outbound_bytes: usize,
-    /// How long a reply may wait for room in the outbound queue, or a write for
-    /// the socket, before the client is closed as a slow consumer (default 10 s).
-    pub write_timeout: Duration,
-    /// Bearer token for `/admin`; without one, `/admin` answers loopback peers only.
-    pub admin_token: Option<String>,
-    /// Page origins (`https://app.example.com`) allowed to open `/ws` besides
-    /// the server's own host; `*` allows any. Others get HTTP 403 (default: none).
-    pub allowed_origins: Vec<String>,
-    /// Refuse upgrades that carry no `Origin` header, i.e. non-browser
-    /// clients (default false).
-    pub require_origin: bool,
-    /// Client tokens; when any is configured, `/ws` requires one (header,
-    /// `token` query parameter or `taskwire_token` cookie) and answers 401
-    /// without (default: none, `/ws` is open).
-    pub auth_tokens: Vec<AuthToken>,
-    /// Serve `wss://` and `https://` with this certificate (default: plain).
-    pub tls: Option<TlsConfig>,
-    /// Request rate per connection; excess requests get `-32001 rate_limited`
-    /// (default: no limit).
-    pub rate_limit: Option<RateLimit>,
-    /// The compute pool.
-    pub compute: ComputeConfig,
-    /// Keep the live table of connections and the per-task metrics (default
-    /// true). Off only to measure what observing costs.
-    pub observe: bool,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            addr: SocketAddr::from(([127, 0, 0, 1], 7878)),
-            max_frame_bytes: 1 << 20,
-            max_inflight_per_connection: 1024,
-            max_connections: 10_000,
-            max_connections_per_ip: None,
-            max_task_timeout: Duration::from_secs(3600),
-            shutdown_grace: Duration::from_secs(5),
-            ping_interval: Duration::from_secs(20),
-            outbound_queue: 1024,
-            outbound_bytes: 4 << 20,
-            write_timeout: Duration::from_secs(10),
-            admin_token: None,
-            allowed_origins: Vec::new(),
-            require_origin: false,
-            auth_tokens: Vec::new(),
-            tls: None,
-            rate_limit: None,
-            compute: ComputeConfig::default(),
-            observe: true,
-        }
-    }
-}
 
 /// Everything a connection needs, shared.
 pub(crate) struct App {
@@ -158,7 +76,9 @@ impl Server {
     /// ```no_run
     /// # async fn run() -> std::io::Result<()> {
     /// use taskwire::{Config, Registry, Server};
-    /// let server = Server::bind(Config::default(), Registry::with_builtins()).await?;
+    /// let mut registry = Registry::new();
+    /// taskwire::builtin::register(&mut registry);
+    /// let server = Server::bind(Config::default(), registry).await?;
     /// println!("listening on {}", server.local_addr()?);
     /// server.run(taskwire::shutdown_signal()).await
     /// # }
@@ -170,14 +90,14 @@ impl Server {
         let invalid =
             |e: crate::config::ConfigError| io::Error::new(io::ErrorKind::InvalidInput, e);
         cfg.validate().map_err(invalid)?;
-        let tls = match &cfg.tls {
+        let tls = match &cfg.tls() {
             Some(t) => Some(crate::tls::acceptor(t).map_err(invalid)?),
             None => None,
         };
         let listener = TcpListener::bind(cfg.addr).await?;
         let discover = serde_json::value::to_raw_value(&registry.discover())
             .map_err(|e| io::Error::other(format!("rpc.discover: {e}")))?;
-        let pool = ComputePool::new(cfg.compute.clone());
+        let pool = ComputePool::new(cfg.compute());
         let app = Arc::new(App {
             observer: Observer::new(
                 cfg.observe,
@@ -433,7 +353,7 @@ fn admit_upgrade(
         max_inflight: t
             .and_then(|t| t.max_inflight)
             .unwrap_or(cfg.max_inflight_per_connection),
-        rate: t.and_then(|t| t.rate_limit).or(cfg.rate_limit),
+        rate: t.and_then(|t| t.rate_limit).or(cfg.rate_limit()),
     };
     Ok((
         Slots {

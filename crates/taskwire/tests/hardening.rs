@@ -10,8 +10,8 @@ use std::time::Duration;
 use common::*;
 use futures_util::SinkExt;
 use serde_json::{json, Value};
-use taskwire::config::{AuthToken, RateLimit, Settings, TlsConfig};
-use taskwire::{Config, Registry, Server};
+use taskwire::config::{AuthToken, Settings};
+use taskwire::{Config, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -275,10 +275,8 @@ async fn tokens_by_header_query_or_cookie_with_their_own_limits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_rate_is_limited_per_connection() {
     let cfg = Config {
-        rate_limit: Some(RateLimit {
-            per_second: 1,
-            burst: 3,
-        }),
+        rate_limit_per_sec: Some(1),
+        rate_limit_burst: Some(3),
         ..config()
     };
     let s = TestServer::start(cfg).await;
@@ -350,10 +348,8 @@ async fn tls_with_a_self_signed_certificate() {
     std::fs::write(&cert, ck.cert.pem()).unwrap();
     std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
     let cfg = Config {
-        tls: Some(TlsConfig {
-            cert: cert.clone(),
-            key: key.clone(),
-        }),
+        tls_cert: Some(cert.clone()),
+        tls_key: Some(key.clone()),
         ..config()
     };
     let s = TestServer::start(cfg).await;
@@ -406,10 +402,11 @@ async fn tls_with_a_self_signed_certificate() {
     std::fs::write(&key, "not a key").unwrap();
     let cfg = Config {
         addr: "127.0.0.1:0".parse().unwrap(),
-        tls: Some(TlsConfig { cert, key }),
+        tls_cert: Some(cert),
+        tls_key: Some(key),
         ..config()
     };
-    let e = Server::bind(cfg, Registry::with_builtins())
+    let e = Server::bind(cfg, common::builtins())
         .await
         .unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
@@ -424,7 +421,7 @@ async fn invalid_configuration_is_refused_at_start() {
         outbound_queue: 0,
         ..config()
     };
-    let e = Server::bind(cfg, Registry::with_builtins())
+    let e = Server::bind(cfg, common::builtins())
         .await
         .unwrap_err();
     assert!(e.to_string().contains("outbound_queue"), "{e}");

@@ -54,7 +54,7 @@ fn metric(m: &Series, name: &str, labels: &[(&str, &str)]) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_a_known_sequence() {
     let mut cfg = config();
-    cfg.compute.per_connection_limit = 1;
+    cfg.connection_cpu_limit = 1;
     let s = TestServer::start(cfg).await;
     let mut c = s.client().await;
     for i in 0..3 {
@@ -143,7 +143,7 @@ async fn metrics_count_a_known_sequence() {
 }
 
 fn s_workers() -> usize {
-    Config::default().compute.workers
+    Config::default().compute().workers
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

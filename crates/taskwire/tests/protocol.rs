@@ -7,12 +7,12 @@ use std::time::Duration;
 use common::*;
 use futures_util::SinkExt;
 use serde_json::{json, Value};
-use taskwire::{Config, Ctx, Registry, TaskError};
+use taskwire::{Config, Ctx, TaskError};
 use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_error_code_of_the_table() {
-    let mut reg = Registry::with_builtins();
+    let mut reg = common::builtins();
     #[derive(serde::Deserialize, schemars::JsonSchema)]
     struct Nothing {}
     // A result that is not JSON (a map with non-string keys) is an internal error.
@@ -466,8 +466,8 @@ async fn limits_connections_and_timeouts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cpu_admission_limits() {
     let mut cfg = config();
-    cfg.compute.per_connection_limit = 2;
-    cfg.compute.queue_limit = 3;
+    cfg.connection_cpu_limit = 2;
+    cfg.queue_limit = 3;
     let s = TestServer::start(cfg).await;
     let mut a = s.client().await;
     let mut b = s.client().await;
@@ -498,7 +498,7 @@ async fn cpu_admission_limits() {
 async fn io_task_panics_are_isolated_on_every_poll() {
     #[derive(serde::Deserialize, schemars::JsonSchema)]
     struct Nothing {}
-    let mut reg = Registry::with_builtins();
+    let mut reg = common::builtins();
     reg.io(
         "panic_now",
         "panics on its first poll",

@@ -22,12 +22,12 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(cfg: Config) -> TestServer {
-        Self::with_registry(cfg, Registry::with_builtins()).await
+        Self::with_registry(cfg, builtins()).await
     }
 
     pub async fn with_registry(mut cfg: Config, registry: Registry) -> TestServer {
         cfg.addr = "127.0.0.1:0".parse().unwrap();
-        cfg.compute.nice = 0;
+        cfg.nice = 0;
         let server = Server::bind(cfg, registry).await.unwrap();
         let addr = server.local_addr().unwrap();
         let handle = server.shutdown_handle();
@@ -58,6 +58,13 @@ impl Drop for TestServer {
     fn drop(&mut self) {
         self.handle.shutdown();
     }
+}
+
+/// A registry with every built-in task.
+pub fn builtins() -> Registry {
+    let mut r = Registry::new();
+    taskwire::builtin::register(&mut r);
+    r
 }
 
 pub fn config() -> Config {
