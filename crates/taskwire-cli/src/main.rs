@@ -11,6 +11,11 @@ use taskwire::{Config, Registry, Server};
 
 mod top;
 
+// Every allocation is counted, for the process and for the task that made it:
+// the task table's memory column and the memory budget read these counts.
+#[global_allocator]
+static ALLOC: taskwire::alloc::CountingAlloc = taskwire::alloc::CountingAlloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "taskwire",
@@ -126,6 +131,14 @@ struct ServeArgs {
     /// Most CPU tasks admitted and unfinished, per connection [default: 256].
     #[arg(long, env = "TASKWIRE_CONNECTION_CPU_LIMIT")]
     connection_cpu_limit: Option<usize>,
+    /// Most CPU tasks admitted and unfinished, per client address (IPv6 grouped
+    /// by /64), over all its connections; more get -32001 address_limit [default: 2560].
+    #[arg(long, env = "TASKWIRE_ADDRESS_CPU_LIMIT")]
+    address_cpu_limit: Option<usize>,
+    /// Process memory in bytes past which new CPU tasks get -32001 memory and
+    /// the largest tasks are flagged [default: 75% of the machine's memory].
+    #[arg(long, env = "TASKWIRE_MEMORY_BUDGET_BYTES")]
+    memory_budget_bytes: Option<u64>,
     /// Niceness of compute workers (0 leaves it alone) [default: 10].
     #[arg(long, env = "TASKWIRE_NICE", allow_negative_numbers = true)]
     nice: Option<i32>,
@@ -172,6 +185,8 @@ impl ServeArgs {
             non_yield_ms: self.non_yield_ms,
             queue_limit: self.queue_limit,
             connection_cpu_limit: self.connection_cpu_limit,
+            address_cpu_limit: self.address_cpu_limit,
+            memory_budget_bytes: self.memory_budget_bytes,
             nice: self.nice,
             log: self.log.clone(),
         }

@@ -202,6 +202,10 @@ settings! {
     queue_limit: usize,
     /// CPU tasks admitted per connection.
     connection_cpu_limit: usize,
+    /// CPU tasks admitted per client address (IPv6 /64), all its connections.
+    address_cpu_limit: usize,
+    /// Process memory past which new CPU tasks are refused, bytes.
+    memory_budget_bytes: u64,
     /// Niceness of compute workers.
     nice: i32,
     /// Log filter (used by the binary, not the library).
@@ -308,6 +312,8 @@ impl Settings {
                 max_extra_workers: workers,
                 queue_limit: self.queue_limit.unwrap_or(cd.queue_limit),
                 per_connection_limit: self.connection_cpu_limit.unwrap_or(cd.per_connection_limit),
+                address_cpu_limit: self.address_cpu_limit.unwrap_or(cd.address_cpu_limit),
+                memory_budget: self.memory_budget_bytes.unwrap_or(cd.memory_budget),
                 nice: self.nice.unwrap_or(cd.nice),
                 ..cd
             },
@@ -323,6 +329,9 @@ impl Settings {
 fn token_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '~')
 }
+
+/// The smallest memory budget accepted.
+pub const MIN_MEMORY_BUDGET: u64 = 16 << 20;
 
 /// The shortest client token accepted: shorter ones can be guessed online.
 pub const MIN_TOKEN_LEN: usize = 16;
@@ -426,6 +435,14 @@ impl Config {
         positive("non_yield_ms", c.non_yield_after.as_millis())?;
         positive("queue_limit", c.queue_limit as u128)?;
         positive("connection_cpu_limit", c.per_connection_limit as u128)?;
+        positive("address_cpu_limit", c.address_cpu_limit as u128)?;
+        if c.memory_budget < MIN_MEMORY_BUDGET {
+            // A budget below what an idle server holds refuses every CPU task.
+            return Err(invalid(
+                "memory_budget_bytes",
+                format!("must be at least {MIN_MEMORY_BUDGET} (16 MiB)"),
+            ));
+        }
         if !(-20..=19).contains(&c.nice) {
             return Err(invalid("nice", "must be between -20 and 19"));
         }
@@ -485,6 +502,8 @@ mod tests {
                 "tokens.max_inflight",
             ),
             ("slice_us = 5", "slice_us"),
+            ("address_cpu_limit = 0", "address_cpu_limit"),
+            ("memory_budget_bytes = 4", "memory_budget_bytes"),
         ];
         for (text, setting) in cases {
             let e = Settings::from_toml(text)

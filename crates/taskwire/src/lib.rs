@@ -35,6 +35,7 @@
 
 #![deny(missing_docs)]
 
+pub mod alloc;
 pub mod builtin;
 pub mod compute;
 pub mod config;

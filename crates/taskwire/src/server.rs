@@ -186,6 +186,7 @@ impl Server {
                     .iter()
                     .map(|t| t.name())
                     .collect::<Vec<_>>(),
+                cfg.compute.workers + cfg.compute.max_extra_workers,
             ),
             registry,
             discover,
