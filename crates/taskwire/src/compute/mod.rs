@@ -1280,6 +1280,99 @@ mod tests {
     }
 
     #[test]
+    fn one_address_takes_at_most_its_share() {
+        let p = ComputePool::new(ComputeConfig {
+            workers: 1,
+            per_connection_limit: 2,
+            address_cpu_limit: 5,
+            queue_limit: 100,
+            nice: 0,
+            ..ComputeConfig::default()
+        });
+        let flooder: IpAddr = "192.0.2.7".parse().unwrap();
+        // Many connections from one address: 5 admitted in all, then refused.
+        let conns: Vec<_> = (0..4).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+        let mut held = Vec::new();
+        let mut refused = Vec::new();
+        for c in &conns {
+            for _ in 0..2 {
+                match p.admit_from(c, flooder) {
+                    Ok(permit) => held.push(permit),
+                    Err(e) => refused.push(e),
+                }
+            }
+        }
+        assert_eq!(held.len(), 5);
+        assert_eq!(refused.len(), 3);
+        for e in &refused {
+            assert_eq!(e.reason(), "address_limit");
+            assert!((RETRY_MIN_MS..=RETRY_MAX_MS).contains(&e.retry_after_ms()));
+        }
+        // A refusal gives back what it took: the connection's own count.
+        let counted: usize = conns.iter().map(|c| c.load(Ordering::Acquire)).sum();
+        assert_eq!(counted, 5);
+        // A newcomer from another address is admitted; so is the same /64's
+        // neighbour only up to the /64's share.
+        let other = Arc::new(AtomicUsize::new(0));
+        let newcomer = p.admit_from(&other, "198.51.100.1".parse().unwrap()).unwrap();
+        let v6 = Arc::new(AtomicUsize::new(0));
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let v6_permits: Vec<_> = (0..5)
+            .map(|i| {
+                let c = Arc::new(AtomicUsize::new(0));
+                p.admit_from(&c, if i % 2 == 0 { a } else { b }).unwrap()
+            })
+            .collect();
+        assert_eq!(
+            p.admit_from(&v6, b).unwrap_err().reason(),
+            "address_limit",
+            "one /64 is one address"
+        );
+        assert!(p.admit_from(&v6, "2001:db8:1:3::1".parse().unwrap()).is_ok());
+        assert_eq!(p.addresses(), 3, "an entry per address with jobs");
+        // The table forgets an address when its last job ends.
+        drop(held);
+        drop(v6_permits);
+        assert_eq!(p.addresses(), 1);
+        drop(newcomer);
+        assert_eq!(p.addresses(), 0, "bounded: no entry without a job");
+        assert_eq!(p.stats().admitted, 0);
+        // Once its jobs ended, the flooder is admitted again.
+        assert!(p.admit_from(&conns[0], flooder).is_ok());
+    }
+
+    #[test]
+    fn the_pool_limit_undoes_the_address_count() {
+        let p = ComputePool::new(ComputeConfig {
+            workers: 1,
+            address_cpu_limit: 10,
+            queue_limit: 2,
+            nice: 0,
+            ..ComputeConfig::default()
+        });
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let g = Arc::new(AtomicUsize::new(0));
+        let _a = p.admit_from(&g, ip).unwrap();
+        let _b = p.admit_from(&g, "192.0.2.2".parse().unwrap()).unwrap();
+        let e = p.admit_from(&g, ip).unwrap_err();
+        assert_eq!(e.reason(), "queue_full");
+        // Nothing ends: the hint says so with its longest value.
+        assert_eq!(e.retry_after_ms(), RETRY_MAX_MS);
+        assert_eq!(p.addresses(), 2);
+        assert_eq!(g.load(Ordering::Acquire), 2);
+    }
+
+    #[test]
+    fn address_groups() {
+        let g = |s: &str| address_group(s.parse().unwrap()).to_string();
+        assert_eq!(g("203.0.113.9"), "203.0.113.9");
+        assert_eq!(g("::ffff:203.0.113.9"), "203.0.113.9");
+        assert_eq!(g("2001:db8:a:b:c:d:e:f"), "2001:db8:a:b::");
+        assert_eq!(g("::1"), "::");
+    }
+
+    #[test]
     fn a_non_yielding_job_does_not_take_capacity() {
         let p = ComputePool::new(ComputeConfig {
             workers: 1,
