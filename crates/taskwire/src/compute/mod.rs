@@ -969,6 +969,7 @@ impl MemoryState {
             Some(j) if j.memory.load(Ordering::Relaxed) >= HEAVY_MIN_BYTES => true,
             Some(j) => {
                 j.heavy.store(false, Ordering::Relaxed);
+                j.memory_flagged.store(false, Ordering::Relaxed);
                 false
             }
             None => false,
@@ -984,6 +985,7 @@ impl MemoryState {
                 Some((i, m)) if m < mine => {
                     if let Some(j) = h.swap_remove(i).upgrade() {
                         j.heavy.store(false, Ordering::Relaxed);
+                        j.memory_flagged.store(false, Ordering::Relaxed);
                     }
                 }
                 _ => {
@@ -1083,11 +1085,11 @@ fn sample_memory(p: &Inner, w: &mut MemoryWatch) {
     // fell well below their peak while the heap holds much more than is live;
     // without it, when the C allocator reports much free memory (checked
     // once a second: that call walks the free lists).
+    w.peak = w.peak.max(used);
     if w.last_trim.elapsed() < Duration::from_secs(1) {
         return;
     }
     let worth = if counted {
-        w.peak = w.peak.max(used);
         let retained = rss.saturating_sub(used);
         w.peak.saturating_sub(used) >= TRIM_MIN_BYTES / 4
             && retained >= TRIM_MIN_BYTES.max(used / 4)
