@@ -515,7 +515,7 @@ mod tests {
             cpu_ms: cpu,
             progress: serde_json::json!({"done": 1, "total": 4}),
             not_yielding: id == 3,
-            memory_bytes: id * 3 << 20,
+            memory_bytes: (id * 3) << 20,
             memory_flagged: id == 2,
         }
     }

@@ -80,9 +80,8 @@ async fn attack(
     addr: &str,
     conns: usize,
     ms: u64,
-) -> Vec<
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
-> {
+) -> Vec<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>>
+{
     let mut out = Vec::new();
     for c in 0..conns {
         let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
@@ -118,7 +117,10 @@ async fn drain(
                 let v: Value = serde_json::from_str(&t).expect("json");
                 let items = v.as_array().expect("a batch answer");
                 assert_eq!(items.len(), BATCH);
-                assert!(items.iter().all(|i| i["result"]["sleptMs"].is_u64()), "{t:.200}");
+                assert!(
+                    items.iter().all(|i| i["result"]["sleptMs"].is_u64()),
+                    "{t:.200}"
+                );
                 answered += 1;
             }
         }

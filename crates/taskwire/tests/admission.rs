@@ -15,7 +15,9 @@ use tokio_tungstenite::MaybeTlsStream;
 async fn connect_from(addr: SocketAddr, source: &str) -> Client {
     let ip: IpAddr = source.parse().expect("source address");
     let socket = TcpSocket::new_v4().expect("socket");
-    socket.bind(SocketAddr::new(ip, 0)).expect("bind the source");
+    socket
+        .bind(SocketAddr::new(ip, 0))
+        .expect("bind the source");
     let stream = socket.connect(addr).await.expect("connect");
     let (ws, _) =
         tokio_tungstenite::client_async(format!("ws://{addr}/ws"), MaybeTlsStream::Plain(stream))

@@ -57,8 +57,11 @@ async fn stuck(_ctx: Ctx, _p: Nothing) -> Result<u64, TaskError> {
 
 fn registry() -> Registry {
     let mut r = Registry::with_builtins();
-    r.cpu("hold", "Holds `mib` MiB until stopped.", hold)
-        .cpu("stuck", "Burns CPU without checkpoints.", stuck);
+    r.cpu("hold", "Holds `mib` MiB until stopped.", hold).cpu(
+        "stuck",
+        "Burns CPU without checkpoints.",
+        stuck,
+    );
     r
 }
 
@@ -98,7 +101,10 @@ async fn memory_is_attributed_and_budgeted() {
         if r["error"]["data"]["reason"] == "memory" {
             break r;
         }
-        assert!(Instant::now() < end, "a CPU task is refused while over the budget");
+        assert!(
+            Instant::now() < end,
+            "a CPU task is refused while over the budget"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(code(&refusal), -32001, "{refusal}");
@@ -122,7 +128,10 @@ async fn memory_is_attributed_and_budgeted() {
     assert_eq!(stats["memory"]["counted"], true, "{stats}");
     assert!(stats["memory"]["largestTaskBytes"].as_u64().unwrap() >= 128 * MIB);
     let (_, metrics) = http(server.addr, "GET", "/metrics", None).await;
-    assert!(metrics.contains("taskwire_memory_over_budget 1"), "{metrics}");
+    assert!(
+        metrics.contains("taskwire_memory_over_budget 1"),
+        "{metrics}"
+    );
     assert!(metrics.contains("taskwire_memory_allocated_bytes"));
     assert!(metrics.contains("taskwire_memory_largest_task_bytes"));
 

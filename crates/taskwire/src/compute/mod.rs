@@ -1316,7 +1316,9 @@ mod tests {
         // A newcomer from another address is admitted; so is the same /64's
         // neighbour only up to the /64's share.
         let other = Arc::new(AtomicUsize::new(0));
-        let newcomer = p.admit_from(&other, "198.51.100.1".parse().unwrap()).unwrap();
+        let newcomer = p
+            .admit_from(&other, "198.51.100.1".parse().unwrap())
+            .unwrap();
         let v6 = Arc::new(AtomicUsize::new(0));
         let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
         let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
@@ -1331,7 +1333,9 @@ mod tests {
             "address_limit",
             "one /64 is one address"
         );
-        assert!(p.admit_from(&v6, "2001:db8:1:3::1".parse().unwrap()).is_ok());
+        assert!(p
+            .admit_from(&v6, "2001:db8:1:3::1".parse().unwrap())
+            .is_ok());
         assert_eq!(p.addresses(), 3, "an entry per address with jobs");
         // The table forgets an address when its last job ends.
         drop(held);

@@ -147,9 +147,7 @@ impl Observer {
         self.metrics.task_finished(t, outcome.label());
         // Answered after a stop while its future still runs on a worker: it
         // leaves the connection's table now, so keep it in view here.
-        if t.kind == TaskKind::Cpu
-            && t.stopped().is_some()
-            && t.stats.state() == JobState::Running
+        if t.kind == TaskKind::Cpu && t.stopped().is_some() && t.stats.state() == JobState::Running
         {
             if let Ok(mut m) = self.abandoned.lock() {
                 m.retain(|_, t| t.stats.state() == JobState::Running);
