@@ -421,6 +421,13 @@ for (const tbodyId of ['tasks-body', 'top-body']) {
   });
 }
 
+function fmtBytes(b) {
+  if (!b) return '–';
+  if (b < 1 << 20) return `${Math.ceil(b / 1024)} KiB`;
+  if (b < 1 << 30) return `${(b / (1 << 20)).toFixed(1)} MiB`;
+  return `${(b / (1 << 30)).toFixed(2)} GiB`;
+}
+
 function setText(el, text) { if (el.textContent !== text) el.textContent = text; }
 
 // Both tables are refreshed four times a second, and a person's press and release
@@ -547,31 +554,35 @@ function makeRow(t) {
   tr.dataset.taskId = String(t.id);
   tr.innerHTML = '<td class="num"></td><td class="num"></td><td class="num"></td><td class="method"></td><td></td>'
     + '<td><span class="state"></span></td><td class="num"></td><td class="num" data-testid="task-cpu"></td>'
+    + '<td class="num" data-testid="task-mem"></td>'
     + '<td class="prog"><div class="bar"><span></span></div><span class="bar-label"></span></td><td></td>';
   const c = tr.children;
-  c[9].append(killButton(t.id));
+  c[10].append(killButton(t.id));
   return {
     tr,
-    id: c[0], conn: c[1], req: c[2], method: c[3], kind: c[4], state: c[5].firstChild, age: c[6], cpu: c[7],
-    prog: c[8], bar: c[8].querySelector('.bar'), fill: c[8].querySelector('.bar > span'), plabel: c[8].querySelector('.bar-label'),
+    id: c[0], conn: c[1], req: c[2], method: c[3], kind: c[4], state: c[5].firstChild, age: c[6], cpu: c[7], mem: c[8],
+    prog: c[9], bar: c[9].querySelector('.bar'), fill: c[9].querySelector('.bar > span'), plabel: c[9].querySelector('.bar-label'),
   };
 }
 
 function updateRow(r, t) {
   r.tr.dataset.method = t.method;
   r.tr.dataset.state = t.state;
-  r.tr.classList.toggle('hot', !!t.notYielding || (cpuRate.get(t.id) ?? 0) > 0.5);
+  r.tr.classList.toggle('hot', !!t.notYielding || !!t.memoryFlagged || (cpuRate.get(t.id) ?? 0) > 0.5);
   setText(r.id, String(t.id));
   setText(r.conn, String(t.conn));
   setText(r.req, t.requestId === null || t.requestId === undefined ? '–' : String(t.requestId));
   setText(r.method, t.method);
   setText(r.kind, t.kind);
-  setText(r.state, t.state + (t.notYielding ? ' · not yielding' : ''));
+  setText(r.state, t.state + (t.notYielding ? ' · not yielding' : '') + (t.memoryFlagged ? ' · memory' : ''));
   const cls = `state state-${t.state}`;
   if (r.state.className !== cls) r.state.className = cls;
   setText(r.age, fmtDuration(t.ageMs));
   r.cpu.dataset.cpuMs = String(t.cpuMs);
   setText(r.cpu, fmtDuration(t.cpuMs));
+  // What the task holds (0 until the server runs the counting allocator).
+  r.mem.dataset.memoryBytes = String(t.memoryBytes ?? 0);
+  setText(r.mem, fmtBytes(t.memoryBytes ?? 0));
   const frac = progressOf(t.progress);
   if (frac === null) {
     r.bar.hidden = true;

@@ -9,6 +9,11 @@ use taskwire::{Config, Registry, Server};
 
 mod top;
 
+// Every allocation is counted, for the process and for the task that made it:
+// the task table's memory column and the memory budget read these counts.
+#[global_allocator]
+static ALLOC: taskwire::alloc::CountingAlloc = taskwire::alloc::CountingAlloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "taskwire",

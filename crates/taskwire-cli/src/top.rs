@@ -59,6 +59,37 @@ pub struct TaskRow {
     /// Flagged as not yielding.
     #[serde(default)]
     pub not_yielding: bool,
+    /// Memory the task holds, in bytes (0 without the counting allocator).
+    #[serde(default)]
+    pub memory_bytes: u64,
+    /// One of the largest tasks while the server is over its memory budget.
+    #[serde(default)]
+    pub memory_flagged: bool,
+}
+
+/// Bytes in a short human unit, for a narrow column.
+pub fn bytes_text(b: u64) -> String {
+    const K: u64 = 1 << 10;
+    const M: u64 = 1 << 20;
+    const G: u64 = 1 << 30;
+    match b {
+        0 => "-".into(),
+        b if b < M => format!("{}K", b.div_ceil(K)),
+        b if b < G => format!("{:.1}M", b as f64 / M as f64),
+        b => format!("{:.2}G", b as f64 / G as f64),
+    }
+}
+
+/// The flags shown at the end of a row.
+fn flags_text(t: &TaskRow) -> String {
+    let mut f = Vec::new();
+    if t.not_yielding {
+        f.push("NOT YIELDING");
+    }
+    if t.memory_flagged {
+        f.push("MEMORY");
+    }
+    f.join(" ")
 }
 
 /// One connection row.
@@ -228,7 +259,7 @@ pub fn draw(frame: &mut Frame<'_>, m: &Model) {
         head,
     );
     let rows = m.snap.tasks.iter().map(|t| {
-        let style = if t.not_yielding {
+        let style = if t.not_yielding || t.memory_flagged {
             Style::default().fg(Color::Red)
         } else {
             Style::default()
@@ -241,12 +272,9 @@ pub fn draw(frame: &mut Frame<'_>, m: &Model) {
             t.state.clone(),
             format!("{:.1}", t.cpu_ms / 1000.0),
             format!("{:.1}", t.age_ms as f64 / 1000.0),
+            bytes_text(t.memory_bytes),
             progress_text(&t.progress),
-            if t.not_yielding {
-                "NOT YIELDING".into()
-            } else {
-                String::new()
-            },
+            flags_text(t),
         ])
         .style(style)
     });
@@ -257,16 +285,17 @@ pub fn draw(frame: &mut Frame<'_>, m: &Model) {
             Constraint::Length(5),
             Constraint::Length(14),
             Constraint::Length(4),
+            Constraint::Length(9),
             Constraint::Length(8),
             Constraint::Length(8),
-            Constraint::Length(8),
+            Constraint::Length(7),
             Constraint::Length(6),
             Constraint::Min(12),
         ],
     )
     .header(
         Row::new([
-            "TASK", "CONN", "METHOD", "KIND", "STATE", "CPU s", "AGE s", "PROG", "",
+            "TASK", "CONN", "METHOD", "KIND", "STATE", "CPU s", "AGE s", "MEM", "PROG", "",
         ])
         .style(Style::default().add_modifier(Modifier::REVERSED)),
     )
@@ -382,12 +411,12 @@ pub fn render_text(m: &Model) -> String {
     let mut out = summary(&m.snap.stats);
     out.push('\n');
     out.push_str(&format!(
-        "{:>7} {:>5} {:<14} {:<4} {:<8} {:>8} {:>8} {:>5}\n",
-        "TASK", "CONN", "METHOD", "KIND", "STATE", "CPU s", "AGE s", "PROG"
+        "{:>7} {:>5} {:<14} {:<4} {:<9} {:>8} {:>8} {:>7} {:>5}\n",
+        "TASK", "CONN", "METHOD", "KIND", "STATE", "CPU s", "AGE s", "MEM", "PROG"
     ));
     for t in &m.snap.tasks {
         out.push_str(&format!(
-            "{:>7} {:>5} {:<14} {:<4} {:<8} {:>8.1} {:>8.1} {:>5}{}\n",
+            "{:>7} {:>5} {:<14} {:<4} {:<9} {:>8.1} {:>8.1} {:>7} {:>5}{}\n",
             t.id,
             t.conn,
             t.method,
@@ -395,8 +424,12 @@ pub fn render_text(m: &Model) -> String {
             t.state,
             t.cpu_ms / 1000.0,
             t.age_ms as f64 / 1000.0,
+            bytes_text(t.memory_bytes),
             progress_text(&t.progress),
-            if t.not_yielding { "  NOT YIELDING" } else { "" }
+            match flags_text(t) {
+                f if f.is_empty() => f,
+                f => format!("  {f}"),
+            }
         ));
     }
     out
@@ -482,6 +515,8 @@ mod tests {
             cpu_ms: cpu,
             progress: serde_json::json!({"done": 1, "total": 4}),
             not_yielding: id == 3,
+            memory_bytes: (id * 3) << 20,
+            memory_flagged: id == 2,
         }
     }
 
@@ -515,6 +550,14 @@ mod tests {
     }
 
     #[test]
+    fn bytes_in_a_narrow_column() {
+        assert_eq!(bytes_text(0), "-");
+        assert_eq!(bytes_text(1), "1K");
+        assert_eq!(bytes_text(3 << 20), "3.0M");
+        assert_eq!(bytes_text(5 << 30), "5.00G");
+    }
+
+    #[test]
     fn draws_the_table() {
         let mut m = Model::default();
         m.apply(snap());
@@ -528,6 +571,9 @@ mod tests {
             .map(|c| c.symbol())
             .collect();
         assert!(text.contains("NOT YIELDING"));
+        assert!(text.contains("MEM"));
+        assert!(text.contains("6.0M"), "task 2's memory");
+        assert!(text.contains("MEMORY"), "task 2 flagged for memory");
         assert!(text.contains("m2"));
         assert!(text.contains(" 25%"));
         assert!(text.contains("tasks (3) by CPU"));

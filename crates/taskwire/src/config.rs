@@ -722,6 +722,14 @@ settings! {
     queue_limit => queue_limit: usize = Some(10_000), min 1;
     /// Most CPU tasks admitted and unfinished, per connection.
     connection_cpu_limit => connection_cpu_limit: usize = Some(256), min 1;
+    /// Most CPU tasks admitted and unfinished per client address (IPv6 grouped
+    /// by /64), over all its connections; more get `-32001 address_limit`. A
+    /// quarter of `queue_limit` by default, so one flooding address leaves three
+    /// quarters of the slots to everybody else.
+    address_cpu_limit => address_cpu_limit: usize = Some(2_560), min 1;
+    /// Process memory past which new CPU tasks get `-32001 memory` and the
+    /// largest tasks are flagged for the operator (at least 16 MiB).
+    memory_budget_bytes => memory_budget_bytes: Opt<Bytes> = None, shown "75% of the machine's (or cgroup's) memory", min 16777216;
     /// Niceness of compute workers (0 leaves it alone), so connection threads
     /// win the CPU when both want it.
     nice => nice: i32 = Some(10);
@@ -877,6 +885,10 @@ impl Config {
             max_extra_workers: workers,
             queue_limit: self.queue_limit,
             per_connection_limit: self.connection_cpu_limit,
+            address_cpu_limit: self.address_cpu_limit,
+            memory_budget: self
+                .memory_budget_bytes
+                .map_or(d.memory_budget, |b| b as u64),
             nice: self.nice,
             ..d
         }
@@ -1242,6 +1254,8 @@ mod tests {
             ),
             ("slice_us = 5", "slice_us"),
             ("max_frame_bytes = 10", "max_frame_bytes"),
+            ("address_cpu_limit = 0", "address_cpu_limit"),
+            ("memory_budget_bytes = 4", "memory_budget_bytes"),
             ("max_http_connections = 0", "max_http_connections"),
             (
                 "max_http_connections_per_ip = 0",

@@ -731,7 +731,7 @@ async fn handle_one(
     }
     let permit = match def.kind {
         TaskKind::Io => None,
-        TaskKind::Cpu => match app.pool.admit(&conn.cpu_admitted) {
+        TaskKind::Cpu => match app.pool.admit_from(&conn.cpu_admitted, conn.peer.ip()) {
             Ok(p) => Some(p),
             Err(refusal) => {
                 conn.remove(&task);

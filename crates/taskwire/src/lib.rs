@@ -36,6 +36,7 @@
 
 #![deny(missing_docs)]
 
+pub mod alloc;
 pub mod builtin;
 pub mod compute;
 pub mod config;

@@ -118,6 +118,10 @@ impl Server {
                     .iter()
                     .map(|t| t.name())
                     .collect::<Vec<_>>(),
+                {
+                    let c = cfg.compute();
+                    c.workers + c.max_extra_workers
+                },
             ),
             registry,
             discover,

@@ -8,6 +8,12 @@
 //! a ticker thread, tells a checkpoint whether the slice is over with one atomic
 //! load: no clock read per checkpoint.
 //!
+//! Admission is bounded three ways before a job is queued: per connection
+//! (`per_connection_limit`), per client address (`address_cpu_limit`, so that
+//! one address flooding from many connections cannot take every slot), and
+//! for the pool (`queue_limit`); and no new job is admitted while the process
+//! is over its memory budget (sampled by the watchdog, see [`crate::alloc`]).
+//!
 //! This module knows nothing of JSON or connections: a job belongs to a
 //! *group* (the connection id) and reports into a [`JobStats`].
 
@@ -16,8 +22,10 @@ mod queue;
 pub use queue::RunQueue;
 
 use std::cell::Cell;
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
@@ -38,6 +46,18 @@ pub struct ComputeConfig {
     pub queue_limit: usize,
     /// Most CPU tasks admitted and not yet finished, per connection (default 256).
     pub per_connection_limit: usize,
+    /// Most CPU tasks admitted and not yet finished, per client address (IPv6
+    /// grouped by /64), over all its connections (default 2 560, a quarter of
+    /// the default `queue_limit`: at least four addresses are needed to fill
+    /// the pool, and one flooding address leaves room for newcomers).
+    pub address_cpu_limit: usize,
+    /// Process memory past which new CPU tasks are refused (`-32001`, reason
+    /// `memory`) and the largest tasks are flagged. Counted by
+    /// [`crate::alloc::CountingAlloc`] when it is the global allocator, else the
+    /// resident set size. Default: 75% of the machine's memory (or of the
+    /// cgroup's limit), 4 GiB where that cannot be read: room left for the
+    /// allocator's slack and the kernel before the OOM killer acts.
+    pub memory_budget: u64,
     /// Time constant of the decay of a connection's recent CPU usage (default 1 s).
     pub usage_decay: Duration,
     /// OS niceness of worker threads (Linux), so that connection threads win the
@@ -57,9 +77,34 @@ impl Default for ComputeConfig {
             max_extra_workers: workers,
             queue_limit: 10_000,
             per_connection_limit: 256,
+            address_cpu_limit: 2_560,
+            memory_budget: default_memory_budget(),
             usage_decay: Duration::from_secs(1),
             nice: 10,
         }
+    }
+}
+
+/// 75% of the memory this process may use, or 4 GiB if that is unknown.
+pub fn default_memory_budget() -> u64 {
+    crate::alloc::available_memory()
+        .map(|m| m / 4 * 3)
+        .unwrap_or(4 << 30)
+}
+
+/// The unit of per-address limits: an IPv4 address, or an IPv6 /64 (one
+/// subscriber's prefix: a host can take any address of it). IPv4-mapped IPv6
+/// addresses count as their IPv4 address.
+pub fn address_group(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(bits.into())
+            }
+        },
     }
 }
 
@@ -106,9 +151,34 @@ pub struct JobStats {
     not_yielding: AtomicBool,
     slices: AtomicU64,
     first_run: OnceLock<Instant>,
+    /// Bytes allocated minus freed while the job ran (see [`crate::alloc`]).
+    memory: AtomicI64,
+    /// One of the largest jobs while the process is over its memory budget.
+    memory_flagged: AtomicBool,
+    /// Whether the pool keeps this job among its memory-heavy candidates.
+    heavy: AtomicBool,
+    /// The task's id and method, for the pool's log lines.
+    label: Option<(u64, Arc<str>)>,
 }
 
 impl JobStats {
+    /// The figures of the task `id` running `method` (named in log lines).
+    pub fn for_task(id: u64, method: Arc<str>) -> JobStats {
+        JobStats {
+            label: Some((id, method)),
+            ..JobStats::default()
+        }
+    }
+    /// Memory the job holds: bytes it allocated minus bytes it freed while it
+    /// ran. 0 unless [`crate::alloc::CountingAlloc`] is the global allocator.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory.load(Ordering::Relaxed).max(0) as u64
+    }
+    /// Whether the job is flagged as one of the largest while the process is
+    /// over its memory budget.
+    pub fn memory_flagged(&self) -> bool {
+        self.memory_flagged.load(Ordering::Relaxed)
+    }
     /// CPU time used so far, summed over its slices.
     pub fn cpu_time(&self) -> Duration {
         Duration::from_nanos(self.cpu_ns.load(Ordering::Relaxed))
@@ -144,9 +214,21 @@ pub enum Refusal {
         /// A hint for when to retry.
         retry_after_ms: u64,
     },
+    /// The client's address already has `address_cpu_limit` CPU tasks.
+    #[error("the client address has too many CPU tasks queued")]
+    AddressLimit {
+        /// A hint for when to retry.
+        retry_after_ms: u64,
+    },
     /// The pool already has `queue_limit` CPU tasks.
     #[error("the compute queue is full")]
     QueueFull {
+        /// A hint for when to retry.
+        retry_after_ms: u64,
+    },
+    /// The process is over its memory budget.
+    #[error("the server is over its memory budget")]
+    Memory {
         /// A hint for when to retry.
         retry_after_ms: u64,
     },
@@ -160,16 +242,19 @@ impl Refusal {
     pub fn reason(&self) -> &'static str {
         match self {
             Refusal::ConnectionQueue { .. } => "connection_queue",
+            Refusal::AddressLimit { .. } => "address_limit",
             Refusal::QueueFull { .. } => "queue_full",
+            Refusal::Memory { .. } => "memory",
             Refusal::ShuttingDown => "shutting_down",
         }
     }
     /// The `retryAfterMs` hint.
     pub fn retry_after_ms(&self) -> u64 {
         match self {
-            Refusal::ConnectionQueue { retry_after_ms } | Refusal::QueueFull { retry_after_ms } => {
-                *retry_after_ms
-            }
+            Refusal::ConnectionQueue { retry_after_ms }
+            | Refusal::AddressLimit { retry_after_ms }
+            | Refusal::QueueFull { retry_after_ms }
+            | Refusal::Memory { retry_after_ms } => *retry_after_ms,
             Refusal::ShuttingDown => 1_000,
         }
     }
@@ -180,16 +265,36 @@ impl Refusal {
 pub struct Permit {
     pool: Weak<Inner>,
     group: Arc<AtomicUsize>,
+    address: Option<IpAddr>,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         self.group.fetch_sub(1, Ordering::AcqRel);
         if let Some(p) = self.pool.upgrade() {
+            if let Some(a) = self.address {
+                p.release_address(a, true);
+            }
+            p.released.fetch_add(1, Ordering::Relaxed);
             p.admitted.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
+
+/// One client address's admitted CPU jobs.
+#[derive(Debug)]
+struct AddressEntry {
+    admitted: usize,
+    /// When this entry was made (it lives while the address has jobs).
+    since: Instant,
+    /// Jobs of this address that ended since then.
+    released: u64,
+}
+
+/// Bounds of the retry hints: soon enough to be worth a retry, and never
+/// longer than a client can be expected to wait and come back.
+const RETRY_MIN_MS: u64 = 50;
+const RETRY_MAX_MS: u64 = 30_000;
 
 /// A snapshot of the pool for the admin API and metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -211,6 +316,25 @@ pub struct PoolStats {
     pub non_yielding_total: u64,
     /// CPU time run on the pool, ever.
     pub cpu_ns_total: u64,
+    /// Client addresses (IPv6 /64s) with CPU tasks admitted now.
+    pub addresses: usize,
+    /// CPU tasks finished per second (recent average).
+    pub completion_rate: f64,
+    /// Memory in use as the budget counts it (the counting allocator's
+    /// total, else the resident set size), as of the last sample (100 ms).
+    pub memory_used: u64,
+    /// Resident set size of the process, as of the last sample.
+    pub memory_rss: u64,
+    /// The memory budget.
+    pub memory_budget: u64,
+    /// Whether `memory_used` comes from the counting allocator.
+    pub memory_counted: bool,
+    /// Whether new CPU tasks are refused for memory now.
+    pub over_memory_budget: bool,
+    /// The largest memory held by one CPU task among the heavy ones tracked.
+    pub largest_task_memory: u64,
+    /// Times freed memory was handed back to the operating system.
+    pub memory_trims: u64,
 }
 
 type Job = async_task::Runnable<Arc<JobMeta>>;
@@ -249,7 +373,36 @@ struct Inner {
     /// that several dashboards and scrapers do not shorten each other's window.
     utilisation: AtomicU64,
     shutdown: AtomicBool,
+    /// Admitted jobs per client address group; an entry is removed when its
+    /// count falls to zero, so there are never more entries than admitted jobs.
+    addresses: Mutex<HashMap<IpAddr, AddressEntry>>,
+    /// Permits released, ever; the watchdog turns it into `completion_rate`.
+    released: AtomicU64,
+    /// Jobs finished per second, as f64 bits (written by the watchdog).
+    completion_rate: AtomicU64,
+    memory: MemoryState,
 }
+
+/// What the watchdog samples about memory, for admission and the operator.
+#[derive(Default)]
+struct MemoryState {
+    used: AtomicU64,
+    rss: AtomicU64,
+    counted: AtomicBool,
+    over_budget: AtomicBool,
+    trims: AtomicU64,
+    largest_task: AtomicU64,
+    /// Jobs that held at least `HEAVY_MIN_BYTES` after a slice: the
+    /// candidates for flagging. At most `HEAVY_CAP`; the smallest make room.
+    heavy: Mutex<Vec<Weak<JobStats>>>,
+}
+
+/// A job holding this much after a slice is tracked as a memory-heavy candidate.
+const HEAVY_MIN_BYTES: i64 = 1 << 20;
+/// Most memory-heavy candidates tracked.
+const HEAVY_CAP: usize = 64;
+/// How many of the largest jobs are flagged when over the budget.
+const FLAG_LARGEST: usize = 3;
 
 struct State {
     rq: RunQueue<Job>,
@@ -380,6 +533,10 @@ impl ComputePool {
             cpu_ns_total: AtomicU64::new(0),
             utilisation: AtomicU64::new(0),
             shutdown: AtomicBool::new(false),
+            addresses: Mutex::new(HashMap::new()),
+            released: AtomicU64::new(0),
+            completion_rate: AtomicU64::new(0),
+            memory: MemoryState::default(),
             cfg,
         });
         ticker();
@@ -402,41 +559,77 @@ impl ComputePool {
         &self.inner.cfg
     }
 
-    /// Admits one more job for a group whose admitted count is `group_count`.
+    /// Admits one more job for a group whose admitted count is `group_count`,
+    /// with no client address: such a job counts against the connection and
+    /// pool limits only. A server admits with [`ComputePool::admit_from`].
     pub fn admit(&self, group_count: &Arc<AtomicUsize>) -> Result<Permit, Refusal> {
+        self.admit_inner(group_count, None)
+    }
+
+    /// Admits one more job for a group whose admitted count is `group_count`,
+    /// from the client address `peer` (grouped by [`address_group`]).
+    ///
+    /// Checked in this order, the most specific first so that a flooder learns
+    /// that the limit is its own: shutdown, memory budget, the connection's
+    /// limit, the address's limit, the pool's limit.
+    pub fn admit_from(
+        &self,
+        group_count: &Arc<AtomicUsize>,
+        peer: IpAddr,
+    ) -> Result<Permit, Refusal> {
+        self.admit_inner(group_count, Some(address_group(peer)))
+    }
+
+    fn admit_inner(
+        &self,
+        group_count: &Arc<AtomicUsize>,
+        address: Option<IpAddr>,
+    ) -> Result<Permit, Refusal> {
         let p = &self.inner;
         if p.shutdown.load(Ordering::Relaxed) {
             return Err(Refusal::ShuttingDown);
         }
-        let retry = self.retry_hint();
+        if p.memory.over_budget.load(Ordering::Relaxed) {
+            // Memory comes back when tasks end: not before the next one does,
+            // nor before the next sample of the budget.
+            return Err(Refusal::Memory {
+                retry_after_ms: p.completion_hint().max(MEMORY_SAMPLE_MS * 10),
+            });
+        }
         let mine = group_count.fetch_add(1, Ordering::AcqRel);
         if mine >= p.cfg.per_connection_limit {
             group_count.fetch_sub(1, Ordering::AcqRel);
             return Err(Refusal::ConnectionQueue {
-                retry_after_ms: retry,
+                retry_after_ms: p.completion_hint(),
             });
+        }
+        if let Some(a) = address {
+            if let Err(retry_after_ms) = p.take_address(a) {
+                group_count.fetch_sub(1, Ordering::AcqRel);
+                return Err(Refusal::AddressLimit { retry_after_ms });
+            }
         }
         let all = p.admitted.fetch_add(1, Ordering::AcqRel);
         if all >= p.cfg.queue_limit {
             p.admitted.fetch_sub(1, Ordering::AcqRel);
+            if let Some(a) = address {
+                p.release_address(a, false);
+            }
             group_count.fetch_sub(1, Ordering::AcqRel);
             return Err(Refusal::QueueFull {
-                retry_after_ms: retry,
+                retry_after_ms: p.completion_hint(),
             });
         }
         Ok(Permit {
             pool: Arc::downgrade(&self.inner),
             group: group_count.clone(),
+            address,
         })
     }
 
-    /// Roughly how long until a slot frees up: the waiting jobs' slices, spread
-    /// over the workers, clamped to something a client can act on.
-    fn retry_hint(&self) -> u64 {
-        let p = &self.inner;
-        let waiting = p.admitted.load(Ordering::Relaxed) as u64;
-        let slice_ms = p.cfg.slice.as_millis().max(1) as u64;
-        (waiting * slice_ms / p.cfg.workers as u64).clamp(50, 5_000)
+    /// Client addresses holding admitted jobs now (bounded by the admitted jobs).
+    pub fn addresses(&self) -> usize {
+        self.inner.addresses.lock().map(|m| m.len()).unwrap_or(0)
     }
 
     /// Runs a future on the pool, charged to `group`. The returned task yields
@@ -481,6 +674,15 @@ impl ComputePool {
             utilisation,
             non_yielding_total: p.non_yielding_total.load(Ordering::Relaxed),
             cpu_ns_total: cpu_total,
+            addresses: self.addresses(),
+            completion_rate: f64::from_bits(p.completion_rate.load(Ordering::Relaxed)),
+            memory_used: p.memory.used.load(Ordering::Relaxed),
+            memory_rss: p.memory.rss.load(Ordering::Relaxed),
+            memory_budget: p.cfg.memory_budget,
+            memory_counted: p.memory.counted.load(Ordering::Relaxed),
+            over_memory_budget: p.memory.over_budget.load(Ordering::Relaxed),
+            largest_task_memory: p.memory.largest_task.load(Ordering::Relaxed),
+            memory_trims: p.memory.trims.load(Ordering::Relaxed),
         }
     }
 
@@ -551,6 +753,61 @@ fn schedule(pool: &Weak<Inner>, job: Job) {
 impl Inner {
     fn now_ns(&self) -> u64 {
         self.start.elapsed().as_nanos() as u64
+    }
+
+    /// Takes one of the address's slots, or says how long until one of its
+    /// jobs can be expected to end: the mean time between its jobs' ends
+    /// since it began holding slots, or, if none has ended yet, as long again
+    /// as it has held them (the longer it holds, the longer the hint).
+    fn take_address(&self, a: IpAddr) -> Result<(), u64> {
+        let Ok(mut m) = self.addresses.lock() else {
+            return Err(RETRY_MAX_MS);
+        };
+        let e = m.entry(a).or_insert_with(|| AddressEntry {
+            admitted: 0,
+            since: Instant::now(),
+            released: 0,
+        });
+        if e.admitted >= self.cfg.address_cpu_limit {
+            let held = e.since.elapsed().as_millis() as u64;
+            let hint = held / e.released.max(1);
+            if e.admitted == 0 {
+                // Only with a limit of 0, which `validate` refuses: keep the
+                // table free of empty entries all the same.
+                m.remove(&a);
+            }
+            return Err(hint.clamp(RETRY_MIN_MS, RETRY_MAX_MS));
+        }
+        e.admitted += 1;
+        Ok(())
+    }
+
+    /// Gives back one of the address's slots; `ended` if a job ended (rather
+    /// than an admission undone). The entry goes when its count reaches zero.
+    fn release_address(&self, a: IpAddr, ended: bool) {
+        let Ok(mut m) = self.addresses.lock() else {
+            return;
+        };
+        if let Some(e) = m.get_mut(&a) {
+            e.admitted = e.admitted.saturating_sub(1);
+            if ended {
+                e.released += 1;
+            }
+            if e.admitted == 0 {
+                m.remove(&a);
+            }
+        }
+    }
+
+    /// How long until some admitted job ends, at the rate jobs have been
+    /// ending lately (the watchdog's average over about a second): when
+    /// nothing ends (every slot held by tasks that run on), the longest hint.
+    fn completion_hint(&self) -> u64 {
+        let rate = f64::from_bits(self.completion_rate.load(Ordering::Relaxed));
+        if rate <= 0.0 {
+            return RETRY_MAX_MS;
+        }
+        ((1000.0 / rate) as u64).clamp(RETRY_MIN_MS, RETRY_MAX_MS)
     }
 }
 
@@ -647,8 +904,15 @@ fn worker(pool: Weak<Inner>, slot: Arc<WorkerSlot>) {
         CURRENT.with(|c| c.set(Arc::as_ptr(&meta)));
 
         // Panics are caught inside the task wrapper; this guard keeps the
-        // worker alive should a future's drop glue panic all the same.
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run()));
+        // worker alive should a future's drop glue panic all the same. What the
+        // job allocates or frees meanwhile is its own.
+        {
+            let _mem = crate::alloc::Attributed::new(&meta.stats.memory);
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run()));
+        }
+        if meta.stats.memory.load(Ordering::Relaxed) >= HEAVY_MIN_BYTES {
+            p.memory.track_heavy(&meta.stats);
+        }
 
         CURRENT.with(|c| c.set(std::ptr::null()));
         SLICE_END.with(|c| c.set(u64::MAX));
@@ -692,12 +956,169 @@ fn worker(pool: Weak<Inner>, slot: Arc<WorkerSlot>) {
     }
 }
 
+impl MemoryState {
+    /// Keeps `s` among the heavy candidates (called after a slice in which it
+    /// held at least `HEAVY_MIN_BYTES`). Takes the lock only when a job first
+    /// crosses the line, or while it finds no room.
+    fn track_heavy(&self, s: &Arc<JobStats>) {
+        if s.heavy.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let Ok(mut h) = self.heavy.lock() else { return };
+        h.retain(|w| match w.upgrade() {
+            Some(j) if j.memory.load(Ordering::Relaxed) >= HEAVY_MIN_BYTES => true,
+            Some(j) => {
+                j.heavy.store(false, Ordering::Relaxed);
+                j.memory_flagged.store(false, Ordering::Relaxed);
+                false
+            }
+            None => false,
+        });
+        if h.len() >= HEAVY_CAP {
+            let mine = s.memory.load(Ordering::Relaxed);
+            let smallest = h
+                .iter()
+                .enumerate()
+                .filter_map(|(i, w)| Some((i, w.upgrade()?.memory.load(Ordering::Relaxed))))
+                .min_by_key(|&(_, m)| m);
+            match smallest {
+                Some((i, m)) if m < mine => {
+                    if let Some(j) = h.swap_remove(i).upgrade() {
+                        j.heavy.store(false, Ordering::Relaxed);
+                        j.memory_flagged.store(false, Ordering::Relaxed);
+                    }
+                }
+                _ => {
+                    s.heavy.store(false, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+        h.push(Arc::downgrade(s));
+    }
+
+    /// The live heavy candidates, largest first.
+    fn largest(&self) -> Vec<Arc<JobStats>> {
+        let mut v: Vec<Arc<JobStats>> = match self.heavy.lock() {
+            Ok(h) => h.iter().filter_map(Weak::upgrade).collect(),
+            Err(_) => Vec::new(),
+        };
+        v.sort_by_key(|j| std::cmp::Reverse(j.memory.load(Ordering::Relaxed)));
+        v
+    }
+}
+
+/// How often the watchdog samples the process's memory.
+const MEMORY_SAMPLE_MS: u64 = 100;
+/// Freed memory worth handing back to the operating system: below this, a
+/// trim is not worth the allocator lock it takes.
+const TRIM_MIN_BYTES: u64 = 32 << 20;
+/// Most one over-budget warning per this long.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// The watchdog's own memory bookkeeping between samples.
+struct MemoryWatch {
+    /// Highest counted bytes since the last trim.
+    peak: u64,
+    last_trim: Instant,
+    last_warn: Option<Instant>,
+    samples: u64,
+}
+
+/// Samples memory, sets the budget flag, flags the largest jobs while over
+/// it, and hands freed memory back to the operating system after a drop.
+fn sample_memory(p: &Inner, w: &mut MemoryWatch) {
+    use crate::alloc;
+    let m = &p.memory;
+    w.samples += 1;
+    let counted = alloc::installed();
+    let rss = alloc::rss_bytes();
+    let used = if counted {
+        alloc::allocated_bytes()
+    } else {
+        rss
+    };
+    m.counted.store(counted, Ordering::Relaxed);
+    m.rss.store(rss, Ordering::Relaxed);
+    m.used.store(used, Ordering::Relaxed);
+    let budget = p.cfg.memory_budget;
+    let over = used > budget;
+    let was_over = m.over_budget.swap(over, Ordering::Relaxed);
+    let largest = m.largest();
+    m.largest_task.store(
+        largest.first().map(|j| j.memory_bytes()).unwrap_or(0),
+        Ordering::Relaxed,
+    );
+    for (i, j) in largest.iter().enumerate() {
+        j.memory_flagged
+            .store(over && i < FLAG_LARGEST, Ordering::Relaxed);
+    }
+    if over && w.last_warn.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+        w.last_warn = Some(Instant::now());
+        let names: Vec<String> = largest
+            .iter()
+            .take(FLAG_LARGEST)
+            .map(|j| match &j.label {
+                Some((id, method)) => {
+                    format!("task {id} ({method}): {} MiB", j.memory_bytes() >> 20)
+                }
+                None => format!("a task: {} MiB", j.memory_bytes() >> 20),
+            })
+            .collect();
+        let largest = if names.is_empty() && !counted {
+            "unknown (install taskwire::alloc::CountingAlloc to attribute memory to tasks)"
+                .to_string()
+        } else if names.is_empty() {
+            "none holds more than 1 MiB".to_string()
+        } else {
+            names.join(", ")
+        };
+        tracing::warn!(
+            used_mib = used >> 20,
+            budget_mib = budget >> 20,
+            "over the memory budget: new CPU tasks are refused; largest tasks: {largest}"
+        );
+    } else if was_over && !over {
+        tracing::info!(used_mib = used >> 20, "back under the memory budget");
+    }
+    // Give freed memory back: with the counting allocator, once live bytes
+    // fell well below their peak while the heap holds much more than is live;
+    // without it, when the C allocator reports much free memory (checked
+    // once a second: that call walks the free lists).
+    w.peak = w.peak.max(used);
+    if w.last_trim.elapsed() < Duration::from_secs(1) {
+        return;
+    }
+    let worth = if counted {
+        let retained = rss.saturating_sub(used);
+        w.peak.saturating_sub(used) >= TRIM_MIN_BYTES / 4
+            && retained >= TRIM_MIN_BYTES.max(used / 4)
+    } else {
+        w.samples % 10 == 0 && alloc::allocator_free_bytes().is_some_and(|f| f >= TRIM_MIN_BYTES)
+    };
+    if worth {
+        alloc::trim();
+        m.trims.fetch_add(1, Ordering::Relaxed);
+        w.last_trim = Instant::now();
+        w.peak = used;
+    }
+}
+
 /// Flags jobs that run far past their slice without a checkpoint, and starts a
 /// replacement worker for each (up to `max_extra_workers`), so that one
-/// non-cooperative task does not take a core away from everybody else.
+/// non-cooperative task does not take a core away from everybody else. Also
+/// keeps the completion rate (for retry hints) and samples memory.
 fn watchdog(pool: Weak<Inner>) {
     const WINDOW: u32 = 25; // samples of 10 ms
     let (mut busy_sum, mut samples) = (0usize, 0u32);
+    let mut released_mark = 0u64;
+    let mut mem = MemoryWatch {
+        peak: 0,
+        last_trim: Instant::now(),
+        last_warn: None,
+        samples: 0,
+    };
+    let mut since_memory = 0u64;
     loop {
         thread::sleep(Duration::from_millis(10));
         let Some(p) = pool.upgrade() else { return };
@@ -710,6 +1131,20 @@ fn watchdog(pool: Weak<Inner>) {
             let u = busy_sum as f64 / (WINDOW as f64 * p.cfg.workers as f64);
             p.utilisation.store(u.to_bits(), Ordering::Relaxed);
             (busy_sum, samples) = (0, 0);
+            // Jobs ended per second over this quarter second, averaged with
+            // the past so that the rate spans about a second.
+            let released = p.released.load(Ordering::Relaxed);
+            let now_rate = released.saturating_sub(released_mark) as f64 * 4.0;
+            released_mark = released;
+            let old = f64::from_bits(p.completion_rate.load(Ordering::Relaxed));
+            let rate = 0.75 * old + 0.25 * now_rate;
+            let rate = if rate < 0.01 { 0.0 } else { rate };
+            p.completion_rate.store(rate.to_bits(), Ordering::Relaxed);
+        }
+        since_memory += 10;
+        if since_memory >= MEMORY_SAMPLE_MS {
+            since_memory = 0;
+            sample_memory(&p, &mut mem);
         }
         let epoch = EPOCH.load(Ordering::Relaxed);
         let slots: Vec<Arc<WorkerSlot>> = match p.slots.lock() {
@@ -844,6 +1279,103 @@ mod tests {
         assert!(e.retry_after_ms() >= 50);
         drop(p1);
         assert!(p.admit(&b).is_ok());
+    }
+
+    #[test]
+    fn one_address_takes_at_most_its_share() {
+        let p = ComputePool::new(ComputeConfig {
+            workers: 1,
+            per_connection_limit: 2,
+            address_cpu_limit: 5,
+            queue_limit: 100,
+            nice: 0,
+            ..ComputeConfig::default()
+        });
+        let flooder: IpAddr = "192.0.2.7".parse().unwrap();
+        // Many connections from one address: 5 admitted in all, then refused.
+        let conns: Vec<_> = (0..4).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+        let mut held = Vec::new();
+        let mut refused = Vec::new();
+        for c in &conns {
+            for _ in 0..2 {
+                match p.admit_from(c, flooder) {
+                    Ok(permit) => held.push(permit),
+                    Err(e) => refused.push(e),
+                }
+            }
+        }
+        assert_eq!(held.len(), 5);
+        assert_eq!(refused.len(), 3);
+        for e in &refused {
+            assert_eq!(e.reason(), "address_limit");
+            assert!((RETRY_MIN_MS..=RETRY_MAX_MS).contains(&e.retry_after_ms()));
+        }
+        // A refusal gives back what it took: the connection's own count.
+        let counted: usize = conns.iter().map(|c| c.load(Ordering::Acquire)).sum();
+        assert_eq!(counted, 5);
+        // A newcomer from another address is admitted; so is the same /64's
+        // neighbour only up to the /64's share.
+        let other = Arc::new(AtomicUsize::new(0));
+        let newcomer = p
+            .admit_from(&other, "198.51.100.1".parse().unwrap())
+            .unwrap();
+        let v6 = Arc::new(AtomicUsize::new(0));
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let v6_permits: Vec<_> = (0..5)
+            .map(|i| {
+                let c = Arc::new(AtomicUsize::new(0));
+                p.admit_from(&c, if i % 2 == 0 { a } else { b }).unwrap()
+            })
+            .collect();
+        assert_eq!(
+            p.admit_from(&v6, b).unwrap_err().reason(),
+            "address_limit",
+            "one /64 is one address"
+        );
+        assert!(p
+            .admit_from(&v6, "2001:db8:1:3::1".parse().unwrap())
+            .is_ok());
+        assert_eq!(p.addresses(), 3, "an entry per address with jobs");
+        // The table forgets an address when its last job ends.
+        drop(held);
+        drop(v6_permits);
+        assert_eq!(p.addresses(), 1);
+        drop(newcomer);
+        assert_eq!(p.addresses(), 0, "bounded: no entry without a job");
+        assert_eq!(p.stats().admitted, 0);
+        // Once its jobs ended, the flooder is admitted again.
+        assert!(p.admit_from(&conns[0], flooder).is_ok());
+    }
+
+    #[test]
+    fn the_pool_limit_undoes_the_address_count() {
+        let p = ComputePool::new(ComputeConfig {
+            workers: 1,
+            address_cpu_limit: 10,
+            queue_limit: 2,
+            nice: 0,
+            ..ComputeConfig::default()
+        });
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let g = Arc::new(AtomicUsize::new(0));
+        let _a = p.admit_from(&g, ip).unwrap();
+        let _b = p.admit_from(&g, "192.0.2.2".parse().unwrap()).unwrap();
+        let e = p.admit_from(&g, ip).unwrap_err();
+        assert_eq!(e.reason(), "queue_full");
+        // Nothing ends: the hint says so with its longest value.
+        assert_eq!(e.retry_after_ms(), RETRY_MAX_MS);
+        assert_eq!(p.addresses(), 2);
+        assert_eq!(g.load(Ordering::Acquire), 2);
+    }
+
+    #[test]
+    fn address_groups() {
+        let g = |s: &str| address_group(s.parse().unwrap()).to_string();
+        assert_eq!(g("203.0.113.9"), "203.0.113.9");
+        assert_eq!(g("::ffff:203.0.113.9"), "203.0.113.9");
+        assert_eq!(g("2001:db8:a:b:c:d:e:f"), "2001:db8:a:b::");
+        assert_eq!(g("::1"), "::");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use futures_util::{stream, Stream, StreamExt};
 use serde_json::{json, Value};
 
 use super::metrics::Live;
-use super::{conn_info, count_states, task_info, TaskQuery};
+use super::{conn_info, count_states, TaskQuery};
 use crate::server::App;
 
 /// How often the event stream sends a snapshot.
@@ -126,8 +126,8 @@ async fn list_tasks(State(app): State<Arc<App>>, Query(q): Query<TaskQuery>) -> 
 }
 
 async fn one_task(State(app): State<Arc<App>>, Path(id): Path<u64>) -> Response {
-    match app.observer.find_task(id) {
-        Some(t) => Json(task_info(&t)).into_response(),
+    match app.observer.task_info(id) {
+        Some(t) => Json(t).into_response(),
         None => (
             StatusCode::NOT_FOUND,
             Json(json!({"error": "no such task"})),
@@ -181,6 +181,7 @@ fn live(app: &App) -> Live {
     let conns = app.observer.connections();
     let tasks: Vec<_> = conns.iter().flat_map(|c| c.tasks()).collect();
     let rt = tokio::runtime::Handle::current().metrics();
+    let pool = app.pool.stats();
     Live {
         open_conns: conns.len(),
         runtime: (
@@ -189,7 +190,14 @@ fn live(app: &App) -> Live {
             rt.global_queue_depth(),
         ),
         states: count_states(&tasks),
-        pool: app.pool.stats(),
+        abandoned: app.observer.abandoned_count(),
+        largest_task_memory: tasks
+            .iter()
+            .map(|t| t.stats.memory_bytes())
+            .max()
+            .unwrap_or(0)
+            .max(pool.largest_task_memory),
+        pool,
         outbound_depth: conns.iter().map(|c| c.outbound_depth()).sum(),
     }
 }
@@ -208,6 +216,7 @@ fn stats_value(app: &App) -> Value {
         "tasks": {
             "queued": l.states[0], "running": l.states[1],
             "yielded": l.states[2], "waiting": l.states[3],
+            "abandoned": l.abandoned,
         },
         "pool": {
             "workers": l.pool.workers,
@@ -218,6 +227,18 @@ fn stats_value(app: &App) -> Value {
             "admitted": l.pool.admitted,
             "nonYieldingTotal": l.pool.non_yielding_total,
             "cpuMsTotal": l.pool.cpu_ns_total as f64 / 1e6,
+            "addresses": l.pool.addresses,
+            "completionRate": l.pool.completion_rate,
+        },
+        "memory": {
+            "usedBytes": l.pool.memory_used,
+            "rssBytes": l.pool.memory_rss,
+            "allocatedBytes": crate::alloc::allocated_bytes(),
+            "budgetBytes": l.pool.memory_budget,
+            "counted": l.pool.memory_counted,
+            "overBudget": l.pool.over_memory_budget,
+            "largestTaskBytes": l.largest_task_memory,
+            "trims": l.pool.memory_trims,
         },
         "finished": finished,
         "uptimeMs": app.observer.uptime_ms(),

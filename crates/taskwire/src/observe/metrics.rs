@@ -84,6 +84,14 @@ pub(crate) struct Metrics {
     runtime_workers: Gauge,
     runtime_alive_tasks: Gauge,
     runtime_global_queue: Gauge,
+    pool_addresses: Gauge,
+    memory_allocated: Gauge,
+    memory_used: Gauge,
+    memory_rss: Gauge,
+    memory_budget: Gauge,
+    memory_over_budget: Gauge,
+    memory_largest_task: Gauge,
+    memory_trims: Gauge,
     totals: [AtomicU64; OUTCOMES.len()],
 }
 
@@ -92,6 +100,10 @@ pub(crate) struct Live {
     /// Tokio's own stable runtime metrics: workers, alive tasks, global queue depth.
     pub runtime: (usize, usize, usize),
     pub states: [u64; 4],
+    /// Tasks answered after a stop that are still on a worker.
+    pub abandoned: usize,
+    /// The most memory held by one live task.
+    pub largest_task_memory: u64,
     pub pool: PoolStats,
     pub outbound_depth: usize,
 }
@@ -119,6 +131,14 @@ impl Metrics {
             runtime_workers: Gauge::default(),
             runtime_alive_tasks: Gauge::default(),
             runtime_global_queue: Gauge::default(),
+            pool_addresses: Gauge::default(),
+            memory_allocated: Gauge::default(),
+            memory_used: Gauge::default(),
+            memory_rss: Gauge::default(),
+            memory_budget: Gauge::default(),
+            memory_over_budget: Gauge::default(),
+            memory_largest_task: Gauge::default(),
+            memory_trims: Gauge::default(),
             totals: Default::default(),
             registry: Registry::default(),
         };
@@ -208,6 +228,46 @@ impl Metrics {
             "Messages waiting in connections' outbound queues",
             m.outbound_depth.clone(),
         );
+        registry.register(
+            "pool_addresses",
+            "Client addresses (IPv6 /64s) with CPU tasks admitted",
+            m.pool_addresses.clone(),
+        );
+        registry.register(
+            "memory_allocated_bytes",
+            "Bytes live through the counting allocator (0 when it is not installed)",
+            m.memory_allocated.clone(),
+        );
+        registry.register(
+            "memory_used_bytes",
+            "Memory as the budget counts it: the counting allocator's total, else RSS",
+            m.memory_used.clone(),
+        );
+        registry.register(
+            "memory_rss_bytes",
+            "Resident set size of the process",
+            m.memory_rss.clone(),
+        );
+        registry.register(
+            "memory_budget_bytes",
+            "Memory past which new CPU tasks are refused",
+            m.memory_budget.clone(),
+        );
+        registry.register(
+            "memory_over_budget",
+            "1 while new CPU tasks are refused for memory",
+            m.memory_over_budget.clone(),
+        );
+        registry.register(
+            "memory_largest_task_bytes",
+            "Memory held by the largest live task",
+            m.memory_largest_task.clone(),
+        );
+        registry.register(
+            "memory_trims",
+            "Times freed memory was handed back to the operating system",
+            m.memory_trims.clone(),
+        );
         let by_method = methods
             .iter()
             .map(|&method| {
@@ -296,6 +356,22 @@ impl Metrics {
                 })
                 .set(live.states[i] as i64);
         }
+        self.tasks
+            .get_or_create(&StateLabel {
+                state: "abandoned".to_string(),
+            })
+            .set(live.abandoned as i64);
+        self.pool_addresses.set(live.pool.addresses as i64);
+        self.memory_allocated
+            .set(crate::alloc::allocated_bytes() as i64);
+        self.memory_used.set(live.pool.memory_used as i64);
+        self.memory_rss.set(live.pool.memory_rss as i64);
+        self.memory_budget.set(live.pool.memory_budget as i64);
+        self.memory_over_budget
+            .set(i64::from(live.pool.over_memory_budget));
+        self.memory_largest_task
+            .set(live.largest_task_memory as i64);
+        self.memory_trims.set(live.pool.memory_trims as i64);
         self.pool_workers.set(live.pool.workers as i64);
         self.pool_live_workers.set(live.pool.live_workers as i64);
         self.pool_busy.set(live.pool.busy as i64);

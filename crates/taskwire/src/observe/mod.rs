@@ -36,7 +36,9 @@ pub struct TaskInfo {
     pub method: String,
     /// `io` or `cpu`.
     pub kind: &'static str,
-    /// `queued`, `running`, `yielded` or `waiting`.
+    /// `queued`, `running`, `yielded` or `waiting`; or `abandoned`: told to
+    /// stop and already answered, but still on a worker thread because it
+    /// reaches no checkpoint (listed until that thread is back).
     pub state: &'static str,
     /// Time since it was admitted, in ms.
     pub age_ms: u64,
@@ -48,6 +50,12 @@ pub struct TaskInfo {
     pub not_yielding: bool,
     /// Whether it has been told to stop (and why).
     pub stopping: Option<String>,
+    /// Memory it holds: bytes allocated minus freed while it ran (CPU tasks,
+    /// with `taskwire::alloc::CountingAlloc` installed; else 0).
+    pub memory_bytes: u64,
+    /// Whether it is one of the largest tasks while the server is over its
+    /// memory budget.
+    pub memory_flagged: bool,
 }
 
 /// One connection as the admin API shows it.
@@ -93,15 +101,25 @@ pub(crate) struct Observer {
     /// Off only to measure what observing costs (`Config::observe`).
     enabled: bool,
     conns: Mutex<HashMap<u64, Arc<ConnState>>>,
+    /// CPU tasks answered after a stop while still on a worker (they reach no
+    /// checkpoint): kept visible until their thread is back. Only a task on a
+    /// worker qualifies, so there are never more than worker threads; the cap
+    /// holds that bound even so.
+    abandoned: Mutex<HashMap<u64, Arc<TaskShared>>>,
+    abandoned_cap: usize,
     started: Instant,
     pub metrics: metrics::Metrics,
 }
 
 impl Observer {
-    pub fn new(enabled: bool, methods: &[&str]) -> Observer {
+    /// `max_threads`: the most compute worker threads there can be
+    /// (configured plus replacements), which bounds the abandoned tasks.
+    pub fn new(enabled: bool, methods: &[&str], max_threads: usize) -> Observer {
         Observer {
             enabled,
             conns: Mutex::new(HashMap::new()),
+            abandoned: Mutex::new(HashMap::new()),
+            abandoned_cap: max_threads.max(1),
             started: Instant::now(),
             metrics: metrics::Metrics::new(methods),
         }
@@ -122,10 +140,38 @@ impl Observer {
         }
     }
 
-    pub fn task_finished(&self, t: &TaskShared, outcome: &Outcome) {
-        if self.enabled {
-            self.metrics.task_finished(t, outcome.label());
+    pub fn task_finished(&self, t: &Arc<TaskShared>, outcome: &Outcome) {
+        if !self.enabled {
+            return;
         }
+        self.metrics.task_finished(t, outcome.label());
+        // Answered after a stop while its future still runs on a worker: it
+        // leaves the connection's table now, so keep it in view here.
+        if t.kind == TaskKind::Cpu && t.stopped().is_some() && t.stats.state() == JobState::Running
+        {
+            if let Ok(mut m) = self.abandoned.lock() {
+                m.retain(|_, t| t.stats.state() == JobState::Running);
+                if m.len() < self.abandoned_cap {
+                    m.insert(t.id, t.clone());
+                }
+            }
+        }
+    }
+
+    /// Abandoned tasks still on a worker (see [`TaskInfo::state`]).
+    fn abandoned(&self) -> Vec<Arc<TaskShared>> {
+        match self.abandoned.lock() {
+            Ok(mut m) => {
+                m.retain(|_, t| t.stats.state() == JobState::Running);
+                m.values().cloned().collect()
+            }
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// How many abandoned tasks are still on a worker.
+    pub fn abandoned_count(&self) -> usize {
+        self.abandoned().len()
     }
 
     pub fn refused(&self, reason: &str) {
@@ -144,7 +190,19 @@ impl Observer {
     }
 
     pub fn find_task(&self, id: u64) -> Option<Arc<TaskShared>> {
-        self.connections().into_iter().find_map(|c| c.task(id))
+        self.connections()
+            .into_iter()
+            .find_map(|c| c.task(id))
+            .or_else(|| self.abandoned().into_iter().find(|t| t.id == id))
+    }
+
+    /// One task as the admin API shows it, abandoned ones included.
+    pub fn task_info(&self, id: u64) -> Option<TaskInfo> {
+        if let Some(t) = self.connections().into_iter().find_map(|c| c.task(id)) {
+            return Some(task_info(&t));
+        }
+        let t = self.abandoned().into_iter().find(|t| t.id == id)?;
+        Some(abandoned_info(&t))
     }
 
     /// Kills a task: its client gets -32004. False if no such task.
@@ -168,10 +226,16 @@ impl Observer {
             Some(id) => self.connection(id).into_iter().collect(),
             None => self.connections(),
         };
+        let abandoned = self
+            .abandoned()
+            .into_iter()
+            .filter(|t| q.conn.is_none_or(|c| c == t.conn))
+            .map(|t| abandoned_info(&t));
         let mut out: Vec<TaskInfo> = conns
             .iter()
             .flat_map(|c| c.tasks())
             .map(|t| task_info(&t))
+            .chain(abandoned)
             .filter(|t| q.state.as_deref().is_none_or(|s| s == t.state))
             .filter(|t| q.method.as_deref().is_none_or(|m| m == t.method))
             .collect();
@@ -205,6 +269,16 @@ pub(crate) fn task_info(t: &TaskShared) -> TaskInfo {
         progress: t.last_progress().unwrap_or(Value::Null),
         not_yielding: t.stats.not_yielding(),
         stopping: t.stopped().map(|s| s.to_string()),
+        memory_bytes: t.stats.memory_bytes(),
+        memory_flagged: t.stats.memory_flagged(),
+    }
+}
+
+/// An abandoned task: answered after a stop, still on a worker.
+fn abandoned_info(t: &TaskShared) -> TaskInfo {
+    TaskInfo {
+        state: "abandoned",
+        ..task_info(t)
     }
 }
 
