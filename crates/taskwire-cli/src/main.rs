@@ -52,6 +52,9 @@ struct ServeArgs {
     /// Requests in flight per connection before -32001 connection_inflight [default: 1024].
     #[arg(long, env = "TASKWIRE_MAX_INFLIGHT")]
     max_inflight: Option<usize>,
+    /// Most elements of one batch; a longer batch gets one -32600 and nothing runs [default: 256].
+    #[arg(long, env = "TASKWIRE_MAX_BATCH")]
+    max_batch: Option<usize>,
     /// Open connections before new upgrades get HTTP 503 [default: 10000].
     #[arg(long, env = "TASKWIRE_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
@@ -67,6 +70,12 @@ struct ServeArgs {
     /// WebSocket ping period in ms; two unanswered pings close the connection [default: 20000].
     #[arg(long, env = "TASKWIRE_PING_INTERVAL_MS")]
     ping_interval_ms: Option<u64>,
+    /// WebSocket pings per second a client may send; one beyond closes it with 1008 [default: 10].
+    #[arg(long, env = "TASKWIRE_PING_RATE_PER_SEC")]
+    ping_rate_per_sec: Option<u32>,
+    /// Burst of WebSocket pings a client may send [default: 20].
+    #[arg(long, env = "TASKWIRE_PING_RATE_BURST")]
+    ping_rate_burst: Option<u32>,
     /// Capacity of each connection's outbound queue, in messages [default: 1024].
     #[arg(long, env = "TASKWIRE_OUTBOUND_QUEUE")]
     outbound_queue: Option<usize>,
@@ -141,11 +150,14 @@ impl ServeArgs {
             addr: self.addr,
             max_frame_bytes: self.max_frame_bytes,
             max_inflight: self.max_inflight,
+            max_batch: self.max_batch,
             max_connections: self.max_connections,
             max_connections_per_ip: self.max_connections_per_ip,
             max_timeout_ms: self.max_timeout_ms,
             shutdown_grace_ms: self.shutdown_grace_ms,
             ping_interval_ms: self.ping_interval_ms,
+            ping_rate_per_sec: self.ping_rate_per_sec,
+            ping_rate_burst: self.ping_rate_burst,
             outbound_queue: self.outbound_queue,
             outbound_bytes: self.outbound_bytes,
             observe: self.observe,
@@ -200,14 +212,18 @@ fn init_logging(filter: &str) {
     // one line instead of the default hook's backtrace banner.
     std::panic::set_hook(Box::new(|info| {
         let thread = std::thread::current();
+        // The message may be a client's (the `crash` task panics with it):
+        // escaped and cut, so it cannot forge a line or flood the log.
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| info.payload().downcast_ref::<String>().map(String::as_str))
+            .unwrap_or_default();
         tracing::warn!(
             thread = thread.name().unwrap_or("?"),
             "panic: {}",
-            info.payload()
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| info.payload().downcast_ref::<String>().cloned())
-                .unwrap_or_default()
+            taskwire::protocol::log_text(msg)
         );
     }));
 }

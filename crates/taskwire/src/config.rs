@@ -158,6 +158,8 @@ settings! {
     max_frame_bytes: usize,
     /// In-flight requests per connection.
     max_inflight: usize,
+    /// Most elements of one batch.
+    max_batch: usize,
     /// Open connections, all clients.
     max_connections: usize,
     /// Open connections per client IP address.
@@ -168,6 +170,10 @@ settings! {
     shutdown_grace_ms: u64,
     /// WebSocket ping period, ms.
     ping_interval_ms: u64,
+    /// WebSocket pings per second a client may send.
+    ping_rate_per_sec: u32,
+    /// Burst of WebSocket pings a client may send.
+    ping_rate_burst: u32,
     /// Outbound queue per connection, messages.
     outbound_queue: usize,
     /// Outbound queue per connection, bytes.
@@ -282,11 +288,16 @@ impl Settings {
             addr: self.addr.unwrap_or(d.addr),
             max_frame_bytes: self.max_frame_bytes.unwrap_or(d.max_frame_bytes),
             max_inflight_per_connection: self.max_inflight.unwrap_or(d.max_inflight_per_connection),
+            max_batch: self.max_batch.unwrap_or(d.max_batch),
             max_connections: self.max_connections.unwrap_or(d.max_connections),
             max_connections_per_ip: self.max_connections_per_ip.or(d.max_connections_per_ip),
             max_task_timeout: self.max_timeout_ms.map(ms).unwrap_or(d.max_task_timeout),
             shutdown_grace: self.shutdown_grace_ms.map(ms).unwrap_or(d.shutdown_grace),
             ping_interval: self.ping_interval_ms.map(ms).unwrap_or(d.ping_interval),
+            ping_rate: RateLimit {
+                per_second: self.ping_rate_per_sec.unwrap_or(d.ping_rate.per_second),
+                burst: self.ping_rate_burst.unwrap_or(d.ping_rate.burst),
+            },
             outbound_queue: self.outbound_queue.unwrap_or(d.outbound_queue),
             outbound_bytes: self.outbound_bytes.unwrap_or(d.outbound_bytes),
             write_timeout: self.write_timeout_ms.map(ms).unwrap_or(d.write_timeout),
@@ -358,6 +369,7 @@ impl Config {
             return Err(invalid("max_frame_bytes", "must be at least 1024"));
         }
         positive("max_inflight", self.max_inflight_per_connection as u128)?;
+        positive("max_batch", self.max_batch as u128)?;
         positive("max_connections", self.max_connections as u128)?;
         if let Some(n) = self.max_connections_per_ip {
             positive("max_connections_per_ip", n as u128)?;
@@ -394,6 +406,10 @@ impl Config {
             Ok::<(), ConfigError>(())
         };
         check_rate(&self.rate_limit, ("rate_limit_per_sec", "rate_limit_burst"))?;
+        check_rate(
+            &Some(self.ping_rate),
+            ("ping_rate_per_sec", "ping_rate_burst"),
+        )?;
         let mut seen = std::collections::HashSet::new();
         for t in &self.auth_tokens {
             if t.token.len() < MIN_TOKEN_LEN || !t.token.chars().all(token_char) {
@@ -485,6 +501,8 @@ mod tests {
                 "tokens.max_inflight",
             ),
             ("slice_us = 5", "slice_us"),
+            ("max_batch = 0", "max_batch"),
+            ("ping_rate_per_sec = 0", "ping_rate_per_sec"),
         ];
         for (text, setting) in cases {
             let e = Settings::from_toml(text)

@@ -37,8 +37,13 @@ pub struct Config {
     /// Largest WebSocket message accepted; larger ones close the connection
     /// with 1009 (default 1 MiB).
     pub max_frame_bytes: usize,
-    /// Requests in flight per connection before `-32001 connection_inflight` (default 1024).
+    /// Requests in flight per connection before `-32001 connection_inflight`
+    /// (default 1024). Every element of a batch holds a place until the
+    /// batch's answer is sent.
     pub max_inflight_per_connection: usize,
+    /// Most elements of one batch; a longer batch gets one `-32600` and
+    /// nothing in it runs (default 256).
+    pub max_batch: usize,
     /// Open connections before new upgrades get HTTP 503 (default 10 000).
     pub max_connections: usize,
     /// Open connections per client IP address before new upgrades get HTTP 429
@@ -50,6 +55,10 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// WebSocket ping period; two unanswered pings close the connection (default 20 s).
     pub ping_interval: Duration,
+    /// WebSocket Ping frames a client may send; one beyond the rate closes the
+    /// connection with 1008, as each makes the server queue a Pong (default
+    /// 10 per second, bursts of 20).
+    pub ping_rate: RateLimit,
     /// Capacity of each connection's outbound queue (default 1024 messages).
     pub outbound_queue: usize,
     /// Bytes each connection's outbound queue may hold (default 4 MiB): with
@@ -89,11 +98,16 @@ impl Default for Config {
             addr: SocketAddr::from(([127, 0, 0, 1], 7878)),
             max_frame_bytes: 1 << 20,
             max_inflight_per_connection: 1024,
+            max_batch: crate::protocol::DEFAULT_MAX_BATCH,
             max_connections: 10_000,
             max_connections_per_ip: None,
             max_task_timeout: Duration::from_secs(3600),
             shutdown_grace: Duration::from_secs(5),
             ping_interval: Duration::from_secs(20),
+            ping_rate: RateLimit {
+                per_second: 10,
+                burst: 20,
+            },
             outbound_queue: 1024,
             outbound_bytes: 4 << 20,
             write_timeout: Duration::from_secs(10),
@@ -302,6 +316,9 @@ fn router(app: Arc<App>) -> Router {
 /// Replies gathered before a write to the socket (flushed at every batch end).
 const WRITE_BUFFER: usize = 32 << 10;
 
+/// Room in the write buffer beyond the largest message, for control frames.
+const PONG_ROOM: usize = 4 << 10;
+
 /// Counts an open connection for as long as it lives.
 struct ConnSlot(Arc<App>);
 
@@ -463,6 +480,12 @@ async fn ws_handler(
         }
     };
     let max = app.cfg.max_frame_bytes;
+    // The write buffer's cap: what the writer feeds (one flush's worth plus
+    // one message, and no message is larger than the outbound budget) plus
+    // room for Pongs. A client that reads neither its replies nor its pongs
+    // finds the buffer full instead of growing it, and its next write times
+    // out: closed as a slow consumer (1008).
+    let max_write = WRITE_BUFFER + app.cfg.outbound_bytes + PONG_ROOM;
     // A small read buffer keeps an idle connection at a few KiB instead of
     // tungstenite's default 128 KiB. The write buffer only grows as replies
     // are fed to it: the writer feeds every reply that is ready and flushes
@@ -471,6 +494,7 @@ async fn ws_handler(
     ws.protocols([SUBPROTOCOL])
         .read_buffer_size(4096)
         .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(max_write)
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
