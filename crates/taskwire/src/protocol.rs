@@ -422,7 +422,7 @@ fn parse_element(raw: &RawValue) -> Result<Request<'_>, Rejected> {
                     false,
                     // Short: it may be answered once per element of a batch.
                     ErrorObject::invalid_request("bad id"),
-                ))
+                ));
             }
         },
     };
@@ -765,7 +765,7 @@ mod tests {
 
     #[test]
     fn long_batches_are_counted_not_kept() {
-        let elems = vec!["1"; 10].join(",");
+        let elems = ["1"; 10].join(",");
         match parse_frame_limited(&format!("[{elems}]"), 10) {
             Frame::Batch(items) => assert_eq!(items.len(), 10),
             other => panic!("{other:?}"),
