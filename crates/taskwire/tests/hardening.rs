@@ -639,8 +639,7 @@ async fn the_rate_limit_counts_invalid_elements_first() {
     };
     let s = TestServer::start(cfg).await;
     let mut c = s.client().await;
-    c.send_text(&format!("[{}]", ["{}"; 10].join(",")))
-        .await;
+    c.send_text(&format!("[{}]", ["{}"; 10].join(","))).await;
     let m = c.recv().await.unwrap();
     let arr = m.as_array().expect("an array");
     assert_eq!(arr.len(), 10);
@@ -652,8 +651,7 @@ async fn the_rate_limit_counts_invalid_elements_first() {
     // empties the bucket again, so one of a few frames in a row meets it empty.)
     let mut single = None;
     for _ in 0..10 {
-        c.send_text(&format!("[{}]", ["{}"; 10].join(",")))
-            .await;
+        c.send_text(&format!("[{}]", ["{}"; 10].join(","))).await;
         let m = c.recv().await.unwrap();
         if !m.is_array() {
             single = Some(m);
