@@ -65,14 +65,18 @@ fn init_logging(filter: &str) {
     // one line instead of the default hook's backtrace banner.
     std::panic::set_hook(Box::new(|info| {
         let thread = std::thread::current();
+        // The message may be a client's (the `crash` task panics with it):
+        // escaped and cut, so it cannot forge a line or flood the log.
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| info.payload().downcast_ref::<String>().map(String::as_str))
+            .unwrap_or_default();
         tracing::warn!(
             thread = thread.name().unwrap_or("?"),
             "panic: {}",
-            info.payload()
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| info.payload().downcast_ref::<String>().cloned())
-                .unwrap_or_default()
+            taskwire::protocol::log_text(msg)
         );
     }));
 }

@@ -669,6 +669,13 @@ settings! {
     /// Time for a TLS handshake and for each request head to arrive in full
     /// (also how long an idle keep-alive connection is kept).
     request_head_timeout_ms => request_head_timeout: Millis = Some(10_000), min 1;
+    /// Most elements of one batch; a longer batch gets one `-32600` and nothing runs.
+    max_batch => max_batch: usize = Some(256), min 1;
+    /// WebSocket ping frames per second a client may send; beyond the burst the
+    /// connection is closed with 1008.
+    ping_rate_per_sec => ping_rate_per_sec: u32 = Some(10), min 1;
+    /// Burst of WebSocket ping frames a client may send.
+    ping_rate_burst => ping_rate_burst: u32 = Some(20), min 1;
     /// Cap on any task's deadline.
     max_timeout_ms => max_task_timeout: Millis = Some(3_600_000), min 1;
     /// How long in-flight tasks get to finish on shutdown.
@@ -872,6 +879,14 @@ impl Config {
             per_second,
             burst: self.rate_limit_burst.unwrap_or(per_second),
         })
+    }
+
+    /// The rate of WebSocket pings a client may send.
+    pub fn ping_rate(&self) -> RateLimit {
+        RateLimit {
+            per_second: self.ping_rate_per_sec,
+            burst: self.ping_rate_burst,
+        }
     }
 
     /// The compute pool's part of the settings.
@@ -1254,6 +1269,8 @@ mod tests {
             ),
             ("slice_us = 5", "slice_us"),
             ("max_frame_bytes = 10", "max_frame_bytes"),
+            ("max_batch = 0", "max_batch"),
+            ("ping_rate_per_sec = 0", "ping_rate_per_sec"),
             ("address_cpu_limit = 0", "address_cpu_limit"),
             ("memory_budget_bytes = 4", "memory_budget_bytes"),
             ("max_http_connections = 0", "max_http_connections"),

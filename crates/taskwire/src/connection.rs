@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde_json::value::RawValue;
@@ -17,19 +17,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::compute::{JobState, Permit};
+use crate::config::RateLimit;
 use crate::protocol::{self, codes, ErrorObject, Frame, Id, Rejected, Request};
 use crate::security::TokenBucket;
 use crate::server::App;
 use crate::task::{
     stopped_error, Ctx, Outbound, Stopped, TaskError, TaskInit, TaskKind, TaskShared,
 };
-
-/// WebSocket close codes the server uses.
-pub(crate) mod close {
-    pub const GOING_AWAY: u16 = 1001;
-    pub const POLICY: u16 = 1008;
-    pub const TOO_BIG: u16 = 1009;
-}
 
 /// How long a stopped CPU task gets to reach its next checkpoint before its
 /// request is answered anyway (it keeps its not-yielding flag in the table).
@@ -42,7 +36,7 @@ const MAX_BATCH: usize = 64;
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct ConnLimits {
     pub max_inflight: usize,
-    pub rate: Option<crate::config::RateLimit>,
+    pub rate: Option<RateLimit>,
 }
 
 #[derive(Default)]
@@ -67,15 +61,23 @@ pub(crate) struct ConnState {
     /// Fired to make the connection close (admin, slow consumer, heartbeat).
     pub closing: CancellationToken,
     close_reason: Mutex<Option<(u16, &'static str)>>,
+    /// Heartbeat pings sent since the client last answered (a Pong or a text
+    /// frame; a client's own Ping is no answer).
     missed_pongs: AtomicU32,
     /// Requests admitted whose answer is not yet queued for the writer, and
     /// the signal that it fell to zero.
     unanswered: AtomicUsize,
     answered: Notify,
     write_timeout: Duration,
-    /// Bytes of replies queued for the writer, and the most it may hold.
+    /// Bytes of replies queued for the writer, bytes of answers kept by
+    /// unfinished batches, and the most the two may hold together.
     queued_bytes: AtomicUsize,
+    kept_bytes: AtomicUsize,
     outbound_bytes: usize,
+    /// Batch elements answered whose batch's answer is not yet sent: each
+    /// holds an in-flight place, as a running task does.
+    held: AtomicUsize,
+    max_batch: usize,
     /// Signalled when the writer has drained what it could.
     drained: Notify,
     shutting_down: AtomicBool,
@@ -137,6 +139,13 @@ impl ConnState {
         }
     }
 
+    /// The answer to a frame refused by the rate limit.
+    fn rate_limited(app: &App, wait: Duration) -> ErrorObject {
+        app.observer.refused("rate_limited");
+        let retry = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+        ErrorObject::overloaded("rate_limited", retry)
+    }
+
     /// One admitted request has been answered.
     fn answered_one(&self) {
         if self.unanswered.fetch_sub(1, Ordering::AcqRel) == 1 {
@@ -188,10 +197,15 @@ impl ConnState {
                 .await
                 .is_err()
             {
-                self.close_with(close::POLICY, "slow consumer");
+                self.close_with(close_code::POLICY, "slow consumer");
                 return;
             }
         }
+        self.push(msg).await;
+    }
+
+    /// Hands a message whose bytes are already counted to the writer.
+    async fn push(&self, msg: Outbound) {
         match self.tx.try_send(msg) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(msg)) => {
@@ -199,19 +213,32 @@ impl ConnState {
                     .await
                     .is_err()
                 {
-                    self.close_with(close::POLICY, "slow consumer");
+                    self.close_with(close_code::POLICY, "slow consumer");
                 }
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
     }
 
-    /// Takes `n` bytes of the outbound budget. A message larger than the whole
-    /// budget still goes when the queue is empty, so it is never stuck.
+    /// Takes `n` bytes of the outbound budget. A message still goes when the
+    /// queue is empty, so that answers kept by a batch waiting on a long task
+    /// never starve the connection's other answers (nor close it as a slow
+    /// consumer): what waits is bounded by the budget plus one answer.
     fn reserve(&self, n: usize) -> bool {
+        let kept = self.kept_bytes.load(Ordering::Acquire);
         self.queued_bytes
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
-                (cur == 0 || cur + n <= self.outbound_bytes).then_some(cur + n)
+                (cur == 0 || cur + kept + n <= self.outbound_bytes).then_some(cur + n)
+            })
+            .is_ok()
+    }
+
+    /// Keeps `n` bytes of a batch's answer if the budget has room; never waits.
+    fn keep(&self, n: usize) -> bool {
+        let queued = self.queued_bytes.load(Ordering::Acquire);
+        self.kept_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |k| {
+                (queued + k + n <= self.outbound_bytes).then_some(k + n)
             })
             .is_ok()
     }
@@ -220,21 +247,98 @@ impl ConnState {
         // The drop path cannot wait: it overdraws the budget rather than lose
         // an answer, and the message bound still holds.
         self.queued_bytes.fetch_add(text.len(), Ordering::AcqRel);
+        self.try_push(text);
+    }
+
+    fn try_push(&self, text: String) {
         if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(Outbound::Text(text)) {
-            self.close_with(close::POLICY, "slow consumer");
+            self.close_with(close_code::POLICY, "slow consumer");
         }
+    }
+
+    /// An answer larger than the whole outbound budget is replaced by a short
+    /// error: no single message is larger than the budget, which is what lets
+    /// the WebSocket's write buffer be capped.
+    fn fit(&self, text: String, id: Option<&Id>) -> String {
+        if text.len() <= self.outbound_bytes {
+            return text;
+        }
+        protocol::error_text(
+            id,
+            &ErrorObject::new(
+                codes::INTERNAL_ERROR,
+                "internal error: answer dropped: too large",
+            ),
+        )
+    }
+
+    /// Takes `n` tokens of the request rate limit, one at a time: `None` when
+    /// there is no limit, else for each token whether it was there (or how
+    /// long until one is).
+    fn take_rate(&self, need: &[bool]) -> Option<Vec<Result<(), Duration>>> {
+        let mut guard = self.bucket.lock().ok()?;
+        let bucket = guard.as_mut()?;
+        let now = Instant::now();
+        Some(
+            need.iter()
+                .map(|&n| if n { bucket.take(now) } else { Ok(()) })
+                .collect(),
+        )
     }
 }
 
 /// Collects the answers of one batch and sends them as one array.
+///
+/// Until that array is sent, every element holds an in-flight place of its
+/// connection (`held`) and every answer kept counts against the outbound
+/// budget (`kept_bytes`): a batch waiting on one long task cannot pin more
+/// than the budget however many quick elements it holds.
 struct Batch {
+    len: usize,
     slots: Mutex<Vec<Option<String>>>,
     remaining: AtomicUsize,
+    /// Bytes of the answers kept so far.
+    kept: AtomicUsize,
 }
 
 impl Batch {
-    /// Fills one slot; returns the array text when it was the last.
-    fn fill(&self, index: usize, text: Option<String>) -> Option<String> {
+    fn new(len: usize) -> Arc<Batch> {
+        Arc::new(Batch {
+            len,
+            slots: Mutex::new(vec![None; len]),
+            remaining: AtomicUsize::new(len),
+            kept: AtomicUsize::new(0),
+        })
+    }
+
+    /// Keeps one element's answer; returns the array text when it was the
+    /// last, its bytes already counted in the connection's queued bytes.
+    fn fill(
+        &self,
+        conn: &ConnState,
+        index: usize,
+        text: Option<String>,
+        id: Option<&Id>,
+    ) -> Option<String> {
+        conn.held.fetch_add(1, Ordering::AcqRel);
+        let text = text.map(|t| {
+            if conn.keep(t.len()) {
+                return t;
+            }
+            let short = protocol::error_text(
+                id,
+                &ErrorObject::new(
+                    codes::INTERNAL_ERROR,
+                    "internal error: answer dropped: batch too large",
+                ),
+            );
+            // A short error overdraws the budget: at most one per element.
+            conn.kept_bytes.fetch_add(short.len(), Ordering::AcqRel);
+            short
+        });
+        if let Some(t) = &text {
+            self.kept.fetch_add(t.len(), Ordering::AcqRel);
+        }
         if let Ok(mut slots) = self.slots.lock() {
             if let Some(slot) = slots.get_mut(index) {
                 *slot = text;
@@ -243,13 +347,31 @@ impl Batch {
         if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
             return None;
         }
-        let slots = std::mem::take(&mut *self.slots.lock().ok()?);
-        let parts: Vec<String> = slots.into_iter().flatten().collect();
-        if parts.is_empty() {
-            // A batch of notifications is answered with nothing.
-            return None;
+        let slots = self
+            .slots
+            .lock()
+            .map(|mut s| std::mem::take(&mut *s))
+            .unwrap_or_default();
+        let kept = self.kept.load(Ordering::Acquire);
+        let mut out = None;
+        if slots.iter().any(Option::is_some) {
+            let mut all = String::with_capacity(kept + self.len + 2);
+            all.push('[');
+            for part in slots.into_iter().flatten() {
+                if all.len() > 1 {
+                    all.push(',');
+                }
+                all.push_str(&part);
+            }
+            all.push(']');
+            // The kept bytes become queued bytes: the answer is already paid for.
+            conn.queued_bytes.fetch_add(all.len(), Ordering::AcqRel);
+            out = Some(all);
         }
-        Some(format!("[{}]", parts.join(",")))
+        // A batch of notifications is answered with nothing.
+        conn.kept_bytes.fetch_sub(kept, Ordering::AcqRel);
+        conn.held.fetch_sub(self.len, Ordering::AcqRel);
+        out
     }
 }
 
@@ -261,31 +383,31 @@ enum Dest {
 }
 
 impl Dest {
-    async fn deliver(&self, conn: &ConnState, text: Option<String>) {
+    async fn deliver(&self, conn: &ConnState, text: Option<String>, id: Option<&Id>) {
         match self {
             Dest::Direct => {
                 if let Some(t) = text {
-                    conn.send(t).await;
+                    conn.send(conn.fit(t, id)).await;
                 }
             }
             Dest::Batch(b, i) => {
-                if let Some(all) = b.fill(*i, text) {
-                    conn.send(all).await;
+                if let Some(all) = b.fill(conn, *i, text, id) {
+                    conn.push(Outbound::Text(all)).await;
                 }
             }
         }
     }
 
-    fn try_deliver(&self, conn: &ConnState, text: Option<String>) {
+    fn try_deliver(&self, conn: &ConnState, text: Option<String>, id: Option<&Id>) {
         match self {
             Dest::Direct => {
                 if let Some(t) = text {
-                    conn.try_send(t);
+                    conn.try_send(conn.fit(t, id));
                 }
             }
             Dest::Batch(b, i) => {
-                if let Some(all) = b.fill(*i, text) {
-                    conn.try_send(all);
+                if let Some(all) = b.fill(conn, *i, text, id) {
+                    conn.try_push(all);
                 }
             }
         }
@@ -361,7 +483,8 @@ impl Reply {
                 .await;
         }
         let text = self.settle(&outcome);
-        self.dest.deliver(&self.conn, text).await;
+        let id = self.task.request_id.as_ref();
+        self.dest.deliver(&self.conn, text, id).await;
         self.conn.answered_one();
     }
 }
@@ -372,7 +495,8 @@ impl Drop for Reply {
             return;
         }
         let text = self.settle(&Outcome::Lost);
-        self.dest.try_deliver(&self.conn, text);
+        self.dest
+            .try_deliver(&self.conn, text, self.task.request_id.as_ref());
         self.conn.answered_one();
     }
 }
@@ -486,7 +610,10 @@ pub(crate) async fn serve(app: Arc<App>, socket: WebSocket, peer: SocketAddr, li
             answered: Notify::new(),
             write_timeout: app.cfg.write_timeout,
             queued_bytes: AtomicUsize::new(0),
+            kept_bytes: AtomicUsize::new(0),
             outbound_bytes: app.cfg.outbound_bytes,
+            held: AtomicUsize::new(0),
+            max_batch: app.cfg.max_batch,
             drained: Notify::new(),
             shutting_down: AtomicBool::new(false),
             max_inflight: limits.max_inflight,
@@ -517,6 +644,9 @@ pub(crate) async fn serve(app: Arc<App>, socket: WebSocket, peer: SocketAddr, li
 
 async fn reader(app: &Arc<App>, conn: &Arc<ConnState>, mut stream: SplitStream<WebSocket>) {
     let shutdown = app.shutdown.clone();
+    // Every Ping makes the WebSocket layer queue a Pong: pings beyond this
+    // rate are a flood no error can answer.
+    let mut pings = TokenBucket::new(app.cfg.ping_rate(), Instant::now());
     let mut grace: Option<tokio::time::Instant> = None;
     loop {
         let msg = tokio::select! {
@@ -546,15 +676,15 @@ async fn reader(app: &Arc<App>, conn: &Arc<ConnState>, mut stream: SplitStream<W
             None => return,
             Some(Ok(m)) => m,
             Some(Err(e)) => {
-                if is_too_big(e) {
-                    conn.close_with(close::TOO_BIG, "message too big");
+                if let Some((code, reason)) = close_for(e) {
+                    conn.close_with(code, reason);
                 }
                 return;
             }
         };
-        conn.missed_pongs.store(0, Ordering::Relaxed);
         match msg {
             Message::Text(text) => {
+                conn.missed_pongs.store(0, Ordering::Relaxed);
                 conn.bytes_in
                     .fetch_add(text.len() as u64, Ordering::Relaxed);
                 conn.messages_in.fetch_add(1, Ordering::Relaxed);
@@ -562,10 +692,19 @@ async fn reader(app: &Arc<App>, conn: &Arc<ConnState>, mut stream: SplitStream<W
             }
             Message::Binary(b) => {
                 conn.bytes_in.fetch_add(b.len() as u64, Ordering::Relaxed);
-                let err = ErrorObject::invalid_request("binary frames are not supported");
+                let err = match conn.take_rate_token() {
+                    Ok(()) => ErrorObject::invalid_request("binary frames are not supported"),
+                    Err(wait) => ConnState::rate_limited(app, wait),
+                };
                 conn.send(protocol::error_text(None, &err)).await;
             }
-            Message::Ping(_) | Message::Pong(_) => {}
+            Message::Ping(_) => {
+                if pings.take(Instant::now()).is_err() {
+                    conn.close_with(close_code::POLICY, "ping rate limit");
+                    return;
+                }
+            }
+            Message::Pong(_) => conn.missed_pongs.store(0, Ordering::Relaxed),
             Message::Close(_) => return,
         }
     }
@@ -576,28 +715,87 @@ async fn shutdown_connection(conn: &Arc<ConnState>) {
     conn.stop_all(Stopped::Shutdown);
     let _ =
         tokio::time::timeout(STOP_GRACE + Duration::from_millis(500), conn.all_answered()).await;
-    conn.close_with(close::GOING_AWAY, "server shutting down");
+    conn.close_with(close_code::AWAY, "server shutting down");
 }
 
-fn is_too_big(e: axum::Error) -> bool {
+/// The close code for what the WebSocket layer refused to read; `None` when
+/// the peer is gone and there is nobody to tell.
+fn close_for(e: axum::Error) -> Option<(u16, &'static str)> {
     let inner = e.into_inner();
-    matches!(
-        inner.downcast_ref::<tungstenite::Error>(),
-        Some(tungstenite::Error::Capacity(_))
-    )
+    match inner.downcast_ref::<tungstenite::Error>()? {
+        tungstenite::Error::Capacity(_) => Some((close_code::SIZE, "message too big")),
+        tungstenite::Error::Utf8(_) => Some((close_code::INVALID, "text frame is not UTF-8")),
+        tungstenite::Error::Protocol(_) => Some((close_code::PROTOCOL, "protocol violation")),
+        _ => None,
+    }
+}
+
+/// A cancel only ever frees resources: the rate limit does not count it.
+fn rate_exempt(r: &Result<Request<'_>, Rejected>) -> bool {
+    matches!(r, Ok(req) if req.method == protocol::CANCEL_METHOD)
 }
 
 async fn handle_text(app: &Arc<App>, conn: &Arc<ConnState>, text: &str) {
-    match protocol::parse_frame(text) {
-        Frame::Invalid(err) => conn.send(protocol::error_text(None, &err)).await,
-        Frame::Single(r) => handle_one(app, conn, r, Dest::Direct).await,
+    // The rate limit counts every element and every frame, invalid ones
+    // included, before anything is answered: what a client can make the
+    // server parse, check and answer is bounded by the rate, not by its input.
+    match protocol::parse_frame_limited(text, conn.max_batch) {
+        Frame::Invalid(err) => {
+            let err = match conn.take_rate_token() {
+                Ok(()) => err,
+                Err(wait) => ConnState::rate_limited(app, wait),
+            };
+            conn.send(protocol::error_text(None, &err)).await
+        }
+        Frame::Single(r) => {
+            if !rate_exempt(&r) {
+                if let Err(wait) = conn.take_rate_token() {
+                    let err = ConnState::rate_limited(app, wait);
+                    let (id, silent) = match &r {
+                        Ok(req) => (req.id.as_ref(), req.id.is_none()),
+                        Err(rej) => (rej.id.as_ref(), rej.notification),
+                    };
+                    if !silent {
+                        conn.send(protocol::error_text(id, &err)).await;
+                    }
+                    return;
+                }
+            }
+            handle_one(app, conn, r, Dest::Direct).await
+        }
         Frame::Batch(items) => {
-            let batch = Arc::new(Batch {
-                slots: Mutex::new(vec![None; items.len()]),
-                remaining: AtomicUsize::new(items.len()),
-            });
+            let need: Vec<bool> = items.iter().map(|r| !rate_exempt(r)).collect();
+            let taken = conn.take_rate(&need);
+            if let Some(taken) = &taken {
+                // A batch that finds the bucket empty gets one error, not one
+                // per element: a flood of batches is answered frame for frame.
+                let refused_all = need.iter().any(|&n| n)
+                    && need.iter().zip(taken).all(|(&n, t)| !n || t.is_err());
+                if refused_all {
+                    let wait = taken
+                        .iter()
+                        .find_map(|t| t.err())
+                        .unwrap_or(Duration::from_millis(1));
+                    let err = ConnState::rate_limited(app, wait);
+                    conn.send(protocol::error_text(None, &err)).await;
+                    return;
+                }
+            }
+            let batch = Batch::new(items.len());
             for (i, r) in items.into_iter().enumerate() {
-                handle_one(app, conn, r, Dest::Batch(batch.clone(), i)).await;
+                let dest = Dest::Batch(batch.clone(), i);
+                match taken.as_ref().and_then(|t| t.get(i)) {
+                    Some(Err(wait)) => {
+                        let err = ConnState::rate_limited(app, *wait);
+                        let (id, silent) = match &r {
+                            Ok(req) => (req.id.clone(), req.id.is_none()),
+                            Err(rej) => (rej.id.clone(), rej.notification),
+                        };
+                        let text = (!silent).then(|| protocol::error_text(id.as_ref(), &err));
+                        dest.deliver(conn, text, id.as_ref()).await;
+                    }
+                    _ => handle_one(app, conn, r, dest).await,
+                }
             }
         }
     }
@@ -614,7 +812,7 @@ async fn handle_one(
         Err(rej) => {
             let text =
                 (!rej.notification).then(|| protocol::error_text(rej.id.as_ref(), &rej.error));
-            dest.deliver(conn, text).await;
+            dest.deliver(conn, text, rej.id.as_ref()).await;
             return;
         }
     };
@@ -623,18 +821,7 @@ async fn handle_one(
             .as_ref()
             .map(|id| protocol::error_text(Some(id), &err))
     };
-    // The request rate, counted before the method is looked up: an unknown
-    // method costs the server as much to answer as a known one. A cancel is
-    // exempt: it only ever frees resources.
-    if req.method != protocol::CANCEL_METHOD {
-        if let Err(wait) = conn.take_rate_token() {
-            app.observer.refused("rate_limited");
-            let retry = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
-            let text = answer(ErrorObject::overloaded("rate_limited", retry));
-            dest.deliver(conn, text).await;
-            return;
-        }
-    }
+    let rid = req.id.as_ref();
     match req.method.as_str() {
         protocol::CANCEL_METHOD => {
             let id = req.id.clone();
@@ -653,27 +840,33 @@ async fn handle_one(
                 let null = RawValue::from_string("null".to_string()).ok()?;
                 Some(protocol::success_text(&id, &null))
             });
-            dest.deliver(conn, text).await;
+            dest.deliver(conn, text, rid).await;
+            return;
+        }
+        // The protocol's heartbeat: answered here, whatever tasks exist.
+        protocol::PING_METHOD => {
+            let text = rid.and_then(|id| {
+                let empty = RawValue::from_string("{}".to_string()).ok()?;
+                Some(protocol::success_text(id, &empty))
+            });
+            dest.deliver(conn, text, rid).await;
             return;
         }
         protocol::DISCOVER_METHOD => {
-            let text = req
-                .id
-                .as_ref()
-                .map(|id| protocol::success_text(id, &app.discover));
-            dest.deliver(conn, text).await;
+            let text = rid.map(|id| protocol::success_text(id, &app.discover));
+            dest.deliver(conn, text, rid).await;
             return;
         }
         _ => {}
     }
     let Some(def) = app.registry.get(&req.method) else {
         let text = answer(ErrorObject::method_not_found(&req.method));
-        dest.deliver(conn, text).await;
+        dest.deliver(conn, text, rid).await;
         return;
     };
     if conn.shutting_down.load(Ordering::Relaxed) {
         let text = answer(stopped_error(Stopped::Shutdown, None));
-        dest.deliver(conn, text).await;
+        dest.deliver(conn, text, rid).await;
         return;
     }
     let timeout_ms = req
@@ -698,7 +891,7 @@ async fn handle_one(
         Ok(f) => f,
         Err(err) => {
             let text = answer(err);
-            dest.deliver(conn, text).await;
+            dest.deliver(conn, text, rid).await;
             return;
         }
     };
@@ -710,7 +903,7 @@ async fn handle_one(
                 Some(ErrorObject::invalid_request(
                     "duplicate id: a request with this id is still in flight",
                 ))
-            } else if m.tasks.len() >= conn.max_inflight {
+            } else if m.tasks.len() + conn.held.load(Ordering::Acquire) >= conn.max_inflight {
                 Some(ErrorObject::overloaded("connection_inflight", 100))
             } else {
                 m.tasks.insert(task.id, task.clone());
@@ -726,7 +919,7 @@ async fn handle_one(
             app.observer.refused("connection_inflight");
         }
         let text = answer(err);
-        dest.deliver(conn, text).await;
+        dest.deliver(conn, text, rid).await;
         return;
     }
     let permit = match def.kind {
@@ -740,7 +933,7 @@ async fn handle_one(
                     refusal.reason(),
                     refusal.retry_after_ms(),
                 ));
-                dest.deliver(conn, text).await;
+                dest.deliver(conn, text, rid).await;
                 return;
             }
         },
@@ -806,23 +999,19 @@ async fn writer(
                         }
                     }
                 }
-                let (code, reason) = conn
-                    .close_reason
-                    .lock()
-                    .ok()
-                    .and_then(|r| *r)
-                    .unwrap_or((close::GOING_AWAY, "closing"));
-                let frame = CloseFrame { code, reason: reason.into() };
-                let _ = tokio::time::timeout(timeout, sink.send(Message::Close(Some(frame)))).await;
+                send_close(&conn, &mut sink, timeout).await;
                 return;
             }
             _ = ping.tick() => {
                 if conn.missed_pongs.fetch_add(1, Ordering::Relaxed) >= 2 {
-                    conn.close_with(close::GOING_AWAY, "heartbeat timeout");
+                    conn.close_with(close_code::AWAY, "heartbeat timeout");
                     continue;
                 }
-                if tokio::time::timeout(timeout, sink.send(Message::Ping(Default::default()))).await.is_err() {
-                    conn.close_with(close::POLICY, "slow consumer");
+                // A full write buffer fails the ping at once (it holds the
+                // pongs of a client that does not read): a slow consumer too.
+                let sent = tokio::time::timeout(timeout, sink.send(Message::Ping(Default::default()))).await;
+                if !matches!(sent, Ok(Ok(()))) {
+                    conn.close_with(close_code::POLICY, "slow consumer");
                 }
                 continue;
             }
@@ -846,14 +1035,33 @@ async fn writer(
         };
         match tokio::time::timeout(timeout, batch).await {
             Ok(Ok(())) => {}
-            Ok(Err(_)) => break,
-            Err(_) => {
-                conn.close_with(close::POLICY, "slow consumer");
-                break;
+            // The peer is gone (nobody reads the close), or the write buffer
+            // is full of what the client did not read: a slow consumer.
+            Ok(Err(_)) | Err(_) => {
+                conn.close_with(close_code::POLICY, "slow consumer");
+                send_close(&conn, &mut sink, timeout).await;
+                return;
             }
         }
     }
     conn.closing.cancel();
+}
+
+/// Sends the close frame with the first reason given (bounded by the write
+/// timeout: a client that reads nothing does not hold the connection open).
+async fn send_close(conn: &ConnState, sink: &mut SplitSink<WebSocket, Message>, timeout: Duration) {
+    conn.closing.cancel();
+    let (code, reason) = conn
+        .close_reason
+        .lock()
+        .ok()
+        .and_then(|r| *r)
+        .unwrap_or((close_code::AWAY, "closing"));
+    let frame = CloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    let _ = tokio::time::timeout(timeout, sink.send(Message::Close(Some(frame)))).await;
 }
 
 fn render(conn: &ConnState, m: Outbound) -> Option<Message> {
@@ -862,7 +1070,11 @@ fn render(conn: &ConnState, m: Outbound) -> Option<Message> {
             conn.queued_bytes.fetch_sub(t.len(), Ordering::AcqRel);
             t
         }
-        Outbound::Progress(task) => task.take_progress_text()?,
+        // A progress value larger than the whole budget is dropped: no single
+        // message may outgrow the WebSocket's capped write buffer.
+        Outbound::Progress(task) => task
+            .take_progress_text()
+            .filter(|t| t.len() <= conn.outbound_bytes)?,
     };
     conn.bytes_out
         .fetch_add(text.len() as u64, Ordering::Relaxed);

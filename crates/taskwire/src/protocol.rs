@@ -10,7 +10,7 @@ use std::sync::Arc;
 use serde::de::Deserializer;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 /// The JSON-RPC error codes of protocol v1.
 pub mod codes {
@@ -58,6 +58,13 @@ pub const CANCEL_METHOD: &str = "$/cancelRequest";
 pub const PROGRESS_METHOD: &str = "$/progress";
 /// Method name of the discovery request.
 pub const DISCOVER_METHOD: &str = "rpc.discover";
+/// Method name of the protocol's heartbeat request, answered `{}` by the connection.
+pub const PING_METHOD: &str = "$/ping";
+/// Longest string id or progress token, in bytes: an id is kept for as long as
+/// its request runs and echoed in its answer, so it must not be a payload.
+pub const MAX_ID_BYTES: usize = 256;
+/// Most elements of a batch unless configured otherwise (`max_batch`).
+pub const DEFAULT_MAX_BATCH: usize = 256;
 /// The WebSocket subprotocol the server offers.
 pub const SUBPROTOCOL: &str = "taskwire.v1";
 
@@ -74,21 +81,24 @@ pub enum Id {
 }
 
 impl Id {
-    /// Parses an id from its JSON text; `None` when it is not a string or an integer.
+    /// Parses an id from its JSON text; `None` when it is not a string of at
+    /// most [`MAX_ID_BYTES`] bytes or an integer in the `i64` or `u64` range.
     pub fn from_json(raw: &str) -> Option<Id> {
         let raw = raw.trim();
         if raw.starts_with('"') {
-            return serde_json::from_str::<String>(raw)
-                .ok()
-                .map(|s| Id::Str(s.into()));
+            return short_string(raw).map(|s| Id::Str(s.into()));
         }
-        // Only plain integers: `1.0`, `1e3` and friends are not ids.
-        if raw
-            .bytes()
-            .enumerate()
-            .all(|(i, b)| b.is_ascii_digit() || (i == 0 && b == b'-'))
+        // Only plain integers: `1.0`, `1e3` and friends are not ids. The length
+        // check first, so that a megabyte of digits is not scanned.
+        if raw.len() <= 20
+            && raw
+                .bytes()
+                .enumerate()
+                .all(|(i, b)| b.is_ascii_digit() || (i == 0 && b == b'-'))
         {
-            return raw.parse::<i128>().ok().map(Id::Int);
+            let n = raw.parse::<i128>().ok()?;
+            let in_range = n >= i128::from(i64::MIN) && n <= i128::from(u64::MAX);
+            return in_range.then_some(Id::Int(n));
         }
         None
     }
@@ -118,6 +128,18 @@ impl Id {
             Id::Str(s) => Value::String(s.to_string()),
         }
     }
+}
+
+/// Decodes a JSON string of at most [`MAX_ID_BYTES`] bytes (once decoded).
+fn short_string(raw: &str) -> Option<String> {
+    // Escapes only ever shrink a string, so a short raw text needs no second
+    // look, and a raw text over six times the limit (`\u0000` per byte) can
+    // be refused without decoding it.
+    if raw.len() > MAX_ID_BYTES * 6 + 2 {
+        return None;
+    }
+    let s = serde_json::from_str::<String>(raw).ok()?;
+    (s.len() <= MAX_ID_BYTES).then_some(s)
 }
 
 impl std::fmt::Display for Id {
@@ -170,8 +192,10 @@ impl ErrorObject {
         Self::new(codes::INVALID_REQUEST, format!("invalid request: {reason}"))
     }
 
-    /// `-32601` naming the method.
+    /// `-32601` naming the method (cut to [`MAX_ID_BYTES`] bytes: the answer
+    /// to a made-up name is no larger than the answer to a short one).
     pub fn method_not_found(method: &str) -> Self {
+        let method = cut(method, MAX_ID_BYTES);
         Self::with_data(
             codes::METHOD_NOT_FOUND,
             format!("method not found: {method}"),
@@ -194,6 +218,43 @@ impl ErrorObject {
     }
 }
 
+/// `s` cut to at most `max` bytes, on a character boundary.
+fn cut(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Most characters of client text in one log line.
+pub const LOG_TEXT_CHARS: usize = 200;
+
+/// Client text made safe for a log line: control characters, newlines and
+/// quotes escaped (so a client cannot forge a line), cut to
+/// [`LOG_TEXT_CHARS`] characters with `…` (so a megabyte of text is not a
+/// megabyte of log).
+///
+/// ```
+/// let line = taskwire::protocol::log_text("ok\nFORGED 2026 INFO admin logged in");
+/// assert!(!line.contains('\n'));
+/// assert!(taskwire::protocol::log_text(&"x".repeat(10_000)).chars().count() <= 201);
+/// ```
+pub fn log_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(LOG_TEXT_CHARS) + 8);
+    for (i, c) in text.chars().enumerate() {
+        if i == LOG_TEXT_CHARS {
+            out.push('…');
+            break;
+        }
+        out.extend(c.escape_debug());
+    }
+    out
+}
+
 /// The `_meta` member of a request's params: reserved for the protocol.
 #[derive(Clone, Debug, Default)]
 pub struct Meta {
@@ -210,8 +271,8 @@ pub enum Params<'a> {
     None,
     /// The params object exactly as received (it had no `_meta`).
     Raw(&'a RawValue),
-    /// The params object after `_meta` was removed.
-    Value(Map<String, Value>),
+    /// The params object after `_meta` was removed, as JSON text.
+    Owned(Box<RawValue>),
 }
 
 impl Params<'_> {
@@ -220,7 +281,7 @@ impl Params<'_> {
         match self {
             Params::None => serde_json::from_str("{}"),
             Params::Raw(raw) => serde_json::from_str(raw.get()),
-            Params::Value(map) => serde_json::from_value(Value::Object(map)),
+            Params::Owned(raw) => serde_json::from_str(raw.get()),
         }
     }
 }
@@ -243,7 +304,8 @@ pub struct Request<'a> {
 pub struct Rejected {
     /// The request's id, when it could be read (`None` answers with id `null`).
     pub id: Option<Id>,
-    /// Whether the element was a notification (no `id` member): then nothing is sent.
+    /// Whether the element was a well-formed notification (`jsonrpc` "2.0", a
+    /// string `method`, no `id`) whose params are wrong: then nothing is sent.
     pub notification: bool,
     /// The error to answer with.
     pub error: ErrorObject,
@@ -277,15 +339,26 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::
     <&RawValue>::deserialize(d).map(Some)
 }
 
-/// Parses one text frame.
+/// Parses one text frame, with batches of at most [`DEFAULT_MAX_BATCH`] elements.
 pub fn parse_frame(text: &str) -> Frame<'_> {
+    parse_frame_limited(text, DEFAULT_MAX_BATCH)
+}
+
+/// Parses one text frame. A batch of more than `max_batch` elements is one
+/// `-32600` (id `null`): its elements are counted, not kept, so a frame full
+/// of tiny elements costs no memory per element.
+pub fn parse_frame_limited(text: &str, max_batch: usize) -> Frame<'_> {
     let trimmed = text.trim_start();
     if trimmed.starts_with('[') {
-        return match serde_json::from_str::<Vec<&RawValue>>(text) {
-            Ok(items) if items.is_empty() => {
-                Frame::Invalid(ErrorObject::invalid_request("empty batch"))
-            }
-            Ok(items) => Frame::Batch(items.into_iter().map(parse_element).collect()),
+        let mut de = serde_json::Deserializer::from_str(text);
+        let parsed = serde::Deserializer::deserialize_seq(&mut de, BoundedSeq { max: max_batch })
+            .and_then(|v| de.end().map(|()| v));
+        return match parsed {
+            Ok((_, 0)) => Frame::Invalid(ErrorObject::invalid_request("empty batch")),
+            Ok((_, n)) if n > max_batch => Frame::Invalid(ErrorObject::invalid_request(
+                format_args!("a batch holds at most {max_batch} elements"),
+            )),
+            Ok((items, _)) => Frame::Batch(items.into_iter().map(parse_element).collect()),
             Err(e) => Frame::Invalid(ErrorObject::parse_error(e)),
         };
     }
@@ -295,7 +368,45 @@ pub fn parse_frame(text: &str) -> Frame<'_> {
     }
 }
 
+/// Keeps the first `max` elements of an array and only counts the rest.
+struct BoundedSeq {
+    max: usize,
+}
+
+impl<'de> serde::de::Visitor<'de> for BoundedSeq {
+    type Value = (Vec<&'de RawValue>, usize);
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON array")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        let mut n = 0usize;
+        loop {
+            let more = if n < self.max {
+                match seq.next_element::<&'de RawValue>()? {
+                    Some(v) => {
+                        items.push(v);
+                        true
+                    }
+                    None => false,
+                }
+            } else {
+                seq.next_element::<serde::de::IgnoredAny>()?.is_some()
+            };
+            if !more {
+                return Ok((items, n));
+            }
+            n += 1;
+        }
+    }
+}
+
 fn parse_element(raw: &RawValue) -> Result<Request<'_>, Rejected> {
+    // Only a well-formed notification (`jsonrpc` "2.0", a string `method`, no
+    // `id`) may go unanswered; anything else is answered, with id `null` when
+    // it has no usable id, as JSON-RPC 2.0's own examples do.
     let reject = |id, notification, error| Rejected {
         id,
         notification,
@@ -305,7 +416,7 @@ fn parse_element(raw: &RawValue) -> Result<Request<'_>, Rejected> {
         return Err(reject(
             None,
             false,
-            ErrorObject::invalid_request("expected a JSON object"),
+            ErrorObject::invalid_request("not an object"),
         ));
     }
     let req: RawRequest<'_> = serde_json::from_str(raw.get()).map_err(|e| {
@@ -315,7 +426,6 @@ fn parse_element(raw: &RawValue) -> Result<Request<'_>, Rejected> {
             ErrorObject::invalid_request(format_args!("malformed request object: {e}")),
         )
     })?;
-    let notification = req.id.is_none();
     let id = match req.id {
         None => None,
         Some(raw_id) => match Id::from_json(raw_id.get()) {
@@ -324,15 +434,16 @@ fn parse_element(raw: &RawValue) -> Result<Request<'_>, Rejected> {
                 return Err(reject(
                     None,
                     false,
-                    ErrorObject::invalid_request("`id` must be a string or an integer"),
-                ))
+                    // Short: it may be answered once per element of a batch.
+                    ErrorObject::invalid_request("bad id"),
+                ));
             }
         },
     };
     if req.jsonrpc.map(|v| v.get().trim()) != Some("\"2.0\"") {
         return Err(reject(
             id,
-            notification,
+            false,
             ErrorObject::invalid_request("`jsonrpc` must be \"2.0\""),
         ));
     }
@@ -344,11 +455,12 @@ fn parse_element(raw: &RawValue) -> Result<Request<'_>, Rejected> {
         None => {
             return Err(reject(
                 id,
-                notification,
+                false,
                 ErrorObject::invalid_request("`method` must be a string"),
             ))
         }
     };
+    let notification = id.is_none();
     let (params, meta) =
         split_params(req.params).map_err(|error| reject(id.clone(), notification, error))?;
     Ok(Request {
@@ -375,32 +487,91 @@ fn split_params(raw: Option<&RawValue>) -> Result<(Params<'_>, Meta), ErrorObjec
     if !text.contains("\"_meta\"") {
         return Ok((Params::Raw(raw), Meta::default()));
     }
-    let mut map: Map<String, Value> =
-        serde_json::from_str(text).map_err(ErrorObject::invalid_params)?;
-    let meta = match map.remove("_meta") {
-        None => Meta::default(),
-        Some(v) => parse_meta(v)?,
-    };
-    Ok((Params::Value(map), meta))
+    // Without `_meta`, the params are rebuilt as text from borrowed members:
+    // never a `Value` tree, which costs many times the text it holds.
+    let members = serde_json::from_str::<Members<'_>>(text)
+        .map_err(ErrorObject::invalid_params)?
+        .0;
+    let mut meta = Meta::default();
+    let mut out = String::with_capacity(text.len());
+    out.push('{');
+    for (key, value) in members {
+        if key == "_meta" {
+            meta = parse_meta(value)?;
+            continue;
+        }
+        if out.len() > 1 {
+            out.push(',');
+        }
+        out.push_str(&serde_json::to_string(&key).map_err(ErrorObject::invalid_params)?);
+        out.push(':');
+        out.push_str(value.get());
+    }
+    out.push('}');
+    let params = RawValue::from_string(out).map_err(ErrorObject::invalid_params)?;
+    Ok((Params::Owned(params), meta))
 }
 
-fn parse_meta(v: Value) -> Result<Meta, ErrorObject> {
-    let Value::Object(m) = v else {
+/// The members of a JSON object, values borrowed.
+struct Members<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for Members<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut members = Vec::new();
+                while let Some(entry) = map.next_entry::<String, &'de RawValue>()? {
+                    members.push(entry);
+                }
+                Ok(Members(members))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// The protocol's members of `_meta`; any other member is ignored.
+#[derive(Deserialize)]
+struct RawMeta<'a> {
+    #[serde(borrow, default, rename = "progressToken")]
+    progress_token: Option<&'a RawValue>,
+    #[serde(borrow, default, rename = "timeoutMs")]
+    timeout_ms: Option<&'a RawValue>,
+}
+
+fn parse_meta(v: &RawValue) -> Result<Meta, ErrorObject> {
+    if !v.get().trim_start().starts_with('{') {
         return Err(ErrorObject::invalid_params("`_meta` must be an object"));
-    };
+    }
+    let m: RawMeta<'_> = serde_json::from_str(v.get()).map_err(ErrorObject::invalid_params)?;
     let mut meta = Meta::default();
-    if let Some(tok) = m.get("progressToken") {
-        let ok = tok.is_string() || tok.is_i64() || tok.is_u64();
+    if let Some(tok) = m.progress_token {
+        // The token is echoed in every progress notification: a short string
+        // or an integer, never a payload.
+        let t = tok.get().trim();
+        let ok = if t.starts_with('"') {
+            short_string(t).is_some()
+        } else {
+            matches!(Id::from_json(t), Some(Id::Int(_)))
+        };
         if !ok {
             return Err(ErrorObject::invalid_params(
-                "`_meta.progressToken` must be a string or an integer",
+                "`_meta.progressToken` must be a string of at most 256 bytes or an integer",
             ));
         }
-        meta.progress_token = serde_json::value::to_raw_value(tok).ok();
+        meta.progress_token = RawValue::from_string(t.to_string()).ok();
     }
-    if let Some(t) = m.get("timeoutMs") {
-        match t.as_u64() {
-            Some(ms) if ms > 0 => meta.timeout_ms = Some(ms),
+    if let Some(t) = m.timeout_ms {
+        match t.get().trim().parse::<u64>() {
+            Ok(ms) if ms > 0 => meta.timeout_ms = Some(ms),
             _ => {
                 return Err(ErrorObject::invalid_params(
                     "`_meta.timeoutMs` must be an integer > 0",
@@ -462,10 +633,9 @@ pub fn cancel_target(params: Params<'_>) -> Option<Id> {
         Params::Raw(raw) => serde_json::from_str::<CancelParams<'_>>(raw.get())
             .ok()
             .and_then(|p| Id::from_json(p.id.get())),
-        Params::Value(map) => map
-            .get("id")
-            .and_then(|v| serde_json::to_string(v).ok())
-            .and_then(|t| Id::from_json(&t)),
+        Params::Owned(raw) => serde_json::from_str::<CancelParams<'_>>(raw.get())
+            .ok()
+            .and_then(|p| Id::from_json(p.id.get())),
     }
 }
 
@@ -491,10 +661,7 @@ mod tests {
         assert_eq!(r.meta.timeout_ms, Some(30000));
         assert_eq!(r.meta.progress_token.unwrap().get(), "\"p7\"");
         match r.params {
-            Params::Value(m) => {
-                assert!(m.contains_key("below"));
-                assert!(!m.contains_key("_meta"));
-            }
+            Params::Owned(raw) => assert_eq!(raw.get(), r#"{"below":10}"#),
             other => panic!("{other:?}"),
         }
     }
@@ -563,6 +730,79 @@ mod tests {
         let v: Value = serde_json::from_str(&err).unwrap();
         assert_eq!(v["id"], Value::Null);
         assert_eq!(v["error"]["data"]["method"], "nope");
+    }
+
+    #[test]
+    fn what_is_not_a_request_is_answered_with_id_null() {
+        for text in [r#"{"foo":"boo"}"#, "{}", r#"{"method":"echo"}"#] {
+            let e = single(text).unwrap_err();
+            assert_eq!((e.id, e.notification), (None, false), "{text}");
+            assert_eq!(e.error.code, codes::INVALID_REQUEST);
+        }
+        // A well-formed notification with bad params still gets nothing.
+        let e = single(r#"{"jsonrpc":"2.0","method":"echo","params":5}"#).unwrap_err();
+        assert!(e.notification);
+        match parse_frame("[{}]") {
+            Frame::Batch(items) => assert!(matches!(&items[0], Err(r) if !r.notification)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn ids_and_tokens_are_short() {
+        let ok = format!("\"{}\"", "a".repeat(MAX_ID_BYTES));
+        assert!(Id::from_json(&ok).is_some());
+        let long = format!("\"{}\"", "a".repeat(MAX_ID_BYTES + 1));
+        assert_eq!(Id::from_json(&long), None);
+        // Escapes count once decoded.
+        let escaped = format!("\"{}\"", "\\u0041".repeat(MAX_ID_BYTES));
+        assert!(Id::from_json(&escaped).is_some());
+        assert!(Id::from_json("-9223372036854775808").is_some());
+        assert_eq!(Id::from_json("-9223372036854775809"), None);
+        assert_eq!(Id::from_json("18446744073709551616"), None);
+        assert_eq!(Id::from_json(&"9".repeat(1000)), None);
+        let text = format!(r#"{{"jsonrpc":"2.0","id":{long},"method":"echo"}}"#);
+        let e = single(&text).unwrap_err();
+        assert_eq!((e.id, e.error.code), (None, codes::INVALID_REQUEST));
+        let text = format!(
+            r#"{{"jsonrpc":"2.0","id":1,"method":"echo","params":{{"_meta":{{"progressToken":{long}}}}}}}"#
+        );
+        let e = single(&text).unwrap_err();
+        assert_eq!(
+            (e.id, e.error.code),
+            (Some(Id::Int(1)), codes::INVALID_PARAMS)
+        );
+        let text =
+            r#"{"jsonrpc":"2.0","id":1,"method":"echo","params":{"_meta":{"progressToken":[1]}}}"#;
+        assert_eq!(single(text).unwrap_err().error.code, codes::INVALID_PARAMS);
+    }
+
+    #[test]
+    fn long_batches_are_counted_not_kept() {
+        let elems = ["1"; 10].join(",");
+        match parse_frame_limited(&format!("[{elems}]"), 10) {
+            Frame::Batch(items) => assert_eq!(items.len(), 10),
+            other => panic!("{other:?}"),
+        }
+        match parse_frame_limited(&format!("[{elems},1]"), 10) {
+            Frame::Invalid(e) => assert_eq!(e.code, codes::INVALID_REQUEST),
+            other => panic!("{other:?}"),
+        }
+        // Not JSON after the limit is still a parse error.
+        match parse_frame_limited(&format!("[{elems},1,"), 10) {
+            Frame::Invalid(e) => assert_eq!(e.code, codes::PARSE_ERROR),
+            other => panic!("{other:?}"),
+        }
+        match parse_frame_limited("[1] x", 10) {
+            Frame::Invalid(e) => assert_eq!(e.code, codes::PARSE_ERROR),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            ErrorObject::method_not_found(&"m".repeat(10_000))
+                .message
+                .len(),
+            "method not found: ".len() + MAX_ID_BYTES
+        );
     }
 
     #[test]

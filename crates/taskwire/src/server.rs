@@ -545,6 +545,9 @@ pub(crate) fn request_host<'a>(headers: &'a HeaderMap, uri: &'a Uri) -> Option<&
 /// Replies gathered before a write to the socket (flushed at every batch end).
 const WRITE_BUFFER: usize = 32 << 10;
 
+/// Room in the write buffer beyond the largest message, for control frames.
+const PONG_ROOM: usize = 4 << 10;
+
 /// Counts an open connection for as long as it lives.
 struct ConnSlot(Arc<App>);
 
@@ -727,6 +730,12 @@ async fn ws_handler(
         }
     };
     let max = app.cfg.max_frame_bytes;
+    // The write buffer's cap: what the writer feeds (one flush's worth plus
+    // one message, and no message is larger than the outbound budget) plus
+    // room for Pongs. A client that reads neither its replies nor its pongs
+    // finds the buffer full instead of growing it, and its next write times
+    // out: closed as a slow consumer (1008).
+    let max_write = WRITE_BUFFER + app.cfg.outbound_bytes + PONG_ROOM;
     // A small read buffer keeps an idle connection at a few KiB instead of
     // tungstenite's default 128 KiB. The write buffer only grows as replies
     // are fed to it: the writer feeds every reply that is ready and flushes
@@ -735,6 +744,7 @@ async fn ws_handler(
     ws.protocols([SUBPROTOCOL])
         .read_buffer_size(4096)
         .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(max_write)
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {

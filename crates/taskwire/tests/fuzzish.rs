@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Map, Value};
-use taskwire::protocol::{parse_frame, Frame};
+use taskwire::protocol::{parse_frame, parse_frame_limited, Frame};
 use tokio_tungstenite::tungstenite::Message;
 
 /// Characters that matter to a JSON parser, and some that test UTF-8 handling.
@@ -149,6 +149,18 @@ fn the_parser_never_panics_on_random_input() {
         };
         if let Frame::Single(Ok(_)) = parse_frame(&text) {
             singles += 1;
+        }
+        // Any batch limit: a batch holds at most that many elements, and the
+        // params a task sees never carry `_meta`.
+        let max = rng.below(4) as usize;
+        match parse_frame_limited(&text, max) {
+            Frame::Batch(items) => assert!(!items.is_empty() && items.len() <= max, "{text}"),
+            Frame::Single(Ok(req)) => {
+                if let Ok(Value::Object(m)) = req.params.deserialize::<Value>() {
+                    assert!(!m.contains_key("_meta"), "{text}");
+                }
+            }
+            _ => {}
         }
     }
     // The mutations leave some requests valid: the generator reaches the happy path.

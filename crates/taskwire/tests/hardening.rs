@@ -618,3 +618,47 @@ async fn the_outbound_queue_is_bounded_in_bytes() {
     alive(&mut s.client().await).await;
     s.stop().await.unwrap();
 }
+
+/// The rate limit counts invalid elements and frames before answering them:
+/// a batch meeting an empty bucket gets one error for the whole frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rate_limit_counts_invalid_elements_first() {
+    let cfg = Config {
+        rate_limit_per_sec: Some(1),
+        rate_limit_burst: Some(3),
+        ..config()
+    };
+    let s = TestServer::start(cfg).await;
+    let mut c = s.client().await;
+    c.send_text(&format!("[{}]", ["{}"; 10].join(","))).await;
+    let m = c.recv().await.unwrap();
+    let arr = m.as_array().expect("an array");
+    assert_eq!(arr.len(), 10);
+    let invalid = arr.iter().filter(|a| code(a) == -32600).count();
+    let limited = arr.iter().filter(|a| code(a) == -32001).count();
+    assert_eq!((invalid, limited), (3, 7), "{m}");
+    // The bucket is empty (a token a second): one error per frame now. (A
+    // batch that finds a refilled token is answered element by element and
+    // empties the bucket again, so one of a few frames in a row meets it empty.)
+    let mut single = None;
+    for _ in 0..10 {
+        c.send_text(&format!("[{}]", ["{}"; 10].join(","))).await;
+        let m = c.recv().await.unwrap();
+        if !m.is_array() {
+            single = Some(m);
+            break;
+        }
+    }
+    let m = single.expect("a frame meets the empty bucket");
+    assert_eq!((code(&m), m["id"].clone()), (-32001, Value::Null), "{m}");
+    assert_eq!(m["error"]["data"]["reason"], "rate_limited");
+    c.send_text("not json").await;
+    let m = c.recv().await.unwrap();
+    assert!([-32001, -32700].contains(&code(&m)), "{m}");
+    // A cancel is never limited.
+    let m = c
+        .call("cancel", "$/cancelRequest", json!({"id": "nothing"}))
+        .await;
+    assert_eq!(m["result"], Value::Null, "{m}");
+    s.stop().await.unwrap();
+}

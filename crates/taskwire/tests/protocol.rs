@@ -530,3 +530,112 @@ async fn io_task_panics_are_isolated_on_every_poll() {
     assert!(m["error"]["message"].as_str().unwrap().contains("later"));
     assert_eq!(c.call(3, "echo", json!({"value": 3})).await["result"], 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_is_not_a_request_is_answered_with_id_null() {
+    let s = TestServer::start(config()).await;
+    let mut c = s.client().await;
+    c.send_text(r#"{"foo":"boo"}"#).await;
+    let m = c.recv().await.unwrap();
+    assert_eq!((code(&m), m["id"].clone()), (-32600, Value::Null), "{m}");
+    c.send_text("[{}]").await;
+    let m = c.recv().await.unwrap();
+    let arr = m.as_array().expect("an array");
+    assert_eq!(arr.len(), 1, "{m}");
+    assert_eq!((code(&arr[0]), arr[0]["id"].clone()), (-32600, Value::Null));
+    // `$/ping` is answered `{}` by the connection, alone or in a batch.
+    assert_eq!(
+        c.call("p", "$/ping", Value::Null).await["result"],
+        json!({})
+    );
+    c.send(json!([{"jsonrpc":"2.0","id":1,"method":"$/ping"},{"jsonrpc":"2.0","method":"$/ping"}]))
+        .await;
+    let m = c.recv().await.unwrap();
+    assert_eq!(m, json!([{"jsonrpc":"2.0","id":1,"result":{}}]));
+    // Ids and tokens are short: a long id is refused with id null.
+    let long = "i".repeat(257);
+    c.request(long.as_str(), "echo", json!({"value": 1})).await;
+    let m = c.recv().await.unwrap();
+    assert_eq!((code(&m), m["id"].clone()), (-32600, Value::Null), "{m}");
+    let m = c
+        .call(
+            2,
+            "sleep",
+            json!({"ms": 1, "_meta": {"progressToken": "t".repeat(257)}}),
+        )
+        .await;
+    assert_eq!(code(&m), -32602, "{m}");
+    let m = c.call(3, "echo", json!({"value": 1})).await;
+    assert_eq!(m["result"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_are_bounded_in_length_places_and_bytes() {
+    let cfg = Config {
+        max_batch: 8,
+        max_inflight_per_connection: 6,
+        max_frame_bytes: 4096,
+        outbound_bytes: 16 << 10,
+        ..config()
+    };
+    let s = TestServer::start(cfg).await;
+    let mut c = s.client().await;
+    // Longer than max_batch: one error, nothing runs.
+    let long: Vec<Value> = (0..9)
+        .map(|i| json!({"jsonrpc":"2.0","id":i,"method":"sleep","params":{"ms":60_000}}))
+        .collect();
+    c.send(Value::Array(long)).await;
+    let m = c.recv().await.unwrap();
+    assert_eq!((code(&m), m["id"].clone()), (-32600, Value::Null), "{m}");
+    let tasks = admin_json(s.addr, "GET", "/admin/tasks").await;
+    assert_eq!(tasks["tasks"].as_array().map(Vec::len), Some(0), "{tasks}");
+    // Every element holds an in-flight place until the batch's answer is
+    // sent, answered errors included: 1 sleep + 5 invalid = the limit of 6.
+    c.send(json!([
+        {"jsonrpc":"2.0","id":"long","method":"sleep","params":{"ms":60_000}},
+        {}, 1, [], {"foo":"boo"}, {"jsonrpc":"2.0","id":"e","method":"nope"}
+    ]))
+    .await;
+    let m = c.call("next", "echo", json!({"value": 1})).await;
+    assert_eq!(code(&m), -32001, "{m}");
+    assert_eq!(m["error"]["data"]["reason"], "connection_inflight");
+    c.send(json!({"jsonrpc":"2.0","method":"$/cancelRequest","params":{"id":"long"}}))
+        .await;
+    let m = c.recv().await.unwrap();
+    assert_eq!(m.as_array().map(Vec::len), Some(6), "{m}");
+    // Released with the batch's answer.
+    assert_eq!(
+        c.call("again", "echo", json!({"value": 1})).await["result"],
+        1
+    );
+    // The answers kept for a batch count against the outbound budget: the
+    // elements that would pass it are answered with a short -32603.
+    let discover = c
+        .call("d", "rpc.discover", Value::Null)
+        .await
+        .to_string()
+        .len();
+    assert!(discover > 2048, "{discover}");
+    let batch: Vec<Value> = (0..8)
+        .map(|i| json!({"jsonrpc":"2.0","id":i,"method":"rpc.discover"}))
+        .collect();
+    c.send(Value::Array(batch)).await;
+    let m = c.recv().await.unwrap();
+    let arr = m.as_array().unwrap();
+    assert_eq!(arr.len(), 8);
+    let dropped = arr.iter().filter(|a| a.get("error").is_some()).count();
+    assert!((1..8).contains(&dropped), "{dropped} dropped");
+    for a in arr.iter().filter(|a| a.get("error").is_some()) {
+        assert_eq!(code(a), -32603);
+        assert!(a["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("batch too large"));
+    }
+    assert!(
+        m.to_string().len() <= (16 << 10) + 8 * 128,
+        "{}",
+        m.to_string().len()
+    );
+    s.stop().await.unwrap();
+}

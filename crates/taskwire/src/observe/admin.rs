@@ -162,10 +162,7 @@ async fn list_conns(State(app): State<Arc<App>>) -> Json<Value> {
 async fn close_conn(State(app): State<Arc<App>>, Path(id): Path<u64>) -> Response {
     match app.observer.connection(id) {
         Some(c) => {
-            c.close_with(
-                crate::connection::close::GOING_AWAY,
-                "closed by an operator",
-            );
+            c.close_with(axum::extract::ws::close_code::AWAY, "closed by an operator");
             tracing::info!(conn = id, "connection closed by an operator");
             Json(json!({ "closed": true })).into_response()
         }
