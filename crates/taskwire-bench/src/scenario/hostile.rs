@@ -361,10 +361,11 @@ pub fn finish(report: &mut Report) {
 // ---------------------------------------------------------------------------
 // Memory and responsiveness.
 
-/// Samples a process's RSS (and descriptors) until stopped; keeps the peaks.
+/// Samples a process's RSS (and descriptors) until stopped, dropped, or the
+/// process is gone; keeps the peaks.
 struct Sampler {
     stop: Arc<AtomicBool>,
-    handle: JoinHandle<(u64, u64)>,
+    handle: Option<JoinHandle<(u64, u64)>>,
 }
 
 impl Sampler {
@@ -376,7 +377,9 @@ impl Sampler {
                 let (mut rss, mut fd) = (0u64, 0u64);
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
-                    rss = rss.max(rss_kib(pid).unwrap_or(0));
+                    // A process that has exited (or is a zombie) has no VmRSS.
+                    let Ok(now) = rss_kib(pid) else { break };
+                    rss = rss.max(now);
                     // Counting thousands of descriptors is slower: every 250 ms.
                     if fds && n % 5 == 0 {
                         fd = fd.max(fd_count(pid).unwrap_or(0));
@@ -387,13 +390,26 @@ impl Sampler {
                 (rss, fd)
             })
         };
-        Sampler { stop, handle }
+        Sampler {
+            stop,
+            handle: Some(handle),
+        }
     }
 
     /// Stops sampling: (peak RSS KiB, peak descriptors).
-    async fn finish(self) -> (u64, u64) {
+    async fn finish(mut self) -> (u64, u64) {
         self.stop.store(true, Ordering::Relaxed);
-        self.handle.await.unwrap_or((0, 0))
+        match self.handle.take() {
+            Some(h) => h.await.unwrap_or((0, 0)),
+            None => (0, 0),
+        }
+    }
+}
+
+impl Drop for Sampler {
+    /// An attack that ends early (an error) must not leave its sampler running.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -1135,7 +1151,8 @@ async fn cross_site(env: &Env<'_>) -> Result<Attack, BenchError> {
         addr,
         &format!("GET /admin/tasks HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
     )
-    .await?;
+    .await
+    .unwrap_or_default();
     let task_id = serde_json::from_slice::<Value>(&body).ok().and_then(|v| {
         v.get("tasks")?
             .as_array()?
@@ -1159,7 +1176,8 @@ async fn cross_site(env: &Env<'_>) -> Result<Attack, BenchError> {
              Content-Length: 0\r\nConnection: close\r\n\r\n"
         ),
     )
-    .await?;
+    .await
+    .unwrap_or_default();
     let killed = matches!(
         tokio::time::timeout(Duration::from_secs(2), victim.wait()).await,
         Ok(Ok(r)) if r.error == Some(-32004)
@@ -1170,19 +1188,23 @@ async fn cross_site(env: &Env<'_>) -> Result<Attack, BenchError> {
         addr,
         &format!("GET /admin/tasks HTTP/1.1\r\nHost: {evil}\r\nConnection: close\r\n\r\n"),
     )
-    .await?;
+    .await
+    .unwrap_or_default();
     let (metrics, _, _) = http(
         addr,
         &format!("GET /metrics HTTP/1.1\r\nHost: {evil}\r\nConnection: close\r\n\r\n"),
     )
-    .await?;
-    let (_, upgrade, _) =
-        raw_upgrade(addr, None, &evil, &format!("Origin: http://{evil}\r\n")).await?;
+    .await
+    .unwrap_or_default();
+    let upgrade = raw_upgrade(addr, None, &evil, &format!("Origin: http://{evil}\r\n"))
+        .await
+        .map_or(0, |(_, status, _)| status);
     let (_, headers, _) = http(
         addr,
         &format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
     )
-    .await?;
+    .await
+    .unwrap_or_default();
     let header = |name: &str| {
         headers
             .iter()
@@ -1193,6 +1215,7 @@ async fn cross_site(env: &Env<'_>) -> Result<Attack, BenchError> {
     let frame_ancestors = header("content-security-policy")
         .iter()
         .any(|v| v.to_ascii_lowercase().contains("frame-ancestors"));
+    // A status of 0: the server closed without answering (a refusal too).
     a.m("cross-site POST kill: status", f64::from(kill), "HTTP");
     a.flag("cross-site POST kill: the task was killed", killed);
     a.m(
@@ -1306,12 +1329,12 @@ fn closed_by_peer(sock: &std::net::TcpStream) -> bool {
     }
 }
 
+/// An HTTP head's headers, in order, as sent.
+type Headers = Vec<(String, String)>;
+
 /// One HTTP request (the caller writes `Connection: close`): status, headers
 /// and body (read to the end, at most 4 MiB, within 5 s).
-async fn http(
-    addr: SocketAddr,
-    request: &str,
-) -> Result<(u16, Vec<(String, String)>, Vec<u8>), BenchError> {
+async fn http(addr: SocketAddr, request: &str) -> Result<(u16, Headers, Vec<u8>), BenchError> {
     let mut stream = raw_connect(addr, None).await?;
     stream.write_all(request.as_bytes()).await?;
     let mut buf = Vec::new();
@@ -1367,7 +1390,7 @@ async fn raw_upgrade(
 }
 
 /// Parses an HTTP response head: status, headers, and where the body starts.
-fn parse_head(buf: &[u8]) -> Option<(u16, Vec<(String, String)>, usize)> {
+fn parse_head(buf: &[u8]) -> Option<(u16, Headers, usize)> {
     let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = std::str::from_utf8(&buf[..end]).ok()?;
     let mut lines = head.split("\r\n");
