@@ -85,6 +85,9 @@ pub enum Buffers {
     Default,
     /// 4 KiB read buffer, unbuffered writes: for thousands of idle connections.
     Small,
+    /// Messages up to 512 MiB: to receive (and measure) the very large answers
+    /// a hostile request can provoke, instead of failing on them.
+    Large,
 }
 
 /// Connects and performs the WebSocket handshake, optionally from a given
@@ -111,6 +114,11 @@ pub async fn connect(
                 WebSocketConfig::default()
                     .read_buffer_size(4096)
                     .write_buffer_size(0),
+            ),
+            Buffers::Large => Some(
+                WebSocketConfig::default()
+                    .max_message_size(Some(512 << 20))
+                    .max_frame_size(Some(512 << 20)),
             ),
         };
         let (ws, _response) =

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -94,6 +94,36 @@ pub fn locate(target: Target, dirs: &[PathBuf]) -> Result<PathBuf, BenchError> {
         })
 }
 
+/// Where a started server's stderr goes.
+#[derive(Debug, Clone)]
+pub enum StderrTo {
+    /// Discarded (the default: the bench's own output stays readable).
+    Null,
+    /// Passed through to the bench's stderr (`--server-logs`).
+    Inherit,
+    /// Written to this file (created or truncated), to be read afterwards.
+    File(PathBuf),
+}
+
+/// Whether `target`'s binary lists `flag` in its `serve --help` (bounded to
+/// 10 s): flags come and go between versions, and the bench measures any version.
+pub async fn accepts_flag(path: &Path, target: Target, flag: &str) -> bool {
+    let mut cmd = Command::new(path);
+    if target == Target::Taskwire {
+        cmd.arg("serve");
+    }
+    cmd.arg("--help")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    match tokio::time::timeout(Duration::from_secs(10), cmd.output()).await {
+        Ok(Ok(out)) => String::from_utf8_lossy(&out.stdout)
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+            .any(|word| word == flag),
+        _ => false,
+    }
+}
+
 /// A running server process, killed when dropped.
 #[derive(Debug)]
 pub struct ServerProcess {
@@ -111,17 +141,35 @@ impl ServerProcess {
         dirs: &[PathBuf],
         server_logs: bool,
     ) -> Result<ServerProcess, BenchError> {
+        let stderr = if server_logs {
+            StderrTo::Inherit
+        } else {
+            StderrTo::Null
+        };
+        Self::start_with(target, dirs, &[], stderr).await
+    }
+
+    /// Like [`ServerProcess::start`], with `extra_args` after the target's own
+    /// arguments and stderr sent where `stderr` says.
+    pub async fn start_with(
+        target: Target,
+        dirs: &[PathBuf],
+        extra_args: &[String],
+        stderr: StderrTo,
+    ) -> Result<ServerProcess, BenchError> {
         let path = locate(target, dirs)?;
         let name = target.name().to_string();
+        let stderr = match stderr {
+            StderrTo::Null => Stdio::null(),
+            StderrTo::Inherit => Stdio::inherit(),
+            StderrTo::File(file) => Stdio::from(std::fs::File::create(file)?),
+        };
         let mut child = Command::new(&path)
             .args(target.args())
+            .args(extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(if server_logs {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
+            .stderr(stderr)
             // The servers must never outlive a bench that panics or is interrupted.
             .kill_on_drop(true)
             .spawn()
@@ -177,6 +225,30 @@ impl ServerProcess {
     /// The server's WebSocket URL.
     pub fn url(&self) -> String {
         format!("ws://{}/ws", self.addr)
+    }
+
+    /// Whether the process is still running (not exited, not a zombie).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends SIGTERM and waits up to `bound` for the process to exit: how long
+    /// it took and its exit code (`None` when killed by a signal), or `None`
+    /// when it was still running at the bound (it is then killed with SIGKILL).
+    pub async fn terminate(&mut self, bound: Duration) -> Option<(Duration, Option<i32>)> {
+        let start = Instant::now();
+        let pid = libc::pid_t::try_from(self.pid).ok()?;
+        // SAFETY: kill has no memory preconditions; the pid is our own child,
+        // not yet reaped (we hold its handle), so it cannot have been reused.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        match tokio::time::timeout(bound, self.child.wait()).await {
+            Ok(Ok(status)) => Some((start.elapsed(), status.code())),
+            _ => {
+                let _ = self.child.start_kill();
+                let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+                None
+            }
+        }
     }
 
     /// Kills the server and reaps it (bounded).

@@ -51,7 +51,7 @@ pub use error::BenchError;
 pub use launch::Target;
 pub use report::Report;
 
-/// The scenarios of the benchmark suite (issue 5).
+/// The scenarios of the benchmark suite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Scenario {
     /// C connections × W pipelined `echo` requests for T seconds: requests/s and
@@ -73,6 +73,11 @@ pub enum Scenario {
     /// C connections × W pipelined tiny CPU tasks (`hash_chain`, 1000 rounds):
     /// the compute pool's throughput against `spawn_blocking`.
     Tiny,
+    /// Hostile clients, one attack per fresh server: oversized batches, unread
+    /// pongs, huge ids, error amplification, half-sent requests, shutdown under
+    /// attack, one address taking every CPU slot, cross-site admin requests,
+    /// log injection. Server RSS, descriptors and responsiveness for each.
+    Hostile,
 }
 
 impl Scenario {
@@ -86,11 +91,12 @@ impl Scenario {
             Scenario::Connections => "connections",
             Scenario::Soak => "soak",
             Scenario::Tiny => "tiny",
+            Scenario::Hostile => "hostile",
         }
     }
 
     /// Every scenario, in the order reports and `BENCHMARKS.md` list them.
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::Throughput,
         Scenario::Flood,
         Scenario::Fairness,
@@ -98,6 +104,7 @@ impl Scenario {
         Scenario::Connections,
         Scenario::Soak,
         Scenario::Tiny,
+        Scenario::Hostile,
     ];
 }
 
@@ -123,13 +130,15 @@ pub struct BenchArgs {
     #[arg(long, value_enum, value_delimiter = ',')]
     pub targets: Vec<Target>,
 
-    /// How long the timed part of the scenario runs per server, e.g. `10s`,
+    /// How long the timed part of the scenario runs per server (for `hostile`:
+    /// how long each memory attack is held), e.g. `10s`,
     /// `500ms`, `2m` (a bare number is seconds). Default: per scenario.
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
 
     /// Connections: C for `throughput` and `soak`, N idle connections for
-    /// `connections` (capped near the open-file limit). Default: per scenario.
+    /// `connections`, N half-sent requests for `hostile` (capped near the
+    /// open-file limit). Default: per scenario.
     #[arg(long)]
     pub connections: Option<usize>,
 
@@ -201,6 +210,21 @@ pub async fn run_report(args: &BenchArgs) -> Result<Report, BenchError> {
 /// else) from the JSON reports found in `dir`.
 pub fn write_markdown(dir: &std::path::Path, out: &std::path::Path) -> Result<(), BenchError> {
     report::write_markdown(dir, out)
+}
+
+/// The before/after table of `docs/BENCHMARKS.md`'s "Hostile clients"
+/// section, from a `hostile` JSON report and, once the scenario has been rerun,
+/// a second one (its column stays empty without it).
+pub fn hostile_table(
+    before: &std::path::Path,
+    after: Option<&std::path::Path>,
+) -> Result<String, BenchError> {
+    let before = scenario::hostile::read_report(before)?;
+    let after = after.map(scenario::hostile::read_report).transpose()?;
+    Ok(scenario::hostile::before_after_table(
+        &before,
+        after.as_ref(),
+    ))
 }
 
 #[cfg(test)]

@@ -202,6 +202,8 @@ const TASK_FIELDS: &[&str] = &[
     "cpuMs",
     "progress",
     "notYielding",
+    "memoryBytes",
+    "memoryFlagged",
 ];
 
 /// The top-level fields: /admin/tasks is `{tasks}`, a snapshot `{stats, tasks}`.

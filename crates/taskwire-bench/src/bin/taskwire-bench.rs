@@ -5,6 +5,7 @@
 //! ```text
 //! taskwire-bench throughput --duration 10s --connections 8 --inflight 16 --json out.json
 //! taskwire-bench markdown --dir artifacts/bench --out docs/BENCHMARKS.md
+//! taskwire-bench markdown --hostile-before before.json --hostile-after after.json
 //! ```
 
 use std::path::PathBuf;
@@ -30,6 +31,13 @@ struct MarkdownCli {
     /// The Markdown file to update (between its bench markers).
     #[arg(long, default_value = "docs/BENCHMARKS.md")]
     out: PathBuf,
+    /// Instead: print the before/after table of the "Hostile clients" section
+    /// from this `hostile` report (the figures before a change) ...
+    #[arg(long, value_name = "JSON")]
+    hostile_before: Option<PathBuf>,
+    /// ... and this one (the same scenario rerun after it).
+    #[arg(long, value_name = "JSON", requires = "hostile_before")]
+    hostile_after: Option<PathBuf>,
 }
 
 fn main() {
@@ -38,6 +46,16 @@ fn main() {
     if argv.get(1).is_some_and(|a| a == "markdown") {
         argv.remove(1);
         let cli = MarkdownCli::parse_from(argv);
+        if let Some(before) = &cli.hostile_before {
+            match taskwire_bench::hostile_table(before, cli.hostile_after.as_deref()) {
+                Ok(table) => print!("{table}"),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    std::process::exit(1);
+                }
+            }
+            return;
+        }
         if let Err(e) = taskwire_bench::write_markdown(&cli.dir, &cli.out) {
             eprintln!("error: {e}");
             std::process::exit(1);

@@ -5,6 +5,7 @@ mod cancel;
 mod connections;
 mod fairness;
 mod flood;
+pub mod hostile;
 mod soak;
 mod throughput;
 
@@ -72,6 +73,11 @@ impl Plan {
                 }
             }
         };
+        if args.scenario == Scenario::Hostile && args.url.is_some() {
+            return Err(BenchError::InvalidArgs(
+                "hostile starts a fresh server for every attack: --url is not supported".into(),
+            ));
+        }
         if args.inflight == Some(0) || args.connections == Some(0) {
             return Err(BenchError::InvalidArgs(
                 "--inflight and --connections must be at least 1".into(),
@@ -95,13 +101,14 @@ impl Plan {
     }
 }
 
-/// The servers each scenario compares by default (issue 5).
+/// The servers each scenario compares by default.
 fn default_targets(scenario: Scenario) -> &'static [Target] {
     use Target::*;
     match scenario {
         Scenario::Throughput | Scenario::Connections => &[Taskwire, RawEcho, Textbook],
         Scenario::Flood | Scenario::Fairness | Scenario::Cancel => &[Taskwire, Textbook, Naive],
         Scenario::Soak | Scenario::Tiny => &[Taskwire, Textbook],
+        Scenario::Hostile => &[Taskwire],
     }
 }
 
@@ -136,6 +143,7 @@ pub async fn run(plan: Plan) -> Result<Report, BenchError> {
         Scenario::Cancel => cancel::Settings::new(&plan).to_json(),
         Scenario::Connections => connections::Settings::new(&plan).to_json(),
         Scenario::Soak => soak::Settings::new(&plan).to_json(),
+        Scenario::Hostile => hostile::Settings::new(&plan).to_json(),
     };
     let mut report = Report {
         scenario: plan.scenario.name().to_string(),
@@ -167,6 +175,14 @@ pub async fn run(plan: Plan) -> Result<Report, BenchError> {
                         Status::Skipped,
                         "runs no tasks: throughput and connections only".into(),
                     ));
+                    continue;
+                }
+                if plan.scenario == Scenario::Hostile {
+                    // Every attack starts (and stops) a server of its own.
+                    let settings = hostile::Settings::new(&plan);
+                    report.targets.push(
+                        hostile::measure_target(&settings, target, dirs, plan.server_logs).await,
+                    );
                     continue;
                 }
                 eprintln!("{}: starting {}", plan.scenario.name(), target.name());
@@ -207,6 +223,7 @@ pub async fn run(plan: Plan) -> Result<Report, BenchError> {
         Scenario::Cancel => cancel::finish(&mut report),
         Scenario::Connections => connections::finish(&plan, &mut report),
         Scenario::Soak => soak::finish(&mut report),
+        Scenario::Hostile => hostile::finish(&mut report),
     }
     report.notes.push(format!(
         "the load generator runs on the same {} CPU(s) as the server it measures",
@@ -238,6 +255,10 @@ async fn measure_or_fail(plan: &Plan, subject: &Subject) -> TargetReport {
             connections::measure(&connections::Settings::new(plan), subject).await
         }
         Scenario::Soak => soak::measure(&soak::Settings::new(plan), subject).await,
+        // Never reached: `run` measures hostile itself, and `Plan::new` refuses --url.
+        Scenario::Hostile => Err(BenchError::InvalidArgs(
+            "hostile starts its own servers".into(),
+        )),
     };
     result.unwrap_or_else(|e| {
         eprintln!("{}: {}: failed: {e}", plan.scenario.name(), subject.name);

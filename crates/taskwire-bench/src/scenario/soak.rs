@@ -246,7 +246,7 @@ pub fn finish(report: &mut Report) {
     report.notes.push(
         "drift is judged after the first window: RSS growth and slope over the steady windows; \
          echo p99 drift = median window p99 of the second half / first half (1.0 = none). \
-         Target (issue 5): a 10-minute soak with no memory growth beyond noise and no latency drift."
+         Target: a 10-minute soak with no memory growth beyond noise and no latency drift."
             .into(),
     );
 }

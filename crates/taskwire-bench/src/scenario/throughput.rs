@@ -200,7 +200,7 @@ async fn drive(
 pub fn finish_tiny(report: &mut Report) {
     report.compare("baseline-textbook", &["req/s", "p50", "p99"]);
     report.notes.push(
-        "target (issue 3): taskwire ≥ 0.90 × baseline-textbook req/s on tiny CPU tasks \
+        "target: taskwire ≥ 0.90 × baseline-textbook req/s on tiny CPU tasks \
          (hash_chain, 1000 rounds): the compute pool against spawn_blocking"
             .into(),
     );
@@ -213,7 +213,7 @@ pub fn finish(report: &mut Report) {
         &["req/s", "p99"],
         &["baseline-raw-echo"],
     );
-    report.notes.push(
-        "target (issue 5): taskwire ≥ 0.90 × baseline-raw-echo req/s at equal or better p99".into(),
-    );
+    report
+        .notes
+        .push("target: taskwire ≥ 0.90 × baseline-raw-echo req/s at equal or better p99".into());
 }
