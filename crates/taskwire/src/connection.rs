@@ -21,9 +21,7 @@ use crate::config::RateLimit;
 use crate::protocol::{self, codes, ErrorObject, Frame, Id, Rejected, Request};
 use crate::security::TokenBucket;
 use crate::server::App;
-use crate::task::{
-    stopped_error, Ctx, Outbound, Stopped, TaskError, TaskInit, TaskKind, TaskShared,
-};
+use crate::task::{stopped_error, Ctx, Outbound, Outcome, Stopped, TaskInit, TaskKind, TaskShared};
 
 /// How long a stopped CPU task gets to reach its next checkpoint before its
 /// request is answered anyway (it keeps its not-yielding flag in the table).
@@ -410,31 +408,6 @@ impl Dest {
                     conn.try_push(all);
                 }
             }
-        }
-    }
-}
-
-/// How a task ended.
-pub(crate) enum Outcome {
-    Ok(Box<RawValue>),
-    Err(TaskError),
-    Crashed(String),
-    /// The task was dropped without finishing (its executor went away).
-    Lost,
-}
-
-impl Outcome {
-    pub fn label(&self) -> &'static str {
-        match self {
-            Outcome::Ok(_) => "ok",
-            Outcome::Err(TaskError::Stopped(Stopped::Cancelled | Stopped::Disconnected)) => {
-                "cancelled"
-            }
-            Outcome::Err(TaskError::Stopped(Stopped::DeadlineExceeded)) => "timeout",
-            Outcome::Err(TaskError::Stopped(Stopped::Killed)) => "killed",
-            Outcome::Err(TaskError::Stopped(Stopped::Shutdown)) => "shutdown",
-            Outcome::Err(_) | Outcome::Lost => "error",
-            Outcome::Crashed(_) => "crashed",
         }
     }
 }

@@ -472,3 +472,28 @@ impl Future for Checkpoint<'_> {
 
 /// Output of a task once erased: its result as JSON text.
 pub(crate) type TaskOutput = Result<Box<RawValue>, TaskError>;
+
+/// How a task ended.
+pub(crate) enum Outcome {
+    Ok(Box<RawValue>),
+    Err(TaskError),
+    Crashed(String),
+    /// The task was dropped without finishing (its executor went away).
+    Lost,
+}
+
+impl Outcome {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Ok(_) => "ok",
+            Outcome::Err(TaskError::Stopped(Stopped::Cancelled | Stopped::Disconnected)) => {
+                "cancelled"
+            }
+            Outcome::Err(TaskError::Stopped(Stopped::DeadlineExceeded)) => "timeout",
+            Outcome::Err(TaskError::Stopped(Stopped::Killed)) => "killed",
+            Outcome::Err(TaskError::Stopped(Stopped::Shutdown)) => "shutdown",
+            Outcome::Err(_) | Outcome::Lost => "error",
+            Outcome::Crashed(_) => "crashed",
+        }
+    }
+}

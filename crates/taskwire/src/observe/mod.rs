@@ -19,7 +19,8 @@ use serde_json::Value;
 pub(crate) use admin::routes;
 
 use crate::compute::JobState;
-use crate::connection::{ConnState, Outcome};
+use crate::connection::ConnState;
+use crate::task::Outcome;
 use crate::task::{Stopped, TaskKind, TaskShared};
 
 /// One task as the admin API shows it.
