@@ -20,8 +20,11 @@ use crate::compute::{JobState, Permit};
 use crate::config::RateLimit;
 use crate::protocol::{self, codes, ErrorObject, Frame, Id, Rejected, Request};
 use crate::security::TokenBucket;
+use crate::observe::RefusalReason;
 use crate::server::App;
-use crate::task::{stopped_error, Ctx, Outbound, Outcome, Stopped, TaskInit, TaskKind, TaskShared};
+use crate::task::{
+    stopped_error, Ctx, Outbound, Outcome, Stopped, TaskError, TaskInit, TaskKind, TaskShared,
+};
 
 /// How long a stopped CPU task gets to reach its next checkpoint before its
 /// request is answered anyway (it keeps its not-yielding flag in the table).
@@ -139,9 +142,9 @@ impl ConnState {
 
     /// The answer to a frame refused by the rate limit.
     fn rate_limited(app: &App, wait: Duration) -> ErrorObject {
-        app.observer.refused("rate_limited");
+        app.hooks.refused(RefusalReason::RateLimited);
         let retry = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
-        ErrorObject::overloaded("rate_limited", retry)
+        ErrorObject::overloaded(RefusalReason::RateLimited.label(), retry)
     }
 
     /// One admitted request has been answered.
@@ -427,7 +430,14 @@ impl Reply {
     fn settle(&mut self, outcome: &Outcome) -> Option<String> {
         self.done = true;
         self.conn.remove(&self.task);
-        self.app.observer.task_finished(&self.task, outcome);
+        // A task lost because the server is going away is answered as
+        // stopped by the shutdown: count it as it is answered.
+        let shutdown = Outcome::Err(TaskError::Stopped(Stopped::Shutdown));
+        let outcome = match outcome {
+            Outcome::Lost if self.app.shutdown.is_cancelled() => &shutdown,
+            o => o,
+        };
+        self.app.hooks.task_finished(&self.task, outcome.kind());
         let id = self.task.request_id.as_ref()?;
         let t = &self.task;
         Some(match outcome {
@@ -437,14 +447,10 @@ impl Reply {
                 Some(id),
                 &ErrorObject::new(codes::CRASHED, format!("task crashed: {msg}")),
             ),
-            Outcome::Lost => {
-                let err = if self.app.shutdown.is_cancelled() {
-                    stopped_error(Stopped::Shutdown, None)
-                } else {
-                    ErrorObject::new(codes::INTERNAL_ERROR, "internal error: the task was lost")
-                };
-                protocol::error_text(Some(id), &err)
-            }
+            Outcome::Lost => protocol::error_text(
+                Some(id),
+                &ErrorObject::new(codes::INTERNAL_ERROR, "internal error: the task was lost"),
+            ),
         })
     }
 
@@ -592,7 +598,7 @@ pub(crate) async fn serve(app: Arc<App>, socket: WebSocket, peer: SocketAddr, li
             max_inflight: limits.max_inflight,
             bucket: Mutex::new(limits.rate.map(|r| TokenBucket::new(r, Instant::now()))),
         });
-        app.observer.conn_opened(&conn);
+        app.hooks.conn_opened(&conn);
         tracing::debug!("connection opened");
         let (sink, stream) = socket.split();
         let writer = tokio::spawn(
@@ -608,7 +614,7 @@ pub(crate) async fn serve(app: Arc<App>, socket: WebSocket, peer: SocketAddr, li
         // visible; bounded, as a task that never yields is answered after STOP_GRACE.
         let _ = tokio::time::timeout(STOP_GRACE + Duration::from_millis(500), conn.all_answered())
             .await;
-        app.observer.conn_closed(&conn);
+        app.hooks.conn_closed(&conn);
         tracing::debug!("connection closed");
     }
     .instrument(span)
@@ -877,7 +883,10 @@ async fn handle_one(
                     "duplicate id: a request with this id is still in flight",
                 ))
             } else if m.tasks.len() + conn.held.load(Ordering::Acquire) >= conn.max_inflight {
-                Some(ErrorObject::overloaded("connection_inflight", 100))
+                Some(ErrorObject::overloaded(
+                    RefusalReason::ConnectionInflight.label(),
+                    100,
+                ))
             } else {
                 m.tasks.insert(task.id, task.clone());
                 if let Some(rid) = &req.id {
@@ -889,7 +898,7 @@ async fn handle_one(
     };
     if let Some(err) = refused {
         if err.code == codes::OVERLOADED {
-            app.observer.refused("connection_inflight");
+            app.hooks.refused(RefusalReason::ConnectionInflight);
         }
         let text = answer(err);
         dest.deliver(conn, text, rid).await;
@@ -901,9 +910,10 @@ async fn handle_one(
             Ok(p) => Some(p),
             Err(refusal) => {
                 conn.remove(&task);
-                app.observer.refused(refusal.reason());
+                let reason = RefusalReason::from(&refusal);
+                app.hooks.refused(reason);
                 let text = answer(ErrorObject::overloaded(
-                    refusal.reason(),
+                    reason.label(),
                     refusal.retry_after_ms(),
                 ));
                 dest.deliver(conn, text, rid).await;

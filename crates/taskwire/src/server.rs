@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::compute::ComputePool;
 use crate::config::Config;
 use crate::connection::ConnLimits;
-use crate::observe::Observer;
+use crate::observe::{AdminAccess, Hooks, Observer, RefusalReason};
 use crate::protocol::SUBPROTOCOL;
 use crate::registry::Registry;
 use crate::security::{self, CountSlot, IpSlot, LogLimiter, PerIp};
@@ -38,7 +38,14 @@ pub(crate) struct App {
     pub registry: Registry,
     pub discover: Box<RawValue>,
     pub pool: ComputePool,
-    pub observer: Observer,
+    /// The live table and metrics, read by the admin API (empty when
+    /// observing is off).
+    pub observer: Arc<Observer>,
+    /// Where connections report what happens: `observer`, or `()` when
+    /// observing is off.
+    pub hooks: Arc<dyn Hooks>,
+    /// The admin API's access rule, shared with its handlers.
+    pub admin: Arc<AdminAccess>,
     pub shutdown: CancellationToken,
     pub next_task: AtomicU64,
     pub next_conn: AtomicU64,
@@ -110,19 +117,30 @@ impl Server {
         let discover = serde_json::value::to_raw_value(&registry.discover())
             .map_err(|e| io::Error::other(format!("rpc.discover: {e}")))?;
         let pool = ComputePool::new(cfg.compute());
-        let app = Arc::new(App {
-            observer: Observer::new(
-                cfg.observe,
-                &registry
+        let observer = Arc::new(Observer::new(
+            &registry
                     .tasks()
                     .iter()
                     .map(|t| t.name())
                     .collect::<Vec<_>>(),
-                {
-                    let c = cfg.compute();
-                    c.workers + c.max_extra_workers
-                },
-            ),
+            {
+                let c = cfg.compute();
+                c.workers + c.max_extra_workers
+            },
+        ));
+        let hooks: Arc<dyn Hooks> = if cfg.observe {
+            observer.clone()
+        } else {
+            Arc::new(())
+        };
+        let app = Arc::new(App {
+            observer,
+            hooks,
+            admin: Arc::new(AdminAccess {
+                token: cfg.admin_token.clone(),
+                allowed_hosts: cfg.allowed_hosts.clone(),
+                allowed_origins: cfg.allowed_origins.clone(),
+            }),
             registry,
             discover,
             pool,
@@ -244,7 +262,7 @@ fn accept_one(
     let slot = match HttpSlot::acquire(app, peer.ip()) {
         Ok(s) => s,
         Err(refusal) => {
-            app.observer.refused(refusal.reason());
+            app.hooks.refused(refusal.reason());
             log_refusal(app, refusal, peer);
             if tls.is_none() {
                 let _ = tcp.try_write(match refusal {
@@ -273,7 +291,7 @@ fn log_refusal(app: &App, refusal: Refusal, peer: SocketAddr) {
     if let Some(suppressed) = app.refusal_log.allow(Instant::now()) {
         tracing::warn!(
             %peer,
-            reason = refusal.reason(),
+            reason = refusal.reason().label(),
             suppressed,
             "refused a connection"
         );
@@ -510,7 +528,7 @@ fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/ws", get(ws_handler))
         .route("/healthz", get(|| async { "ok" }))
-        .merge(crate::observe::routes(app.clone()))
+        .merge(crate::observe::routes(&app))
         .layer(axum::middleware::map_response(no_framing))
         .with_state(app)
 }
@@ -591,16 +609,16 @@ enum Refusal {
 
 impl Refusal {
     /// The metrics label.
-    fn reason(self) -> &'static str {
+    fn reason(self) -> RefusalReason {
         match self {
-            Refusal::Host => "host",
-            Refusal::Origin => "origin",
-            Refusal::Unauthorized => "unauthorized",
-            Refusal::PerIp => "connections_per_ip",
-            Refusal::PerToken => "connections_per_token",
-            Refusal::Full => "connections",
-            Refusal::HttpPerIp => "http_connections_per_ip",
-            Refusal::HttpFull => "http_connections",
+            Refusal::Host => RefusalReason::Host,
+            Refusal::Origin => RefusalReason::Origin,
+            Refusal::Unauthorized => RefusalReason::Unauthorized,
+            Refusal::PerIp => RefusalReason::ConnectionsPerIp,
+            Refusal::PerToken => RefusalReason::ConnectionsPerToken,
+            Refusal::Full => RefusalReason::Connections,
+            Refusal::HttpPerIp => RefusalReason::HttpConnectionsPerIp,
+            Refusal::HttpFull => RefusalReason::HttpConnections,
         }
     }
 }
@@ -724,7 +742,7 @@ async fn ws_handler(
     let (slots, limits) = match admit_upgrade(&app, peer, &headers, &uri) {
         Ok(x) => x,
         Err(refusal) => {
-            app.observer.refused(refusal.reason());
+            app.hooks.refused(refusal.reason());
             log_refusal(&app, refusal, peer);
             return refusal.into_response();
         }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -18,7 +18,7 @@ use crate::compute::{self, JobStats};
 use crate::protocol::{codes, ErrorObject, Id};
 
 /// Whether a task runs on the I/O runtime or on the compute pool.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TaskKind {
     /// Waits on timers, sockets or other futures; runs on Tokio's threads.
@@ -483,17 +483,96 @@ pub(crate) enum Outcome {
 }
 
 impl Outcome {
-    pub fn label(&self) -> &'static str {
+    /// How it is counted. `Lost` is an `error` here: the caller that knows the
+    /// server is shutting down answers it as stopped by the shutdown instead
+    /// (and counts it so), see the connection's reply.
+    pub fn kind(&self) -> OutcomeKind {
         match self {
-            Outcome::Ok(_) => "ok",
-            Outcome::Err(TaskError::Stopped(Stopped::Cancelled | Stopped::Disconnected)) => {
-                "cancelled"
-            }
-            Outcome::Err(TaskError::Stopped(Stopped::DeadlineExceeded)) => "timeout",
-            Outcome::Err(TaskError::Stopped(Stopped::Killed)) => "killed",
-            Outcome::Err(TaskError::Stopped(Stopped::Shutdown)) => "shutdown",
-            Outcome::Err(_) | Outcome::Lost => "error",
-            Outcome::Crashed(_) => "crashed",
+            Outcome::Ok(_) => OutcomeKind::Ok,
+            Outcome::Err(TaskError::Stopped(s)) => match s {
+                Stopped::Cancelled | Stopped::Disconnected => OutcomeKind::Cancelled,
+                Stopped::DeadlineExceeded => OutcomeKind::Timeout,
+                Stopped::Killed => OutcomeKind::Killed,
+                Stopped::Shutdown => OutcomeKind::Shutdown,
+            },
+            Outcome::Err(
+                TaskError::InvalidParams(_) | TaskError::Failed { .. } | TaskError::Internal(_),
+            )
+            | Outcome::Lost => OutcomeKind::Error,
+            Outcome::Crashed(_) => OutcomeKind::Crashed,
         }
+    }
+}
+
+/// How a finished task ended, as metrics and the admin API count it.
+///
+/// The discriminants index per-kind counters (`kind as usize`), so they run
+/// from 0 without gaps, in the order of [`OutcomeKind::ALL`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutcomeKind {
+    /// Answered with a result.
+    Ok = 0,
+    /// Answered with an error the task returned (or an internal error).
+    Error = 1,
+    /// The task panicked (`-32003`).
+    Crashed = 2,
+    /// Cancelled by its client, or its connection closed.
+    Cancelled = 3,
+    /// Its deadline passed.
+    Timeout = 4,
+    /// Killed by an operator.
+    Killed = 5,
+    /// Stopped, or lost, because the server is shutting down.
+    Shutdown = 6,
+}
+
+impl OutcomeKind {
+    /// Every kind, in discriminant order.
+    pub const ALL: [OutcomeKind; 7] = [
+        OutcomeKind::Ok,
+        OutcomeKind::Error,
+        OutcomeKind::Crashed,
+        OutcomeKind::Cancelled,
+        OutcomeKind::Timeout,
+        OutcomeKind::Killed,
+        OutcomeKind::Shutdown,
+    ];
+
+    /// The name in metrics labels and the admin API.
+    pub fn label(self) -> &'static str {
+        match self {
+            OutcomeKind::Ok => "ok",
+            OutcomeKind::Error => "error",
+            OutcomeKind::Crashed => "crashed",
+            OutcomeKind::Cancelled => "cancelled",
+            OutcomeKind::Timeout => "timeout",
+            OutcomeKind::Killed => "killed",
+            OutcomeKind::Shutdown => "shutdown",
+        }
+    }
+}
+
+#[cfg(test)]
+mod outcome_tests {
+    use super::*;
+
+    #[test]
+    fn outcome_kinds_index_their_counters() {
+        for (i, k) in OutcomeKind::ALL.iter().enumerate() {
+            assert_eq!(*k as usize, i, "{k:?} out of order in ALL");
+            let json = serde_json::to_value(k).unwrap();
+            assert_eq!(json, k.label(), "serde name and label agree");
+        }
+    }
+
+    #[test]
+    fn outcomes_count_as_their_kind() {
+        let stopped = |s| Outcome::Err(TaskError::Stopped(s));
+        assert_eq!(stopped(Stopped::Disconnected).kind(), OutcomeKind::Cancelled);
+        assert_eq!(stopped(Stopped::DeadlineExceeded).kind(), OutcomeKind::Timeout);
+        assert_eq!(stopped(Stopped::Shutdown).kind(), OutcomeKind::Shutdown);
+        assert_eq!(Outcome::Crashed("x".into()).kind(), OutcomeKind::Crashed);
+        assert_eq!(Outcome::Lost.kind(), OutcomeKind::Error);
     }
 }

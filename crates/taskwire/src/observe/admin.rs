@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::extract::{ConnectInfo, FromRef, Path, Query, Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -20,11 +20,49 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::{stream, Stream, StreamExt};
-use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
 
-use super::metrics::Live;
-use super::{conn_info, count_states, TaskQuery};
+use super::api::{
+    ApiError, Closed, ConnList, Killed, MemoryInfo, PoolInfo, RefusalReason, Snapshot, Stats,
+    TaskList, TaskState,
+};
+use super::metrics::{Live, RuntimeStats};
+use super::{conn_info, count_states, Hooks, Observer, TaskQuery};
+use crate::compute::ComputePool;
 use crate::server::App;
+
+/// Who may use the admin API: the settings of [`crate::Config`] it reads.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct AdminAccess {
+    pub token: Option<String>,
+    pub allowed_hosts: Vec<String>,
+    pub allowed_origins: Vec<String>,
+}
+
+/// What the admin handlers may reach: the observer, the pool's figures and
+/// the access rule, not the whole server (its connections' limits, its
+/// registry, its listener slots).
+#[derive(Clone)]
+pub(crate) struct AdminState {
+    pub observer: Arc<Observer>,
+    pub hooks: Arc<dyn Hooks>,
+    pub pool: ComputePool,
+    pub access: Arc<AdminAccess>,
+    /// The event stream ends with the server.
+    pub shutdown: CancellationToken,
+}
+
+impl FromRef<Arc<App>> for AdminState {
+    fn from_ref(app: &Arc<App>) -> AdminState {
+        AdminState {
+            observer: app.observer.clone(),
+            hooks: app.hooks.clone(),
+            pool: app.pool.clone(),
+            access: app.admin.clone(),
+            shutdown: app.shutdown.clone(),
+        }
+    }
+}
 
 /// How often the event stream sends a snapshot.
 const SNAPSHOT_EVERY: Duration = Duration::from_millis(250);
@@ -35,7 +73,7 @@ mod files {
     include!(concat!(env!("OUT_DIR"), "/web_files.rs"));
 }
 
-pub(crate) fn routes(app: Arc<App>) -> Router<Arc<App>> {
+pub(crate) fn routes(app: &Arc<App>) -> Router<Arc<App>> {
     let guarded = Router::new()
         .route("/admin/tasks", get(list_tasks))
         .route("/admin/tasks/{id}", get(one_task))
@@ -45,7 +83,10 @@ pub(crate) fn routes(app: Arc<App>) -> Router<Arc<App>> {
         .route("/admin/stats", get(stats))
         .route("/admin/events", get(events))
         .route("/metrics", get(metrics))
-        .route_layer(middleware::from_fn_with_state(app, authorize));
+        .route_layer(middleware::from_fn_with_state(
+            AdminState::from_ref(app),
+            authorize,
+        ));
     Router::new()
         .route("/", get(|| file("index.html")))
         .route("/{name}", get(|Path(name): Path<String>| file_owned(name)))
@@ -80,38 +121,38 @@ pub(crate) fn admin_allowed(
 }
 
 async fn authorize(
-    State(app): State<Arc<App>>,
+    State(app): State<AdminState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request,
     next: Next,
 ) -> Response {
-    let cfg = &app.cfg;
+    let cfg = &*app.access;
     let ok = admin_allowed(
-        cfg.admin_token.as_deref(),
+        cfg.token.as_deref(),
         &crate::security::bearer_or_query_tokens(req.headers(), req.uri().query()),
         peer.ip(),
     );
     // Let in for being local: the page that asks must be local too, not a
     // foreign name re-pointed to 127.0.0.1. A token cannot be had that way.
     if ok
-        && cfg.admin_token.is_none()
+        && cfg.token.is_none()
         && !crate::security::host_allowed(
             crate::server::request_host(req.headers(), req.uri()),
             &cfg.allowed_hosts,
         )
     {
-        app.observer.refused("host");
+        app.hooks.refused(RefusalReason::Host);
         return (StatusCode::FORBIDDEN, "host not allowed").into_response();
     }
     if ok
         && !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
         && !crate::security::same_site_request(req.headers(), &cfg.allowed_origins)
     {
-        app.observer.refused("cross_site");
+        app.hooks.refused(RefusalReason::CrossSite);
         return (StatusCode::FORBIDDEN, "cross-site request refused").into_response();
     }
     if !ok {
-        let msg = if app.cfg.admin_token.is_some() {
+        let msg = if cfg.token.is_some() {
             "admin token required"
         } else {
             "admin is reachable from loopback only (configure an admin token)"
@@ -121,73 +162,77 @@ async fn authorize(
     next.run(req).await
 }
 
-async fn list_tasks(State(app): State<Arc<App>>, Query(q): Query<TaskQuery>) -> Json<Value> {
-    Json(json!({ "tasks": app.observer.tasks(&q) }))
+async fn list_tasks(State(app): State<AdminState>, Query(q): Query<TaskQuery>) -> Json<TaskList> {
+    Json(TaskList {
+        tasks: app.observer.tasks(&q),
+    })
 }
 
-async fn one_task(State(app): State<Arc<App>>, Path(id): Path<u64>) -> Response {
+fn not_found(what: &str) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(ApiError {
+            error: format!("no such {what}"),
+        }),
+    )
+        .into_response()
+}
+
+async fn one_task(State(app): State<AdminState>, Path(id): Path<u64>) -> Response {
     match app.observer.task_info(id) {
         Some(t) => Json(t).into_response(),
-        None => (
-            StatusCode::NOT_FOUND,
-            Json(json!({"error": "no such task"})),
-        )
-            .into_response(),
+        None => not_found("task"),
     }
 }
 
-async fn kill_task(State(app): State<Arc<App>>, Path(id): Path<u64>) -> Response {
+async fn kill_task(State(app): State<AdminState>, Path(id): Path<u64>) -> Response {
     if app.observer.kill(id) {
-        Json(json!({ "killed": true })).into_response()
+        Json(Killed { killed: true }).into_response()
     } else {
-        (
-            StatusCode::NOT_FOUND,
-            Json(json!({"error": "no such task"})),
-        )
-            .into_response()
+        not_found("task")
     }
 }
 
-async fn list_conns(State(app): State<Arc<App>>) -> Json<Value> {
-    let mut conns: Vec<_> = app
+async fn list_conns(State(app): State<AdminState>) -> Json<ConnList> {
+    let mut connections: Vec<_> = app
         .observer
         .connections()
         .iter()
         .map(|c| conn_info(c))
         .collect();
-    conns.sort_by_key(|c| c.id);
-    Json(json!({ "connections": conns }))
+    connections.sort_by_key(|c| c.id);
+    Json(ConnList { connections })
 }
 
-async fn close_conn(State(app): State<Arc<App>>, Path(id): Path<u64>) -> Response {
+async fn close_conn(State(app): State<AdminState>, Path(id): Path<u64>) -> Response {
     match app.observer.connection(id) {
         Some(c) => {
             c.close_with(axum::extract::ws::close_code::AWAY, "closed by an operator");
             tracing::info!(conn = id, "connection closed by an operator");
-            Json(json!({ "closed": true })).into_response()
+            Json(Closed { closed: true }).into_response()
         }
-        None => (
-            StatusCode::NOT_FOUND,
-            Json(json!({"error": "no such connection"})),
-        )
-            .into_response(),
+        None => not_found("connection"),
     }
 }
 
-fn live(app: &App) -> Live {
+fn live(app: &AdminState) -> Live {
     let conns = app.observer.connections();
     let tasks: Vec<_> = conns.iter().flat_map(|c| c.tasks()).collect();
     let rt = tokio::runtime::Handle::current().metrics();
     let pool = app.pool.stats();
+    let mut states = count_states(&tasks);
+    states.add(
+        TaskState::Abandoned,
+        app.observer.abandoned_count() as u64,
+    );
     Live {
         open_conns: conns.len(),
-        runtime: (
-            rt.num_workers(),
-            rt.num_alive_tasks(),
-            rt.global_queue_depth(),
-        ),
-        states: count_states(&tasks),
-        abandoned: app.observer.abandoned_count(),
+        runtime: RuntimeStats {
+            workers: rt.num_workers(),
+            alive_tasks: rt.num_alive_tasks(),
+            global_queue_depth: rt.global_queue_depth(),
+        },
+        states,
         largest_task_memory: tasks
             .iter()
             .map(|t| t.stats.memory_bytes())
@@ -199,54 +244,44 @@ fn live(app: &App) -> Live {
     }
 }
 
-fn stats_value(app: &App) -> Value {
+fn stats_now(app: &AdminState) -> Stats {
     let l = live(app);
-    let finished: serde_json::Map<String, Value> = app
-        .observer
-        .metrics
-        .totals()
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), Value::from(v)))
-        .collect();
-    json!({
-        "connections": l.open_conns,
-        "tasks": {
-            "queued": l.states[0], "running": l.states[1],
-            "yielded": l.states[2], "waiting": l.states[3],
-            "abandoned": l.abandoned,
+    let p = &l.pool;
+    Stats {
+        connections: l.open_conns,
+        tasks: l.states,
+        pool: PoolInfo {
+            workers: p.workers,
+            live_workers: p.live_workers,
+            busy: p.busy,
+            utilisation: p.utilisation,
+            queued: p.queued,
+            admitted: p.admitted,
+            non_yielding_total: p.non_yielding_total,
+            cpu_ms_total: p.cpu_ns_total as f64 / 1e6,
+            addresses: p.addresses,
+            completion_rate: p.completion_rate,
         },
-        "pool": {
-            "workers": l.pool.workers,
-            "liveWorkers": l.pool.live_workers,
-            "busy": l.pool.busy,
-            "utilisation": l.pool.utilisation,
-            "queued": l.pool.queued,
-            "admitted": l.pool.admitted,
-            "nonYieldingTotal": l.pool.non_yielding_total,
-            "cpuMsTotal": l.pool.cpu_ns_total as f64 / 1e6,
-            "addresses": l.pool.addresses,
-            "completionRate": l.pool.completion_rate,
+        memory: MemoryInfo {
+            used_bytes: p.memory_used,
+            rss_bytes: p.memory_rss,
+            allocated_bytes: crate::alloc::allocated_bytes(),
+            budget_bytes: p.memory_budget,
+            counted: p.memory_counted,
+            over_budget: p.over_memory_budget,
+            largest_task_bytes: l.largest_task_memory,
+            trims: p.memory_trims,
         },
-        "memory": {
-            "usedBytes": l.pool.memory_used,
-            "rssBytes": l.pool.memory_rss,
-            "allocatedBytes": crate::alloc::allocated_bytes(),
-            "budgetBytes": l.pool.memory_budget,
-            "counted": l.pool.memory_counted,
-            "overBudget": l.pool.over_memory_budget,
-            "largestTaskBytes": l.largest_task_memory,
-            "trims": l.pool.memory_trims,
-        },
-        "finished": finished,
-        "uptimeMs": app.observer.uptime_ms(),
-    })
+        finished: app.observer.metrics.totals(),
+        uptime_ms: app.observer.uptime_ms(),
+    }
 }
 
-async fn stats(State(app): State<Arc<App>>) -> Json<Value> {
-    Json(stats_value(&app))
+async fn stats(State(app): State<AdminState>) -> Json<Stats> {
+    Json(stats_now(&app))
 }
 
-async fn metrics(State(app): State<Arc<App>>) -> Response {
+async fn metrics(State(app): State<AdminState>) -> Response {
     let text = app.observer.metrics.render(&live(&app));
     (
         [(
@@ -261,7 +296,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
 /// A snapshot every 250 ms, made when the client is ready for it: a slow
 /// client gets fewer snapshots, never a growing buffer.
 async fn events(
-    State(app): State<Arc<App>>,
+    State(app): State<AdminState>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let limit = q
@@ -278,10 +313,13 @@ async fn events(
             limit: Some(limit),
             ..TaskQuery::default()
         };
-        let data = json!({ "stats": stats_value(&app), "tasks": app.observer.tasks(&q) });
+        let data = Snapshot {
+            stats: stats_now(&app),
+            tasks: app.observer.tasks(&q),
+        };
         let ev = Event::default()
             .event("snapshot")
-            .json_data(data)
+            .json_data(&data)
             .unwrap_or_else(|_| Event::default().event("error"));
         Some((Ok(ev), (app, tick)))
     })

@@ -11,6 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use super::api::{Finished, OutcomeKind, RefusalReason, TaskCounts, TaskState};
 use crate::compute::PoolStats;
 use crate::task::TaskShared;
 
@@ -42,22 +43,11 @@ fn seconds_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 21))
 }
 
-/// The outcomes counted for `/admin/stats`, in a fixed order.
-pub(crate) const OUTCOMES: [&str; 8] = [
-    "ok",
-    "error",
-    "crashed",
-    "cancelled",
-    "timeout",
-    "killed",
-    "shutdown",
-    "refused",
-];
-
 /// One method's metric handles, made once at start so that recording a
 /// finished task allocates nothing and takes no lock of the family maps.
 struct MethodMetrics {
-    finished: Vec<Counter>,
+    /// Indexed by `OutcomeKind as usize`.
+    finished: [Counter; OutcomeKind::ALL.len()],
     queue_wait: Histogram,
     run_time: Histogram,
     cpu_time: Histogram,
@@ -71,6 +61,9 @@ pub(crate) struct Metrics {
     run_time: Histograms,
     cpu_time: Histograms,
     refusals: Family<ReasonLabel, Counter>,
+    /// Made once at start, indexed by `RefusalReason as usize`: every
+    /// reason is exported (at 0 until it happens), none can be missed.
+    by_reason: [Counter; RefusalReason::ALL.len()],
     progress_coalesced: Counter,
     open_conns: Gauge,
     tasks: Family<StateLabel, Gauge>,
@@ -92,16 +85,27 @@ pub(crate) struct Metrics {
     memory_over_budget: Gauge,
     memory_largest_task: Gauge,
     memory_trims: Gauge,
-    totals: [AtomicU64; OUTCOMES.len()],
+    /// Indexed by `OutcomeKind as usize`.
+    totals: [AtomicU64; OutcomeKind::ALL.len()],
+    refused_total: AtomicU64,
+}
+
+/// Tokio's own stable runtime metrics.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct RuntimeStats {
+    /// Worker threads serving connections.
+    pub workers: usize,
+    /// Tokio tasks alive (connections, writers, waiting I/O tasks).
+    pub alive_tasks: usize,
+    /// Tokio tasks waiting in the runtime's global queue.
+    pub global_queue_depth: usize,
 }
 
 pub(crate) struct Live {
     pub open_conns: usize,
-    /// Tokio's own stable runtime metrics: workers, alive tasks, global queue depth.
-    pub runtime: (usize, usize, usize),
-    pub states: [u64; 4],
-    /// Tasks answered after a stop that are still on a worker.
-    pub abandoned: usize,
+    pub runtime: RuntimeStats,
+    /// Live tasks by state, abandoned ones included.
+    pub states: TaskCounts,
     /// The most memory held by one live task.
     pub largest_task_memory: u64,
     pub pool: PoolStats,
@@ -118,6 +122,7 @@ impl Metrics {
             run_time: Family::new_with_constructor(seconds_histogram),
             cpu_time: Family::new_with_constructor(seconds_histogram),
             refusals: Family::default(),
+            by_reason: Default::default(),
             progress_coalesced: Counter::default(),
             open_conns: Gauge::default(),
             tasks: Family::default(),
@@ -140,6 +145,7 @@ impl Metrics {
             memory_largest_task: Gauge::default(),
             memory_trims: Gauge::default(),
             totals: Default::default(),
+            refused_total: AtomicU64::new(0),
             registry: Registry::default(),
         };
         registry.register(
@@ -274,17 +280,14 @@ impl Metrics {
                 let label = MethodLabel {
                     method: method.to_string(),
                 };
-                let finished = OUTCOMES
-                    .iter()
-                    .map(|o| {
-                        m.finished
-                            .get_or_create(&MethodOutcome {
-                                method: method.to_string(),
-                                outcome: (*o).to_string(),
-                            })
-                            .clone()
-                    })
-                    .collect();
+                let finished = OutcomeKind::ALL.map(|k| {
+                    m.finished
+                        .get_or_create(&MethodOutcome {
+                            method: method.to_string(),
+                            outcome: k.label().to_string(),
+                        })
+                        .clone()
+                });
                 let handles = MethodMetrics {
                     finished,
                     queue_wait: m.queue_wait.get_or_create(&label).clone(),
@@ -294,24 +297,27 @@ impl Metrics {
                 (method.to_string(), handles)
             })
             .collect();
+        let by_reason = RefusalReason::ALL.map(|r| {
+            m.refusals
+                .get_or_create(&ReasonLabel {
+                    reason: r.label().to_string(),
+                })
+                .clone()
+        });
         Metrics {
             registry,
             by_method,
+            by_reason,
             ..m
         }
     }
 
-    pub fn task_finished(&self, t: &TaskShared, outcome: &'static str) {
-        let Some(i) = OUTCOMES.iter().position(|o| *o == outcome) else {
-            return;
-        };
-        self.totals[i].fetch_add(1, Ordering::Relaxed);
+    pub fn task_finished(&self, t: &TaskShared, kind: OutcomeKind) {
+        self.totals[kind as usize].fetch_add(1, Ordering::Relaxed);
         let Some(m) = self.by_method.get(&*t.method) else {
             return;
         };
-        if let Some(c) = m.finished.get(i) {
-            c.inc();
-        }
+        m.finished[kind as usize].inc();
         m.run_time.observe(t.created.elapsed().as_secs_f64());
         if let Some(first) = t.stats.first_run() {
             m.queue_wait
@@ -324,43 +330,33 @@ impl Metrics {
         }
     }
 
-    pub fn refused(&self, reason: &str) {
-        self.refusals
-            .get_or_create(&ReasonLabel {
-                reason: reason.to_string(),
-            })
-            .inc();
-        if let Some(i) = OUTCOMES.iter().position(|o| *o == "refused") {
-            self.totals[i].fetch_add(1, Ordering::Relaxed);
-        }
+    pub fn refused(&self, reason: RefusalReason) {
+        self.by_reason[reason as usize].inc();
+        self.refused_total.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn totals(&self) -> Vec<(&'static str, u64)> {
-        OUTCOMES
-            .iter()
-            .zip(&self.totals)
-            .map(|(o, n)| (*o, n.load(Ordering::Relaxed)))
-            .collect()
+    /// Finished tasks by outcome, and refusals, since start.
+    pub fn totals(&self) -> Finished {
+        let mut f = Finished {
+            refused: self.refused_total.load(Ordering::Relaxed),
+            ..Finished::default()
+        };
+        for k in OutcomeKind::ALL {
+            f.set(k, self.totals[k as usize].load(Ordering::Relaxed));
+        }
+        f
     }
 
     /// The exposition text, after bringing the gauges up to date.
     pub fn render(&self, live: &Live) -> String {
         self.open_conns.set(live.open_conns as i64);
-        for (i, name) in ["queued", "running", "yielded", "waiting"]
-            .iter()
-            .enumerate()
-        {
+        for s in TaskState::ALL {
             self.tasks
                 .get_or_create(&StateLabel {
-                    state: (*name).to_string(),
+                    state: s.label().to_string(),
                 })
-                .set(live.states[i] as i64);
+                .set(live.states.get(s) as i64);
         }
-        self.tasks
-            .get_or_create(&StateLabel {
-                state: "abandoned".to_string(),
-            })
-            .set(live.abandoned as i64);
         self.pool_addresses.set(live.pool.addresses as i64);
         self.memory_allocated
             .set(crate::alloc::allocated_bytes() as i64);
@@ -380,9 +376,10 @@ impl Metrics {
         self.pool_non_yielding
             .set(live.pool.non_yielding_total as i64);
         self.outbound_depth.set(live.outbound_depth as i64);
-        self.runtime_workers.set(live.runtime.0 as i64);
-        self.runtime_alive_tasks.set(live.runtime.1 as i64);
-        self.runtime_global_queue.set(live.runtime.2 as i64);
+        self.runtime_workers.set(live.runtime.workers as i64);
+        self.runtime_alive_tasks.set(live.runtime.alive_tasks as i64);
+        self.runtime_global_queue
+            .set(live.runtime.global_queue_depth as i64);
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             out.clear();

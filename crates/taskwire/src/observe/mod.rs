@@ -6,6 +6,7 @@
 //! keeps the map of connections and walks their tables when asked.
 
 mod admin;
+pub mod api;
 mod metrics;
 
 use std::collections::HashMap;
@@ -13,74 +14,38 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use serde::Serialize;
 use serde_json::Value;
 
-pub(crate) use admin::routes;
+pub(crate) use admin::{routes, AdminAccess};
+pub use api::{ConnInfo, OutcomeKind, RefusalReason, TaskInfo, TaskState};
 
 use crate::compute::JobState;
 use crate::connection::ConnState;
-use crate::task::Outcome;
 use crate::task::{Stopped, TaskKind, TaskShared};
 
-/// One task as the admin API shows it.
-#[derive(Clone, Debug, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct TaskInfo {
-    /// Server-wide task id.
-    pub id: u64,
-    /// The connection that started it.
-    pub conn: u64,
-    /// The JSON-RPC id of its request (`null` for a notification).
-    pub request_id: Value,
-    /// Its method.
-    pub method: String,
-    /// `io` or `cpu`.
-    pub kind: &'static str,
-    /// `queued`, `running`, `yielded` or `waiting`; or `abandoned`: told to
-    /// stop and already answered, but still on a worker thread because it
-    /// reaches no checkpoint (listed until that thread is back).
-    pub state: &'static str,
-    /// Time since it was admitted, in ms.
-    pub age_ms: u64,
-    /// CPU time used so far (CPU tasks), in ms.
-    pub cpu_ms: f64,
-    /// The last progress value it reported.
-    pub progress: Value,
-    /// Whether it ran far past its slice without a checkpoint.
-    pub not_yielding: bool,
-    /// Whether it has been told to stop (and why).
-    pub stopping: Option<String>,
-    /// Memory it holds: bytes allocated minus freed while it ran (CPU tasks,
-    /// with `taskwire::alloc::CountingAlloc` installed; else 0).
-    pub memory_bytes: u64,
-    /// Whether it is one of the largest tasks while the server is over its
-    /// memory budget.
-    pub memory_flagged: bool,
+/// What the connection and the HTTP side tell the observer, as they happen.
+///
+/// The server holds one `Arc<dyn Hooks>`: the live [`Observer`], or `()`
+/// when observing is off (`Config::observe`, which exists to measure what
+/// observing costs), so that the off switch is decided once at start and
+/// not tested on every event.
+pub(crate) trait Hooks: Send + Sync {
+    /// A WebSocket connection was accepted; it is listed until `conn_closed`.
+    fn conn_opened(&self, c: &Arc<ConnState>);
+    /// The connection has ended and every task it started has settled.
+    fn conn_closed(&self, c: &ConnState);
+    /// A task has been answered (or dropped unanswered, for a notification).
+    fn task_finished(&self, t: &Arc<TaskShared>, kind: OutcomeKind);
+    /// A request, upgrade or connection was refused.
+    fn refused(&self, reason: RefusalReason);
 }
 
-/// One connection as the admin API shows it.
-#[derive(Clone, Debug, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct ConnInfo {
-    /// Connection id.
-    pub id: u64,
-    /// The peer's address.
-    pub peer: String,
-    /// When it opened, in ms since the Unix epoch.
-    pub opened_at_ms: u64,
-    /// How long it has been open, in ms.
-    pub age_ms: u64,
-    /// Requests in flight.
-    pub inflight: usize,
-    /// Bytes received (message payloads).
-    pub bytes_in: u64,
-    /// Bytes sent (message payloads).
-    pub bytes_out: u64,
-    /// Messages received.
-    pub messages_in: u64,
-    /// Messages sent.
-    pub messages_out: u64,
+/// Observing off: nothing is listed or counted.
+impl Hooks for () {
+    fn conn_opened(&self, _: &Arc<ConnState>) {}
+    fn conn_closed(&self, _: &ConnState) {}
+    fn task_finished(&self, _: &Arc<TaskShared>, _: OutcomeKind) {}
+    fn refused(&self, _: RefusalReason) {}
 }
 
 /// Filters and order for listing tasks.
@@ -98,9 +63,9 @@ pub struct TaskQuery {
     pub limit: Option<usize>,
 }
 
+/// The live implementation of [`Hooks`]: the table of connections (whose
+/// in-flight maps hold the tasks), abandoned tasks, and the metrics.
 pub(crate) struct Observer {
-    /// Off only to measure what observing costs (`Config::observe`).
-    enabled: bool,
     conns: Mutex<HashMap<u64, Arc<ConnState>>>,
     /// CPU tasks answered after a stop while still on a worker (they reach no
     /// checkpoint): kept visible until their thread is back. Only a task on a
@@ -115,47 +80,13 @@ pub(crate) struct Observer {
 impl Observer {
     /// `max_threads`: the most compute worker threads there can be
     /// (configured plus replacements), which bounds the abandoned tasks.
-    pub fn new(enabled: bool, methods: &[&str], max_threads: usize) -> Observer {
+    pub fn new(methods: &[&str], max_threads: usize) -> Observer {
         Observer {
-            enabled,
             conns: Mutex::new(HashMap::new()),
             abandoned: Mutex::new(HashMap::new()),
             abandoned_cap: max_threads.max(1),
             started: Instant::now(),
             metrics: metrics::Metrics::new(methods),
-        }
-    }
-
-    pub fn conn_opened(&self, c: &Arc<ConnState>) {
-        if !self.enabled {
-            return;
-        }
-        if let Ok(mut m) = self.conns.lock() {
-            m.insert(c.id, c.clone());
-        }
-    }
-
-    pub fn conn_closed(&self, c: &ConnState) {
-        if let Ok(mut m) = self.conns.lock() {
-            m.remove(&c.id);
-        }
-    }
-
-    pub fn task_finished(&self, t: &Arc<TaskShared>, outcome: &Outcome) {
-        if !self.enabled {
-            return;
-        }
-        self.metrics.task_finished(t, outcome.label());
-        // Answered after a stop while its future still runs on a worker: it
-        // leaves the connection's table now, so keep it in view here.
-        if t.kind == TaskKind::Cpu && t.stopped().is_some() && t.stats.state() == JobState::Running
-        {
-            if let Ok(mut m) = self.abandoned.lock() {
-                m.retain(|_, t| t.stats.state() == JobState::Running);
-                if m.len() < self.abandoned_cap {
-                    m.insert(t.id, t.clone());
-                }
-            }
         }
     }
 
@@ -173,10 +104,6 @@ impl Observer {
     /// How many abandoned tasks are still on a worker.
     pub fn abandoned_count(&self) -> usize {
         self.abandoned().len()
-    }
-
-    pub fn refused(&self, reason: &str) {
-        self.metrics.refused(reason);
     }
 
     pub fn connections(&self) -> Vec<Arc<ConnState>> {
@@ -237,7 +164,7 @@ impl Observer {
             .flat_map(|c| c.tasks())
             .map(|t| task_info(&t))
             .chain(abandoned)
-            .filter(|t| q.state.as_deref().is_none_or(|s| s == t.state))
+            .filter(|t| q.state.as_deref().is_none_or(|s| s == t.state.label()))
             .filter(|t| q.method.as_deref().is_none_or(|m| m == t.method))
             .collect();
         match q.sort.as_deref() {
@@ -249,11 +176,48 @@ impl Observer {
     }
 }
 
+impl Hooks for Observer {
+    fn conn_opened(&self, c: &Arc<ConnState>) {
+        if let Ok(mut m) = self.conns.lock() {
+            m.insert(c.id, c.clone());
+        }
+    }
+
+    fn conn_closed(&self, c: &ConnState) {
+        if let Ok(mut m) = self.conns.lock() {
+            m.remove(&c.id);
+        }
+    }
+
+    fn task_finished(&self, t: &Arc<TaskShared>, kind: OutcomeKind) {
+        self.metrics.task_finished(t, kind);
+        // Answered after a stop while its future still runs on a worker: it
+        // leaves the connection's table now, so keep it in view here.
+        if t.kind == TaskKind::Cpu && t.stopped().is_some() && t.stats.state() == JobState::Running
+        {
+            if let Ok(mut m) = self.abandoned.lock() {
+                m.retain(|_, t| t.stats.state() == JobState::Running);
+                if m.len() < self.abandoned_cap {
+                    m.insert(t.id, t.clone());
+                }
+            }
+        }
+    }
+
+    fn refused(&self, reason: RefusalReason) {
+        self.metrics.refused(reason);
+    }
+}
+
+/// A live task's state as listed (an I/O task is always running).
+fn live_state(t: &TaskShared) -> TaskState {
+    match t.kind {
+        TaskKind::Io => TaskState::Running,
+        TaskKind::Cpu => t.stats.state().into(),
+    }
+}
+
 pub(crate) fn task_info(t: &TaskShared) -> TaskInfo {
-    let state = match t.kind {
-        TaskKind::Io => "running",
-        TaskKind::Cpu => t.stats.state().as_str(),
-    };
     TaskInfo {
         id: t.id,
         conn: t.conn,
@@ -263,8 +227,8 @@ pub(crate) fn task_info(t: &TaskShared) -> TaskInfo {
             .map(|i| i.to_value())
             .unwrap_or(Value::Null),
         method: t.method.to_string(),
-        kind: t.kind.as_str(),
-        state,
+        kind: t.kind,
+        state: live_state(t),
         age_ms: t.created.elapsed().as_millis() as u64,
         cpu_ms: t.stats.cpu_time().as_secs_f64() * 1000.0,
         progress: t.last_progress().unwrap_or(Value::Null),
@@ -278,7 +242,7 @@ pub(crate) fn task_info(t: &TaskShared) -> TaskInfo {
 /// An abandoned task: answered after a stop, still on a worker.
 fn abandoned_info(t: &TaskShared) -> TaskInfo {
     TaskInfo {
-        state: "abandoned",
+        state: TaskState::Abandoned,
         ..task_info(t)
     }
 }
@@ -301,15 +265,11 @@ pub(crate) fn conn_info(c: &ConnState) -> ConnInfo {
     }
 }
 
-/// Counts of live tasks by state.
-pub(crate) fn count_states(tasks: &[Arc<TaskShared>]) -> [u64; 4] {
-    let mut n = [0u64; 4];
+/// Counts of live tasks by state; abandoned ones are counted by the caller.
+pub(crate) fn count_states(tasks: &[Arc<TaskShared>]) -> api::TaskCounts {
+    let mut n = api::TaskCounts::default();
     for t in tasks {
-        let s = match t.kind {
-            TaskKind::Io => JobState::Running,
-            TaskKind::Cpu => t.stats.state(),
-        };
-        n[s as usize] += 1;
+        n.add(live_state(t), 1);
     }
     n
 }
