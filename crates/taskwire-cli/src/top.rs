@@ -12,8 +12,9 @@ use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::Line;
 use ratatui::widgets::{Block, Paragraph, Row, Table, TableState};
 use ratatui::Frame;
-use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
+use taskwire::observe::api::{ConnInfo, ConnList, Stats, TaskInfo, TaskList};
 
 /// Arguments of `taskwire top`.
 #[derive(clap::Args, Debug, Clone)]
@@ -35,38 +36,6 @@ pub struct TopArgs {
     pub kill: Option<u64>,
 }
 
-/// One task row.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct TaskRow {
-    /// Task id.
-    pub id: u64,
-    /// Connection id.
-    pub conn: u64,
-    /// Method.
-    pub method: String,
-    /// `io` / `cpu`.
-    pub kind: String,
-    /// State.
-    pub state: String,
-    /// Age in ms.
-    pub age_ms: u64,
-    /// CPU time in ms.
-    pub cpu_ms: f64,
-    /// Last progress.
-    #[serde(default)]
-    pub progress: Value,
-    /// Flagged as not yielding.
-    #[serde(default)]
-    pub not_yielding: bool,
-    /// Memory the task holds, in bytes (0 without the counting allocator).
-    #[serde(default)]
-    pub memory_bytes: u64,
-    /// One of the largest tasks while the server is over its memory budget.
-    #[serde(default)]
-    pub memory_flagged: bool,
-}
-
 /// Bytes in a short human unit, for a narrow column.
 pub fn bytes_text(b: u64) -> String {
     const K: u64 = 1 << 10;
@@ -81,7 +50,7 @@ pub fn bytes_text(b: u64) -> String {
 }
 
 /// The flags shown at the end of a row.
-fn flags_text(t: &TaskRow) -> String {
+fn flags_text(t: &TaskInfo) -> String {
     let mut f = Vec::new();
     if t.not_yielding {
         f.push("NOT YIELDING");
@@ -92,33 +61,15 @@ fn flags_text(t: &TaskRow) -> String {
     f.join(" ")
 }
 
-/// One connection row.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct ConnRow {
-    /// Connection id.
-    pub id: u64,
-    /// Peer address.
-    pub peer: String,
-    /// Requests in flight.
-    pub inflight: u64,
-    /// Age in ms.
-    pub age_ms: u64,
-    /// Bytes in.
-    pub bytes_in: u64,
-    /// Bytes out.
-    pub bytes_out: u64,
-}
-
 /// What the server said at one refresh.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     /// Busiest tasks first.
-    pub tasks: Vec<TaskRow>,
+    pub tasks: Vec<TaskInfo>,
     /// Connections.
-    pub conns: Vec<ConnRow>,
-    /// `/admin/stats` as sent.
-    pub stats: Value,
+    pub conns: Vec<ConnInfo>,
+    /// `/admin/stats`.
+    pub stats: Stats,
 }
 
 /// How the task table is ordered.
@@ -181,7 +132,7 @@ impl Model {
     }
 
     /// The task under the cursor.
-    pub fn selected_task(&self) -> Option<&TaskRow> {
+    pub fn selected_task(&self) -> Option<&TaskInfo> {
         self.snap.tasks.get(self.selected)
     }
 
@@ -229,19 +180,19 @@ fn progress_text(v: &Value) -> String {
     }
 }
 
-fn summary(stats: &Value) -> String {
-    let p = &stats["pool"];
-    let t = &stats["tasks"];
+fn summary(stats: &Stats) -> String {
+    let p = &stats.pool;
+    let t = &stats.tasks;
     format!(
         "connections {}  tasks: {} running, {} queued, {} yielded  pool: {}/{} busy, {:.0}% used, {} not yielding (ever)",
-        stats["connections"],
-        t["running"],
-        t["queued"],
-        t["yielded"],
-        p["busy"],
-        p["workers"],
-        p["utilisation"].as_f64().unwrap_or(0.0) * 100.0,
-        p["nonYieldingTotal"],
+        stats.connections,
+        t.running,
+        t.queued,
+        t.yielded,
+        p.busy,
+        p.workers,
+        p.utilisation * 100.0,
+        p.non_yielding_total,
     )
 }
 
@@ -268,8 +219,8 @@ pub fn draw(frame: &mut Frame<'_>, m: &Model) {
             t.id.to_string(),
             t.conn.to_string(),
             t.method.clone(),
-            t.kind.clone(),
-            t.state.clone(),
+            t.kind.as_str().to_string(),
+            t.state.label().to_string(),
             format!("{:.1}", t.cpu_ms / 1000.0),
             format!("{:.1}", t.age_ms as f64 / 1000.0),
             bytes_text(t.memory_bytes),
@@ -361,7 +312,7 @@ impl AdminClient {
         self.token.as_ref().map(|t| format!("Bearer {t}"))
     }
 
-    fn get(&self, path: &str) -> Result<Value, String> {
+    fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, String> {
         let mut req = self.agent.get(format!("{}{path}", self.base));
         if let Some(a) = self.auth() {
             req = req.header("Authorization", a);
@@ -373,19 +324,18 @@ impl AdminClient {
             return Err(format!("GET {path}: {status} {body}"));
         }
         resp.body_mut()
-            .read_json::<Value>()
+            .read_json::<T>()
             .map_err(|e| format!("GET {path}: {e}"))
     }
 
     /// Everything one refresh shows.
     pub fn snapshot(&self) -> Result<Snapshot, String> {
-        let tasks = self.get("/admin/tasks?sort=cpu&limit=200")?;
-        let conns = self.get("/admin/connections")?;
-        let stats = self.get("/admin/stats")?;
+        let tasks: TaskList = self.get("/admin/tasks?sort=cpu&limit=200")?;
+        let conns: ConnList = self.get("/admin/connections")?;
+        let stats: Stats = self.get("/admin/stats")?;
         Ok(Snapshot {
-            tasks: serde_json::from_value(tasks["tasks"].clone()).map_err(|e| e.to_string())?,
-            conns: serde_json::from_value(conns["connections"].clone())
-                .map_err(|e| e.to_string())?,
+            tasks: tasks.tasks,
+            conns: conns.connections,
             stats,
         })
     }
@@ -420,8 +370,8 @@ pub fn render_text(m: &Model) -> String {
             t.id,
             t.conn,
             t.method,
-            t.kind,
-            t.state,
+            t.kind.as_str(),
+            t.state.label(),
             t.cpu_ms / 1000.0,
             t.age_ms as f64 / 1000.0,
             bytes_text(t.memory_bytes),
@@ -504,17 +454,22 @@ mod tests {
     use taskwire::{Config, Registry, Server};
     use tokio_tungstenite::tungstenite::Message;
 
-    fn row(id: u64, cpu: f64, age: u64) -> TaskRow {
-        TaskRow {
+    use taskwire::observe::api::{PoolInfo, TaskState};
+    use taskwire::TaskKind;
+
+    fn row(id: u64, cpu: f64, age: u64) -> TaskInfo {
+        TaskInfo {
             id,
             conn: 1,
+            request_id: Value::from(id),
             method: format!("m{id}"),
-            kind: "cpu".into(),
-            state: "running".into(),
+            kind: TaskKind::Cpu,
+            state: TaskState::Running,
             age_ms: age,
             cpu_ms: cpu,
             progress: serde_json::json!({"done": 1, "total": 4}),
             not_yielding: id == 3,
+            stopping: None,
             memory_bytes: (id * 3) << 20,
             memory_flagged: id == 2,
         }
@@ -524,7 +479,14 @@ mod tests {
         Snapshot {
             tasks: vec![row(1, 5.0, 300), row(2, 50.0, 100), row(3, 20.0, 200)],
             conns: vec![],
-            stats: serde_json::json!({"connections": 1, "tasks": {}, "pool": {"workers": 2}}),
+            stats: Stats {
+                connections: 1,
+                pool: PoolInfo {
+                    workers: 2,
+                    ..PoolInfo::default()
+                },
+                ..Stats::default()
+            },
         }
     }
 

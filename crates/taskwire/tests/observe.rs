@@ -339,3 +339,98 @@ async fn dashboard_files_are_served() {
     assert!(body.contains("export"));
     assert_eq!(http(s.addr, "GET", "/nope.js", None).await.0, 404);
 }
+
+/// The admin JSON is defined once, in `taskwire::observe::api`: what a real
+/// server sends deserializes into those types and serializes back to the very
+/// same JSON (no field the types miss, none they add).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_json_round_trips_through_the_library_types() {
+    use serde::de::DeserializeOwned;
+    use serde::Serialize;
+    use taskwire::observe::api::{
+        ConnList, OutcomeKind, RefusalReason, Snapshot, Stats, TaskInfo, TaskList, TaskState,
+    };
+
+    fn round_trip<T: Serialize + DeserializeOwned>(what: &str, v: &serde_json::Value) -> T {
+        let typed: T = serde_json::from_value(v.clone())
+            .unwrap_or_else(|e| panic!("{what} does not fit its type: {e}\n{v}"));
+        assert_eq!(&serde_json::to_value(&typed).unwrap(), v, "{what} round trip");
+        typed
+    }
+
+    let s = TestServer::start(config()).await;
+    let mut c = s.client().await;
+    assert_eq!(c.call(1, "echo", json!({"value": 1})).await["result"], 1);
+    c.request("r", "runaway", json!({})).await;
+    let mut id = 0;
+    for _ in 0..500 {
+        let v = admin_json(s.addr, "GET", "/admin/tasks").await;
+        let list: TaskList = round_trip("/admin/tasks", &v);
+        if let Some(t) = list.tasks.iter().find(|t| t.method == "runaway") {
+            assert_eq!(t.kind, taskwire::TaskKind::Cpu);
+            id = t.id;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(id > 0, "the runaway is listed");
+    let one: TaskInfo = round_trip(
+        "/admin/tasks/{id}",
+        &admin_json(s.addr, "GET", &format!("/admin/tasks/{id}")).await,
+    );
+    assert_eq!(one.id, id);
+    let running = format!("/admin/tasks?state={}", TaskState::Running.label());
+    let _: TaskList = round_trip(&running, &admin_json(s.addr, "GET", &running).await);
+    let conns: ConnList = round_trip(
+        "/admin/connections",
+        &admin_json(s.addr, "GET", "/admin/connections").await,
+    );
+    assert_eq!(conns.connections.len(), 1);
+    let stats: Stats = round_trip(
+        "/admin/stats",
+        &admin_json(s.addr, "GET", "/admin/stats").await,
+    );
+    assert_eq!(stats.connections, 1);
+    assert!(stats.finished.get(OutcomeKind::Ok) >= 1, "the echo");
+
+    // One snapshot of the event stream.
+    let mut sock = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let req = format!(
+        "GET /admin/events HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n",
+        s.addr
+    );
+    sock.write_all(req.as_bytes()).await.unwrap();
+    let mut lines = BufReader::new(sock).lines();
+    let data = tokio::time::timeout(WAIT, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(data) = line.strip_prefix("data: ") {
+                return Some(data.to_string());
+            }
+        }
+        None
+    })
+    .await
+    .expect("a snapshot arrives")
+    .expect("the stream has a snapshot");
+    let v: serde_json::Value = serde_json::from_str(&data).unwrap();
+    let snap: Snapshot = round_trip("/admin/events snapshot", &v);
+    assert!(snap.stats.pool.workers >= 1);
+
+    // Every refusal reason is exported, at 0 until it happens.
+    let (status, text) = http(s.addr, "GET", "/metrics", None).await;
+    assert_eq!(status, 200);
+    let m = parse_metrics(&text);
+    for r in RefusalReason::ALL {
+        let key = (
+            "taskwire_admission_refusals_total".to_string(),
+            vec![("reason".to_string(), r.label().to_string())],
+        );
+        assert!(m.contains_key(&key), "{} exported", r.label());
+    }
+
+    let v = admin_json(s.addr, "POST", &format!("/admin/tasks/{id}/kill")).await;
+    assert_eq!(v["killed"], true);
+    assert_eq!(code(&c.response("r").await), -32004);
+    assert_pool_idle(s.addr).await;
+    s.stop().await.unwrap();
+}
