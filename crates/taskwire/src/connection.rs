@@ -18,9 +18,9 @@ use tracing::Instrument;
 
 use crate::compute::{JobState, Permit};
 use crate::config::RateLimit;
+use crate::observe::RefusalReason;
 use crate::protocol::{self, codes, ErrorObject, Frame, Id, Rejected, Request};
 use crate::security::TokenBucket;
-use crate::observe::RefusalReason;
 use crate::server::App;
 use crate::task::{
     stopped_error, Ctx, Outbound, Outcome, Stopped, TaskError, TaskInit, TaskKind, TaskShared,

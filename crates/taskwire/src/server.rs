@@ -119,10 +119,10 @@ impl Server {
         let pool = ComputePool::new(cfg.compute());
         let observer = Arc::new(Observer::new(
             &registry
-                    .tasks()
-                    .iter()
-                    .map(|t| t.name())
-                    .collect::<Vec<_>>(),
+                .tasks()
+                .iter()
+                .map(|t| t.name())
+                .collect::<Vec<_>>(),
             {
                 let c = cfg.compute();
                 c.workers + c.max_extra_workers

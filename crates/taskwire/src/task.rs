@@ -569,8 +569,14 @@ mod outcome_tests {
     #[test]
     fn outcomes_count_as_their_kind() {
         let stopped = |s| Outcome::Err(TaskError::Stopped(s));
-        assert_eq!(stopped(Stopped::Disconnected).kind(), OutcomeKind::Cancelled);
-        assert_eq!(stopped(Stopped::DeadlineExceeded).kind(), OutcomeKind::Timeout);
+        assert_eq!(
+            stopped(Stopped::Disconnected).kind(),
+            OutcomeKind::Cancelled
+        );
+        assert_eq!(
+            stopped(Stopped::DeadlineExceeded).kind(),
+            OutcomeKind::Timeout
+        );
         assert_eq!(stopped(Stopped::Shutdown).kind(), OutcomeKind::Shutdown);
         assert_eq!(Outcome::Crashed("x".into()).kind(), OutcomeKind::Crashed);
         assert_eq!(Outcome::Lost.kind(), OutcomeKind::Error);

@@ -354,7 +354,11 @@ async fn admin_json_round_trips_through_the_library_types() {
     fn round_trip<T: Serialize + DeserializeOwned>(what: &str, v: &serde_json::Value) -> T {
         let typed: T = serde_json::from_value(v.clone())
             .unwrap_or_else(|e| panic!("{what} does not fit its type: {e}\n{v}"));
-        assert_eq!(&serde_json::to_value(&typed).unwrap(), v, "{what} round trip");
+        assert_eq!(
+            &serde_json::to_value(&typed).unwrap(),
+            v,
+            "{what} round trip"
+        );
         typed
     }
 

@@ -221,10 +221,7 @@ fn live(app: &AdminState) -> Live {
     let rt = tokio::runtime::Handle::current().metrics();
     let pool = app.pool.stats();
     let mut states = count_states(&tasks);
-    states.add(
-        TaskState::Abandoned,
-        app.observer.abandoned_count() as u64,
-    );
+    states.add(TaskState::Abandoned, app.observer.abandoned_count() as u64);
     Live {
         open_conns: conns.len(),
         runtime: RuntimeStats {

@@ -377,7 +377,8 @@ impl Metrics {
             .set(live.pool.non_yielding_total as i64);
         self.outbound_depth.set(live.outbound_depth as i64);
         self.runtime_workers.set(live.runtime.workers as i64);
-        self.runtime_alive_tasks.set(live.runtime.alive_tasks as i64);
+        self.runtime_alive_tasks
+            .set(live.runtime.alive_tasks as i64);
         self.runtime_global_queue
             .set(live.runtime.global_queue_depth as i64);
         let mut out = String::new();
