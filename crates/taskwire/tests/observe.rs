@@ -435,6 +435,32 @@ async fn admin_json_round_trips_through_the_library_types() {
     let v = admin_json(s.addr, "POST", &format!("/admin/tasks/{id}/kill")).await;
     assert_eq!(v["killed"], true);
     assert_eq!(code(&c.response("r").await), -32004);
-    assert_pool_idle(s.addr).await;
+    assert!(
+        eventually(|| async {
+            let v = admin_json(s.addr, "GET", "/admin/stats").await;
+            v["pool"]["busy"] == 0
+        })
+        .await
+    );
+    s.stop().await.unwrap();
+}
+
+/// With observing off the server reports to the no-op hooks: tasks run and
+/// are answered, the admin API answers with empty tables and zero counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observing_off_lists_and_counts_nothing() {
+    let s = TestServer::start(Config {
+        observe: false,
+        ..config()
+    })
+    .await;
+    let mut c = s.client().await;
+    assert_eq!(c.call(1, "echo", json!({"value": 7})).await["result"], 7);
+    let conns = admin_json(s.addr, "GET", "/admin/connections").await;
+    assert_eq!(conns["connections"], json!([]));
+    let stats: taskwire::observe::api::Stats =
+        serde_json::from_value(admin_json(s.addr, "GET", "/admin/stats").await).unwrap();
+    assert_eq!(stats.finished, Default::default());
+    assert_eq!(stats.connections, 0);
     s.stop().await.unwrap();
 }

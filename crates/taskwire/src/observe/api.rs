@@ -437,6 +437,23 @@ mod tests {
         }
     }
 
+    /// The pool names its refusals itself too (it sits below this module):
+    /// both names must agree.
+    #[test]
+    fn pool_refusals_keep_their_names() {
+        use crate::compute::Refusal;
+        let ms = 5;
+        for r in [
+            Refusal::ConnectionQueue { retry_after_ms: ms },
+            Refusal::AddressLimit { retry_after_ms: ms },
+            Refusal::QueueFull { retry_after_ms: ms },
+            Refusal::Memory { retry_after_ms: ms },
+            Refusal::ShuttingDown,
+        ] {
+            assert_eq!(RefusalReason::from(&r).label(), r.reason());
+        }
+    }
+
     #[test]
     fn finished_has_a_field_per_outcome_and_refused() {
         let mut f = Finished::default();
