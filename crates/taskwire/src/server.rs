@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::middleware::Next;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -654,8 +654,7 @@ fn router(app: Arc<App>) -> Router {
 /// proxy names. Done here rather than in the accept loop so that a router
 /// mounted in another application applies `trusted_proxies` the same way.
 async fn client_address(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Response {
-    let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<SocketAddr>>().copied()
-    else {
+    let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<SocketAddr>>().copied() else {
         // Guessing would be unsafe (loopback would open the admin API to
         // everyone), so the mounting app's mistake is made plain.
         if let Some(suppressed) = app.refusal_log.allow(Instant::now()) {

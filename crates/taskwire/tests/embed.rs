@@ -132,13 +132,17 @@ async fn mounted_next_to_the_apps_own_routes() {
     let bare = raw(a, "/tasks?token=t", "").await;
     assert_eq!(status(&bare), 307, "{bare}");
     assert!(
-        bare.to_ascii_lowercase().contains("location: tasks/?token=t"),
+        bare.to_ascii_lowercase()
+            .contains("location: tasks/?token=t"),
         "{bare}"
     );
     let page = raw(a, "/tasks/", "").await;
     assert_eq!(status(&page), 200, "{page}");
     assert!(page.contains("<title>taskwire"), "{page}");
-    assert!(page.contains("src=\"dashboard.js\""), "relative URLs: {page}");
+    assert!(
+        page.contains("src=\"dashboard.js\""),
+        "relative URLs: {page}"
+    );
     // The framing headers apply to the mounted routes too.
     let lower = page.to_ascii_lowercase();
     assert!(lower.contains("x-frame-options: deny"), "{page}");
@@ -176,12 +180,7 @@ async fn host_origin_and_admin_rules_still_apply_when_mounted() {
     assert_eq!(status(&admin), 403, "{admin}");
     let upgrade = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
                    Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
-    let foreign = raw(
-        a,
-        "/tasks/ws",
-        &format!("{upgrade}Host: evil.example\r\n"),
-    )
-    .await;
+    let foreign = raw(a, "/tasks/ws", &format!("{upgrade}Host: evil.example\r\n")).await;
     assert_eq!(status(&foreign), 403, "{foreign}");
     // A page on another site may not open the WebSocket.
     let mut req = format!("ws://{a}/tasks/ws")
