@@ -23,10 +23,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     let local = listener.local_addr()?;
 
-    let mut config = Config::default();
-    // taskwire binds nothing here; the address tells it whether it is served on
-    // loopback, where it checks `Host` against DNS rebinding.
-    config.addr = local;
+    let config = Config {
+        // taskwire binds nothing here; the address tells it whether it is
+        // served on loopback, where it checks `Host` against DNS rebinding.
+        addr: local,
+        ..Config::default()
+    };
     let mut registry = Registry::new();
     taskwire::builtin::register(&mut registry);
     let tw = Server::build(config, registry)?;

@@ -106,9 +106,8 @@ impl Server {
     /// use taskwire::{Config, Registry, Server};
     ///
     /// let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
-    /// let mut config = Config::default();
     /// // Binds nothing; decides whether the Host check against DNS rebinding applies.
-    /// config.addr = listener.local_addr()?;
+    /// let config = Config { addr: listener.local_addr()?, ..Config::default() };
     /// let mut registry = Registry::new();
     /// taskwire::builtin::register(&mut registry);
     /// let tw = Server::build(config, registry)?;
