@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::compute::ComputePool;
 use crate::config::Config;
-use crate::connection::ConnLimits;
+use crate::conn::ConnLimits;
 use crate::observe::Observer;
 use crate::protocol::SUBPROTOCOL;
 use crate::registry::Registry;
@@ -908,7 +908,7 @@ async fn ws_handler(
             // Past the shutdown deadline, a WebSocket that has not closed
             // (its client does not read) is dropped.
             tokio::select! {
-                _ = crate::connection::serve(app, socket, peer, limits) => {}
+                _ = crate::conn::serve(app, socket, peer, limits) => {}
                 _ = hard.cancelled() => {}
             }
         })

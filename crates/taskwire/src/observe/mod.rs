@@ -19,7 +19,7 @@ use serde_json::Value;
 pub(crate) use admin::routes;
 
 use crate::compute::JobState;
-use crate::connection::ConnState;
+use crate::conn::ConnState;
 use crate::task::Outcome;
 use crate::task::{Stopped, TaskKind, TaskShared};
 
