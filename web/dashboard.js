@@ -61,7 +61,9 @@ function log(text, kind = '', code = undefined) {
 const describe = (err) => (err instanceof TaskwireError ? `${err.code} ${err.message}` : String(err?.message ?? err));
 
 // ------------------------------------------------------------------ connections
-const wsUrl = new URL('/ws', location.href).toString();
+// Every URL is relative to this page, so that the dashboard works wherever
+// taskwire is mounted (`/`, or `/tasks/` inside another app).
+const wsUrl = new URL('ws', location.href).toString();
 const conns = {};
 
 async function open(name) {
@@ -350,8 +352,8 @@ function startAdminStream() {
     };
     try {
       const [s, t] = await Promise.all([
-        get(`/admin/stats${tokenQs}`),
-        get(`/admin/tasks?sort=cpu&limit=500${token ? `&token=${encodeURIComponent(token)}` : ''}`),
+        get(`admin/stats${tokenQs}`),
+        get(`admin/tasks?sort=cpu&limit=500${token ? `&token=${encodeURIComponent(token)}` : ''}`),
       ]);
       setAdminPill('open', 'admin (polling)');
       onSnapshot({ stats: s, tasks: t.tasks ?? [] });
@@ -365,7 +367,7 @@ function startAdminStream() {
     poll();
   };
   if (typeof EventSource !== 'function') { startPolling(); return; }
-  const es = new EventSource(`/admin/events${tokenQs}`);
+  const es = new EventSource(`admin/events${tokenQs}`);
   es.addEventListener('open', () => setAdminPill('open', 'admin stream'));
   es.addEventListener('snapshot', (e) => {
     gotSnapshot = true;
@@ -388,7 +390,7 @@ function startAdminStream() {
 async function kill(id, button) {
   if (button) { button.disabled = true; button.textContent = 'killing…'; }
   try {
-    const r = await fetch(`/admin/tasks/${encodeURIComponent(id)}/kill${tokenQs}`, { method: 'POST', headers: adminHeaders });
+    const r = await fetch(`admin/tasks/${encodeURIComponent(id)}/kill${tokenQs}`, { method: 'POST', headers: adminHeaders });
     if (r.status === 404) log(`task ${id} was already gone`);
     else if (!r.ok) { log(`kill ${id}: HTTP ${r.status}`, 'err'); rearm(button); }
     else log(`killed task ${id}`, 'ok');

@@ -80,12 +80,24 @@ function makeEvent(type, detail) {
   return ev;
 }
 
+// The WebSocket beside this file when a taskwire server served it (so that a
+// server mounted under a prefix, `/tasks/taskwire.js`, is reached at
+// `/tasks/ws`); `/ws` on the page's origin when it was copied or bundled.
+function defaultPath() {
+  let here;
+  try { here = new URL(import.meta.url); } catch { return '/ws'; }
+  if ((here.protocol === 'http:' || here.protocol === 'https:') && here.pathname.endsWith('/taskwire.js')) {
+    return new URL('ws', here).toString();
+  }
+  return '/ws';
+}
+
 function resolveUrl(url, token) {
   const loc = globalThis.location;
   let u;
   if (url === undefined || url === null || url === '') {
     if (!loc) throw new TypeError('Taskwire.connect: a URL is required outside a browser');
-    u = new URL('/ws', loc.href);
+    u = new URL(defaultPath(), loc.href);
   } else {
     u = new URL(String(url), loc ? loc.href : undefined);
   }

@@ -35,7 +35,26 @@ export function serverCommand() {
 export function startServer(opts = {}) {
   const { cmd, args } = serverCommand();
   const addr = `127.0.0.1:${opts.port ?? 0}`;
-  const proc = spawn(cmd, [...args, 'serve', '--addr', addr, ...(opts.extraArgs ?? [])], {
+  return spawnServer(cmd, [...args, 'serve', '--addr', addr, ...(opts.extraArgs ?? [])], opts);
+}
+
+/**
+ * The example that mounts taskwire in its own axum app
+ * (crates/taskwire/examples/embed_axum.rs) on 127.0.0.1:0: $TASKWIRE_EXAMPLE_BIN,
+ * else target/debug/examples/embed_axum (`cargo build -p taskwire --example embed_axum`).
+ * Resolves like startServer; `wsUrl` is taskwire's WebSocket under `/tasks`.
+ */
+export async function startEmbedExample(opts = {}) {
+  const bin = process.env.TASKWIRE_EXAMPLE_BIN || path.join(REPO, 'target', 'debug', 'examples', 'embed_axum');
+  if (!fs.existsSync(bin)) {
+    throw new Error(`no ${bin}: build it (cargo build -p taskwire --example embed_axum) or set TASKWIRE_EXAMPLE_BIN`);
+  }
+  const srv = await spawnServer(bin, [], { ...opts, env: { TASKWIRE_EXAMPLE_ADDR: '127.0.0.1:0', ...(opts.env ?? {}) } });
+  return { ...srv, wsUrl: `ws://127.0.0.1:${srv.port}/tasks/ws`, tasksUrl: `${srv.httpUrl}/tasks/` };
+}
+
+function spawnServer(cmd, argv, opts) {
+  const proc = spawn(cmd, argv, {
     stdio: ['ignore', 'pipe', 'pipe'],
     env: { ...process.env, ...(opts.env ?? {}) },
   });

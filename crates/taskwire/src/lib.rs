@@ -40,7 +40,7 @@ pub mod alloc;
 pub mod builtin;
 pub mod compute;
 pub mod config;
-mod connection;
+mod conn;
 pub mod observe;
 pub mod protocol;
 mod registry;

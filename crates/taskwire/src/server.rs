@@ -1,5 +1,6 @@
-//! The HTTP side: configuration, the router (`/ws`, `/healthz`, `/metrics`,
-//! `/admin`, the dashboard) and graceful shutdown.
+//! The HTTP side: the router (`/ws`, `/healthz`, `/metrics`, `/admin`, the
+//! dashboard), served from taskwire's own accept loop or mounted in an
+//! application's router, and graceful shutdown.
 
 use std::future::Future;
 use std::io;
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -26,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::compute::ComputePool;
 use crate::config::Config;
-use crate::connection::ConnLimits;
+use crate::conn::ConnLimits;
 use crate::observe::{AdminAccess, Hooks, Observer, RefusalReason};
 use crate::protocol::SUBPROTOCOL;
 use crate::registry::Registry;
@@ -63,17 +65,24 @@ pub(crate) struct App {
     refusal_log: LogLimiter,
 }
 
-/// A bound server, ready to run.
+/// taskwire's service: the compute pool, the task registry and the state of
+/// every connection, served either from its own listener ([`Server::bind`],
+/// [`Server::run`]) or mounted in an application's own axum router
+/// ([`Server::build`], [`Server::router`], [`Server::shutdown`]).
 pub struct Server {
     app: Arc<App>,
-    listener: TcpListener,
+    /// Set by [`Server::bind`]; a server made by [`Server::build`] has none.
+    listener: Option<TcpListener>,
     tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Server")
-            .field("addr", &self.listener.local_addr().ok())
+            .field(
+                "addr",
+                &self.listener.as_ref().and_then(|l| l.local_addr().ok()),
+            )
             .finish()
     }
 }
@@ -89,7 +98,59 @@ impl ShutdownHandle {
     }
 }
 
+/// Why a request reached taskwire's router without a client address.
+const NO_CONNECT_INFO: &str = "taskwire needs the client address: serve the app with \
+`app.into_make_service_with_connect_info::<std::net::SocketAddr>()`";
+
 impl Server {
+    /// Starts the compute pool and prepares the routes, without a listener:
+    /// for mounting taskwire in an application's own axum router.
+    ///
+    /// ```no_run
+    /// # async fn run() -> std::io::Result<()> {
+    /// use std::net::SocketAddr;
+    /// use axum::{routing::get, Router};
+    /// use taskwire::{Config, Registry, Server};
+    ///
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+    /// // Binds nothing; decides whether the Host check against DNS rebinding applies.
+    /// let config = Config { addr: listener.local_addr()?, ..Config::default() };
+    /// let mut registry = Registry::new();
+    /// taskwire::builtin::register(&mut registry);
+    /// let tw = Server::build(config, registry)?;
+    /// let app = Router::new()
+    ///     .route("/hello", get(|| async { "hello" }))
+    ///     .nest_service("/tasks", tw.router());
+    /// axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+    ///     .with_graceful_shutdown(async move {
+    ///         taskwire::shutdown_signal().await;
+    ///         tw.shutdown().await;
+    ///     })
+    ///     .await
+    /// # }
+    /// ```
+    ///
+    /// `config.addr` is not bound, but the Host check against DNS rebinding
+    /// applies when it is a loopback address: set it to the application's
+    /// listener address. The TLS settings belong to taskwire's own listener:
+    /// with them set this is an error (terminate TLS in the application).
+    /// An invalid configuration ([`Config::validate`]) is an
+    /// [`io::ErrorKind::InvalidInput`] error naming the setting.
+    pub fn build(cfg: Config, registry: Registry) -> io::Result<Server> {
+        if cfg.tls_cert.is_some() || cfg.tls_key.is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "tls_cert/tls_key: a server mounted in another app serves no TLS of its \
+                 own; terminate TLS in the app, or use Server::bind",
+            ));
+        }
+        Ok(Server {
+            app: new_app(cfg, registry)?,
+            listener: None,
+            tls: None,
+        })
+    }
+
     /// Binds the listener and starts the compute pool.
     ///
     /// ```no_run
@@ -113,61 +174,70 @@ impl Server {
             Some(t) => Some(crate::tls::acceptor(t).map_err(invalid)?),
             None => None,
         };
+        // Bound before the pool starts: a port in use costs no threads.
         let listener = TcpListener::bind(cfg.addr).await?;
-        let discover = serde_json::value::to_raw_value(&registry.discover())
-            .map_err(|e| io::Error::other(format!("rpc.discover: {e}")))?;
-        let pool = ComputePool::new(cfg.compute());
-        let observer = Arc::new(Observer::new(
-            &registry
-                .tasks()
-                .iter()
-                .map(|t| t.name())
-                .collect::<Vec<_>>(),
-            {
-                let c = cfg.compute();
-                c.workers + c.max_extra_workers
-            },
-        ));
-        let hooks: Arc<dyn Hooks> = if cfg.observe {
-            observer.clone()
-        } else {
-            Arc::new(())
-        };
-        let app = Arc::new(App {
-            observer,
-            hooks,
-            admin: Arc::new(AdminAccess {
-                token: cfg.admin_token.clone(),
-                allowed_hosts: cfg.allowed_hosts.clone(),
-                allowed_origins: cfg.allowed_origins.clone(),
-            }),
-            registry,
-            discover,
-            pool,
-            shutdown: CancellationToken::new(),
-            next_task: AtomicU64::new(1),
-            next_conn: AtomicU64::new(1),
-            open_conns: AtomicUsize::new(0),
-            conns_changed: Notify::new(),
-            per_ip: Arc::default(),
-            token_conns: cfg.auth_tokens.iter().map(|_| Arc::default()).collect(),
-            http_conns: Arc::default(),
-            http_per_ip: Arc::default(),
-            hard_stop: CancellationToken::new(),
-            refusal_log: LogLimiter::new(Duration::from_secs(1)),
-            cfg,
-        });
-        Ok(Server { app, listener, tls })
+        Ok(Server {
+            app: new_app(cfg, registry)?,
+            listener: Some(listener),
+            tls,
+        })
     }
 
-    /// The bound address (useful with port 0).
+    /// The bound address (useful with port 0); an
+    /// [`io::ErrorKind::NotConnected`] error for a server made by
+    /// [`Server::build`], which has no listener of its own.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
+        match &self.listener {
+            Some(l) => l.local_addr(),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "built for mounting (Server::build): the app's listener has the address",
+            )),
+        }
     }
 
     /// A handle that starts the graceful shutdown.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle(self.app.shutdown.clone())
+    }
+
+    /// taskwire's routes, state applied: `/ws` (the WebSocket), `/healthz`,
+    /// `/metrics`, `/admin/…` and the dashboard at `/` and `/{file}`.
+    ///
+    /// Mount it under a prefix with [`Router::nest_service`]
+    /// (`app.nest_service("/tasks", tw.router())`, whatever the app's state
+    /// type), which routes `/tasks`, `/tasks/` and everything below; axum's
+    /// `nest` routes `/tasks` but not `/tasks/`, where the dashboard lives.
+    /// The dashboard's URLs are relative to its page, so it works under any
+    /// prefix; `/tasks` redirects to `/tasks/`. Or [`Router::merge`] it to
+    /// serve taskwire at the root.
+    ///
+    /// Every route needs the client address: serve the application with
+    /// `into_make_service_with_connect_info::<SocketAddr>()`. Without it each
+    /// request is answered 500 with a message saying so (there is no safe
+    /// guess: loopback would open the admin API to everyone). The
+    /// `trusted_proxies` setting applies to that address as under
+    /// [`Server::run`]. The defences before the upgrade (request-head
+    /// timeout, bounds on connections not yet upgraded) live in
+    /// [`Server::run`]'s accept loop: a mounting application sets its own
+    /// (docs/SECURITY.md, "When taskwire is mounted in your own application").
+    pub fn router(&self) -> Router {
+        router(self.app.clone())
+    }
+
+    /// The graceful shutdown, for a server mounted with [`Server::router`]:
+    /// upgrades are refused (503) from now on, in-flight tasks get the grace
+    /// period, the rest are answered `-32005`, every WebSocket is closed with
+    /// 1001 and the compute pool stops. Returns at the latest
+    /// [`SHUTDOWN_MARGIN`] after the grace period; WebSockets still open then
+    /// are dropped. Calling it again returns at once.
+    ///
+    /// Call it from the application's shutdown signal (axum's
+    /// `with_graceful_shutdown`), before axum waits for its HTTP connections:
+    /// taskwire's event streams end here, so that wait can finish.
+    pub async fn shutdown(&self) {
+        self.app.shutdown.cancel();
+        finish(&self.app).await;
     }
 
     /// Serves until `signal` resolves (or a [`ShutdownHandle`] fires), then shuts
@@ -177,8 +247,14 @@ impl Server {
     /// Returns at the latest [`SHUTDOWN_MARGIN`] after the grace period,
     /// whatever clients hold open (a half-sent request head, an event stream
     /// or a WebSocket that does not read): what is still open then is dropped.
+    ///
+    /// A server made by [`Server::build`] binds `addr` here.
     pub async fn run(self, signal: impl Future<Output = ()> + Send + 'static) -> io::Result<()> {
         let app = self.app.clone();
+        let listener = match self.listener {
+            Some(l) => l,
+            None => TcpListener::bind(app.cfg.addr).await?,
+        };
         let router = router(app.clone());
         let stop = app.shutdown.clone();
         let mut signal = std::pin::pin!(signal);
@@ -189,7 +265,7 @@ impl Server {
                     break;
                 }
                 _ = stop.cancelled() => break,
-                r = self.listener.accept() => r,
+                r = listener.accept() => r,
             };
             match accepted {
                 Ok((tcp, peer)) => accept_one(&app, &router, self.tls.as_ref(), tcp, peer),
@@ -208,33 +284,94 @@ impl Server {
         }
         tracing::info!("shutting down");
         // Nothing new gets in: the port is closed at once.
-        drop(self.listener);
-        // HTTP connections finish their request and close (see `serve_http`);
-        // WebSockets close with 1001 once their tasks had the grace period.
-        let deadline = app.cfg.shutdown_grace + SHUTDOWN_MARGIN;
-        let closed = tokio::time::timeout(deadline, async {
-            loop {
-                let changed = app.conns_changed.notified();
-                if app.open_conns.load(Ordering::Acquire) == 0
-                    && app.http_conns.load(Ordering::Acquire) == 0
-                {
-                    break;
-                }
-                changed.await;
-            }
-        })
-        .await;
-        if closed.is_err() {
-            tracing::warn!(
-                websockets = app.open_conns.load(Ordering::Acquire),
-                http = app.http_conns.load(Ordering::Acquire),
-                "shutdown deadline passed: dropping the connections still open"
-            );
-        }
-        app.hard_stop.cancel();
-        app.pool.shutdown();
+        drop(listener);
+        finish(&app).await;
         Ok(())
     }
+}
+
+/// The state shared by every connection, and the compute pool started.
+fn new_app(cfg: Config, registry: Registry) -> io::Result<Arc<App>> {
+    cfg.validate()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let discover = serde_json::value::to_raw_value(&registry.discover())
+        .map_err(|e| io::Error::other(format!("rpc.discover: {e}")))?;
+    let pool = ComputePool::new(cfg.compute());
+    let observer = Arc::new(Observer::new(
+        &registry
+            .tasks()
+            .iter()
+            .map(|t| t.name())
+            .collect::<Vec<_>>(),
+        {
+            let c = cfg.compute();
+            c.workers + c.max_extra_workers
+        },
+    ));
+    // Decided once: with observing off, connections report to no-op hooks.
+    let hooks: Arc<dyn Hooks> = if cfg.observe {
+        observer.clone()
+    } else {
+        Arc::new(())
+    };
+    Ok(Arc::new(App {
+        observer,
+        hooks,
+        admin: Arc::new(AdminAccess {
+            token: cfg.admin_token.clone(),
+            allowed_hosts: cfg.allowed_hosts.clone(),
+            allowed_origins: cfg.allowed_origins.clone(),
+        }),
+        registry,
+        discover,
+        pool,
+        shutdown: CancellationToken::new(),
+        next_task: AtomicU64::new(1),
+        next_conn: AtomicU64::new(1),
+        open_conns: AtomicUsize::new(0),
+        conns_changed: Notify::new(),
+        per_ip: Arc::default(),
+        token_conns: cfg.auth_tokens.iter().map(|_| Arc::default()).collect(),
+        http_conns: Arc::default(),
+        http_per_ip: Arc::default(),
+        hard_stop: CancellationToken::new(),
+        refusal_log: LogLimiter::new(Duration::from_secs(1)),
+        cfg,
+    }))
+}
+
+/// The end of a graceful shutdown already started (`app.shutdown` fired):
+/// waits for the connections to close, up to the deadline, then drops what is
+/// left and stops the pool. Shared by [`Server::run`] and [`Server::shutdown`].
+async fn finish(app: &Arc<App>) {
+    if app.hard_stop.is_cancelled() {
+        return;
+    }
+    // HTTP connections finish their request and close (see `serve_http`; a
+    // mounted server has none of its own); WebSockets close with 1001 once
+    // their tasks had the grace period.
+    let deadline = app.cfg.shutdown_grace + SHUTDOWN_MARGIN;
+    let closed = tokio::time::timeout(deadline, async {
+        loop {
+            let changed = app.conns_changed.notified();
+            if app.open_conns.load(Ordering::Acquire) == 0
+                && app.http_conns.load(Ordering::Acquire) == 0
+            {
+                break;
+            }
+            changed.await;
+        }
+    })
+    .await;
+    if closed.is_err() {
+        tracing::warn!(
+            websockets = app.open_conns.load(Ordering::Acquire),
+            http = app.http_conns.load(Ordering::Acquire),
+            "shutdown deadline passed: dropping the connections still open"
+        );
+    }
+    app.hard_stop.cancel();
+    app.pool.shutdown();
 }
 
 /// How long after the grace period shutdown waits for connections to close
@@ -331,12 +468,10 @@ async fn serve_http<I>(app: &Arc<App>, router: Router, io: I, peer: SocketAddr)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let proxies = app.clone();
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-        // Every handler sees the client: the peer, or the address a trusted
-        // proxy names.
-        let client = security::client_addr(peer, req.headers(), &proxies.cfg.trusted_proxies);
-        req.extensions_mut().insert(ConnectInfo(client));
+        // What `into_make_service_with_connect_info` gives a mounted router:
+        // the router's own layer turns it into the client's address.
+        req.extensions_mut().insert(ConnectInfo(peer));
         let mut router = router.clone();
         tower_service::Service::call(&mut router, req)
     });
@@ -530,7 +665,28 @@ fn router(app: Arc<App>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .merge(crate::observe::routes(&app))
         .layer(axum::middleware::map_response(no_framing))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            client_address,
+        ))
         .with_state(app)
+}
+
+/// Every handler sees the client: the TCP peer, or the address a trusted
+/// proxy names. Done here rather than in the accept loop so that a router
+/// mounted in another application applies `trusted_proxies` the same way.
+async fn client_address(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Response {
+    let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<SocketAddr>>().copied() else {
+        // Guessing would be unsafe (loopback would open the admin API to
+        // everyone), so the mounting app's mistake is made plain.
+        if let Some(suppressed) = app.refusal_log.allow(Instant::now()) {
+            tracing::error!(suppressed, "{NO_CONNECT_INFO}");
+        }
+        return (StatusCode::INTERNAL_SERVER_ERROR, NO_CONNECT_INFO).into_response();
+    };
+    let client = security::client_addr(peer, req.headers(), &app.cfg.trusted_proxies);
+    req.extensions_mut().insert(ConnectInfo(client));
+    next.run(req).await
 }
 
 /// No page of ours may be framed by another site (the dashboard's kill
@@ -771,7 +927,7 @@ async fn ws_handler(
             // Past the shutdown deadline, a WebSocket that has not closed
             // (its client does not read) is dropped.
             tokio::select! {
-                _ = crate::connection::serve(app, socket, peer, limits) => {}
+                _ = crate::conn::serve(app, socket, peer, limits) => {}
                 _ = hard.cancelled() => {}
             }
         })

@@ -12,11 +12,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, FromRef, Path, Query, Request, State};
+use axum::extract::{ConnectInfo, FromRef, OriginalUri, Path, Query, Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::response::{IntoResponse, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::{stream, Stream, StreamExt};
@@ -88,13 +88,24 @@ pub(crate) fn routes(app: &Arc<App>) -> Router<Arc<App>> {
             authorize,
         ));
     Router::new()
-        .route("/", get(|| file("index.html")))
+        .route("/", get(index))
         .route("/{name}", get(|Path(name): Path<String>| file_owned(name)))
         .merge(guarded)
 }
 
-async fn file(name: &'static str) -> Response {
-    serve_file(name)
+/// The dashboard's page. Its URLs are relative to it, so it must be served
+/// at a path ending in `/`: mounted at `/tasks`, a request for `/tasks` is
+/// sent to `/tasks/`. The Location is relative (the last segment and a
+/// slash), so that it stays right behind a proxy that strips a prefix of its
+/// own.
+async fn index(OriginalUri(uri): OriginalUri) -> Response {
+    let path = uri.path();
+    if path.ends_with('/') {
+        return serve_file("index.html");
+    }
+    let last = path.rsplit('/').next().unwrap_or_default();
+    let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    Redirect::temporary(&format!("{last}/{query}")).into_response()
 }
 
 async fn file_owned(name: String) -> Response {

@@ -20,7 +20,7 @@ pub(crate) use admin::{routes, AdminAccess};
 pub use api::{ConnInfo, OutcomeKind, RefusalReason, TaskInfo, TaskState};
 
 use crate::compute::JobState;
-use crate::connection::ConnState;
+use crate::conn::ConnState;
 use crate::task::{Stopped, TaskKind, TaskShared};
 
 /// What the connection and the HTTP side tell the observer, as they happen.

@@ -1,0 +1,138 @@
+//! Admission: one request in, either an admitted task or one answer out.
+//!
+//! Protocol methods (`$/cancelRequest`, `$/ping`, `rpc.discover`) are answered
+//! here; a task request passes the registry, its params, the connection's
+//! in-flight limit (with duplicate ids) and the compute pool's admission, in
+//! that order, and the first refusal is its answer. Nothing here awaits: the
+//! caller delivers the answer or starts the task, in one place.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use serde_json::value::RawValue;
+
+use super::state::ConnState;
+use crate::compute::Permit;
+use crate::observe::RefusalReason;
+use crate::protocol::{self, codes, ErrorObject, Id, Rejected, Request};
+use crate::registry::TaskFuture;
+use crate::server::App;
+use crate::task::{stopped_error, Ctx, Stopped, TaskInit, TaskKind, TaskShared};
+
+/// What became of one request.
+pub(super) enum Admission {
+    /// Answered at once: the answer (none for a notification) and its id.
+    Answer {
+        text: Option<String>,
+        id: Option<Id>,
+    },
+    /// A task to run: in the in-flight table, with its compute permit if it is a CPU task.
+    Task {
+        task: Arc<TaskShared>,
+        fut: TaskFuture,
+        permit: Option<Permit>,
+    },
+}
+
+/// The answer to a request with this id (none for a notification).
+fn answer(id: Option<Id>, err: &ErrorObject) -> Admission {
+    let text = id.as_ref().map(|i| protocol::error_text(Some(i), err));
+    Admission::Answer { text, id }
+}
+
+/// A successful answer with a fixed result (none for a notification).
+fn constant(id: Option<Id>, result: &str) -> Admission {
+    let text = id.as_ref().and_then(|i| {
+        let v = RawValue::from_string(result.to_string()).ok()?;
+        Some(protocol::success_text(i, &v))
+    });
+    Admission::Answer { text, id }
+}
+
+/// Admits one request of the connection (`shutting_down`: the server is
+/// shutting down, new tasks are refused `-32005`).
+pub(super) fn admit(
+    app: &Arc<App>,
+    conn: &ConnState,
+    r: Result<Request<'_>, Rejected>,
+    shutting_down: bool,
+) -> Admission {
+    let req = match r {
+        Ok(req) => req,
+        Err(rej) => {
+            let text =
+                (!rej.notification).then(|| protocol::error_text(rej.id.as_ref(), &rej.error));
+            return Admission::Answer { text, id: rej.id };
+        }
+    };
+    match req.method.as_str() {
+        protocol::CANCEL_METHOD => {
+            if let Some(target) = protocol::cancel_target(req.params) {
+                if let Some(t) = conn.task_by_request(&target) {
+                    t.stop(Stopped::Cancelled);
+                }
+            }
+            // Sent as a request by mistake: it still gets exactly one answer.
+            return constant(req.id, "null");
+        }
+        // The protocol's heartbeat: answered here, whatever tasks exist.
+        protocol::PING_METHOD => return constant(req.id, "{}"),
+        protocol::DISCOVER_METHOD => {
+            let text = req
+                .id
+                .as_ref()
+                .map(|id| protocol::success_text(id, &app.discover));
+            return Admission::Answer { text, id: req.id };
+        }
+        _ => {}
+    }
+    let Some(def) = app.registry.get(&req.method) else {
+        return answer(req.id, &ErrorObject::method_not_found(&req.method));
+    };
+    if shutting_down {
+        return answer(req.id, &stopped_error(Stopped::Shutdown, None));
+    }
+    let timeout_ms = req
+        .meta
+        .timeout_ms
+        .unwrap_or(u64::MAX)
+        .min(app.cfg.max_task_timeout.as_millis() as u64);
+    let task = TaskShared::new(TaskInit {
+        id: app.next_task.fetch_add(1, Ordering::Relaxed),
+        conn: conn.id,
+        request_id: req.id.clone(),
+        method: def.name.clone(),
+        kind: def.kind,
+        timeout_ms: Some(timeout_ms),
+        progress_token: req.meta.progress_token,
+        outbound: conn.tx.clone(),
+    });
+    let ctx = Ctx {
+        shared: task.clone(),
+    };
+    let fut = match (def.call)(ctx, req.params) {
+        Ok(f) => f,
+        Err(err) => return answer(req.id, &err),
+    };
+    // Admission: the connection's in-flight limit, then the pool's queues.
+    if let Err(err) = conn.insert(&task) {
+        if err.code == codes::OVERLOADED {
+            app.hooks.refused(RefusalReason::ConnectionInflight);
+        }
+        return answer(req.id, &err);
+    }
+    let permit = match def.kind {
+        TaskKind::Io => None,
+        TaskKind::Cpu => match app.pool.admit_from(&conn.cpu_admitted, conn.peer.ip()) {
+            Ok(p) => Some(p),
+            Err(refusal) => {
+                conn.remove(&task);
+                let reason = RefusalReason::from(&refusal);
+                app.hooks.refused(reason);
+                let err = ErrorObject::overloaded(reason.label(), refusal.retry_after_ms());
+                return answer(req.id, &err);
+            }
+        },
+    };
+    Admission::Task { task, fut, permit }
+}

@@ -1,0 +1,96 @@
+//! One WebSocket connection, in the order a request travels:
+//!
+//! ```text
+//!  socket ──▶ reader ──▶ admit ──▶ task (Tokio, or the compute pool) ──▶ reply ──▶ writer ──▶ socket
+//!             reader.rs  admit.rs   reply.rs: supervise                 reply.rs   writer.rs
+//! ```
+//!
+//! - [`reader`](reader) only parses, rate-limits and dispatches; it never awaits a task.
+//! - [`admit`](admit) turns one request into an admitted task or one answer.
+//! - [`reply`](reply) runs the task to its outcome and answers exactly once,
+//!   whatever happens (a `Reply` answers from `Drop` on any lost path).
+//! - [`writer`](writer) is the only place that writes to the socket.
+//! - [`state`](state) is what those parts share, and the admin view reads.
+
+mod admit;
+mod reader;
+mod reply;
+mod state;
+mod writer;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::extract::ws::WebSocket;
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+pub(crate) use state::{ConnLimits, ConnState};
+
+use crate::server::App;
+use crate::task::Stopped;
+use reader::Reader;
+use state::Inflight;
+
+/// How long a stopped CPU task gets to reach its next checkpoint before its
+/// request is answered anyway (it keeps its not-yielding flag in the table).
+const STOP_GRACE: Duration = Duration::from_secs(1);
+
+/// Serves one upgraded WebSocket until it closes.
+pub(crate) async fn serve(app: Arc<App>, socket: WebSocket, peer: SocketAddr, limits: ConnLimits) {
+    let id = app.next_conn.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::info_span!("conn", id, %peer);
+    async move {
+        let (tx, rx) = mpsc::channel(app.cfg.outbound_queue);
+        let conn = Arc::new(ConnState {
+            id,
+            peer,
+            opened_at: SystemTime::now(),
+            opened: Instant::now(),
+            tx,
+            inflight: Mutex::new(Inflight::default()),
+            cpu_admitted: Arc::new(AtomicUsize::new(0)),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            messages_in: AtomicU64::new(0),
+            messages_out: AtomicU64::new(0),
+            closing: CancellationToken::new(),
+            close_reason: Mutex::new(None),
+            missed_pongs: AtomicU32::new(0),
+            unanswered: AtomicUsize::new(0),
+            answered: Notify::new(),
+            write_timeout: app.cfg.write_timeout,
+            queued_bytes: AtomicUsize::new(0),
+            kept_bytes: AtomicUsize::new(0),
+            outbound_bytes: app.cfg.outbound_bytes,
+            held: AtomicUsize::new(0),
+            drained: Notify::new(),
+            max_inflight: limits.max_inflight,
+        });
+        app.hooks.conn_opened(&conn);
+        tracing::debug!("connection opened");
+        let (sink, stream) = socket.split();
+        let writer = tokio::spawn(
+            writer::writer(app.clone(), conn.clone(), sink, rx)
+                .instrument(tracing::Span::current()),
+        );
+        Reader::new(&app, &conn, limits.rate).run(stream).await;
+        // Links: when the connection goes, its work goes.
+        conn.stop_all(Stopped::Disconnected);
+        conn.closing.cancel();
+        let _ = writer.await;
+        // Stay in the live table (and hold the connection's slot) until every
+        // task has settled, so that what a closed connection still costs stays
+        // visible; bounded, as a task that never yields is answered after STOP_GRACE.
+        let _ = tokio::time::timeout(STOP_GRACE + Duration::from_millis(500), conn.all_answered())
+            .await;
+        app.hooks.conn_closed(&conn);
+        tracing::debug!("connection closed");
+    }
+    .instrument(span)
+    .await
+}

@@ -1,0 +1,334 @@
+//! Where an answer goes and how it is made exactly once: a [`Reply`] per
+//! admitted request answers on every path (finished, failed, panicked,
+//! stopped, or dropped unsent); a [`Batch`] gathers its elements' answers into
+//! one array within the connection's outbound budget; [`supervise`] runs a task
+//! to its outcome on Tokio or on the compute pool.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures_util::FutureExt;
+use tracing::Instrument;
+
+use super::state::ConnState;
+use super::STOP_GRACE;
+use crate::compute::{JobState, Permit};
+use crate::protocol::{self, codes, ErrorObject, Id};
+use crate::registry::TaskFuture;
+use crate::server::App;
+use crate::task::{Outbound, Outcome, Stopped, TaskError, TaskShared};
+
+/// Collects the answers of one batch and sends them as one array.
+///
+/// Until that array is sent, every element holds an in-flight place of its
+/// connection (`held`) and every answer kept counts against the outbound
+/// budget (`kept_bytes`): a batch waiting on one long task cannot pin more
+/// than the budget however many quick elements it holds.
+pub(super) struct Batch {
+    len: usize,
+    slots: Mutex<Vec<Option<String>>>,
+    remaining: AtomicUsize,
+    /// Bytes of the answers kept so far.
+    kept: AtomicUsize,
+}
+
+impl Batch {
+    pub(super) fn new(len: usize) -> Arc<Batch> {
+        Arc::new(Batch {
+            len,
+            slots: Mutex::new(vec![None; len]),
+            remaining: AtomicUsize::new(len),
+            kept: AtomicUsize::new(0),
+        })
+    }
+
+    /// Keeps one element's answer; returns the array text when it was the
+    /// last, its bytes already counted in the connection's queued bytes.
+    fn fill(
+        &self,
+        conn: &ConnState,
+        index: usize,
+        text: Option<String>,
+        id: Option<&Id>,
+    ) -> Option<String> {
+        conn.held.fetch_add(1, Ordering::AcqRel);
+        let text = text.map(|t| {
+            if conn.keep(t.len()) {
+                return t;
+            }
+            let short = protocol::error_text(
+                id,
+                &ErrorObject::new(
+                    codes::INTERNAL_ERROR,
+                    "internal error: answer dropped: batch too large",
+                ),
+            );
+            // A short error overdraws the budget: at most one per element.
+            conn.kept_bytes.fetch_add(short.len(), Ordering::AcqRel);
+            short
+        });
+        if let Some(t) = &text {
+            self.kept.fetch_add(t.len(), Ordering::AcqRel);
+        }
+        if let Ok(mut slots) = self.slots.lock() {
+            if let Some(slot) = slots.get_mut(index) {
+                *slot = text;
+            }
+        }
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return None;
+        }
+        let slots = self
+            .slots
+            .lock()
+            .map(|mut s| std::mem::take(&mut *s))
+            .unwrap_or_default();
+        let kept = self.kept.load(Ordering::Acquire);
+        let mut out = None;
+        if slots.iter().any(Option::is_some) {
+            let mut all = String::with_capacity(kept + self.len + 2);
+            all.push('[');
+            for part in slots.into_iter().flatten() {
+                if all.len() > 1 {
+                    all.push(',');
+                }
+                all.push_str(&part);
+            }
+            all.push(']');
+            // The kept bytes become queued bytes: the answer is already paid for.
+            conn.queued_bytes.fetch_add(all.len(), Ordering::AcqRel);
+            out = Some(all);
+        }
+        // A batch of notifications is answered with nothing.
+        conn.kept_bytes.fetch_sub(kept, Ordering::AcqRel);
+        conn.held.fetch_sub(self.len, Ordering::AcqRel);
+        out
+    }
+}
+
+/// Where a request's answer goes.
+#[derive(Clone)]
+pub(super) enum Dest {
+    Direct,
+    Batch(Arc<Batch>, usize),
+}
+
+impl Dest {
+    pub(super) async fn deliver(&self, conn: &ConnState, text: Option<String>, id: Option<&Id>) {
+        match self {
+            Dest::Direct => {
+                if let Some(t) = text {
+                    conn.send(conn.fit(t, id)).await;
+                }
+            }
+            Dest::Batch(b, i) => {
+                if let Some(all) = b.fill(conn, *i, text, id) {
+                    conn.push(Outbound::Text(all)).await;
+                }
+            }
+        }
+    }
+
+    fn try_deliver(&self, conn: &ConnState, text: Option<String>, id: Option<&Id>) {
+        match self {
+            Dest::Direct => {
+                if let Some(t) = text {
+                    conn.try_send(conn.fit(t, id));
+                }
+            }
+            Dest::Batch(b, i) => {
+                if let Some(all) = b.fill(conn, *i, text, id) {
+                    conn.try_push(all);
+                }
+            }
+        }
+    }
+}
+
+/// The answer to one request: sent exactly once, on every path. [`Reply::finish`]
+/// sends it; if the reply is dropped unsent (its task was lost), `Drop` answers.
+pub(super) struct Reply {
+    pub(super) app: Arc<App>,
+    pub(super) conn: Arc<ConnState>,
+    pub(super) task: Arc<TaskShared>,
+    pub(super) dest: Dest,
+    pub(super) done: bool,
+}
+
+impl Reply {
+    /// Takes the task out of the tables and renders its answer.
+    fn settle(&mut self, outcome: &Outcome) -> Option<String> {
+        self.done = true;
+        self.conn.remove(&self.task);
+        // A task lost because the server is going away is answered as
+        // stopped by the shutdown: count it as it is answered.
+        let shutdown = Outcome::Err(TaskError::Stopped(Stopped::Shutdown));
+        let outcome = match outcome {
+            Outcome::Lost if self.app.shutdown.is_cancelled() => &shutdown,
+            o => o,
+        };
+        self.app.hooks.task_finished(&self.task, outcome.kind());
+        let id = self.task.request_id.as_ref()?;
+        let t = &self.task;
+        Some(match outcome {
+            Outcome::Ok(v) => protocol::success_text(id, v),
+            Outcome::Err(e) => protocol::error_text(Some(id), &e.to_error_object(t.timeout_ms)),
+            Outcome::Crashed(msg) => protocol::error_text(
+                Some(id),
+                &ErrorObject::new(codes::CRASHED, format!("task crashed: {msg}")),
+            ),
+            Outcome::Lost => protocol::error_text(
+                Some(id),
+                &ErrorObject::new(codes::INTERNAL_ERROR, "internal error: the task was lost"),
+            ),
+        })
+    }
+
+    pub(super) async fn finish(mut self, outcome: Outcome) {
+        // The latest progress must reach the client before the response.
+        if self.task.close_progress() {
+            self.conn
+                .send_outbound(Outbound::Progress(self.task.clone()))
+                .await;
+        }
+        let text = self.settle(&outcome);
+        let id = self.task.request_id.as_ref();
+        self.dest.deliver(&self.conn, text, id).await;
+        self.conn.answered_one();
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let text = self.settle(&Outcome::Lost);
+        self.dest
+            .try_deliver(&self.conn, text, self.task.request_id.as_ref());
+        self.conn.answered_one();
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic".to_string()
+    }
+}
+
+/// The task's future with stop and panic handling: what runs on either executor.
+async fn guarded(task: Arc<TaskShared>, fut: TaskFuture) -> Outcome {
+    let stop = task.token.clone();
+    tokio::select! {
+        biased;
+        _ = stop.cancelled() => {
+            Outcome::Err(task.stopped().unwrap_or(Stopped::Cancelled).into())
+        }
+        r = AssertUnwindSafe(fut).catch_unwind() => match r {
+            Ok(Ok(v)) => Outcome::Ok(v),
+            Ok(Err(e)) => Outcome::Err(e),
+            Err(p) => Outcome::Crashed(panic_message(&*p)),
+        },
+    }
+}
+
+/// Resolves once the task is told to stop, firing the deadline itself.
+async fn stop_signal(task: &TaskShared) -> Stopped {
+    match task.deadline {
+        Some(d) => {
+            tokio::select! {
+                _ = task.token.cancelled() => {}
+                _ = tokio::time::sleep_until(d.into()) => { task.stop(Stopped::DeadlineExceeded); }
+            }
+        }
+        None => task.token.cancelled().await,
+    }
+    task.stopped().unwrap_or(Stopped::Cancelled)
+}
+
+async fn supervise(app: Arc<App>, reply: Reply, fut: TaskFuture, permit: Option<Permit>) {
+    let task = reply.task.clone();
+    let outcome = match permit {
+        None => {
+            task.stats.set_state(JobState::Running);
+            tokio::select! {
+                biased;
+                out = guarded(task.clone(), fut) => out,
+                why = stop_signal(&task) => Outcome::Err(why.into()),
+            }
+        }
+        Some(permit) => {
+            let mut handle = app
+                .pool
+                .spawn(
+                    task.conn,
+                    task.stats.clone(),
+                    permit,
+                    guarded(task.clone(), fut),
+                )
+                .fallible();
+            tokio::select! {
+                biased;
+                out = &mut handle => out.unwrap_or(Outcome::Lost),
+                why = stop_signal(&task) => {
+                    // A queued job is dropped at once; a running one stops at its
+                    // next checkpoint. Either way the CPU is released before we answer,
+                    // unless the task never reaches a checkpoint.
+                    match tokio::time::timeout(STOP_GRACE, handle.cancel()).await {
+                        Ok(Some(out)) => out,
+                        _ => Outcome::Err(why.into()),
+                    }
+                }
+            }
+        }
+    };
+    reply.finish(outcome).await;
+}
+
+/// Runs an admitted task: an I/O task is polled once in place (an instant
+/// one, such as `echo`, is answered without a spawn), anything else continues
+/// on a Tokio task of its own that answers when it ends.
+pub(super) async fn start(
+    app: &Arc<App>,
+    conn: &Arc<ConnState>,
+    task: Arc<TaskShared>,
+    mut fut: TaskFuture,
+    permit: Option<Permit>,
+    dest: Dest,
+) {
+    conn.unanswered.fetch_add(1, Ordering::AcqRel);
+    let reply = Reply {
+        app: app.clone(),
+        conn: conn.clone(),
+        task: task.clone(),
+        dest,
+        done: false,
+    };
+    if permit.is_none() {
+        // A task that is not ready at once moves to a task of its own, which
+        // polls it again straight away, so the no-op waker used here is never
+        // relied on.
+        if let Some(outcome) = poll_once(&mut fut) {
+            reply.finish(outcome).await;
+            return;
+        }
+    }
+    let span = tracing::debug_span!("task", id = task.id, method = %task.method);
+    tokio::spawn(supervise(app.clone(), reply, fut, permit).instrument(span));
+}
+
+/// Polls a task once, catching a panic; `None` while it is pending.
+fn poll_once(fut: &mut TaskFuture) -> Option<Outcome> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(&mut cx))) {
+        Ok(std::task::Poll::Pending) => None,
+        Ok(std::task::Poll::Ready(Ok(v))) => Some(Outcome::Ok(v)),
+        Ok(std::task::Poll::Ready(Err(e))) => Some(Outcome::Err(e)),
+        Err(p) => Some(Outcome::Crashed(panic_message(&*p))),
+    }
+}

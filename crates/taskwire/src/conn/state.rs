@@ -1,0 +1,270 @@
+//! What a connection's parts share: its identity, counters, in-flight table,
+//! outbound budget and the channel to its writer. Only what more than one of
+//! the reader, the writer, the tasks and the admin view touch lives here; the
+//! reader keeps its own rate limits and shutdown flag.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::extract::ws::close_code;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RateLimit;
+use crate::protocol::{self, codes, ErrorObject, Id};
+use crate::task::{Outbound, Stopped, TaskShared};
+
+/// The limits of one connection: the server's, or those of the token it presented.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ConnLimits {
+    pub max_inflight: usize,
+    pub rate: Option<RateLimit>,
+}
+
+#[derive(Default)]
+pub(super) struct Inflight {
+    pub(super) tasks: HashMap<u64, Arc<TaskShared>>,
+    pub(super) ids: HashMap<Id, u64>,
+}
+
+/// The state of one connection, shared by its reader, writer, tasks and the admin view.
+pub(crate) struct ConnState {
+    pub id: u64,
+    pub peer: SocketAddr,
+    pub opened_at: SystemTime,
+    pub opened: Instant,
+    pub(super) tx: mpsc::Sender<Outbound>,
+    pub(super) inflight: Mutex<Inflight>,
+    pub cpu_admitted: Arc<AtomicUsize>,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub messages_in: AtomicU64,
+    pub messages_out: AtomicU64,
+    /// Fired to make the connection close (admin, slow consumer, heartbeat).
+    pub closing: CancellationToken,
+    pub(super) close_reason: Mutex<Option<(u16, &'static str)>>,
+    /// Heartbeat pings sent since the client last answered (a Pong or a text
+    /// frame; a client's own Ping is no answer).
+    pub(super) missed_pongs: AtomicU32,
+    /// Requests admitted whose answer is not yet queued for the writer, and
+    /// the signal that it fell to zero.
+    pub(super) unanswered: AtomicUsize,
+    pub(super) answered: Notify,
+    pub(super) write_timeout: Duration,
+    /// Bytes of replies queued for the writer, bytes of answers kept by
+    /// unfinished batches, and the most the two may hold together.
+    pub(super) queued_bytes: AtomicUsize,
+    pub(super) kept_bytes: AtomicUsize,
+    pub(super) outbound_bytes: usize,
+    /// Batch elements answered whose batch's answer is not yet sent: each
+    /// holds an in-flight place, as a running task does.
+    pub(super) held: AtomicUsize,
+    /// Signalled when the writer has drained what it could.
+    pub(super) drained: Notify,
+    pub(super) max_inflight: usize,
+}
+
+impl ConnState {
+    /// Messages waiting for the writer.
+    pub fn outbound_depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    pub fn inflight_len(&self) -> usize {
+        self.inflight.lock().map(|m| m.tasks.len()).unwrap_or(0)
+    }
+
+    /// The tasks of this connection (for the admin view).
+    pub fn tasks(&self) -> Vec<Arc<TaskShared>> {
+        self.inflight
+            .lock()
+            .map(|m| m.tasks.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    pub fn task(&self, id: u64) -> Option<Arc<TaskShared>> {
+        self.inflight.lock().ok()?.tasks.get(&id).cloned()
+    }
+
+    /// Asks the connection to close with this code (first reason wins).
+    pub fn close_with(&self, code: u16, reason: &'static str) {
+        if let Ok(mut r) = self.close_reason.lock() {
+            r.get_or_insert((code, reason));
+        }
+        self.closing.cancel();
+    }
+
+    /// The in-flight task answering the request with this id.
+    pub(super) fn task_by_request(&self, id: &Id) -> Option<Arc<TaskShared>> {
+        let m = self.inflight.lock().ok()?;
+        m.ids.get(id).and_then(|t| m.tasks.get(t)).cloned()
+    }
+
+    /// Enters a task in the in-flight table: refused for a duplicate id, or
+    /// when the tasks and the batch elements held reach the in-flight limit.
+    pub(super) fn insert(&self, task: &Arc<TaskShared>) -> Result<(), ErrorObject> {
+        let Ok(mut m) = self.inflight.lock() else {
+            return Err(ErrorObject::new(codes::INTERNAL_ERROR, "internal error"));
+        };
+        if task
+            .request_id
+            .as_ref()
+            .is_some_and(|rid| m.ids.contains_key(rid))
+        {
+            return Err(ErrorObject::invalid_request(
+                "duplicate id: a request with this id is still in flight",
+            ));
+        }
+        if m.tasks.len() + self.held.load(Ordering::Acquire) >= self.max_inflight {
+            return Err(ErrorObject::overloaded(
+                crate::observe::RefusalReason::ConnectionInflight.label(),
+                100,
+            ));
+        }
+        m.tasks.insert(task.id, task.clone());
+        if let Some(rid) = &task.request_id {
+            m.ids.insert(rid.clone(), task.id);
+        }
+        Ok(())
+    }
+
+    pub(super) fn remove(&self, task: &TaskShared) {
+        if let Ok(mut m) = self.inflight.lock() {
+            m.tasks.remove(&task.id);
+            if let Some(rid) = &task.request_id {
+                if m.ids.get(rid) == Some(&task.id) {
+                    m.ids.remove(rid);
+                }
+            }
+        }
+    }
+
+    /// One admitted request has been answered.
+    pub(super) fn answered_one(&self) {
+        if self.unanswered.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.answered.notify_waiters();
+        }
+    }
+
+    /// Resolves once every admitted request has been answered.
+    pub(super) async fn all_answered(&self) {
+        loop {
+            let answered = self.answered.notified();
+            if self.unanswered.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            answered.await;
+        }
+    }
+
+    pub(super) fn stop_all(&self, why: Stopped) {
+        for t in self.tasks() {
+            t.stop(why);
+        }
+    }
+
+    /// Queues text for the writer. Waits at most `write_timeout` for room: a
+    /// client that does not read its replies is closed, not buffered for.
+    pub(super) async fn send(&self, text: String) {
+        self.send_outbound(Outbound::Text(text)).await
+    }
+
+    pub(super) async fn send_outbound(&self, msg: Outbound) {
+        let n = match &msg {
+            Outbound::Text(t) => t.len(),
+            Outbound::Progress(_) => 0,
+        };
+        if n > 0 {
+            // The queue is bounded in bytes as well as messages: a client that
+            // does not read cannot pin more than `outbound_bytes` of replies.
+            let room = async {
+                loop {
+                    let drained = self.drained.notified();
+                    if self.reserve(n) {
+                        return;
+                    }
+                    drained.await;
+                }
+            };
+            if tokio::time::timeout(self.write_timeout, room)
+                .await
+                .is_err()
+            {
+                self.close_with(close_code::POLICY, "slow consumer");
+                return;
+            }
+        }
+        self.push(msg).await;
+    }
+
+    /// Hands a message whose bytes are already counted to the writer.
+    pub(super) async fn push(&self, msg: Outbound) {
+        match self.tx.try_send(msg) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(msg)) => {
+                if tokio::time::timeout(self.write_timeout, self.tx.send(msg))
+                    .await
+                    .is_err()
+                {
+                    self.close_with(close_code::POLICY, "slow consumer");
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// Takes `n` bytes of the outbound budget. A message still goes when the
+    /// queue is empty, so that answers kept by a batch waiting on a long task
+    /// never starve the connection's other answers (nor close it as a slow
+    /// consumer): what waits is bounded by the budget plus one answer.
+    pub(super) fn reserve(&self, n: usize) -> bool {
+        let kept = self.kept_bytes.load(Ordering::Acquire);
+        self.queued_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                (cur == 0 || cur + kept + n <= self.outbound_bytes).then_some(cur + n)
+            })
+            .is_ok()
+    }
+
+    /// Keeps `n` bytes of a batch's answer if the budget has room; never waits.
+    pub(super) fn keep(&self, n: usize) -> bool {
+        let queued = self.queued_bytes.load(Ordering::Acquire);
+        self.kept_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |k| {
+                (queued + k + n <= self.outbound_bytes).then_some(k + n)
+            })
+            .is_ok()
+    }
+
+    pub(super) fn try_send(&self, text: String) {
+        // The drop path cannot wait: it overdraws the budget rather than lose
+        // an answer, and the message bound still holds.
+        self.queued_bytes.fetch_add(text.len(), Ordering::AcqRel);
+        self.try_push(text);
+    }
+
+    pub(super) fn try_push(&self, text: String) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(Outbound::Text(text)) {
+            self.close_with(close_code::POLICY, "slow consumer");
+        }
+    }
+
+    /// An answer larger than the whole outbound budget is replaced by a short
+    /// error: no single message is larger than the budget, which is what lets
+    /// the WebSocket's write buffer be capped.
+    pub(super) fn fit(&self, text: String, id: Option<&Id>) -> String {
+        if text.len() <= self.outbound_bytes {
+            return text;
+        }
+        protocol::error_text(
+            id,
+            &ErrorObject::new(
+                codes::INTERNAL_ERROR,
+                "internal error: answer dropped: too large",
+            ),
+        )
+    }
+}
