@@ -96,7 +96,12 @@ impl<'a> Reader<'a> {
                     conn.bytes_in
                         .fetch_add(text.len() as u64, Ordering::Relaxed);
                     conn.messages_in.fetch_add(1, Ordering::Relaxed);
-                    self.handle_text(text.as_str()).await;
+                    // Boxed: handling a frame awaits deep paths (admission, an
+                    // in-place answer, a slow consumer's wait) whose state,
+                    // inlined, would make every idle connection's reader
+                    // future larger by it. One allocation per frame is noise
+                    // against parsing and answering it.
+                    Box::pin(self.handle_text(text.as_str())).await;
                 }
                 Message::Binary(b) => {
                     conn.bytes_in.fetch_add(b.len() as u64, Ordering::Relaxed);

@@ -177,42 +177,65 @@ impl ConnState {
             Outbound::Text(t) => t.len(),
             Outbound::Progress(_) => 0,
         };
-        if n > 0 {
-            // The queue is bounded in bytes as well as messages: a client that
-            // does not read cannot pin more than `outbound_bytes` of replies.
-            let room = async {
-                loop {
-                    let drained = self.drained.notified();
-                    if self.reserve(n) {
-                        return;
-                    }
-                    drained.await;
-                }
-            };
-            if tokio::time::timeout(self.write_timeout, room)
-                .await
-                .is_err()
-            {
-                self.close_with(close_code::POLICY, "slow consumer");
-                return;
+        // The common case neither waits nor allocates. Only a client that
+        // does not keep up makes an answer wait, and that wait is boxed:
+        // inlined, its timers would sit in every connection's reader future
+        // (which holds the deepest `send` it may await) and cost each idle
+        // connection about a KiB.
+        if n == 0 || self.reserve(n) {
+            if let Err(msg) = self.try_hand_over(msg) {
+                Box::pin(self.wait_to_push(msg)).await;
             }
+            return;
+        }
+        Box::pin(self.wait_for_room(msg, n)).await;
+    }
+
+    /// Waits (at most `write_timeout`) for `n` bytes of the budget, then queues:
+    /// the queue is bounded in bytes as well as messages, so a client that does
+    /// not read cannot pin more than `outbound_bytes` of replies.
+    async fn wait_for_room(&self, msg: Outbound, n: usize) {
+        let room = async {
+            loop {
+                let drained = self.drained.notified();
+                if self.reserve(n) {
+                    return;
+                }
+                drained.await;
+            }
+        };
+        if tokio::time::timeout(self.write_timeout, room)
+            .await
+            .is_err()
+        {
+            self.close_with(close_code::POLICY, "slow consumer");
+            return;
         }
         self.push(msg).await;
     }
 
     /// Hands a message whose bytes are already counted to the writer.
     pub(super) async fn push(&self, msg: Outbound) {
+        if let Err(msg) = self.try_hand_over(msg) {
+            Box::pin(self.wait_to_push(msg)).await;
+        }
+    }
+
+    /// Queues a message if the channel has room; gives it back when full.
+    fn try_hand_over(&self, msg: Outbound) -> Result<(), Outbound> {
         match self.tx.try_send(msg) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(msg)) => {
-                if tokio::time::timeout(self.write_timeout, self.tx.send(msg))
-                    .await
-                    .is_err()
-                {
-                    self.close_with(close_code::POLICY, "slow consumer");
-                }
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(msg)) => Err(msg),
+        }
+    }
+
+    /// Waits (at most `write_timeout`) for room in a full channel.
+    async fn wait_to_push(&self, msg: Outbound) {
+        if tokio::time::timeout(self.write_timeout, self.tx.send(msg))
+            .await
+            .is_err()
+        {
+            self.close_with(close_code::POLICY, "slow consumer");
         }
     }
 

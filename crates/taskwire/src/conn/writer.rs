@@ -80,7 +80,9 @@ pub(super) async fn writer(
             conn.drained.notify_waiters();
             sink.flush().await
         };
-        match tokio::time::timeout(timeout, batch).await {
+        // Boxed, once per batch of writes: its timer and feeds, inlined, would
+        // sit in every idle connection's writer future.
+        match Box::pin(tokio::time::timeout(timeout, batch)).await {
             Ok(Ok(())) => {}
             // The peer is gone (nobody reads the close), or the write buffer
             // is full of what the client did not read: a slow consumer.
