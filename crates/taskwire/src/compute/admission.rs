@@ -289,3 +289,145 @@ impl<F: Future> Future for Permitted<F> {
         self.project().fut.poll(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admit(a: &Admission, g: &Arc<AtomicUsize>) -> Result<Permit, Refusal> {
+        a.admit(g, None, false, false)
+    }
+    fn admit_from(a: &Admission, g: &Arc<AtomicUsize>, ip: IpAddr) -> Result<Permit, Refusal> {
+        a.admit(g, Some(address_group(ip)), false, false)
+    }
+
+    #[test]
+    fn admission_limits() {
+        let p = Admission::new(2, 2_560, 3);
+        let a = Arc::new(AtomicUsize::new(0));
+        let b = Arc::new(AtomicUsize::new(0));
+        let p1 = admit(&p, &a).unwrap();
+        let _p2 = admit(&p, &a).unwrap();
+        assert!(matches!(
+            admit(&p, &a),
+            Err(Refusal::ConnectionQueue { .. })
+        ));
+        let _p3 = admit(&p, &b).unwrap();
+        let e = admit(&p, &b).unwrap_err();
+        assert_eq!(e.reason(), "queue_full");
+        assert!(e.retry_after_ms() >= 50);
+        drop(p1);
+        assert!(admit(&p, &b).is_ok());
+    }
+
+    #[test]
+    fn shutdown_and_memory_come_first() {
+        let p = Admission::new(1, 1, 1);
+        let g = Arc::new(AtomicUsize::new(0));
+        let e = p.admit(&g, None, true, true).unwrap_err();
+        assert_eq!(e, Refusal::ShuttingDown);
+        let e = p.admit(&g, None, false, true).unwrap_err();
+        assert_eq!(e.reason(), "memory");
+        assert!(e.retry_after_ms() >= MEMORY_SAMPLE_MS * 10);
+        assert_eq!(g.load(Ordering::Acquire), 0, "a refusal takes nothing");
+        assert_eq!(p.admitted(), 0);
+    }
+
+    #[test]
+    fn one_address_takes_at_most_its_share() {
+        let p = Admission::new(2, 5, 100);
+        let flooder: IpAddr = "192.0.2.7".parse().unwrap();
+        // Many connections from one address: 5 admitted in all, then refused.
+        let conns: Vec<_> = (0..4).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+        let mut held = Vec::new();
+        let mut refused = Vec::new();
+        for c in &conns {
+            for _ in 0..2 {
+                match admit_from(&p, c, flooder) {
+                    Ok(permit) => held.push(permit),
+                    Err(e) => refused.push(e),
+                }
+            }
+        }
+        assert_eq!(held.len(), 5);
+        assert_eq!(refused.len(), 3);
+        for e in &refused {
+            assert_eq!(e.reason(), "address_limit");
+            assert!((RETRY_MIN_MS..=RETRY_MAX_MS).contains(&e.retry_after_ms()));
+        }
+        // A refusal gives back what it took: the connection's own count.
+        let counted: usize = conns.iter().map(|c| c.load(Ordering::Acquire)).sum();
+        assert_eq!(counted, 5);
+        // A newcomer from another address is admitted; so is the same /64's
+        // neighbour only up to the /64's share.
+        let other = Arc::new(AtomicUsize::new(0));
+        let newcomer = admit_from(&p, &other, "198.51.100.1".parse().unwrap()).unwrap();
+        let v6 = Arc::new(AtomicUsize::new(0));
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let v6_permits: Vec<_> = (0..5)
+            .map(|i| {
+                let c = Arc::new(AtomicUsize::new(0));
+                admit_from(&p, &c, if i % 2 == 0 { a } else { b }).unwrap()
+            })
+            .collect();
+        assert_eq!(
+            admit_from(&p, &v6, b).unwrap_err().reason(),
+            "address_limit",
+            "one /64 is one address"
+        );
+        assert!(admit_from(&p, &v6, "2001:db8:1:3::1".parse().unwrap()).is_ok());
+        assert_eq!(p.addresses(), 3, "an entry per address with jobs");
+        // The table forgets an address when its last job ends.
+        drop(held);
+        drop(v6_permits);
+        assert_eq!(p.addresses(), 1);
+        drop(newcomer);
+        assert_eq!(p.addresses(), 0, "bounded: no entry without a job");
+        assert_eq!(p.admitted(), 0);
+        // Once its jobs ended, the flooder is admitted again.
+        assert!(admit_from(&p, &conns[0], flooder).is_ok());
+    }
+
+    #[test]
+    fn the_pool_limit_undoes_the_address_count() {
+        let p = Admission::new(256, 10, 2);
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let g = Arc::new(AtomicUsize::new(0));
+        let _a = admit_from(&p, &g, ip).unwrap();
+        let _b = admit_from(&p, &g, "192.0.2.2".parse().unwrap()).unwrap();
+        let e = admit_from(&p, &g, ip).unwrap_err();
+        assert_eq!(e.reason(), "queue_full");
+        // Nothing ends: the hint says so with its longest value.
+        assert_eq!(e.retry_after_ms(), RETRY_MAX_MS);
+        assert_eq!(p.addresses(), 2);
+        assert_eq!(g.load(Ordering::Acquire), 2);
+    }
+
+    #[test]
+    fn ended_jobs_make_the_completion_rate() {
+        let p = Admission::new(256, 10, 100);
+        let g = Arc::new(AtomicUsize::new(0));
+        let mut mark = RateMark::default();
+        p.sample_rate(&mut mark);
+        assert_eq!(p.completion_rate(), 0.0);
+        let permits: Vec<_> = (0..10).map(|_| admit(&p, &g).unwrap()).collect();
+        drop(permits);
+        p.sample_rate(&mut mark);
+        // 10 ended in a quarter second is 40/s, a quarter of it folded in.
+        assert!((p.completion_rate() - 10.0).abs() < 1e-9);
+        let e = Refusal::QueueFull {
+            retry_after_ms: p.completion_hint(),
+        };
+        assert_eq!(e.retry_after_ms(), 100);
+    }
+
+    #[test]
+    fn address_groups() {
+        let g = |s: &str| address_group(s.parse().unwrap()).to_string();
+        assert_eq!(g("203.0.113.9"), "203.0.113.9");
+        assert_eq!(g("::ffff:203.0.113.9"), "203.0.113.9");
+        assert_eq!(g("2001:db8:a:b:c:d:e:f"), "2001:db8:a:b::");
+        assert_eq!(g("::1"), "::");
+    }
+}

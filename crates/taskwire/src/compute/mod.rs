@@ -290,3 +290,91 @@ impl ComputePool {
         self.inner.shut_down();
     }
 }
+
+/// What the pool's tests share: a pool without niceness, and a future that
+/// burns CPU and yields at its slice's end like a checkpoint loop.
+#[cfg(test)]
+pub(super) mod testing {
+    use super::*;
+
+    pub fn pool(workers: usize) -> ComputePool {
+        ComputePool::new(ComputeConfig {
+            workers,
+            nice: 0,
+            ..ComputeConfig::default()
+        })
+    }
+
+    /// A future that yields whenever its slice is over, like a checkpoint loop.
+    pub async fn burn(ms: u64) -> u64 {
+        let start = thread_cpu_time();
+        let mut own = Duration::ZERO;
+        let mut last = start;
+        let mut x = 0u64;
+        while own < Duration::from_millis(ms) {
+            for i in 0..10_000u64 {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(i);
+            }
+            let now = thread_cpu_time();
+            own += now.saturating_sub(last);
+            if should_yield() {
+                YieldNow(false).await;
+                last = thread_cpu_time();
+            } else {
+                last = now;
+            }
+        }
+        std::hint::black_box(x)
+    }
+
+    /// Wakes its own task and returns `Pending` once, as a checkpoint does.
+    pub struct YieldNow(pub bool);
+    impl Future for YieldNow {
+        type Output = ();
+        fn poll(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<()> {
+            if self.0 {
+                return std::task::Poll::Ready(());
+            }
+            self.0 = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::pool;
+    use super::*;
+
+    #[test]
+    fn shutdown_refuses_new_jobs_and_the_workers_exit() {
+        let p = pool(2);
+        let g = Arc::new(AtomicUsize::new(0));
+        let held = p.admit(&g).unwrap();
+        p.shutdown();
+        assert_eq!(p.admit(&g).unwrap_err(), Refusal::ShuttingDown);
+        let exited = (0..2000).any(|_| {
+            thread::sleep(Duration::from_millis(5));
+            p.stats().live_workers == 0
+        });
+        assert!(exited, "idle workers see the one shutdown flag and exit");
+        drop(held);
+        assert_eq!(g.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn dropping_the_last_handle_stops_the_workers() {
+        let p = pool(1);
+        let weak = Arc::downgrade(&p.inner);
+        drop(p);
+        let gone = (0..2000).any(|_| {
+            thread::sleep(Duration::from_millis(5));
+            weak.upgrade().is_none()
+        });
+        assert!(gone, "workers and watchdog let go of the pool's state");
+    }
+}

@@ -183,3 +183,83 @@ fn sample_memory(p: &Shared, w: &mut MemoryWatch) {
         w.peak = used;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{burn, pool};
+    use super::super::{ComputeConfig, ComputePool, JobState, JobStats};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{mpsc, Arc};
+    use std::thread;
+    use std::time::Duration;
+
+    #[test]
+    fn a_non_yielding_job_does_not_take_capacity() {
+        let p = ComputePool::new(ComputeConfig {
+            workers: 1,
+            non_yield_after: Duration::from_millis(20),
+            nice: 0,
+            ..ComputeConfig::default()
+        });
+        let g = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let stuck_stats = Arc::new(JobStats::default());
+        let s2 = stop.clone();
+        let _stuck = p.spawn(1, stuck_stats.clone(), p.admit(&g).unwrap(), async move {
+            // Never reaches a checkpoint until told to stop.
+            while !s2.load(Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        });
+        for _ in 0..2000 {
+            if stuck_stats.state() == JobState::Running {
+                break;
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+        let (tx, rx) = mpsc::channel();
+        let _other = p.spawn(
+            2,
+            Arc::new(JobStats::default()),
+            p.admit(&g).unwrap(),
+            async move {
+                let _ = tx.send(());
+            },
+        );
+        // With one worker stuck, the other job only runs on a replacement.
+        let ran = rx.recv_timeout(Duration::from_secs(20)).is_ok();
+        stop.store(true, Ordering::Relaxed);
+        assert!(ran, "a replacement worker ran the other job");
+        assert!(stuck_stats.not_yielding());
+        assert!(p.stats().non_yielding_total >= 1);
+    }
+
+    #[test]
+    fn utilisation_follows_busy_workers() {
+        let p = pool(1);
+        let g = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        let _t = p.spawn(
+            1,
+            Arc::new(JobStats::default()),
+            p.admit(&g).unwrap(),
+            async move {
+                while !s2.load(Ordering::Relaxed) {
+                    burn(1).await;
+                }
+            },
+        );
+        let busy = (0..200).any(|_| {
+            thread::sleep(Duration::from_millis(20));
+            p.stats().utilisation > 0.5
+        });
+        stop.store(true, Ordering::Relaxed);
+        assert!(busy, "one of one workers busy shows as utilised");
+        let idle = (0..200).any(|_| {
+            thread::sleep(Duration::from_millis(20));
+            p.stats().utilisation == 0.0
+        });
+        assert!(idle, "and idle again once the job ends");
+    }
+}
