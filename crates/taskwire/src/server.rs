@@ -27,10 +27,10 @@ use tokio_util::sync::CancellationToken;
 use crate::compute::ComputePool;
 use crate::config::Config;
 use crate::connection::ConnLimits;
+use crate::limit::{Keyed, KeyedSlot, Slot};
 use crate::observe::Observer;
 use crate::protocol::SUBPROTOCOL;
 use crate::registry::Registry;
-use crate::limit::{Keyed, KeyedSlot, Slot};
 use crate::security::{self, LogLimiter};
 
 /// Everything a connection needs, shared.

@@ -269,7 +269,8 @@ impl Admission {
         mark.0 = ended;
         let rate = 0.75 * self.completion_rate() + 0.25 * now_rate;
         let rate = if rate < 0.01 { 0.0 } else { rate };
-        self.completion_rate.store(rate.to_bits(), Ordering::Relaxed);
+        self.completion_rate
+            .store(rate.to_bits(), Ordering::Relaxed);
     }
 }
 

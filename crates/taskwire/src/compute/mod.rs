@@ -6,7 +6,7 @@
 //!
 //! # The life of a CPU task
 //!
-//! 1. **Admission** ([`admission`]): [`ComputePool::admit_from`] takes one
+//! 1. **Admission** (`admission.rs`): [`ComputePool::admit_from`] takes one
 //!    slot of each count that bounds the job: its connection's
 //!    (`per_connection_limit`), its client address's (`address_cpu_limit`)
 //!    and the pool's (`queue_limit`); none while the pool shuts down or the
@@ -16,29 +16,29 @@
 //! 2. **Spawn** ([`ComputePool::spawn`]): the future, with its permit, becomes
 //!    an async-task runnable whose schedule function pushes it onto the run
 //!    queue under its group, with the CPU time it has attained so far.
-//! 3. **Pick** ([`queue`]): an idle worker pops the next job under the queue
+//! 3. **Pick** (`queue.rs`): an idle worker pops the next job under the queue
 //!    lock: the group with the least recently attained CPU service, then its
 //!    job with the least attained service, aged by its wait.
-//! 4. **Slice** ([`worker`], [`epoch`]): the worker notes the epoch at which
+//! 4. **Slice** (`worker.rs`, `epoch.rs`): the worker notes the epoch at which
 //!    the slice ends and polls the job. Each [`checkpoint`](crate::Ctx::checkpoint)
 //!    asks [`should_yield`] (one atomic load against the ticker's epoch, no
 //!    clock read); once the slice is over, the checkpoint wakes its own task
 //!    and returns `Pending`.
-//! 5. **Charge and requeue** ([`worker`]): the worker reads its thread's CPU
+//! 5. **Charge and requeue** (`worker.rs`): the worker reads its thread's CPU
 //!    clock once, charges the time to the job and its group, and, since the
 //!    job was woken while it ran, pushes it back itself, ordered by the
 //!    service it has attained as of that charge. A job waiting for something
 //!    else (a timer, a channel) is pushed back by whoever wakes it.
-//! 6. **Watch** ([`watchdog`]): meanwhile a job that runs far past its slice
+//! 6. **Watch** (`watchdog.rs`): meanwhile a job that runs far past its slice
 //!    without a checkpoint is flagged, and a replacement worker takes its
 //!    place; the largest jobs are flagged while over the memory budget.
 //! 7. **Answer**: the future completes (or the task handle is dropped, which
 //!    cancels it at its next yield); dropping it releases the permit's slots,
 //!    and the task handle hands the output to the connection, which answers.
 //!
-//! Files, each depending only on those below it: this facade; [`watchdog`];
-//! [`worker`]; [`admission`] (over [`crate::limit`]); [`epoch`]; [`stats`];
-//! [`queue`] (the policy, a pure data structure).
+//! Files, each depending only on those below it: this facade; `watchdog.rs`;
+//! `worker.rs`; `admission.rs` (over `limit.rs`); `epoch.rs`; `stats.rs`;
+//! `queue.rs` (the policy, a pure data structure).
 
 mod admission;
 mod epoch;

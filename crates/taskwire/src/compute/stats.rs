@@ -228,10 +228,8 @@ impl MemoryFigures {
 
     /// The live heavy candidates, largest first.
     pub fn largest(&self) -> Vec<Arc<JobStats>> {
-        let mut v: Vec<Arc<JobStats>> = lock(&self.heavy)
-            .iter()
-            .filter_map(Weak::upgrade)
-            .collect();
+        let mut v: Vec<Arc<JobStats>> =
+            lock(&self.heavy).iter().filter_map(Weak::upgrade).collect();
         v.sort_by_key(|j| std::cmp::Reverse(j.memory.load(Ordering::Relaxed)));
         v
     }
