@@ -41,11 +41,13 @@ pub mod builtin;
 pub mod compute;
 pub mod config;
 mod conn;
+mod limit;
 pub mod observe;
 pub mod protocol;
 mod registry;
 pub mod security;
 mod server;
+mod sync;
 mod task;
 mod tls;
 

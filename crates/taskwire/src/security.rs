@@ -2,18 +2,18 @@
 //! counts), what guards the HTTP doors around it (Host, cross-site requests,
 //! the client address behind a trusted proxy) and the per-connection request
 //! rate. Pure functions and small counters, no I/O, so each rule has a unit
-//! test.
+//! test. The connection counts themselves are the crate's counting slots
+//! (`limit.rs`).
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use axum::http::{header, HeaderMap};
 
 use crate::config::{AuthToken, IpRange, RateLimit};
+use crate::sync::lock;
 
 /// The cookie a browser page can use to carry its token (a browser cannot set
 /// headers on a WebSocket).
@@ -303,7 +303,7 @@ impl LogLimiter {
 
     /// `Some(suppressed)` when this event should be logged.
     pub fn allow(&self, now: Instant) -> Option<u64> {
-        let mut s = self.state.lock().ok()?;
+        let mut s = lock(&self.state);
         match s.0 {
             Some(last) if now.saturating_duration_since(last) < self.period => {
                 s.1 += 1;
@@ -315,72 +315,6 @@ impl LogLimiter {
                 Some(suppressed)
             }
         }
-    }
-}
-
-/// Open connections per client IP address, released when the slot drops.
-#[derive(Default)]
-pub(crate) struct PerIp {
-    counts: Mutex<HashMap<IpAddr, usize>>,
-}
-
-/// One connection counted against its IP address.
-pub(crate) struct IpSlot {
-    table: Arc<PerIp>,
-    ip: IpAddr,
-}
-
-impl PerIp {
-    pub fn acquire(table: &Arc<PerIp>, ip: IpAddr, max: usize) -> Option<IpSlot> {
-        let mut m = table.counts.lock().ok()?;
-        let n = m.entry(ip).or_insert(0);
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(IpSlot {
-            table: table.clone(),
-            ip,
-        })
-    }
-
-    /// Addresses with at least one open connection (the table forgets the rest).
-    #[cfg(test)]
-    pub fn len(&self) -> usize {
-        self.counts.lock().map(|m| m.len()).unwrap_or(0)
-    }
-}
-
-impl Drop for IpSlot {
-    fn drop(&mut self) {
-        if let Ok(mut m) = self.table.counts.lock() {
-            if let Some(n) = m.get_mut(&self.ip) {
-                *n -= 1;
-                if *n == 0 {
-                    // Keep the table as small as the set of connected addresses.
-                    m.remove(&self.ip);
-                }
-            }
-        }
-    }
-}
-
-/// One connection counted against a token's `max_connections`.
-pub(crate) struct CountSlot(Arc<AtomicUsize>);
-
-impl CountSlot {
-    pub fn acquire(count: &Arc<AtomicUsize>, max: usize) -> Option<CountSlot> {
-        if count.fetch_add(1, Ordering::AcqRel) >= max {
-            count.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        Some(CountSlot(count.clone()))
-    }
-}
-
-impl Drop for CountSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -540,26 +474,6 @@ mod tests {
         assert!(b.take(t2).is_err());
         // A clock that goes backwards adds nothing.
         assert!(b.take(t0).is_err());
-    }
-
-    #[test]
-    fn slots_count_and_release() {
-        let t = Arc::new(PerIp::default());
-        let ip: IpAddr = "10.0.0.1".parse().unwrap();
-        let a = PerIp::acquire(&t, ip, 2).unwrap();
-        let b = PerIp::acquire(&t, ip, 2).unwrap();
-        assert!(PerIp::acquire(&t, ip, 2).is_none());
-        assert!(PerIp::acquire(&t, "10.0.0.2".parse().unwrap(), 2).is_some());
-        drop(a);
-        let c = PerIp::acquire(&t, ip, 2).unwrap();
-        drop((b, c));
-        assert_eq!(t.len(), 0);
-
-        let n = Arc::new(AtomicUsize::new(0));
-        let s = CountSlot::acquire(&n, 1).unwrap();
-        assert!(CountSlot::acquire(&n, 1).is_none());
-        drop(s);
-        assert!(CountSlot::acquire(&n, 1).is_some());
     }
 
     fn ip(s: &str) -> IpAddr {

@@ -29,10 +29,11 @@ use tokio_util::sync::CancellationToken;
 use crate::compute::ComputePool;
 use crate::config::Config;
 use crate::conn::ConnLimits;
+use crate::limit::{Keyed, KeyedSlot, Slot};
 use crate::observe::{AdminAccess, Hooks, Observer, RefusalReason};
 use crate::protocol::SUBPROTOCOL;
 use crate::registry::Registry;
-use crate::security::{self, CountSlot, IpSlot, LogLimiter, PerIp};
+use crate::security::{self, LogLimiter};
 
 /// Everything a connection needs, shared.
 pub(crate) struct App {
@@ -51,14 +52,15 @@ pub(crate) struct App {
     pub shutdown: CancellationToken,
     pub next_task: AtomicU64,
     pub next_conn: AtomicU64,
-    open_conns: AtomicUsize,
+    /// Open WebSockets: in all, and per address group.
+    open_conns: Arc<AtomicUsize>,
     conns_changed: Notify,
-    per_ip: Arc<PerIp>,
+    per_ip: Arc<Keyed<IpAddr>>,
     /// Open connections per configured client token, by index.
     token_conns: Vec<Arc<AtomicUsize>>,
     /// Connections not upgraded to WebSocket: in all, and per address group.
     http_conns: Arc<AtomicUsize>,
-    http_per_ip: Arc<PerIp>,
+    http_per_ip: Arc<Keyed<IpAddr>>,
     /// Fired when the shutdown deadline passes: whatever is still open ends.
     pub hard_stop: CancellationToken,
     /// Refusals and accept errors are logged at most once a second.
@@ -328,7 +330,7 @@ fn new_app(cfg: Config, registry: Registry) -> io::Result<Arc<App>> {
         shutdown: CancellationToken::new(),
         next_task: AtomicU64::new(1),
         next_conn: AtomicU64::new(1),
-        open_conns: AtomicUsize::new(0),
+        open_conns: Arc::default(),
         conns_changed: Notify::new(),
         per_ip: Arc::default(),
         token_conns: cfg.auth_tokens.iter().map(|_| Arc::default()).collect(),
@@ -597,8 +599,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<I> {
 /// address group, from accept until it upgrades or closes.
 struct HttpSlot {
     app: Arc<App>,
-    total: Option<CountSlot>,
-    ip: Option<IpSlot>,
+    total: Option<Slot>,
+    ip: Option<KeyedSlot<IpAddr, ()>>,
 }
 
 impl HttpSlot {
@@ -608,7 +610,7 @@ impl HttpSlot {
         let ip = if security::trusted(peer, &cfg.trusted_proxies) {
             None
         } else {
-            match PerIp::acquire(
+            match Keyed::acquire(
                 &app.http_per_ip,
                 security::address_group(peer),
                 cfg.max_http_connections_per_ip,
@@ -617,7 +619,7 @@ impl HttpSlot {
                 None => return Err(Refusal::HttpPerIp),
             }
         };
-        let Some(total) = CountSlot::acquire(&app.http_conns, cfg.max_http_connections) else {
+        let Some(total) = Slot::acquire(&app.http_conns, cfg.max_http_connections) else {
             return Err(Refusal::HttpFull);
         };
         Ok(HttpSlot {
@@ -728,32 +730,34 @@ const READ_BUFFER: usize = 512;
 /// Room in the write buffer beyond the largest message, for control frames.
 const PONG_ROOM: usize = 4 << 10;
 
-/// Counts an open connection for as long as it lives.
-struct ConnSlot(Arc<App>);
+/// Counts an open WebSocket for as long as it lives.
+struct ConnSlot {
+    slot: Option<Slot>,
+    app: Arc<App>,
+}
 
 impl ConnSlot {
     fn acquire(app: &Arc<App>) -> Option<ConnSlot> {
-        let prev = app.open_conns.fetch_add(1, Ordering::AcqRel);
-        if prev >= app.cfg.max_connections {
-            app.open_conns.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        Some(ConnSlot(app.clone()))
+        Some(ConnSlot {
+            slot: Some(Slot::acquire(&app.open_conns, app.cfg.max_connections)?),
+            app: app.clone(),
+        })
     }
 }
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
-        self.0.open_conns.fetch_sub(1, Ordering::AcqRel);
-        self.0.conns_changed.notify_waiters();
+        // Given back before the notification: shutdown, woken, reads the count.
+        self.slot.take();
+        self.app.conns_changed.notify_waiters();
     }
 }
 
 /// Everything that keeps a connection counted; dropped when it closes.
 struct Slots {
     _conn: ConnSlot,
-    _ip: Option<IpSlot>,
-    _token: Option<CountSlot>,
+    _ip: Option<KeyedSlot<IpAddr, ()>>,
+    _token: Option<Slot>,
 }
 
 /// Why an upgrade was refused, before it happened.
@@ -855,7 +859,7 @@ fn admit_upgrade(
     };
     let ip = match cfg.max_connections_per_ip {
         None => None,
-        Some(max) => match PerIp::acquire(&app.per_ip, security::address_group(peer.ip()), max) {
+        Some(max) => match Keyed::acquire(&app.per_ip, security::address_group(peer.ip()), max) {
             Some(s) => Some(s),
             None => return Err(Refusal::PerIp),
         },
@@ -864,7 +868,7 @@ fn admit_upgrade(
     let token_slot = match spec {
         Some((t, count)) => match t.max_connections {
             None => None,
-            Some(max) => match CountSlot::acquire(count, max) {
+            Some(max) => match Slot::acquire(count, max) {
                 Some(s) => Some(s),
                 None => return Err(Refusal::PerToken),
             },

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::compute::{self, JobStats};
 use crate::protocol::{codes, ErrorObject, Id};
+use crate::sync::lock;
 
 /// Whether a task runs on the I/O runtime or on the compute pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -252,16 +253,14 @@ impl TaskShared {
     }
 
     pub fn last_progress(&self) -> Option<Value> {
-        let slot = self.progress.lock().ok()?;
+        let slot = lock(&self.progress);
         slot.latest
             .as_ref()
             .and_then(|v| serde_json::from_str(v.get()).ok())
     }
 
     fn set_progress(self: &Arc<Self>, value: Box<RawValue>) {
-        let Ok(mut slot) = self.progress.lock() else {
-            return;
-        };
+        let mut slot = lock(&self.progress);
         if slot.closed {
             return;
         }
@@ -290,7 +289,7 @@ impl TaskShared {
 
     /// Called by the writer: the notification to send now, if any.
     pub fn take_progress_text(&self) -> Option<String> {
-        let mut slot = self.progress.lock().ok()?;
+        let mut slot = lock(&self.progress);
         slot.queued = false;
         if !slot.unsent {
             return None;
@@ -313,9 +312,7 @@ impl TaskShared {
     /// Called just before the response: no progress after it, and whether the
     /// latest value still has to go out first.
     pub fn close_progress(&self) -> bool {
-        let Ok(mut slot) = self.progress.lock() else {
-            return false;
-        };
+        let mut slot = lock(&self.progress);
         slot.closed = true;
         let need = slot.unsent && !slot.queued;
         if need {

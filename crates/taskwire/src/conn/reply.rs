@@ -17,6 +17,7 @@ use crate::compute::{JobState, Permit};
 use crate::protocol::{self, codes, ErrorObject, Id};
 use crate::registry::TaskFuture;
 use crate::server::App;
+use crate::sync::lock;
 use crate::task::{Outbound, Outcome, Stopped, TaskError, TaskShared};
 
 /// Collects the answers of one batch and sends them as one array.
@@ -71,19 +72,13 @@ impl Batch {
         if let Some(t) = &text {
             self.kept.fetch_add(t.len(), Ordering::AcqRel);
         }
-        if let Ok(mut slots) = self.slots.lock() {
-            if let Some(slot) = slots.get_mut(index) {
-                *slot = text;
-            }
+        if let Some(slot) = lock(&self.slots).get_mut(index) {
+            *slot = text;
         }
         if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
             return None;
         }
-        let slots = self
-            .slots
-            .lock()
-            .map(|mut s| std::mem::take(&mut *s))
-            .unwrap_or_default();
+        let slots = std::mem::take(&mut *lock(&self.slots));
         let kept = self.kept.load(Ordering::Acquire);
         let mut out = None;
         if slots.iter().any(Option::is_some) {

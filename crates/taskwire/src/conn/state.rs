@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::RateLimit;
 use crate::protocol::{self, codes, ErrorObject, Id};
+use crate::sync::lock;
 use crate::task::{Outbound, Stopped, TaskShared};
 
 /// The limits of one connection: the server's, or those of the token it presented.
@@ -74,41 +75,34 @@ impl ConnState {
     }
 
     pub fn inflight_len(&self) -> usize {
-        self.inflight.lock().map(|m| m.tasks.len()).unwrap_or(0)
+        lock(&self.inflight).tasks.len()
     }
 
     /// The tasks of this connection (for the admin view).
     pub fn tasks(&self) -> Vec<Arc<TaskShared>> {
-        self.inflight
-            .lock()
-            .map(|m| m.tasks.values().cloned().collect())
-            .unwrap_or_default()
+        lock(&self.inflight).tasks.values().cloned().collect()
     }
 
     pub fn task(&self, id: u64) -> Option<Arc<TaskShared>> {
-        self.inflight.lock().ok()?.tasks.get(&id).cloned()
+        lock(&self.inflight).tasks.get(&id).cloned()
     }
 
     /// Asks the connection to close with this code (first reason wins).
     pub fn close_with(&self, code: u16, reason: &'static str) {
-        if let Ok(mut r) = self.close_reason.lock() {
-            r.get_or_insert((code, reason));
-        }
+        lock(&self.close_reason).get_or_insert((code, reason));
         self.closing.cancel();
     }
 
     /// The in-flight task answering the request with this id.
     pub(super) fn task_by_request(&self, id: &Id) -> Option<Arc<TaskShared>> {
-        let m = self.inflight.lock().ok()?;
+        let m = lock(&self.inflight);
         m.ids.get(id).and_then(|t| m.tasks.get(t)).cloned()
     }
 
     /// Enters a task in the in-flight table: refused for a duplicate id, or
     /// when the tasks and the batch elements held reach the in-flight limit.
     pub(super) fn insert(&self, task: &Arc<TaskShared>) -> Result<(), ErrorObject> {
-        let Ok(mut m) = self.inflight.lock() else {
-            return Err(ErrorObject::new(codes::INTERNAL_ERROR, "internal error"));
-        };
+        let mut m = lock(&self.inflight);
         if task
             .request_id
             .as_ref()
@@ -132,12 +126,11 @@ impl ConnState {
     }
 
     pub(super) fn remove(&self, task: &TaskShared) {
-        if let Ok(mut m) = self.inflight.lock() {
-            m.tasks.remove(&task.id);
-            if let Some(rid) = &task.request_id {
-                if m.ids.get(rid) == Some(&task.id) {
-                    m.ids.remove(rid);
-                }
+        let mut m = lock(&self.inflight);
+        m.tasks.remove(&task.id);
+        if let Some(rid) = &task.request_id {
+            if m.ids.get(rid) == Some(&task.id) {
+                m.ids.remove(rid);
             }
         }
     }

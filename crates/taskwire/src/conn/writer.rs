@@ -100,12 +100,8 @@ pub(super) async fn writer(
 /// timeout: a client that reads nothing does not hold the connection open).
 async fn send_close(conn: &ConnState, sink: &mut SplitSink<WebSocket, Message>, timeout: Duration) {
     conn.closing.cancel();
-    let (code, reason) = conn
-        .close_reason
-        .lock()
-        .ok()
-        .and_then(|r| *r)
-        .unwrap_or((close_code::AWAY, "closing"));
+    let reason = *crate::sync::lock(&conn.close_reason);
+    let (code, reason) = reason.unwrap_or((close_code::AWAY, "closing"));
     let frame = CloseFrame {
         code,
         reason: reason.into(),

@@ -21,6 +21,7 @@ pub use api::{ConnInfo, OutcomeKind, RefusalReason, TaskInfo, TaskState};
 
 use crate::compute::JobState;
 use crate::conn::ConnState;
+use crate::sync::lock;
 use crate::task::{Stopped, TaskKind, TaskShared};
 
 /// What the connection and the HTTP side tell the observer, as they happen.
@@ -92,13 +93,9 @@ impl Observer {
 
     /// Abandoned tasks still on a worker (see [`TaskInfo::state`]).
     fn abandoned(&self) -> Vec<Arc<TaskShared>> {
-        match self.abandoned.lock() {
-            Ok(mut m) => {
-                m.retain(|_, t| t.stats.state() == JobState::Running);
-                m.values().cloned().collect()
-            }
-            Err(_) => Vec::new(),
-        }
+        let mut m = lock(&self.abandoned);
+        m.retain(|_, t| t.stats.state() == JobState::Running);
+        m.values().cloned().collect()
     }
 
     /// How many abandoned tasks are still on a worker.
@@ -107,14 +104,11 @@ impl Observer {
     }
 
     pub fn connections(&self) -> Vec<Arc<ConnState>> {
-        self.conns
-            .lock()
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default()
+        lock(&self.conns).values().cloned().collect()
     }
 
     pub fn connection(&self, id: u64) -> Option<Arc<ConnState>> {
-        self.conns.lock().ok()?.get(&id).cloned()
+        lock(&self.conns).get(&id).cloned()
     }
 
     pub fn find_task(&self, id: u64) -> Option<Arc<TaskShared>> {
@@ -178,15 +172,11 @@ impl Observer {
 
 impl Hooks for Observer {
     fn conn_opened(&self, c: &Arc<ConnState>) {
-        if let Ok(mut m) = self.conns.lock() {
-            m.insert(c.id, c.clone());
-        }
+        lock(&self.conns).insert(c.id, c.clone());
     }
 
     fn conn_closed(&self, c: &ConnState) {
-        if let Ok(mut m) = self.conns.lock() {
-            m.remove(&c.id);
-        }
+        lock(&self.conns).remove(&c.id);
     }
 
     fn task_finished(&self, t: &Arc<TaskShared>, kind: OutcomeKind) {
@@ -195,11 +185,10 @@ impl Hooks for Observer {
         // leaves the connection's table now, so keep it in view here.
         if t.kind == TaskKind::Cpu && t.stopped().is_some() && t.stats.state() == JobState::Running
         {
-            if let Ok(mut m) = self.abandoned.lock() {
-                m.retain(|_, t| t.stats.state() == JobState::Running);
-                if m.len() < self.abandoned_cap {
-                    m.insert(t.id, t.clone());
-                }
+            let mut m = lock(&self.abandoned);
+            m.retain(|_, t| t.stats.state() == JobState::Running);
+            if m.len() < self.abandoned_cap {
+                m.insert(t.id, t.clone());
             }
         }
     }

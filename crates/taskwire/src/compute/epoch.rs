@@ -1,0 +1,111 @@
+//! The global epoch: one counter, advanced by one ticker thread, that tells a
+//! checkpoint whether its slice is over with one atomic load, no clock read.
+//!
+//! A worker starting a slice notes the epoch at which the slice ends in a
+//! thread-local ([`begin_slice`]); [`should_yield`] compares the two. The
+//! ticker sleeps while no worker runs a slice, so an idle server does not wake
+//! 4 000 times a second. The thread's CPU clock ([`thread_cpu_time`]) is the
+//! other clock of the pool, read once per slice by the worker to charge it.
+//!
+//! This file depends on no other part of the pool.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::thread::{self, Thread};
+use std::time::Duration;
+
+/// Ticker period. A slice ends between `slice - TICK` and `slice` after it began.
+const TICK: Duration = Duration::from_micros(250);
+static EPOCH: AtomicU64 = AtomicU64::new(1);
+/// Workers in a slice now, over all pools: the ticker sleeps at zero.
+static BUSY_WORKERS: AtomicUsize = AtomicUsize::new(0);
+static TICKER: OnceLock<Thread> = OnceLock::new();
+
+thread_local! {
+    /// Epoch at which this thread's current slice ends; `u64::MAX` off the pool.
+    static SLICE_END: Cell<u64> = const { Cell::new(u64::MAX) };
+}
+
+/// Starts the ticker thread if it is not running yet (one per process).
+pub(super) fn start_ticker() {
+    ticker();
+}
+
+fn ticker() -> &'static Thread {
+    TICKER.get_or_init(|| {
+        let spawned = thread::Builder::new()
+            .name("taskwire-tick".into())
+            .spawn(|| loop {
+                if BUSY_WORKERS.load(Ordering::Relaxed) == 0 {
+                    // Nothing to preempt: sleep until a worker starts a slice.
+                    thread::park_timeout(Duration::from_millis(100));
+                } else {
+                    thread::sleep(TICK);
+                }
+                EPOCH.fetch_add(1, Ordering::Relaxed);
+            });
+        match spawned {
+            Ok(h) => h.thread().clone(),
+            // Without a ticker slices never end and tasks run to completion:
+            // degraded, not broken.
+            Err(_) => thread::current(),
+        }
+    })
+}
+
+/// The epoch now.
+pub(super) fn now() -> u64 {
+    EPOCH.load(Ordering::Relaxed)
+}
+
+/// Ticks in `d`, at least one.
+pub(super) fn ticks(d: Duration) -> u64 {
+    (d.as_nanos() / TICK.as_nanos()).max(1) as u64
+}
+
+/// Starts a slice of `slice_ticks` on this thread: from now on
+/// [`should_yield`] turns true once the epoch reaches its end. Returns the
+/// epoch at which it began (the watchdog's measure of a stuck worker).
+pub(super) fn begin_slice(slice_ticks: u64) -> u64 {
+    if BUSY_WORKERS.fetch_add(1, Ordering::Relaxed) == 0 {
+        ticker().unpark();
+    }
+    let epoch = now();
+    SLICE_END.with(|c| c.set(epoch + slice_ticks));
+    epoch
+}
+
+/// Ends this thread's slice: off the pool, [`should_yield`] is false again.
+pub(super) fn end_slice() {
+    SLICE_END.with(|c| c.set(u64::MAX));
+    BUSY_WORKERS.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Whether the task running on this thread has used up its slice. One relaxed
+/// atomic load and one thread-local read: a few nanoseconds.
+#[inline]
+pub fn should_yield() -> bool {
+    EPOCH.load(Ordering::Relaxed) >= SLICE_END.with(|c| c.get())
+}
+
+/// Whether this thread is a compute worker in a slice.
+pub fn on_worker() -> bool {
+    SLICE_END.with(|c| c.get()) != u64::MAX
+}
+
+/// The calling thread's CPU time. A system call (~170 ns here): read it once per
+/// slice, not per poll.
+pub fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer and the clock id is a constant the
+    // kernel always supports for the calling thread.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}

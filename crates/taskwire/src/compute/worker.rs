@@ -1,0 +1,421 @@
+//! The workers: threads that take the next job from the run queue, run it for
+//! one slice, charge the CPU time it used and put it back if it yielded.
+//!
+//! [`Shared`] is the pool's state that workers and the watchdog share; the
+//! facade ([`super::ComputePool`]) holds it too. A job is an async-task
+//! [`Runnable`](async_task::Runnable) whose schedule function ([`schedule`])
+//! pushes it onto the run queue, except when it was woken while running: that
+//! is a job yielding at a checkpoint, which the worker itself requeues once
+//! the slice is charged, so that the queue orders it by its attained service
+//! as of that charge.
+//!
+//! Depends on the epoch, the stats, admission and the queue policy.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use async_task::ScheduleInfo;
+
+use super::admission::Admission;
+use super::epoch;
+use super::queue::RunQueue;
+use super::stats::{JobState, JobStats, MemoryFigures};
+use crate::sync::{lock, wait_timeout};
+
+pub(super) type Job = async_task::Runnable<Arc<JobMeta>>;
+
+/// What the pool keeps with each job.
+#[derive(Debug)]
+pub struct JobMeta {
+    pub(super) group: u64,
+    pub(super) stats: Arc<JobStats>,
+}
+
+thread_local! {
+    /// A job that woke itself during its slice on this worker, handed from
+    /// [`schedule`] (called inside `Runnable::run`) back to the worker loop.
+    static YIELDED: Cell<Option<Job>> = const { Cell::new(None) };
+}
+
+/// One worker as the watchdog sees it.
+pub(super) struct WorkerSlot {
+    /// Epoch at which the current slice started; 0 when idle.
+    pub since_epoch: AtomicU64,
+    /// Whether a replacement was already started for the job running now.
+    pub replaced: AtomicBool,
+    /// The job on this worker, for flagging.
+    pub job: Mutex<Option<Arc<JobStats>>>,
+}
+
+/// The pool's shared state.
+pub(super) struct Shared {
+    /// Configured workers (at least 1).
+    pub workers: usize,
+    /// Most replacements for stuck workers at once.
+    pub max_extra_workers: usize,
+    /// OS niceness of worker threads (0: left alone).
+    pub nice: i32,
+    pub slice_ticks: u64,
+    /// Ticks past a slice's start after which a job not yielding is stuck.
+    pub non_yield_ticks: u64,
+    pub memory_budget: u64,
+    pub queue: Mutex<RunQueue<Job>>,
+    /// Signalled when a job is queued and at shutdown.
+    pub cv: Condvar,
+    start: Instant,
+    pub admission: Admission,
+    pub busy: AtomicUsize,
+    pub live: AtomicUsize,
+    /// Replacement workers wanted now (one per stuck worker not yet back).
+    pub extra: AtomicUsize,
+    pub slots: Mutex<Vec<Arc<WorkerSlot>>>,
+    pub non_yielding_total: AtomicU64,
+    pub cpu_ns_total: AtomicU64,
+    /// `utilisation` as f64 bits: one writer (the watchdog), any readers, so
+    /// that several dashboards and scrapers do not shorten each other's window.
+    pub utilisation: AtomicU64,
+    /// The one shutdown fact: read by admission without a lock, and by the
+    /// workers under the queue lock (see [`Shared::shut_down`]).
+    shutdown: AtomicBool,
+    pub memory: MemoryFigures,
+}
+
+impl Shared {
+    /// The pool's state; the `ComputePool` facade fills in the settings.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        workers: usize,
+        max_extra_workers: usize,
+        nice: i32,
+        slice: Duration,
+        non_yield_after: Duration,
+        usage_decay: Duration,
+        memory_budget: u64,
+        admission: Admission,
+    ) -> Shared {
+        Shared {
+            workers,
+            max_extra_workers,
+            nice,
+            slice_ticks: epoch::ticks(slice),
+            non_yield_ticks: epoch::ticks(slice + non_yield_after),
+            memory_budget,
+            queue: Mutex::new(RunQueue::new(usage_decay.as_nanos() as u64)),
+            cv: Condvar::new(),
+            start: Instant::now(),
+            admission,
+            busy: AtomicUsize::new(0),
+            live: AtomicUsize::new(0),
+            extra: AtomicUsize::new(0),
+            slots: Mutex::new(Vec::new()),
+            non_yielding_total: AtomicU64::new(0),
+            cpu_ns_total: AtomicU64::new(0),
+            utilisation: AtomicU64::new(0),
+            shutdown: AtomicBool::new(false),
+            memory: MemoryFigures::default(),
+        }
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
+    pub fn shutting_down(&self) -> bool {
+        self.shutdown.load(Ordering::Acquire)
+    }
+
+    /// Stops taking jobs and wakes every idle worker to exit.
+    pub fn shut_down(&self) {
+        self.shutdown.store(true, Ordering::Release);
+        // A worker checks the flag under the queue lock and then waits,
+        // releasing it; taking the lock once here means every worker either
+        // saw the flag or is already waiting, so the notification is not lost.
+        drop(lock(&self.queue));
+        self.cv.notify_all();
+    }
+}
+
+/// The schedule function of every job.
+pub(super) fn schedule(pool: &Weak<Shared>, job: Job, info: ScheduleInfo) {
+    // async-task reports a wake during `run` only when `run` returns, on the
+    // thread that ran the job: a worker, whose loop requeues it after
+    // charging the slice. `on_worker` guards against any other caller.
+    if info.woken_while_running && epoch::on_worker() {
+        YIELDED.with(|y| y.set(Some(job)));
+        return;
+    }
+    let Some(p) = pool.upgrade() else {
+        // The pool is gone: dropping the runnable cancels the job.
+        return;
+    };
+    let now = p.now_ns();
+    let group = job.metadata().group;
+    let attained = job.metadata().stats.cpu_ns.load(Ordering::Relaxed);
+    lock(&p.queue).push(group, attained, job, now);
+    p.cv.notify_one();
+}
+
+/// Starts one worker thread (a first one, or a replacement for a stuck one).
+pub(super) fn start_worker(inner: &Arc<Shared>) {
+    let slot = Arc::new(WorkerSlot {
+        since_epoch: AtomicU64::new(0),
+        replaced: AtomicBool::new(false),
+        job: Mutex::new(None),
+    });
+    lock(&inner.slots).push(slot.clone());
+    inner.live.fetch_add(1, Ordering::AcqRel);
+    let weak = Arc::downgrade(inner);
+    let spawned = thread::Builder::new()
+        .name("taskwire-cpu".into())
+        .spawn(move || worker(weak, slot));
+    if spawned.is_err() {
+        inner.live.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn set_nice(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    // SAFETY: gettid has no preconditions; setpriority on our own thread id
+    // only changes this thread's scheduling weight.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, nice);
+    }
+}
+
+/// Charges a worker's last slice to its group and requeues the job if it
+/// yielded (with its attained service as of that charge).
+fn put_back(rq: &mut RunQueue<Job>, finished: Option<(u64, u64)>, requeue: Option<Job>, now: u64) {
+    if let Some((group, used)) = finished {
+        rq.descheduled(group, used, now);
+    }
+    if let Some(job) = requeue {
+        let m = job.metadata().clone();
+        rq.push(m.group, m.stats.cpu_ns.load(Ordering::Relaxed), job, now);
+    }
+}
+
+fn worker(pool: Weak<Shared>, slot: Arc<WorkerSlot>) {
+    let Some(p) = pool.upgrade() else { return };
+    set_nice(p.nice);
+    let mut cpu_mark = epoch::thread_cpu_time();
+    let mut finished: Option<(u64, u64)> = None; // (group, cpu ns) of the last slice
+    let mut requeue: Option<Job> = None;
+    let mut retired = false;
+    loop {
+        let next = {
+            let mut rq = lock(&p.queue);
+            put_back(&mut rq, finished.take(), requeue.take(), p.now_ns());
+            loop {
+                if p.shutting_down() {
+                    break None;
+                }
+                // A replacement made surplus by a stuck worker's return
+                // retires; deciding under the queue lock retires exactly one.
+                if p.live.load(Ordering::Acquire) > p.workers + p.extra.load(Ordering::Acquire) {
+                    p.live.fetch_sub(1, Ordering::AcqRel);
+                    retired = true;
+                    break None;
+                }
+                if let Some(j) = rq.pop(p.now_ns()) {
+                    break Some(j);
+                }
+                rq = wait_timeout(&p.cv, rq, Duration::from_millis(200));
+            }
+        };
+        let Some((group, job)) = next else { break };
+        let meta = job.metadata().clone();
+        meta.stats.set_state(JobState::Running);
+        meta.stats.slices.fetch_add(1, Ordering::Relaxed);
+        meta.stats.first_run.get_or_init(Instant::now);
+        *lock(&slot.job) = Some(meta.stats.clone());
+        p.busy.fetch_add(1, Ordering::Relaxed);
+        let began = epoch::begin_slice(p.slice_ticks);
+        slot.since_epoch.store(began, Ordering::Relaxed);
+
+        // Panics are caught inside the task wrapper; this guard keeps the
+        // worker alive should a future's drop glue panic all the same. What the
+        // job allocates or frees meanwhile is its own.
+        {
+            let _mem = crate::alloc::Attributed::new(&meta.stats.memory);
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run()));
+        }
+        p.memory.after_slice(&meta.stats);
+
+        epoch::end_slice();
+        slot.since_epoch.store(0, Ordering::Relaxed);
+        p.busy.fetch_sub(1, Ordering::Relaxed);
+        let now_cpu = epoch::thread_cpu_time();
+        let used = now_cpu.saturating_sub(cpu_mark).as_nanos() as u64;
+        cpu_mark = now_cpu;
+        meta.stats.cpu_ns.fetch_add(used, Ordering::Relaxed);
+        p.cpu_ns_total.fetch_add(used, Ordering::Relaxed);
+        *lock(&slot.job) = None;
+        finished = Some((group, used));
+        requeue = YIELDED.with(|y| y.take());
+        meta.stats.set_state(if requeue.is_some() {
+            JobState::Yielded
+        } else {
+            JobState::Waiting
+        });
+        if slot.replaced.swap(false, Ordering::AcqRel) {
+            // This worker was stuck and has been replaced: the pool is now one
+            // over strength, and the next worker to look for a job retires.
+            p.extra.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    {
+        let mut rq = lock(&p.queue);
+        let handed_back = requeue.is_some();
+        put_back(&mut rq, finished.take(), requeue.take(), p.now_ns());
+        if handed_back {
+            // Another worker takes over the job this one leaves behind.
+            p.cv.notify_one();
+        }
+    }
+    lock(&p.slots).retain(|s| !Arc::ptr_eq(s, &slot));
+    if !retired {
+        p.live.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{burn, pool};
+    use super::super::{ComputeConfig, ComputePool};
+    use super::*;
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::sync::mpsc;
+    use std::task::{Context, Poll};
+
+    #[test]
+    fn runs_jobs_and_accounts_cpu() {
+        let p = pool(2);
+        let group = Arc::new(AtomicUsize::new(0));
+        let stats = Arc::new(JobStats::default());
+        let (tx, rx) = mpsc::channel();
+        let permit = p.admit(&group).unwrap();
+        let t = p.spawn(1, stats.clone(), permit, async move {
+            let r = burn(20).await;
+            let _ = tx.send(());
+            r
+        });
+        rx.recv_timeout(Duration::from_secs(20)).unwrap();
+        // The future (and its permit) is dropped inside the last slice; the
+        // worker charges that slice after it, then leaves the Running state.
+        for _ in 0..2000 {
+            if stats.state() != JobState::Running {
+                break;
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert_ne!(stats.state(), JobState::Running);
+        assert!(
+            stats.cpu_time() >= Duration::from_millis(20),
+            "{:?}",
+            stats.cpu_time()
+        );
+        assert!(stats.slices() > 1, "a 20 ms job on 2 ms slices yields");
+        drop(t);
+        assert_eq!(group.load(Ordering::Acquire), 0, "permit released");
+    }
+
+    /// Pending once, after another thread woke it while it was being polled.
+    struct WokenFromElsewhere(bool);
+    impl Future for WokenFromElsewhere {
+        type Output = ();
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            if self.0 {
+                return Poll::Ready(());
+            }
+            self.0 = true;
+            let waker = cx.waker().clone();
+            // Joined inside the poll: the wake surely lands while the job runs.
+            let _ = thread::spawn(move || waker.wake()).join();
+            Poll::Pending
+        }
+    }
+
+    #[test]
+    fn a_job_woken_by_another_thread_while_running_runs_again() {
+        let p = ComputePool::new(ComputeConfig {
+            workers: 1,
+            nice: 0,
+            ..ComputeConfig::default()
+        });
+        let g = Arc::new(AtomicUsize::new(0));
+        let stats = Arc::new(JobStats::default());
+        let (tx, rx) = mpsc::channel();
+        let _t = p.spawn(1, stats.clone(), p.admit(&g).unwrap(), async move {
+            WokenFromElsewhere(false).await;
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("the worker requeued the job");
+        assert!(stats.slices() >= 2);
+    }
+
+    #[test]
+    fn dropping_the_task_cancels_a_yielding_job() {
+        let p = pool(1);
+        let g = Arc::new(AtomicUsize::new(0));
+        let stats = Arc::new(JobStats::default());
+        let t = p.spawn(1, stats.clone(), p.admit(&g).unwrap(), async {
+            loop {
+                burn(1).await;
+            }
+        });
+        thread::sleep(Duration::from_millis(30));
+        drop(t);
+        for _ in 0..200 {
+            if g.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(g.load(Ordering::Acquire), 0, "the job's future was dropped");
+    }
+
+    #[test]
+    fn a_stop_reaches_a_running_task_within_one_slice() {
+        let p = pool(1);
+        let g = Arc::new(AtomicUsize::new(0));
+        let stats = Arc::new(JobStats::default());
+        let ctx = crate::Ctx::detached("t");
+        let c2 = ctx.clone();
+        let (tx, rx) = mpsc::channel();
+        let _t = p.spawn(1, stats.clone(), p.admit(&g).unwrap(), async move {
+            let mut x = 0u64;
+            loop {
+                for i in 0..5_000u64 {
+                    x = x.wrapping_mul(31).wrapping_add(i);
+                }
+                std::hint::black_box(x);
+                if let Err(why) = c2.checkpoint().await {
+                    let _ = tx.send(why);
+                    return;
+                }
+            }
+        });
+        while stats.slices() < 3 {
+            thread::sleep(Duration::from_millis(1));
+        }
+        ctx.stop(crate::Stopped::Cancelled);
+        let at = stats.slices();
+        let why = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+        assert_eq!(why, crate::Stopped::Cancelled);
+        // The slice running at the stop ends at its next checkpoint; at most one
+        // more slice starts if the stop landed between two.
+        assert!(
+            stats.slices() <= at + 1,
+            "{} slices after {at}",
+            stats.slices()
+        );
+    }
+}
