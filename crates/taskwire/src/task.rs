@@ -11,12 +11,11 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::compute::{self, JobStats};
 use crate::protocol::{codes, ErrorObject, Id};
-use crate::sync::lock;
+use crate::sync::{lock, Outbox};
 
 /// Whether a task runs on the I/O runtime or on the compute pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -199,7 +198,7 @@ pub(crate) struct TaskShared {
     progress: Mutex<ProgressSlot>,
     progress_calls: AtomicU64,
     progress_sent: AtomicU64,
-    outbound: mpsc::Sender<Outbound>,
+    outbound: Arc<Outbox<Outbound>>,
 }
 
 pub(crate) struct TaskInit {
@@ -210,7 +209,7 @@ pub(crate) struct TaskInit {
     pub kind: TaskKind,
     pub timeout_ms: Option<u64>,
     pub progress_token: Option<Box<RawValue>>,
-    pub outbound: mpsc::Sender<Outbound>,
+    pub outbound: Arc<Outbox<Outbound>>,
 }
 
 impl TaskShared {
@@ -280,7 +279,7 @@ impl TaskShared {
         if due
             && self
                 .outbound
-                .try_send(Outbound::Progress(self.clone()))
+                .try_push(Outbound::Progress(self.clone()))
                 .is_ok()
         {
             slot.queued = true;
@@ -353,8 +352,9 @@ impl Ctx {
     /// assert_eq!(ctx.stopped(), Some(Stopped::Cancelled));
     /// ```
     pub fn detached(method: &str) -> Ctx {
-        // A closed channel: progress is kept for `last_progress` and dropped.
-        let (outbound, _) = mpsc::channel(1);
+        // A closed queue: progress is kept for `last_progress` and dropped.
+        let outbound = Arc::new(Outbox::new(1));
+        outbound.close();
         Ctx {
             shared: TaskShared::new(TaskInit {
                 id: 0,

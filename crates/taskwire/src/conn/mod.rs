@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::ws::WebSocket;
 use futures_util::StreamExt;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -45,7 +45,7 @@ pub(crate) async fn serve(app: Arc<App>, socket: WebSocket, peer: SocketAddr, li
     let id = app.next_conn.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("conn", id, %peer);
     async move {
-        let (tx, rx) = mpsc::channel(app.cfg.outbound_queue);
+        let tx = Arc::new(crate::sync::Outbox::new(app.cfg.outbound_queue));
         let conn = Arc::new(ConnState {
             id,
             peer,
@@ -75,14 +75,16 @@ pub(crate) async fn serve(app: Arc<App>, socket: WebSocket, peer: SocketAddr, li
         tracing::debug!("connection opened");
         let (sink, stream) = socket.split();
         let writer = tokio::spawn(
-            writer::writer(app.clone(), conn.clone(), sink, rx)
-                .instrument(tracing::Span::current()),
+            writer::writer(app.clone(), conn.clone(), sink).instrument(tracing::Span::current()),
         );
         Reader::new(&app, &conn, limits.rate).run(stream).await;
         // Links: when the connection goes, its work goes.
         conn.stop_all(Stopped::Disconnected);
         conn.closing.cancel();
         let _ = writer.await;
+        // Nobody drains the queue any more: refuse what late tasks send and
+        // drop what is queued (progress entries hold their tasks).
+        conn.tx.close();
         // Stay in the live table (and hold the connection's slot) until every
         // task has settled, so that what a closed connection still costs stays
         // visible; bounded, as a task that never yields is answered after STOP_GRACE.

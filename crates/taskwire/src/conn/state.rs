@@ -10,12 +10,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::ws::close_code;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RateLimit;
 use crate::protocol::{self, codes, ErrorObject, Id};
-use crate::sync::lock;
+use crate::sync::{lock, Outbox, PushError};
 use crate::task::{Outbound, Stopped, TaskShared};
 
 /// The limits of one connection: the server's, or those of the token it presented.
@@ -37,7 +37,7 @@ pub(crate) struct ConnState {
     pub peer: SocketAddr,
     pub opened_at: SystemTime,
     pub opened: Instant,
-    pub(super) tx: mpsc::Sender<Outbound>,
+    pub(super) tx: Arc<Outbox<Outbound>>,
     pub(super) inflight: Mutex<Inflight>,
     pub cpu_admitted: Arc<AtomicUsize>,
     pub bytes_in: AtomicU64,
@@ -71,7 +71,7 @@ pub(crate) struct ConnState {
 impl ConnState {
     /// Messages waiting for the writer.
     pub fn outbound_depth(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
+        self.tx.len()
     }
 
     pub fn inflight_len(&self) -> usize {
@@ -216,15 +216,15 @@ impl ConnState {
 
     /// Queues a message if the channel has room; gives it back when full.
     fn try_hand_over(&self, msg: Outbound) -> Result<(), Outbound> {
-        match self.tx.try_send(msg) {
-            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(msg)) => Err(msg),
+        match self.tx.try_push(msg) {
+            Ok(()) | Err(PushError::Closed(_)) => Ok(()),
+            Err(PushError::Full(msg)) => Err(msg),
         }
     }
 
     /// Waits (at most `write_timeout`) for room in a full channel.
     async fn wait_to_push(&self, msg: Outbound) {
-        if tokio::time::timeout(self.write_timeout, self.tx.send(msg))
+        if tokio::time::timeout(self.write_timeout, self.tx.push(msg))
             .await
             .is_err()
         {
@@ -263,7 +263,7 @@ impl ConnState {
     }
 
     pub(super) fn try_push(&self, text: String) {
-        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(Outbound::Text(text)) {
+        if let Err(PushError::Full(_)) = self.tx.try_push(Outbound::Text(text)) {
             self.close_with(close_code::POLICY, "slow consumer");
         }
     }

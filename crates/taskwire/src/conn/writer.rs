@@ -10,7 +10,6 @@ use std::time::Duration;
 use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket};
 use futures_util::stream::SplitSink;
 use futures_util::SinkExt;
-use tokio::sync::mpsc;
 
 use super::state::ConnState;
 use crate::server::App;
@@ -23,7 +22,6 @@ pub(super) async fn writer(
     app: Arc<App>,
     conn: Arc<ConnState>,
     mut sink: SplitSink<WebSocket, Message>,
-    mut rx: mpsc::Receiver<Outbound>,
 ) {
     let mut ping = tokio::time::interval_at(
         tokio::time::Instant::now() + app.cfg.ping_interval,
@@ -33,13 +31,13 @@ pub(super) async fn writer(
     loop {
         let first = tokio::select! {
             biased;
-            m = rx.recv() => match m {
+            m = conn.tx.pop() => match m {
                 Some(m) => m,
                 None => break,
             },
             _ = conn.closing.cancelled() => {
                 // Flush what is already queued (the answers of a shutdown), then close.
-                while let Ok(m) = rx.try_recv() {
+                while let Some(m) = conn.tx.try_pop() {
                     if let Some(msg) = render(&conn, m) {
                         if tokio::time::timeout(timeout, sink.feed(msg)).await.is_err() {
                             return;
@@ -74,7 +72,7 @@ pub(super) async fn writer(
                 }
                 n += 1;
                 if n < MAX_BATCH {
-                    next = rx.try_recv().ok();
+                    next = conn.tx.try_pop();
                 }
             }
             conn.drained.notify_waiters();
