@@ -36,6 +36,10 @@ use crate::task::Stopped;
 use reader::Reader;
 use state::Inflight;
 
+/// How long a closed connection goes on reading (and dropping) what its peer
+/// sends, so that its close frame is read before the socket goes.
+const CLOSE_LINGER: Duration = Duration::from_millis(500);
+
 /// How long a stopped CPU task gets to reach its next checkpoint before its
 /// request is answered anyway (it keeps its not-yielding flag in the table).
 const STOP_GRACE: Duration = Duration::from_secs(1);
@@ -76,15 +80,23 @@ pub(crate) async fn serve(app: Arc<App>, socket: WebSocket, peer: SocketAddr, li
         });
         app.hooks.conn_opened(&conn);
         tracing::debug!("connection opened");
-        let (sink, stream) = socket.split();
+        let (sink, mut stream) = socket.split();
         let writer = tokio::spawn(
             writer::writer(app.clone(), conn.clone(), sink).instrument(tracing::Span::current()),
         );
-        Reader::new(&app, &conn, limits.rate).run(stream).await;
+        Reader::new(&app, &conn, limits.rate).run(&mut stream).await;
         // Links: when the connection goes, its work goes.
         conn.stop_all(Stopped::Disconnected);
         conn.closing.cancel();
         let _ = writer.await;
+        // The close frame is sent: read (and drop) what the peer still sends
+        // for a moment, until it closes too. Closing a socket with unread data
+        // makes the kernel reset the connection, and the reset can destroy the
+        // close frame, and its code, before the client reads it.
+        let _ = tokio::time::timeout(CLOSE_LINGER, async {
+            while let Some(Ok(_)) = stream.next().await {}
+        })
+        .await;
         // Nobody drains the queue any more: refuse what late tasks send and
         // drop what is queued (progress entries hold their tasks).
         conn.tx.close();

@@ -52,7 +52,7 @@ impl<'a> Reader<'a> {
 
     /// Reads until the connection ends, the server asks it to close, or the
     /// shutdown grace period is over.
-    pub(super) async fn run(mut self, mut stream: SplitStream<WebSocket>) {
+    pub(super) async fn run(mut self, stream: &mut SplitStream<WebSocket>) {
         let (app, conn) = (self.app, self.conn);
         let shutdown = app.shutdown.clone();
         let mut grace: Option<tokio::time::Instant> = None;
