@@ -201,7 +201,7 @@ pub fn finish(plan: &Plan, report: &mut Report) {
     );
     report.notes.push(format!(
         "open-file limit {}: runs are capped at {} connections (asked for {}, ran {}); \
-         figures beyond that are extrapolations. Target: ≤ 16 KiB per idle connection \
+         figures beyond that are extrapolations. Target: ≤ 7 KiB per idle connection \
          at 10 000.",
         open_file_limit(),
         CAP,
