@@ -688,6 +688,11 @@ settings! {
     /// count, what bounds the memory a client that does not read can pin
     /// until the write timeout closes it.
     outbound_bytes => outbound_bytes: Bytes = Some(4 << 20);
+    /// Bytes of replies queued and batch answers kept over all connections
+    /// together: past it, answers wait for room as on a full connection (and a
+    /// client that still does not read is closed as a slow consumer), so what
+    /// non-reading clients pin in all is bounded whatever their number.
+    outbound_bytes_total => outbound_bytes_total: Bytes = Some(1 << 30);
     /// How long a reply may wait for room in the outbound queue, or a write for
     /// the socket, before the client is closed as a slow consumer (1008).
     write_timeout_ms => write_timeout: Millis = Some(10_000), min 1;
@@ -917,6 +922,12 @@ impl Config {
             return Err(invalid(
                 "outbound_bytes",
                 "must be at least max_frame_bytes (a reply as large as a request must fit)",
+            ));
+        }
+        if self.outbound_bytes_total < self.outbound_bytes {
+            return Err(invalid(
+                "outbound_bytes_total",
+                "must be at least outbound_bytes (one connection's queue must fit)",
             ));
         }
         if self.admin_token.as_deref() == Some("") {
@@ -1270,6 +1281,7 @@ mod tests {
             ("slice_us = 5", "slice_us"),
             ("max_frame_bytes = 10", "max_frame_bytes"),
             ("max_batch = 0", "max_batch"),
+            ("outbound_bytes_total = 1024", "outbound_bytes_total"),
             ("ping_rate_per_sec = 0", "ping_rate_per_sec"),
             ("address_cpu_limit = 0", "address_cpu_limit"),
             ("memory_budget_bytes = 4", "memory_budget_bytes"),

@@ -63,6 +63,9 @@ pub(crate) struct App {
     http_per_ip: Arc<Keyed<IpAddr>>,
     /// Fired when the shutdown deadline passes: whatever is still open ends.
     pub hard_stop: CancellationToken,
+    /// Bytes of replies queued and batch answers kept, over every connection
+    /// (bounded by `outbound_bytes_total`).
+    pub outbound_total: Arc<AtomicUsize>,
     /// Refusals and accept errors are logged at most once a second.
     refusal_log: LogLimiter,
 }
@@ -337,6 +340,7 @@ fn new_app(cfg: Config, registry: Registry) -> io::Result<Arc<App>> {
         http_conns: Arc::default(),
         http_per_ip: Arc::default(),
         hard_stop: CancellationToken::new(),
+        outbound_total: Arc::default(),
         refusal_log: LogLimiter::new(Duration::from_secs(1)),
         cfg,
     }))

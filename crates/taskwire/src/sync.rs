@@ -143,17 +143,18 @@ impl<T> Outbox<T> {
         lock(&self.state).items.len()
     }
 
-    /// The consumer is gone: refuses new messages, drops the queued ones (a
-    /// message may hold what holds this queue) and wakes every waiter.
-    pub(crate) fn close(&self) {
+    /// The consumer is gone: refuses new messages, wakes every waiter and
+    /// hands back what was queued (for the caller to account for and drop: a
+    /// message may hold what holds this queue).
+    pub(crate) fn close(&self) -> std::collections::VecDeque<T> {
         let items = {
             let mut s = lock(&self.state);
             s.closed = true;
             std::mem::take(&mut s.items)
         };
-        drop(items);
         self.room.notify_waiters();
         self.ready.notify_waiters();
+        items
     }
 }
 

@@ -354,7 +354,7 @@ impl Ctx {
     pub fn detached(method: &str) -> Ctx {
         // A closed queue: progress is kept for `last_progress` and dropped.
         let outbound = Arc::new(Outbox::new(1));
-        outbound.close();
+        drop(outbound.close());
         Ctx {
             shared: TaskShared::new(TaskInit {
                 id: 0,

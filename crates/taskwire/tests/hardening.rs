@@ -440,6 +440,80 @@ async fn invalid_configuration_is_refused_at_start() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// What non-reading clients pin is bounded in total, not only per
+/// connection: with a server-wide budget of one connection's worth, several
+/// flooders together hold at most that (their answers wait, then they are
+/// closed as slow consumers), a reading client is still served, and the
+/// count returns to zero once they are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbound_budget_is_bounded_over_all_connections() {
+    let budget = 1usize << 20;
+    let cfg = Config {
+        outbound_bytes: budget,
+        outbound_bytes_total: budget,
+        write_timeout: Duration::from_millis(500),
+        ..config()
+    };
+    let s = TestServer::start(cfg).await;
+    let big = "x".repeat(60 * 1024);
+    let mut flooders = Vec::new();
+    for f in 0..3 {
+        let mut c = s.client().await;
+        let big = big.clone();
+        flooders.push(tokio::spawn(async move {
+            // Never read: 200 answers of 60 KiB each, 12 MiB per flooder, more
+            // than the kernel's socket buffers take.
+            for i in 0..200 {
+                let text = json!({"jsonrpc":"2.0","id":format!("{f}-{i}"),"method":"echo","params":{"value": big}}).to_string();
+                let sent = tokio::time::timeout(
+                    Duration::from_millis(500),
+                    c.ws.send(Message::Text(text.into())),
+                )
+                .await;
+                if !matches!(sent, Ok(Ok(()))) {
+                    break;
+                }
+            }
+            // Hold the connection (unread) until the server gives up on it.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            drop(c);
+        }));
+    }
+    let mut peak = 0u64;
+    let metric = |text: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix("taskwire_outbound_bytes "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    for _ in 0..20 {
+        let (_, text) = http(s.addr, "GET", "/metrics", None).await;
+        peak = peak.max(metric(&text));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The budget holds (a few short answers may overdraw it, never by much).
+    assert!(peak > 0, "the flood was counted");
+    assert!(
+        peak <= budget as u64 + 64 * 1024,
+        "{peak} bytes pinned over a budget of {budget}"
+    );
+    // A client that reads is still served.
+    alive(&mut s.client().await).await;
+    for f in flooders {
+        f.await.unwrap();
+    }
+    assert!(eventually(|| async { open_connections(s.addr).await == 0 }).await);
+    assert!(
+        eventually(|| async {
+            let (_, text) = http(s.addr, "GET", "/metrics", None).await;
+            metric(&text) == 0
+        })
+        .await,
+        "every counted byte is given back"
+    );
+    s.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_consumer_is_closed_and_its_memory_released() {
     let cfg = Config {

@@ -73,6 +73,8 @@ pub(crate) async fn serve(app: Arc<App>, socket: WebSocket, peer: SocketAddr, li
             write_timeout: app.cfg.write_timeout,
             queued_bytes: AtomicUsize::new(0),
             kept_bytes: AtomicUsize::new(0),
+            total_bytes: app.outbound_total.clone(),
+            total_limit: app.cfg.outbound_bytes_total,
             outbound_bytes: app.cfg.outbound_bytes,
             held: AtomicUsize::new(0),
             drained: Notify::new(),
@@ -99,7 +101,9 @@ pub(crate) async fn serve(app: Arc<App>, socket: WebSocket, peer: SocketAddr, li
         .await;
         // Nobody drains the queue any more: refuse what late tasks send and
         // drop what is queued (progress entries hold their tasks).
-        conn.tx.close();
+        for msg in conn.tx.close() {
+            conn.forget(&msg);
+        }
         // Stay in the live table (and hold the connection's slot) until every
         // task has settled, so that what a closed connection still costs stays
         // visible; bounded, as a task that never yields is answered after STOP_GRACE.

@@ -67,6 +67,7 @@ impl Batch {
             );
             // A short error overdraws the budget: at most one per element.
             conn.kept_bytes.fetch_add(short.len(), Ordering::AcqRel);
+            conn.overdraw_total(short.len());
             short
         });
         if let Some(t) = &text {
@@ -93,10 +94,12 @@ impl Batch {
             all.push(']');
             // The kept bytes become queued bytes: the answer is already paid for.
             conn.queued_bytes.fetch_add(all.len(), Ordering::AcqRel);
+            conn.overdraw_total(all.len());
             out = Some(all);
         }
         // A batch of notifications is answered with nothing.
         conn.kept_bytes.fetch_sub(kept, Ordering::AcqRel);
+        conn.give_total(kept);
         conn.held.fetch_sub(self.len, Ordering::AcqRel);
         out
     }

@@ -59,6 +59,9 @@ pub(crate) struct ConnState {
     /// unfinished batches, and the most the two may hold together.
     pub(super) queued_bytes: AtomicUsize,
     pub(super) kept_bytes: AtomicUsize,
+    /// The same bytes summed over every connection, and the most they may be.
+    pub(super) total_bytes: Arc<AtomicUsize>,
+    pub(super) total_limit: usize,
     pub(super) outbound_bytes: usize,
     /// Batch elements answered whose batch's answer is not yet sent: each
     /// holds an in-flight place, as a running task does.
@@ -166,10 +169,7 @@ impl ConnState {
     }
 
     pub(super) async fn send_outbound(&self, msg: Outbound) {
-        let n = match &msg {
-            Outbound::Text(t) => t.len(),
-            Outbound::Progress(_) => 0,
-        };
+        let n = outbound_len(&msg);
         // The common case neither waits nor allocates. Only a client that
         // does not keep up makes an answer wait, and that wait is boxed:
         // inlined, its timers would sit in every connection's reader future
@@ -217,18 +217,38 @@ impl ConnState {
     /// Queues a message if the channel has room; gives it back when full.
     fn try_hand_over(&self, msg: Outbound) -> Result<(), Outbound> {
         match self.tx.try_push(msg) {
-            Ok(()) | Err(PushError::Closed(_)) => Ok(()),
+            Ok(()) => Ok(()),
+            Err(PushError::Closed(msg)) => {
+                self.forget(&msg);
+                Ok(())
+            }
             Err(PushError::Full(msg)) => Err(msg),
+        }
+    }
+
+    /// A counted message that will never be written (the writer is gone, or
+    /// it waited too long): its bytes leave the budgets.
+    pub(super) fn forget(&self, msg: &Outbound) {
+        self.forget_bytes(outbound_len(msg));
+    }
+
+    fn forget_bytes(&self, n: usize) {
+        if n > 0 {
+            self.queued_bytes.fetch_sub(n, Ordering::AcqRel);
+            self.give_total(n);
         }
     }
 
     /// Waits (at most `write_timeout`) for room in a full channel.
     async fn wait_to_push(&self, msg: Outbound) {
-        if tokio::time::timeout(self.write_timeout, self.tx.push(msg))
-            .await
-            .is_err()
-        {
-            self.close_with(close_code::POLICY, "slow consumer");
+        let n = outbound_len(&msg);
+        match tokio::time::timeout(self.write_timeout, self.tx.push(msg)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(msg)) => self.forget(&msg),
+            Err(_) => {
+                self.forget_bytes(n);
+                self.close_with(close_code::POLICY, "slow consumer");
+            }
         }
     }
 
@@ -236,35 +256,79 @@ impl ConnState {
     /// queue is empty, so that answers kept by a batch waiting on a long task
     /// never starve the connection's other answers (nor close it as a slow
     /// consumer): what waits is bounded by the budget plus one answer.
+    /// The server-wide budget applies to every message, so that what all
+    /// connections pin together stays bounded.
     pub(super) fn reserve(&self, n: usize) -> bool {
+        if !self.take_total(n) {
+            return false;
+        }
         let kept = self.kept_bytes.load(Ordering::Acquire);
-        self.queued_bytes
+        let ok = self
+            .queued_bytes
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
                 (cur == 0 || cur + kept + n <= self.outbound_bytes).then_some(cur + n)
+            })
+            .is_ok();
+        if !ok {
+            self.give_total(n);
+        }
+        ok
+    }
+
+    /// Takes `n` bytes of the server-wide outbound budget if it has room.
+    fn take_total(&self, n: usize) -> bool {
+        self.total_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+                (t + n <= self.total_limit).then_some(t + n)
             })
             .is_ok()
     }
 
+    /// Gives `n` bytes back to the server-wide budget.
+    pub(super) fn give_total(&self, n: usize) {
+        self.total_bytes.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// Counts `n` bytes in the server-wide budget without asking (an answer
+    /// that cannot wait: at most one per request).
+    pub(super) fn overdraw_total(&self, n: usize) {
+        self.total_bytes.fetch_add(n, Ordering::AcqRel);
+    }
+
     /// Keeps `n` bytes of a batch's answer if the budget has room; never waits.
     pub(super) fn keep(&self, n: usize) -> bool {
+        if !self.take_total(n) {
+            return false;
+        }
         let queued = self.queued_bytes.load(Ordering::Acquire);
-        self.kept_bytes
+        let ok = self
+            .kept_bytes
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |k| {
                 (queued + k + n <= self.outbound_bytes).then_some(k + n)
             })
-            .is_ok()
+            .is_ok();
+        if !ok {
+            self.give_total(n);
+        }
+        ok
     }
 
     pub(super) fn try_send(&self, text: String) {
         // The drop path cannot wait: it overdraws the budget rather than lose
         // an answer, and the message bound still holds.
         self.queued_bytes.fetch_add(text.len(), Ordering::AcqRel);
+        self.overdraw_total(text.len());
         self.try_push(text);
     }
 
     pub(super) fn try_push(&self, text: String) {
-        if let Err(PushError::Full(_)) = self.tx.try_push(Outbound::Text(text)) {
-            self.close_with(close_code::POLICY, "slow consumer");
+        match self.tx.try_push(Outbound::Text(text)) {
+            Ok(()) => {}
+            Err(PushError::Closed(msg)) => self.forget(&msg),
+            Err(PushError::Full(msg)) => {
+                self.forget(&msg);
+                self.close_with(close_code::POLICY, "slow consumer");
+            }
         }
     }
 
@@ -282,5 +346,14 @@ impl ConnState {
                 "internal error: answer dropped: too large",
             ),
         )
+    }
+}
+
+/// The bytes a message counts for in the outbound budgets (progress is
+/// rendered late and counted by the writer's own bound instead).
+fn outbound_len(msg: &Outbound) -> usize {
+    match msg {
+        Outbound::Text(t) => t.len(),
+        Outbound::Progress(_) => 0,
     }
 }

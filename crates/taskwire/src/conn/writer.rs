@@ -111,6 +111,7 @@ fn render(conn: &ConnState, m: Outbound) -> Option<Message> {
     let text = match m {
         Outbound::Text(t) => {
             conn.queued_bytes.fetch_sub(t.len(), Ordering::AcqRel);
+            conn.give_total(t.len());
             t
         }
         // A progress value larger than the whole budget is dropped: no single

@@ -50,6 +50,8 @@ pub(crate) struct AdminState {
     pub access: Arc<AdminAccess>,
     /// The event stream ends with the server.
     pub shutdown: CancellationToken,
+    /// Bytes of replies queued and batch answers kept, over every connection.
+    pub outbound_total: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl FromRef<Arc<App>> for AdminState {
@@ -60,6 +62,7 @@ impl FromRef<Arc<App>> for AdminState {
             pool: app.pool.clone(),
             access: app.admin.clone(),
             shutdown: app.shutdown.clone(),
+            outbound_total: app.outbound_total.clone(),
         }
     }
 }
@@ -249,6 +252,9 @@ fn live(app: &AdminState) -> Live {
             .max(pool.largest_task_memory),
         pool,
         outbound_depth: conns.iter().map(|c| c.outbound_depth()).sum(),
+        outbound_bytes: app
+            .outbound_total
+            .load(std::sync::atomic::Ordering::Relaxed),
     }
 }
 

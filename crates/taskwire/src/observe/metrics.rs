@@ -74,6 +74,7 @@ pub(crate) struct Metrics {
     pool_utilisation: Gauge<f64, AtomicU64>,
     pool_non_yielding: Gauge,
     outbound_depth: Gauge,
+    outbound_bytes: Gauge,
     runtime_workers: Gauge,
     runtime_alive_tasks: Gauge,
     runtime_global_queue: Gauge,
@@ -110,6 +111,8 @@ pub(crate) struct Live {
     pub largest_task_memory: u64,
     pub pool: PoolStats,
     pub outbound_depth: usize,
+    /// Bytes of replies queued and batch answers kept, over every connection.
+    pub outbound_bytes: usize,
 }
 
 impl Metrics {
@@ -133,6 +136,7 @@ impl Metrics {
             pool_utilisation: Gauge::default(),
             pool_non_yielding: Gauge::default(),
             outbound_depth: Gauge::default(),
+            outbound_bytes: Gauge::default(),
             runtime_workers: Gauge::default(),
             runtime_alive_tasks: Gauge::default(),
             runtime_global_queue: Gauge::default(),
@@ -233,6 +237,11 @@ impl Metrics {
             "outbound_queue_depth",
             "Messages waiting in connections' outbound queues",
             m.outbound_depth.clone(),
+        );
+        registry.register(
+            "outbound_bytes",
+            "Bytes of replies queued and batch answers kept over all connections (bounded by outbound_bytes_total)",
+            m.outbound_bytes.clone(),
         );
         registry.register(
             "pool_addresses",
@@ -376,6 +385,8 @@ impl Metrics {
         self.pool_non_yielding
             .set(live.pool.non_yielding_total as i64);
         self.outbound_depth.set(live.outbound_depth as i64);
+        self.outbound_bytes
+            .set(i64::try_from(live.outbound_bytes).unwrap_or(i64::MAX));
         self.runtime_workers.set(live.runtime.workers as i64);
         self.runtime_alive_tasks
             .set(live.runtime.alive_tasks as i64);
