@@ -469,9 +469,9 @@ mod tests {
         assert!(q.groups() < 64, "{}", q.groups());
     }
 
-    /// The target 2, in simulated time: one connection has 200 jobs of
-    /// 50 ms queued, a second sends a burst of 10 such jobs 100 ms later; on
-    /// two workers the burst finishes within 2x of its solo time (250 ms).
+    /// In simulated time: one connection has 200 jobs of 50 ms queued, a
+    /// second sends a burst of 10 such jobs 100 ms later; on two workers the
+    /// burst finishes within 2x of its solo time (250 ms).
     #[test]
     fn a_burst_behind_a_flood_stays_within_twice_its_solo_time() {
         let mut q = RunQueue::new(1_000 * MS);
