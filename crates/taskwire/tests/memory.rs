@@ -39,6 +39,17 @@ async fn hold(ctx: Ctx, p: Hold) -> Result<u64, TaskError> {
     Ok(v.len() as u64)
 }
 
+/// An I/O task that allocates `mib` MiB and holds it on a timer for 60 s (or
+/// until stopped).
+async fn hold_io(_ctx: Ctx, p: Hold) -> Result<u64, TaskError> {
+    let mut v = vec![0u8; (p.mib.min(1024) * MIB) as usize];
+    for i in (0..v.len()).step_by(4096) {
+        v[i] = 1;
+    }
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    Ok(std::hint::black_box(v).len() as u64)
+}
+
 static RELEASE_STUCK: AtomicBool = AtomicBool::new(false);
 
 #[derive(Deserialize, JsonSchema)]
@@ -57,6 +68,7 @@ async fn stuck(_ctx: Ctx, _p: Nothing) -> Result<u64, TaskError> {
 
 fn registry() -> Registry {
     let mut r = common::builtins();
+    r.io("hold_io", "Holds `mib` MiB on a timer.", hold_io);
     r.cpu("hold", "Holds `mib` MiB until stopped.", hold).cpu(
         "stuck",
         "Burns CPU without checkpoints.",
@@ -68,6 +80,28 @@ fn registry() -> Registry {
 async fn task_of(addr: std::net::SocketAddr, method: &str) -> Option<Value> {
     let v = admin_json(addr, "GET", &format!("/admin/tasks?method={method}")).await;
     v["tasks"].as_array()?.first().cloned()
+}
+
+/// An I/O task's allocations count for it too (its first poll runs in the
+/// connection's reader, later ones on a Tokio task of its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_io_task_s_memory_is_attributed() {
+    let server = TestServer::with_registry(config(), registry()).await;
+    let mut c = server.client().await;
+    c.request("io", "hold_io", json!({"mib": 32})).await;
+    assert!(
+        eventually(|| async {
+            task_of(server.addr, "hold_io")
+                .await
+                .is_some_and(|t| t["memoryBytes"].as_u64().unwrap_or(0) >= 32 * MIB)
+        })
+        .await,
+        "memoryBytes shows the I/O task's 32 MiB"
+    );
+    c.send(json!({"jsonrpc": "2.0", "method": "$/cancelRequest", "params": {"id": "io"}}))
+        .await;
+    assert_eq!(code(&c.response("io").await), -32800);
+    server.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

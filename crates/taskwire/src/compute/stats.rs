@@ -65,6 +65,12 @@ pub struct JobStats {
 }
 
 impl JobStats {
+    /// Counts what this thread allocates and frees to this job until the
+    /// guard is dropped (wrap each poll of the job's future in it).
+    pub(crate) fn attribute(&self) -> crate::alloc::Attributed<'_> {
+        crate::alloc::Attributed::new(&self.memory)
+    }
+
     /// The figures of the task `id` running `method` (named in log lines).
     pub fn for_task(id: u64, method: Arc<str>) -> JobStats {
         JobStats {

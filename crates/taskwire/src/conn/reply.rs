@@ -254,9 +254,16 @@ async fn supervise(app: Arc<App>, reply: Reply, fut: TaskFuture, permit: Option<
     let outcome = match permit {
         None => {
             task.stats.set_state(JobState::Running);
+            // Memory is attributed to an I/O task as to a CPU task: what
+            // each poll allocates and frees counts for the task.
+            let mut run = std::pin::pin!(guarded(task.clone(), fut));
+            let attributed = std::future::poll_fn(|cx| {
+                let _mem = task.stats.attribute();
+                std::future::Future::poll(run.as_mut(), cx)
+            });
             tokio::select! {
                 biased;
-                out = guarded(task.clone(), fut) => out,
+                out = attributed => out,
                 why = stop_signal(&task) => Outcome::Err(why.into()),
             }
         }
@@ -311,7 +318,7 @@ pub(super) async fn start(
         // A task that is not ready at once moves to a task of its own, which
         // polls it again straight away, so the no-op waker used here is never
         // relied on.
-        if let Some(outcome) = poll_once(&mut fut) {
+        if let Some(outcome) = poll_once(&mut fut, &task) {
             reply.finish(outcome).await;
             return;
         }
@@ -321,8 +328,9 @@ pub(super) async fn start(
 }
 
 /// Polls a task once, catching a panic; `None` while it is pending.
-fn poll_once(fut: &mut TaskFuture) -> Option<Outcome> {
+fn poll_once(fut: &mut TaskFuture, task: &TaskShared) -> Option<Outcome> {
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let _mem = task.stats.attribute();
     match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(&mut cx))) {
         Ok(std::task::Poll::Pending) => None,
         Ok(std::task::Poll::Ready(Ok(v))) => Some(Outcome::Ok(v)),
