@@ -8,12 +8,16 @@
 //! client address), whose entry is removed when its count falls to zero, so
 //! that the map never holds more keys than there are slots taken.
 //!
+//! The rate limits are here too: a [`TokenBucket`] per connection, and the
+//! [`LogLimiter`] that keeps a flood of refusals from flooding the log.
+//!
 //! This module depends on nothing else in the crate but [`crate::sync`].
 
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::sync::lock;
 
@@ -143,6 +147,78 @@ impl<K: Eq + Hash, V> Drop for KeyedSlot<K, V> {
             if e.held == 0 {
                 m.remove(&self.key);
             }
+        }
+    }
+}
+
+/// At most one log line per period for a flood of refusals: the first refusal
+/// of a period is logged with the count of those suppressed since the last
+/// line. Time is passed in, so the test needs no clock.
+#[derive(Debug)]
+pub(crate) struct LogLimiter {
+    period: Duration,
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl LogLimiter {
+    pub(crate) fn new(period: Duration) -> LogLimiter {
+        LogLimiter {
+            period,
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(suppressed)` when this event should be logged.
+    pub(crate) fn allow(&self, now: Instant) -> Option<u64> {
+        let mut s = lock(&self.state);
+        match s.0 {
+            Some(last) if now.saturating_duration_since(last) < self.period => {
+                s.1 += 1;
+                None
+            }
+            _ => {
+                let suppressed = s.1;
+                *s = (Some(now), 0);
+                Some(suppressed)
+            }
+        }
+    }
+}
+
+/// A token bucket: `burst` tokens, refilled at `per_second`. Owned by one
+/// connection's reader, so it needs no atomics; time is passed in, so the
+/// tests need no clock.
+#[derive(Debug)]
+pub(crate) struct TokenBucket {
+    per_second: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// `per_second` and `burst` as in the `RateLimit` setting; 0 counts as 1.
+    pub(crate) fn new(per_second: u32, burst: u32, now: Instant) -> TokenBucket {
+        TokenBucket {
+            per_second: f64::from(per_second.max(1)),
+            burst: f64::from(burst.max(1)),
+            tokens: f64::from(burst.max(1)),
+            last: now,
+        }
+    }
+
+    /// Takes one token, or says how long until one is there.
+    pub(crate) fn take(&mut self, now: Instant) -> Result<(), Duration> {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now.max(self.last);
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64(
+                (1.0 - self.tokens) / self.per_second,
+            ))
         }
     }
 }

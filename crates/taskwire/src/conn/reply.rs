@@ -16,7 +16,7 @@ use super::STOP_GRACE;
 use crate::compute::{JobState, Permit};
 use crate::protocol::{self, codes, ErrorObject, Id};
 use crate::registry::TaskFuture;
-use crate::server::App;
+use crate::app::App;
 use crate::sync::lock;
 use crate::task::{Outbound, Outcome, Stopped, TaskError, TaskShared};
 

@@ -13,7 +13,7 @@ use futures_util::SinkExt;
 use tokio::sync::mpsc;
 
 use super::state::ConnState;
-use crate::server::App;
+use crate::app::App;
 use crate::task::Outbound;
 
 /// Most messages the writer gathers before a flush.
