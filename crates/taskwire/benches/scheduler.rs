@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use reference::{Arith, ScanQueue};
 use taskwire::builtin::splitmix64;
-use taskwire::compute::RunQueue;
+use taskwire::bench_internals::RunQueue;
 
 const MS: u64 = 1_000_000;
 /// Time constant of usage decay: the pool's default (1 s).

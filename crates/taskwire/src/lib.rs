@@ -82,5 +82,14 @@ pub use observe::OutcomeKind;
 pub use registry::{Registry, TaskDef};
 pub use task::{Checkpoint, Ctx, Stopped, TaskError, TaskKind};
 
+/// Internals that `benches/` measures directly (the run queue against its
+/// reference, the thread CPU clock a checkpoint reads). Not part of the API:
+/// a benchmark outside the crate can reach nothing else, and these cannot be
+/// measured from a unit test.
+#[doc(hidden)]
+pub mod bench_internals {
+    pub use crate::compute::{thread_cpu_time, RunQueue};
+}
+
 #[cfg(test)]
 mod module_order;

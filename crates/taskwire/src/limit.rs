@@ -34,7 +34,7 @@ impl Slot {
     /// its limit even for an instant, so a concurrent acquirer is not refused
     /// for a slot that was never really taken, and a reader waiting for zero
     /// (shutdown) never sees a phantom one.
-    pub fn acquire(count: &Arc<AtomicUsize>, limit: usize) -> Option<Slot> {
+    pub(crate) fn acquire(count: &Arc<AtomicUsize>, limit: usize) -> Option<Slot> {
         count
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < limit).then_some(n + 1)
@@ -78,14 +78,14 @@ impl<K, V> Default for Keyed<K, V> {
 
 impl<K: Eq + Hash + Clone, V: Default> Keyed<K, V> {
     /// Takes a slot of `key` if it holds fewer than `limit`.
-    pub fn acquire(table: &Arc<Self>, key: K, limit: usize) -> Option<KeyedSlot<K, V>> {
+    pub(crate) fn acquire(table: &Arc<Self>, key: K, limit: usize) -> Option<KeyedSlot<K, V>> {
         Self::acquire_or(table, key, limit, |_| ()).ok()
     }
 
     /// Takes a slot of `key` if it holds fewer than `limit`; else the answer
     /// of `refuse`, which sees what is kept about the key (to tell, say, how
     /// long until it can expect a slot back).
-    pub fn acquire_or<E>(
+    pub(crate) fn acquire_or<E>(
         table: &Arc<Self>,
         key: K,
         limit: usize,
@@ -114,7 +114,7 @@ impl<K: Eq + Hash + Clone, V: Default> Keyed<K, V> {
     }
 
     /// Keys holding at least one slot now.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         lock(&self.map).len()
     }
 }
@@ -131,7 +131,7 @@ impl<K: Eq + Hash, V> KeyedSlot<K, V> {
     /// Has `f` update what is kept about the key when this slot is given back
     /// (under the same lock, so it sees the entry before it may go). `f` must
     /// not panic.
-    pub fn on_release(&mut self, f: fn(&mut V)) {
+    pub(crate) fn on_release(&mut self, f: fn(&mut V)) {
         self.on_release = Some(f);
     }
 }

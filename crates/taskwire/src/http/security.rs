@@ -14,7 +14,7 @@ use crate::config::{AuthToken, IpRange};
 
 /// The cookie a browser page can use to carry its token (a browser cannot set
 /// headers on a WebSocket).
-pub const TOKEN_COOKIE: &str = "taskwire_token";
+pub(crate) const TOKEN_COOKIE: &str = "taskwire_token";
 
 /// Compares without an early exit, so response timing does not leak how much
 /// of a guessed token was right.

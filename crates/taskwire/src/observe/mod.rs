@@ -96,7 +96,7 @@ pub(crate) struct Observer {
 impl Observer {
     /// `max_threads`: the most compute worker threads there can be
     /// (configured plus replacements), which bounds the abandoned tasks.
-    pub fn new(methods: &[&str], max_threads: usize) -> Observer {
+    pub(crate) fn new(methods: &[&str], max_threads: usize) -> Observer {
         Observer {
             conns: Mutex::new(HashMap::new()),
             abandoned: Mutex::new(HashMap::new()),
@@ -114,19 +114,19 @@ impl Observer {
     }
 
     /// How many abandoned tasks are still on a worker.
-    pub fn abandoned_count(&self) -> usize {
+    pub(crate) fn abandoned_count(&self) -> usize {
         self.abandoned().len()
     }
 
-    pub fn connections(&self) -> Vec<Arc<dyn ConnView>> {
+    pub(crate) fn connections(&self) -> Vec<Arc<dyn ConnView>> {
         lock(&self.conns).values().cloned().collect()
     }
 
-    pub fn connection(&self, id: u64) -> Option<Arc<dyn ConnView>> {
+    pub(crate) fn connection(&self, id: u64) -> Option<Arc<dyn ConnView>> {
         lock(&self.conns).get(&id).cloned()
     }
 
-    pub fn find_task(&self, id: u64) -> Option<Arc<TaskShared>> {
+    pub(crate) fn find_task(&self, id: u64) -> Option<Arc<TaskShared>> {
         self.connections()
             .into_iter()
             .find_map(|c| c.task(id))
@@ -134,7 +134,7 @@ impl Observer {
     }
 
     /// One task as the admin API shows it, abandoned ones included.
-    pub fn task_info(&self, id: u64) -> Option<TaskInfo> {
+    pub(crate) fn task_info(&self, id: u64) -> Option<TaskInfo> {
         if let Some(t) = self.connections().into_iter().find_map(|c| c.task(id)) {
             return Some(task_info(&t));
         }
@@ -143,7 +143,7 @@ impl Observer {
     }
 
     /// Kills a task: its client gets -32004. False if no such task.
-    pub fn kill(&self, id: u64) -> bool {
+    pub(crate) fn kill(&self, id: u64) -> bool {
         match self.find_task(id) {
             Some(t) => {
                 t.stop(Stopped::Killed);
@@ -154,11 +154,11 @@ impl Observer {
         }
     }
 
-    pub fn uptime_ms(&self) -> u64 {
+    pub(crate) fn uptime_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
 
-    pub fn tasks(&self, q: &TaskQuery) -> Vec<TaskInfo> {
+    pub(crate) fn tasks(&self, q: &TaskQuery) -> Vec<TaskInfo> {
         let conns = match q.conn {
             Some(id) => self.connection(id).into_iter().collect(),
             None => self.connections(),
