@@ -61,12 +61,12 @@
 #![warn(unreachable_pub, missing_debug_implementations)]
 
 pub mod alloc;
+mod app;
 pub mod builtin;
 mod compute;
 pub mod config;
 mod conn;
 mod error;
-mod app;
 mod http;
 mod limit;
 pub mod observe;

@@ -121,7 +121,10 @@ fn module_order() {
                 continue;
             }
             let Some(used_rank) = ORDER.iter().position(|m| *m == used) else {
-                wrong.push(format!("{}: crate::{used} is not in the module order", rel.display()));
+                wrong.push(format!(
+                    "{}: crate::{used} is not in the module order",
+                    rel.display()
+                ));
                 continue;
             };
             if used_rank > rank {
@@ -132,18 +135,36 @@ fn module_order() {
             }
         }
     }
-    assert!(wrong.is_empty(), "module order broken:\n{}", wrong.join("\n"));
-    assert_eq!(seen.len(), ORDER.len(), "a module in ORDER has no file: {seen:?}");
+    assert!(
+        wrong.is_empty(),
+        "module order broken:\n{}",
+        wrong.join("\n")
+    );
+    assert_eq!(
+        seen.len(),
+        ORDER.len(),
+        "a module in ORDER has no file: {seen:?}"
+    );
 }
 
 #[test]
 fn a_reference_upward_is_seen() {
-    let found = referenced("use crate::http::Server;\nlet x = crate::Ctx::detached(\"t\");", &[
-        ("Ctx".into(), "task".into()),
-    ]);
-    assert!(found.contains("http") && found.contains("task"), "{found:?}");
+    let found = referenced(
+        "use crate::http::Server;\nlet x = crate::Ctx::detached(\"t\");",
+        &[("Ctx".into(), "task".into())],
+    );
+    assert!(
+        found.contains("http") && found.contains("task"),
+        "{found:?}"
+    );
     let grouped = referenced("use crate::{conn, app::App};", &[]);
-    assert!(grouped.contains("conn") && grouped.contains("app"), "{grouped:?}");
-    let test_only = referenced("fn f() {}\n#[cfg(test)]\nmod tests { use crate::http; }", &[]);
+    assert!(
+        grouped.contains("conn") && grouped.contains("app"),
+        "{grouped:?}"
+    );
+    let test_only = referenced(
+        "fn f() {}\n#[cfg(test)]\nmod tests { use crate::http; }",
+        &[],
+    );
     assert!(test_only.is_empty(), "{test_only:?}");
 }

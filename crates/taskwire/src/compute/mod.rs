@@ -189,12 +189,6 @@ impl ComputePool {
         }
     }
 
-    /// The configuration in force.
-    #[cfg(test)]
-    pub(crate) fn config(&self) -> &ComputeConfig {
-        &self.cfg
-    }
-
     /// Admits one more job for a group whose admitted count is `group_count`,
     /// with no client address: such a job counts against the connection and
     /// pool limits only. A server admits with [`ComputePool::admit_from`].
@@ -229,12 +223,6 @@ impl ComputePool {
             p.shutting_down(),
             p.memory.over_budget.load(Ordering::Relaxed),
         )
-    }
-
-    /// Client addresses holding admitted jobs now (bounded by the admitted jobs).
-    #[cfg(test)]
-    pub(crate) fn addresses(&self) -> usize {
-        self.inner.admission.addresses()
     }
 
     /// Runs a future on the pool, charged to `group`. The returned task yields
@@ -301,7 +289,7 @@ impl ComputePool {
 pub(super) mod testing {
     use super::*;
 
-    pub fn pool(workers: usize) -> ComputePool {
+    pub(crate) fn pool(workers: usize) -> ComputePool {
         ComputePool::new(ComputeConfig {
             workers,
             nice: 0,
@@ -310,7 +298,7 @@ pub(super) mod testing {
     }
 
     /// A future that yields whenever its slice is over, like a checkpoint loop.
-    pub async fn burn(ms: u64) -> u64 {
+    pub(crate) async fn burn(ms: u64) -> u64 {
         let start = thread_cpu_time();
         let mut own = Duration::ZERO;
         let mut last = start;
@@ -332,7 +320,7 @@ pub(super) mod testing {
     }
 
     /// Wakes its own task and returns `Pending` once, as a checkpoint does.
-    pub struct YieldNow(pub bool);
+    pub(crate) struct YieldNow(pub bool);
     impl Future for YieldNow {
         type Output = ();
         fn poll(

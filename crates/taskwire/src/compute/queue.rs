@@ -316,7 +316,9 @@ impl<T> RunQueue<T> {
     }
 }
 
+// Its items are `pub` because benches/scheduler.rs includes the same file.
 #[cfg(test)]
+#[allow(unreachable_pub)]
 #[path = "queue_reference.rs"]
 mod reference;
 

@@ -15,11 +15,11 @@ use super::admit::{self, Admission};
 use super::reply::{self, Batch, Dest};
 use super::state::ConnState;
 use super::STOP_GRACE;
+use crate::app::App;
 use crate::config::RateLimit;
+use crate::limit::TokenBucket;
 use crate::observe::RefusalReason;
 use crate::protocol::{self, ErrorObject, Frame, Rejected, Request};
-use crate::limit::TokenBucket;
-use crate::app::App;
 use crate::task::Stopped;
 
 pub(super) struct Reader<'a> {

@@ -22,15 +22,15 @@ use axum::{Json, Router};
 use futures_util::{stream, Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 
+use crate::app::{AdminAccess, App};
+use crate::compute::ComputePool;
+use crate::http::security;
 use crate::observe::api::{
     ApiError, Closed, ConnList, Killed, MemoryInfo, PoolInfo, RefusalReason, Snapshot, Stats,
     TaskList, TaskState,
 };
 use crate::observe::metrics::{Live, RuntimeStats};
 use crate::observe::{count_states, Hooks, Observer, TaskQuery};
-use crate::compute::ComputePool;
-use crate::app::{AdminAccess, App};
-use crate::http::security;
 
 /// What the admin handlers may reach: the observer, the pool's figures and
 /// the access rule, not the whole server (its connections' limits, its
@@ -62,6 +62,8 @@ const SNAPSHOT_EVERY: Duration = Duration::from_millis(250);
 /// Tasks per snapshot, busiest first: enough for a dashboard, bounded in size.
 const SNAPSHOT_TASKS: usize = 500;
 
+// The generated table is `pub` for its use here; this module keeps it private.
+#[allow(unreachable_pub)]
 mod files {
     include!(concat!(env!("OUT_DIR"), "/web_files.rs"));
 }

@@ -293,6 +293,8 @@ pub(crate) fn request_host<'a>(headers: &'a HeaderMap, uri: &'a Uri) -> Option<&
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::{Duration, Instant};
+
     use crate::limit::{LogLimiter, TokenBucket};
     use axum::http::HeaderValue;
 
