@@ -98,7 +98,8 @@ impl Server {
     ///         taskwire::shutdown_signal().await;
     ///         tw.shutdown().await;
     ///     })
-    ///     .await
+    ///     .await?;
+    /// # Ok(())
     /// # }
     /// ```
     ///
@@ -133,7 +134,8 @@ impl Server {
     /// taskwire::builtin::register(&mut registry);
     /// let server = Server::bind(Config::default(), registry).await?;
     /// println!("listening on {}", server.local_addr()?);
-    /// server.run(taskwire::shutdown_signal()).await
+    /// server.run(taskwire::shutdown_signal()).await?;
+    /// # Ok(())
     /// # }
     /// ```
     ///
