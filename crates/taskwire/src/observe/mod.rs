@@ -66,17 +66,17 @@ impl Hooks for () {
 
 /// Filters and order for listing tasks.
 #[derive(Clone, Debug, Default, serde::Deserialize)]
-pub struct TaskQuery {
+pub(crate) struct TaskQuery {
     /// Only this connection's tasks.
-    pub conn: Option<u64>,
+    pub(crate) conn: Option<u64>,
     /// Only tasks in this state.
-    pub state: Option<String>,
+    pub(crate) state: Option<String>,
     /// Only tasks of this method.
-    pub method: Option<String>,
+    pub(crate) method: Option<String>,
     /// `cpu` (default: most CPU first) or `age` (oldest first).
-    pub sort: Option<String>,
+    pub(crate) sort: Option<String>,
     /// At most this many (default 500, capped at 10 000).
-    pub limit: Option<usize>,
+    pub(crate) limit: Option<usize>,
 }
 
 /// The live implementation of [`Hooks`]: the table of connections (whose
