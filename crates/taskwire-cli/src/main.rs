@@ -85,7 +85,6 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     // Every configuration error stops the start, naming the setting.
     let config = args.load().map_err(|e| e.to_string())?;
     init_logging(&config.log);
-    let wanted = config.addr;
     let (ws, http) = if config.tls().is_some() {
         ("wss", "https")
     } else {
@@ -93,12 +92,10 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     };
     let mut registry = Registry::new();
     taskwire::builtin::register(&mut registry);
+    // The error names the setting or the address.
     let server = Server::bind(config, registry)
         .await
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::InvalidInput => e.to_string(),
-            _ => format!("cannot listen on {wanted}: {e}"),
-        })?;
+        .map_err(|e| e.to_string())?;
     let addr = server.local_addr().map_err(|e| e.to_string())?;
     // The one line on stdout: scripts and tests read the port from it.
     println!("listening on {addr}");

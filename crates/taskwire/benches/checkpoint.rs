@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use futures_util::task::noop_waker_ref;
-use taskwire::compute::thread_cpu_time;
+use taskwire::bench_internals::thread_cpu_time;
 use taskwire::Ctx;
 
 const N: u64 = 20_000_000;

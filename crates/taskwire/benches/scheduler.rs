@@ -16,8 +16,8 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use reference::{Arith, ScanQueue};
+use taskwire::bench_internals::RunQueue;
 use taskwire::builtin::splitmix64;
-use taskwire::compute::RunQueue;
 
 const MS: u64 = 1_000_000;
 /// Time constant of usage decay: the pool's default (1 s).

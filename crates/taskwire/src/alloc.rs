@@ -150,7 +150,7 @@ impl Drop for Attributed<'_> {
 /// The resident set size of this process in bytes (`/proc/self/statm`), or 0
 /// where that file does not exist. A file read: sample it, do not call it per
 /// request.
-pub fn rss_bytes() -> u64 {
+pub(crate) fn rss_bytes() -> u64 {
     let Ok(text) = std::fs::read_to_string("/proc/self/statm") else {
         return 0;
     };
@@ -174,7 +174,7 @@ fn page_size() -> u64 {
 
 /// The memory this process may use: the machine's physical memory, or the
 /// cgroup's limit (`memory.max`, cgroup v2) when that is smaller.
-pub fn available_memory() -> Option<u64> {
+pub(crate) fn available_memory() -> Option<u64> {
     // SAFETY: sysconf has no preconditions; it returns -1 on error.
     let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
     let physical = (pages > 0).then(|| pages as u64 * page_size());
@@ -189,7 +189,7 @@ pub fn available_memory() -> Option<u64> {
 
 /// Bytes the C allocator holds free (glibc's `mallinfo2().fordblks`), or
 /// `None` where it cannot say. Walks the free lists: once a second at most.
-pub fn allocator_free_bytes() -> Option<u64> {
+pub(crate) fn allocator_free_bytes() -> Option<u64> {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // SAFETY: mallinfo2 has no preconditions and returns a plain struct.
@@ -206,7 +206,7 @@ pub fn allocator_free_bytes() -> Option<u64> {
 /// every arena, including free pages in the middle of the heap). Holds the
 /// allocator's locks while it walks the heap, a few ms for a heap of GiBs:
 /// call it rarely, off the request path. A no-op on other C libraries.
-pub fn trim() {
+pub(crate) fn trim() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim has no preconditions.
     unsafe {

@@ -8,12 +8,16 @@
 //! client address), whose entry is removed when its count falls to zero, so
 //! that the map never holds more keys than there are slots taken.
 //!
+//! The rate limits are here too: a [`TokenBucket`] per connection, and the
+//! [`LogLimiter`] that keeps a flood of refusals from flooding the log.
+//!
 //! This module depends on nothing else in the crate but [`crate::sync`].
 
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::sync::lock;
 
@@ -30,7 +34,7 @@ impl Slot {
     /// its limit even for an instant, so a concurrent acquirer is not refused
     /// for a slot that was never really taken, and a reader waiting for zero
     /// (shutdown) never sees a phantom one.
-    pub fn acquire(count: &Arc<AtomicUsize>, limit: usize) -> Option<Slot> {
+    pub(crate) fn acquire(count: &Arc<AtomicUsize>, limit: usize) -> Option<Slot> {
         count
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < limit).then_some(n + 1)
@@ -74,14 +78,14 @@ impl<K, V> Default for Keyed<K, V> {
 
 impl<K: Eq + Hash + Clone, V: Default> Keyed<K, V> {
     /// Takes a slot of `key` if it holds fewer than `limit`.
-    pub fn acquire(table: &Arc<Self>, key: K, limit: usize) -> Option<KeyedSlot<K, V>> {
+    pub(crate) fn acquire(table: &Arc<Self>, key: K, limit: usize) -> Option<KeyedSlot<K, V>> {
         Self::acquire_or(table, key, limit, |_| ()).ok()
     }
 
     /// Takes a slot of `key` if it holds fewer than `limit`; else the answer
     /// of `refuse`, which sees what is kept about the key (to tell, say, how
     /// long until it can expect a slot back).
-    pub fn acquire_or<E>(
+    pub(crate) fn acquire_or<E>(
         table: &Arc<Self>,
         key: K,
         limit: usize,
@@ -110,7 +114,7 @@ impl<K: Eq + Hash + Clone, V: Default> Keyed<K, V> {
     }
 
     /// Keys holding at least one slot now.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         lock(&self.map).len()
     }
 }
@@ -127,7 +131,7 @@ impl<K: Eq + Hash, V> KeyedSlot<K, V> {
     /// Has `f` update what is kept about the key when this slot is given back
     /// (under the same lock, so it sees the entry before it may go). `f` must
     /// not panic.
-    pub fn on_release(&mut self, f: fn(&mut V)) {
+    pub(crate) fn on_release(&mut self, f: fn(&mut V)) {
         self.on_release = Some(f);
     }
 }
@@ -143,6 +147,78 @@ impl<K: Eq + Hash, V> Drop for KeyedSlot<K, V> {
             if e.held == 0 {
                 m.remove(&self.key);
             }
+        }
+    }
+}
+
+/// At most one log line per period for a flood of refusals: the first refusal
+/// of a period is logged with the count of those suppressed since the last
+/// line. Time is passed in, so the test needs no clock.
+#[derive(Debug)]
+pub(crate) struct LogLimiter {
+    period: Duration,
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl LogLimiter {
+    pub(crate) fn new(period: Duration) -> LogLimiter {
+        LogLimiter {
+            period,
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(suppressed)` when this event should be logged.
+    pub(crate) fn allow(&self, now: Instant) -> Option<u64> {
+        let mut s = lock(&self.state);
+        match s.0 {
+            Some(last) if now.saturating_duration_since(last) < self.period => {
+                s.1 += 1;
+                None
+            }
+            _ => {
+                let suppressed = s.1;
+                *s = (Some(now), 0);
+                Some(suppressed)
+            }
+        }
+    }
+}
+
+/// A token bucket: `burst` tokens, refilled at `per_second`. Owned by one
+/// connection's reader, so it needs no atomics; time is passed in, so the
+/// tests need no clock.
+#[derive(Debug)]
+pub(crate) struct TokenBucket {
+    per_second: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// `per_second` and `burst` as in the `RateLimit` setting; 0 counts as 1.
+    pub(crate) fn new(per_second: u32, burst: u32, now: Instant) -> TokenBucket {
+        TokenBucket {
+            per_second: f64::from(per_second.max(1)),
+            burst: f64::from(burst.max(1)),
+            tokens: f64::from(burst.max(1)),
+            last: now,
+        }
+    }
+
+    /// Takes one token, or says how long until one is there.
+    pub(crate) fn take(&mut self, now: Instant) -> Result<(), Duration> {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now.max(self.last);
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64(
+                (1.0 - self.tokens) / self.per_second,
+            ))
         }
     }
 }

@@ -213,7 +213,7 @@ pub(crate) struct TaskInit {
 }
 
 impl TaskShared {
-    pub fn new(init: TaskInit) -> Arc<TaskShared> {
+    pub(crate) fn new(init: TaskInit) -> Arc<TaskShared> {
         let created = Instant::now();
         Arc::new(TaskShared {
             id: init.id,
@@ -238,7 +238,7 @@ impl TaskShared {
     }
 
     /// Tells the task to stop; returns false if it was already told.
-    pub fn stop(&self, why: Stopped) -> bool {
+    pub(crate) fn stop(&self, why: Stopped) -> bool {
         let first = self
             .stop
             .compare_exchange(0, why.to_u8(), Ordering::AcqRel, Ordering::Acquire)
@@ -247,11 +247,11 @@ impl TaskShared {
         first
     }
 
-    pub fn stopped(&self) -> Option<Stopped> {
+    pub(crate) fn stopped(&self) -> Option<Stopped> {
         Stopped::from_u8(self.stop.load(Ordering::Acquire))
     }
 
-    pub fn last_progress(&self) -> Option<Value> {
+    pub(crate) fn last_progress(&self) -> Option<Value> {
         let slot = lock(&self.progress);
         slot.latest
             .as_ref()
@@ -287,7 +287,7 @@ impl TaskShared {
     }
 
     /// Called by the writer: the notification to send now, if any.
-    pub fn take_progress_text(&self) -> Option<String> {
+    pub(crate) fn take_progress_text(&self) -> Option<String> {
         let mut slot = lock(&self.progress);
         slot.queued = false;
         if !slot.unsent {
@@ -302,7 +302,7 @@ impl TaskShared {
     }
 
     /// Progress updates that were folded into a later notification.
-    pub fn progress_coalesced(&self) -> u64 {
+    pub(crate) fn progress_coalesced(&self) -> u64 {
         self.progress_calls
             .load(Ordering::Relaxed)
             .saturating_sub(self.progress_sent.load(Ordering::Relaxed))
@@ -310,7 +310,7 @@ impl TaskShared {
 
     /// Called just before the response: no progress after it, and whether the
     /// latest value still has to go out first.
-    pub fn close_progress(&self) -> bool {
+    pub(crate) fn close_progress(&self) -> bool {
         let mut slot = lock(&self.progress);
         slot.closed = true;
         let need = slot.unsent && !slot.queued;
@@ -444,6 +444,15 @@ impl Ctx {
     }
 }
 
+impl std::fmt::Debug for Checkpoint<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("task", &self.shared.id)
+            .field("yielded", &self.yielded)
+            .finish()
+    }
+}
+
 /// The future returned by [`Ctx::checkpoint`].
 #[must_use = "a checkpoint does nothing unless awaited"]
 pub struct Checkpoint<'a> {
@@ -483,7 +492,7 @@ impl Outcome {
     /// How it is counted. `Lost` is an `error` here: the caller that knows the
     /// server is shutting down answers it as stopped by the shutdown instead
     /// (and counts it so), see the connection's reply.
-    pub fn kind(&self) -> OutcomeKind {
+    pub(crate) fn kind(&self) -> OutcomeKind {
         match self {
             Outcome::Ok(_) => OutcomeKind::Ok,
             Outcome::Err(TaskError::Stopped(s)) => match s {

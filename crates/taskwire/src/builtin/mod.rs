@@ -38,7 +38,7 @@ const MAX_ROUNDS: u64 = 1_000_000_000_000;
 const MAX_BELOW: u64 = 10_000_000_000;
 
 /// Params of `echo`.
-#[derive(Deserialize, JsonSchema)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EchoParams {
     /// Any JSON value.
@@ -50,7 +50,7 @@ async fn echo(_ctx: Ctx, p: EchoParams) -> Result<Value, TaskError> {
 }
 
 /// Params of `sleep` and `spin`.
-#[derive(Deserialize, JsonSchema)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MsParams {
     /// Milliseconds, at most one hour.
@@ -80,7 +80,7 @@ async fn sleep(_ctx: Ctx, p: MsParams) -> Result<Slept, TaskError> {
 }
 
 /// Params of `hash_chain`.
-#[derive(Deserialize, JsonSchema)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HashChainParams {
     /// The starting value.
@@ -130,7 +130,7 @@ async fn hash_chain(ctx: Ctx, p: HashChainParams) -> Result<Digest, TaskError> {
 }
 
 /// Params of `count_primes`.
-#[derive(Deserialize, JsonSchema)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CountPrimesParams {
     /// Count the primes strictly below this, at most 10^10.
@@ -245,7 +245,7 @@ async fn spin(ctx: Ctx, p: MsParams) -> Result<Spun, TaskError> {
 }
 
 /// Params of tasks that take none.
-#[derive(Deserialize, JsonSchema)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NoParams {}
 
@@ -258,7 +258,7 @@ async fn runaway(ctx: Ctx, _p: NoParams) -> Result<Value, TaskError> {
 }
 
 /// Params of `crash`.
-#[derive(Deserialize, JsonSchema)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CrashParams {
     /// The panic message.

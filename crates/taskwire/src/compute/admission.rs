@@ -34,7 +34,7 @@ pub(super) const MEMORY_SAMPLE_MS: u64 = 100;
 /// The unit of per-address limits: an IPv4 address, or an IPv6 /64 (one
 /// subscriber's prefix: a host can take any address of it). IPv4-mapped IPv6
 /// addresses count as their IPv4 address.
-pub fn address_group(ip: IpAddr) -> IpAddr {
+pub(crate) fn address_group(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(v4) => IpAddr::V4(v4),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -135,7 +135,7 @@ impl AddressEntry {
 
 /// An admission: the right to run one CPU job, released when dropped.
 #[derive(Debug)]
-pub struct Permit {
+pub(crate) struct Permit {
     // Field order is drop order; no order matters between independent counts.
     _connection: Slot,
     address: Option<KeyedSlot<IpAddr, AddressEntry>>,
@@ -176,7 +176,7 @@ pub(super) struct Admission {
 pub(super) struct RateMark(u64);
 
 impl Admission {
-    pub fn new(per_connection: usize, per_address: usize, total: usize) -> Admission {
+    pub(super) fn new(per_connection: usize, per_address: usize, total: usize) -> Admission {
         Admission {
             per_connection,
             per_address,
@@ -195,7 +195,7 @@ impl Admission {
     /// that the limit is its own: shutdown, memory budget, the connection's
     /// limit, the address's limit, the pool's limit. A refusal gives back every
     /// slot it took (by dropping it).
-    pub fn admit(
+    pub(super) fn admit(
         &self,
         group: &Arc<AtomicUsize>,
         address: Option<IpAddr>,
@@ -235,17 +235,17 @@ impl Admission {
     }
 
     /// Jobs admitted and not finished.
-    pub fn admitted(&self) -> usize {
+    pub(super) fn admitted(&self) -> usize {
         self.admitted.load(Ordering::Relaxed)
     }
 
     /// Client addresses holding admitted jobs now.
-    pub fn addresses(&self) -> usize {
+    pub(super) fn addresses(&self) -> usize {
         self.addresses.len()
     }
 
     /// Jobs finished per second, recently.
-    pub fn completion_rate(&self) -> f64 {
+    pub(super) fn completion_rate(&self) -> f64 {
         f64::from_bits(self.completion_rate.load(Ordering::Relaxed))
     }
 
@@ -263,7 +263,7 @@ impl Admission {
     /// Folds the jobs ended over the last quarter second into the completion
     /// rate, averaged with the past so that the rate spans about a second.
     /// Called by the watchdog, every quarter second.
-    pub fn sample_rate(&self, mark: &mut RateMark) {
+    pub(super) fn sample_rate(&self, mark: &mut RateMark) {
         let ended = self.ended.load(Ordering::Relaxed);
         let now_rate = ended.saturating_sub(mark.0) as f64 * 4.0;
         mark.0 = ended;

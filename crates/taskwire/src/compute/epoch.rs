@@ -85,12 +85,12 @@ pub(super) fn end_slice() {
 /// Whether the task running on this thread has used up its slice. One relaxed
 /// atomic load and one thread-local read: a few nanoseconds.
 #[inline]
-pub fn should_yield() -> bool {
+pub(crate) fn should_yield() -> bool {
     EPOCH.load(Ordering::Relaxed) >= SLICE_END.with(|c| c.get())
 }
 
 /// Whether this thread is a compute worker in a slice.
-pub fn on_worker() -> bool {
+pub(crate) fn on_worker() -> bool {
     SLICE_END.with(|c| c.get()) != u64::MAX
 }
 

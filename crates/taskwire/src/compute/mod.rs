@@ -47,11 +47,12 @@ mod stats;
 mod watchdog;
 mod worker;
 
-pub use admission::{address_group, Permit, Refusal};
-pub use epoch::{on_worker, should_yield, thread_cpu_time};
+pub(crate) use admission::{address_group, Permit, Refusal};
+pub(crate) use epoch::should_yield;
+pub use epoch::thread_cpu_time;
 pub use queue::RunQueue;
-pub use stats::{JobState, JobStats, PoolStats};
-pub use worker::JobMeta;
+pub(crate) use stats::{JobState, JobStats, PoolStats};
+pub(crate) use worker::JobMeta;
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -119,7 +120,7 @@ impl Default for ComputeConfig {
 }
 
 /// 75% of the memory this process may use, or 4 GiB if that is unknown.
-pub fn default_memory_budget() -> u64 {
+pub(crate) fn default_memory_budget() -> u64 {
     crate::alloc::available_memory()
         .map(|m| m / 4 * 3)
         .unwrap_or(4 << 30)
@@ -128,7 +129,7 @@ pub fn default_memory_budget() -> u64 {
 /// The compute pool. Cheap to clone (an `Arc`); dropping the last clone stops
 /// the workers once their current slices end.
 #[derive(Clone)]
-pub struct ComputePool {
+pub(crate) struct ComputePool {
     cfg: Arc<ComputeConfig>,
     inner: Arc<Shared>,
     _guard: Arc<ShutdownOnDrop>,
@@ -156,7 +157,7 @@ impl std::fmt::Debug for ComputePool {
 
 impl ComputePool {
     /// Starts the workers.
-    pub fn new(cfg: ComputeConfig) -> ComputePool {
+    pub(crate) fn new(cfg: ComputeConfig) -> ComputePool {
         let cfg = ComputeConfig {
             workers: cfg.workers.max(1),
             ..cfg
@@ -188,15 +189,11 @@ impl ComputePool {
         }
     }
 
-    /// The configuration in force.
-    pub fn config(&self) -> &ComputeConfig {
-        &self.cfg
-    }
-
     /// Admits one more job for a group whose admitted count is `group_count`,
     /// with no client address: such a job counts against the connection and
     /// pool limits only. A server admits with [`ComputePool::admit_from`].
-    pub fn admit(&self, group_count: &Arc<AtomicUsize>) -> Result<Permit, Refusal> {
+    #[cfg(test)]
+    pub(crate) fn admit(&self, group_count: &Arc<AtomicUsize>) -> Result<Permit, Refusal> {
         self.admit_inner(group_count, None)
     }
 
@@ -206,7 +203,7 @@ impl ComputePool {
     /// Checked in this order, the most specific first so that a flooder learns
     /// that the limit is its own: shutdown, memory budget, the connection's
     /// limit, the address's limit, the pool's limit.
-    pub fn admit_from(
+    pub(crate) fn admit_from(
         &self,
         group_count: &Arc<AtomicUsize>,
         peer: IpAddr,
@@ -228,14 +225,9 @@ impl ComputePool {
         )
     }
 
-    /// Client addresses holding admitted jobs now (bounded by the admitted jobs).
-    pub fn addresses(&self) -> usize {
-        self.inner.admission.addresses()
-    }
-
     /// Runs a future on the pool, charged to `group`. The returned task yields
     /// its output; dropping it cancels the job (at its next yield if running).
-    pub fn spawn<F>(
+    pub(crate) fn spawn<F>(
         &self,
         group: u64,
         stats: Arc<JobStats>,
@@ -261,7 +253,7 @@ impl ComputePool {
     }
 
     /// A snapshot of the pool.
-    pub fn stats(&self) -> PoolStats {
+    pub(crate) fn stats(&self) -> PoolStats {
         let p = &self.inner;
         let queued = crate::sync::lock(&p.queue).len();
         PoolStats {
@@ -286,7 +278,7 @@ impl ComputePool {
     }
 
     /// Stops taking jobs and lets the workers exit once idle.
-    pub fn shutdown(&self) {
+    pub(crate) fn shutdown(&self) {
         self.inner.shut_down();
     }
 }
@@ -297,7 +289,7 @@ impl ComputePool {
 pub(super) mod testing {
     use super::*;
 
-    pub fn pool(workers: usize) -> ComputePool {
+    pub(crate) fn pool(workers: usize) -> ComputePool {
         ComputePool::new(ComputeConfig {
             workers,
             nice: 0,
@@ -306,7 +298,7 @@ pub(super) mod testing {
     }
 
     /// A future that yields whenever its slice is over, like a checkpoint loop.
-    pub async fn burn(ms: u64) -> u64 {
+    pub(crate) async fn burn(ms: u64) -> u64 {
         let start = thread_cpu_time();
         let mut own = Duration::ZERO;
         let mut last = start;
@@ -328,7 +320,7 @@ pub(super) mod testing {
     }
 
     /// Wakes its own task and returns `Pending` once, as a checkpoint does.
-    pub struct YieldNow(pub bool);
+    pub(crate) struct YieldNow(pub bool);
     impl Future for YieldNow {
         type Output = ();
         fn poll(

@@ -184,6 +184,14 @@ pub struct RunQueue<T> {
     len: usize,
 }
 
+impl<T> std::fmt::Debug for RunQueue<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunQueue")
+            .field("jobs", &self.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl<T> RunQueue<T> {
     /// An empty queue whose group usage decays with time constant `tau_ns`.
     pub fn new(tau_ns: u64) -> Self {
@@ -308,7 +316,9 @@ impl<T> RunQueue<T> {
     }
 }
 
+// Its items are `pub` because benches/scheduler.rs includes the same file.
 #[cfg(test)]
+#[allow(unreachable_pub)]
 #[path = "queue_reference.rs"]
 mod reference;
 

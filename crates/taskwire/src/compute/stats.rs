@@ -48,7 +48,7 @@ impl JobState {
 
 /// Live figures of one job, written by the pool and read by the observer.
 #[derive(Debug, Default)]
-pub struct JobStats {
+pub(crate) struct JobStats {
     pub(super) cpu_ns: AtomicU64,
     state: AtomicU8,
     pub(super) not_yielding: AtomicBool,
@@ -72,7 +72,7 @@ impl JobStats {
     }
 
     /// The figures of the task `id` running `method` (named in log lines).
-    pub fn for_task(id: u64, method: Arc<str>) -> JobStats {
+    pub(crate) fn for_task(id: u64, method: Arc<str>) -> JobStats {
         JobStats {
             label: Some((id, method)),
             ..JobStats::default()
@@ -80,36 +80,37 @@ impl JobStats {
     }
     /// Memory the job holds: bytes it allocated minus bytes it freed while it
     /// ran. 0 unless [`crate::alloc::CountingAlloc`] is the global allocator.
-    pub fn memory_bytes(&self) -> u64 {
+    pub(crate) fn memory_bytes(&self) -> u64 {
         self.memory.load(Ordering::Relaxed).max(0) as u64
     }
     /// Whether the job is flagged as one of the largest while the process is
     /// over its memory budget.
-    pub fn memory_flagged(&self) -> bool {
+    pub(crate) fn memory_flagged(&self) -> bool {
         self.memory_flagged.load(Ordering::Relaxed)
     }
     /// CPU time used so far, summed over its slices.
-    pub fn cpu_time(&self) -> Duration {
+    pub(crate) fn cpu_time(&self) -> Duration {
         Duration::from_nanos(self.cpu_ns.load(Ordering::Relaxed))
     }
     /// Where the job is now.
-    pub fn state(&self) -> JobState {
+    pub(crate) fn state(&self) -> JobState {
         JobState::from_u8(self.state.load(Ordering::Acquire))
     }
     /// Whether the job once ran far past its slice without a checkpoint.
-    pub fn not_yielding(&self) -> bool {
+    pub(crate) fn not_yielding(&self) -> bool {
         self.not_yielding.load(Ordering::Relaxed)
     }
     /// When the job first got a worker.
-    pub fn first_run(&self) -> Option<Instant> {
+    pub(crate) fn first_run(&self) -> Option<Instant> {
         self.first_run.get().copied()
     }
     /// Slices the job has run.
-    pub fn slices(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn slices(&self) -> u64 {
         self.slices.load(Ordering::Relaxed)
     }
     /// Marks the job as running or waiting outside the pool (I/O tasks).
-    pub fn set_state(&self, s: JobState) {
+    pub(crate) fn set_state(&self, s: JobState) {
         self.state.store(s as u8, Ordering::Release);
     }
     /// How the job is named in a log line.
@@ -132,7 +133,7 @@ impl JobStats {
 
 /// A snapshot of the pool for the admin API and metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct PoolStats {
+pub(crate) struct PoolStats {
     /// Configured workers.
     pub workers: usize,
     /// Worker threads alive now, including replacements for stuck ones.
@@ -194,7 +195,7 @@ impl MemoryFigures {
     /// Keeps `s` among the heavy candidates if it held at least
     /// `HEAVY_MIN_BYTES` after its slice. Takes the lock only when a job first
     /// crosses the line, or while it finds no room.
-    pub fn after_slice(&self, s: &Arc<JobStats>) {
+    pub(super) fn after_slice(&self, s: &Arc<JobStats>) {
         if s.memory.load(Ordering::Relaxed) < HEAVY_MIN_BYTES {
             return;
         }
@@ -233,7 +234,7 @@ impl MemoryFigures {
     }
 
     /// The live heavy candidates, largest first.
-    pub fn largest(&self) -> Vec<Arc<JobStats>> {
+    pub(super) fn largest(&self) -> Vec<Arc<JobStats>> {
         let mut v: Vec<Arc<JobStats>> =
             lock(&self.heavy).iter().filter_map(Weak::upgrade).collect();
         v.sort_by_key(|j| std::cmp::Reverse(j.memory.load(Ordering::Relaxed)));

@@ -29,7 +29,7 @@ pub(super) type Job = async_task::Runnable<Arc<JobMeta>>;
 
 /// What the pool keeps with each job.
 #[derive(Debug)]
-pub struct JobMeta {
+pub(crate) struct JobMeta {
     pub(super) group: u64,
     pub(super) stats: Arc<JobStats>,
 }
@@ -86,7 +86,7 @@ pub(super) struct Shared {
 impl Shared {
     /// The pool's state; the `ComputePool` facade fills in the settings.
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    pub(super) fn new(
         workers: usize,
         max_extra_workers: usize,
         nice: i32,
@@ -123,12 +123,12 @@ impl Shared {
         self.start.elapsed().as_nanos() as u64
     }
 
-    pub fn shutting_down(&self) -> bool {
+    pub(super) fn shutting_down(&self) -> bool {
         self.shutdown.load(Ordering::Acquire)
     }
 
     /// Stops taking jobs and wakes every idle worker to exit.
-    pub fn shut_down(&self) {
+    pub(super) fn shut_down(&self) {
         self.shutdown.store(true, Ordering::Release);
         // A worker checks the flag under the queue lock and then waits,
         // releasing it; taking the lock once here means every worker either

@@ -12,11 +12,11 @@ use std::sync::Arc;
 use serde_json::value::RawValue;
 
 use super::state::ConnState;
+use crate::app::App;
 use crate::compute::Permit;
 use crate::observe::RefusalReason;
 use crate::protocol::{self, codes, ErrorObject, Id, Rejected, Request};
 use crate::registry::TaskFuture;
-use crate::server::App;
 use crate::task::{stopped_error, Ctx, Stopped, TaskInit, TaskKind, TaskShared};
 
 /// What became of one request.

@@ -16,6 +16,7 @@ mod admit;
 mod reader;
 mod reply;
 mod state;
+mod view;
 mod writer;
 
 use std::net::SocketAddr;
@@ -31,7 +32,7 @@ use tracing::Instrument;
 
 pub(crate) use state::{ConnLimits, ConnState};
 
-use crate::server::App;
+use crate::app::App;
 use crate::task::Stopped;
 use reader::Reader;
 use state::Inflight;
@@ -80,7 +81,7 @@ pub(crate) async fn serve(app: Arc<App>, socket: WebSocket, peer: SocketAddr, li
             drained: Notify::new(),
             max_inflight: limits.max_inflight,
         });
-        app.hooks.conn_opened(&conn);
+        app.hooks.conn_opened(conn.clone());
         tracing::debug!("connection opened");
         let (sink, mut stream) = socket.split();
         let writer = tokio::spawn(
@@ -109,7 +110,7 @@ pub(crate) async fn serve(app: Arc<App>, socket: WebSocket, peer: SocketAddr, li
         // visible; bounded, as a task that never yields is answered after STOP_GRACE.
         let _ = tokio::time::timeout(STOP_GRACE + Duration::from_millis(500), conn.all_answered())
             .await;
-        app.hooks.conn_closed(&conn);
+        app.hooks.conn_closed(conn.id);
         tracing::debug!("connection closed");
     }
     .instrument(span)

@@ -15,11 +15,11 @@ use super::admit::{self, Admission};
 use super::reply::{self, Batch, Dest};
 use super::state::ConnState;
 use super::STOP_GRACE;
+use crate::app::App;
 use crate::config::RateLimit;
+use crate::limit::TokenBucket;
 use crate::observe::RefusalReason;
 use crate::protocol::{self, ErrorObject, Frame, Rejected, Request};
-use crate::security::TokenBucket;
-use crate::server::App;
 use crate::task::Stopped;
 
 pub(super) struct Reader<'a> {
@@ -44,8 +44,11 @@ impl<'a> Reader<'a> {
         Reader {
             app,
             conn,
-            requests: rate.map(|r| TokenBucket::new(r, now)),
-            pings: TokenBucket::new(app.cfg.ping_rate(), now),
+            requests: rate.map(|r| TokenBucket::new(r.per_second, r.burst, now)),
+            pings: {
+                let p = app.cfg.ping_rate();
+                TokenBucket::new(p.per_second, p.burst, now)
+            },
             shutting_down: false,
         }
     }

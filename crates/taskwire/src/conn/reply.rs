@@ -13,10 +13,10 @@ use tracing::Instrument;
 
 use super::state::ConnState;
 use super::STOP_GRACE;
+use crate::app::App;
 use crate::compute::{JobState, Permit};
 use crate::protocol::{self, codes, ErrorObject, Id};
 use crate::registry::TaskFuture;
-use crate::server::App;
 use crate::sync::lock;
 use crate::task::{Outbound, Outcome, Stopped, TaskError, TaskShared};
 

@@ -73,25 +73,25 @@ pub(crate) struct ConnState {
 
 impl ConnState {
     /// Messages waiting for the writer.
-    pub fn outbound_depth(&self) -> usize {
+    pub(crate) fn outbound_depth(&self) -> usize {
         self.tx.len()
     }
 
-    pub fn inflight_len(&self) -> usize {
+    pub(crate) fn inflight_len(&self) -> usize {
         lock(&self.inflight).tasks.len()
     }
 
     /// The tasks of this connection (for the admin view).
-    pub fn tasks(&self) -> Vec<Arc<TaskShared>> {
+    pub(crate) fn tasks(&self) -> Vec<Arc<TaskShared>> {
         lock(&self.inflight).tasks.values().cloned().collect()
     }
 
-    pub fn task(&self, id: u64) -> Option<Arc<TaskShared>> {
+    pub(crate) fn task(&self, id: u64) -> Option<Arc<TaskShared>> {
         lock(&self.inflight).tasks.get(&id).cloned()
     }
 
     /// Asks the connection to close with this code (first reason wins).
-    pub fn close_with(&self, code: u16, reason: &'static str) {
+    pub(crate) fn close_with(&self, code: u16, reason: &'static str) {
         lock(&self.close_reason).get_or_insert((code, reason));
         self.closing.cancel();
     }

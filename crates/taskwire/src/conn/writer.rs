@@ -12,7 +12,7 @@ use futures_util::stream::SplitSink;
 use futures_util::SinkExt;
 
 use super::state::ConnState;
-use crate::server::App;
+use crate::app::App;
 use crate::task::Outbound;
 
 /// Most messages the writer gathers before a flush.

@@ -116,7 +116,7 @@ pub(crate) struct Live {
 }
 
 impl Metrics {
-    pub fn new(methods: &[&str]) -> Metrics {
+    pub(crate) fn new(methods: &[&str]) -> Metrics {
         let mut registry = Registry::with_prefix("taskwire");
         let m = Metrics {
             by_method: Default::default(),
@@ -321,7 +321,7 @@ impl Metrics {
         }
     }
 
-    pub fn task_finished(&self, t: &TaskShared, kind: OutcomeKind) {
+    pub(crate) fn task_finished(&self, t: &TaskShared, kind: OutcomeKind) {
         self.totals[kind as usize].fetch_add(1, Ordering::Relaxed);
         let Some(m) = self.by_method.get(&*t.method) else {
             return;
@@ -339,13 +339,13 @@ impl Metrics {
         }
     }
 
-    pub fn refused(&self, reason: RefusalReason) {
+    pub(crate) fn refused(&self, reason: RefusalReason) {
         self.by_reason[reason as usize].inc();
         self.refused_total.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Finished tasks by outcome, and refusals, since start.
-    pub fn totals(&self) -> Finished {
+    pub(crate) fn totals(&self) -> Finished {
         let mut f = Finished {
             refused: self.refused_total.load(Ordering::Relaxed),
             ..Finished::default()
@@ -357,7 +357,7 @@ impl Metrics {
     }
 
     /// The exposition text, after bringing the gauges up to date.
-    pub fn render(&self, live: &Live) -> String {
+    pub(crate) fn render(&self, live: &Live) -> String {
         self.open_conns.set(live.open_conns as i64);
         for s in TaskState::ALL {
             self.tasks

@@ -1,28 +1,43 @@
-//! Observe and kill: the live table of connections and tasks, the admin API,
-//! Prometheus metrics and the dashboard's static files.
+//! Observe and kill: the live table of connections and tasks, and the
+//! Prometheus metrics. The admin API and the dashboard that read them are
+//! served by `http/admin.rs`.
 //!
 //! The live registry costs nothing per task: tasks already live in their
 //! connection's in-flight table (needed for cancellation), so the observer only
 //! keeps the map of connections and walks their tables when asked.
 
-mod admin;
 pub mod api;
-mod metrics;
+pub(crate) mod metrics;
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde_json::Value;
 
-pub(crate) use admin::{routes, AdminAccess};
 pub use api::{ConnInfo, OutcomeKind, RefusalReason, TaskInfo, TaskState};
 
 use crate::compute::JobState;
-use crate::conn::ConnState;
 use crate::sync::lock;
 use crate::task::{Stopped, TaskKind, TaskShared};
+
+/// What the live table needs of a connection. A trait rather than the
+/// connection's own type, so that `observe` sits below `conn` in the module
+/// order (conn reports to observe; observe never imports conn).
+pub(crate) trait ConnView: Send + Sync {
+    /// The connection's id.
+    fn id(&self) -> u64;
+    /// The connection as the admin API lists it.
+    fn info(&self) -> ConnInfo;
+    /// One of its live tasks.
+    fn task(&self, id: u64) -> Option<Arc<TaskShared>>;
+    /// Its live tasks.
+    fn tasks(&self) -> Vec<Arc<TaskShared>>;
+    /// Replies queued for its writer.
+    fn outbound_depth(&self) -> usize;
+    /// Closes it with this WebSocket close code and reason.
+    fn close_with(&self, code: u16, reason: &'static str);
+}
 
 /// What the connection and the HTTP side tell the observer, as they happen.
 ///
@@ -32,9 +47,9 @@ use crate::task::{Stopped, TaskKind, TaskShared};
 /// not tested on every event.
 pub(crate) trait Hooks: Send + Sync {
     /// A WebSocket connection was accepted; it is listed until `conn_closed`.
-    fn conn_opened(&self, c: &Arc<ConnState>);
+    fn conn_opened(&self, c: Arc<dyn ConnView>);
     /// The connection has ended and every task it started has settled.
-    fn conn_closed(&self, c: &ConnState);
+    fn conn_closed(&self, id: u64);
     /// A task has been answered (or dropped unanswered, for a notification).
     fn task_finished(&self, t: &Arc<TaskShared>, kind: OutcomeKind);
     /// A request, upgrade or connection was refused.
@@ -43,31 +58,31 @@ pub(crate) trait Hooks: Send + Sync {
 
 /// Observing off: nothing is listed or counted.
 impl Hooks for () {
-    fn conn_opened(&self, _: &Arc<ConnState>) {}
-    fn conn_closed(&self, _: &ConnState) {}
+    fn conn_opened(&self, _: Arc<dyn ConnView>) {}
+    fn conn_closed(&self, _: u64) {}
     fn task_finished(&self, _: &Arc<TaskShared>, _: OutcomeKind) {}
     fn refused(&self, _: RefusalReason) {}
 }
 
 /// Filters and order for listing tasks.
 #[derive(Clone, Debug, Default, serde::Deserialize)]
-pub struct TaskQuery {
+pub(crate) struct TaskQuery {
     /// Only this connection's tasks.
-    pub conn: Option<u64>,
+    pub(crate) conn: Option<u64>,
     /// Only tasks in this state.
-    pub state: Option<String>,
+    pub(crate) state: Option<String>,
     /// Only tasks of this method.
-    pub method: Option<String>,
+    pub(crate) method: Option<String>,
     /// `cpu` (default: most CPU first) or `age` (oldest first).
-    pub sort: Option<String>,
+    pub(crate) sort: Option<String>,
     /// At most this many (default 500, capped at 10 000).
-    pub limit: Option<usize>,
+    pub(crate) limit: Option<usize>,
 }
 
 /// The live implementation of [`Hooks`]: the table of connections (whose
 /// in-flight maps hold the tasks), abandoned tasks, and the metrics.
 pub(crate) struct Observer {
-    conns: Mutex<HashMap<u64, Arc<ConnState>>>,
+    conns: Mutex<HashMap<u64, Arc<dyn ConnView>>>,
     /// CPU tasks answered after a stop while still on a worker (they reach no
     /// checkpoint): kept visible until their thread is back. Only a task on a
     /// worker qualifies, so there are never more than worker threads; the cap
@@ -81,7 +96,7 @@ pub(crate) struct Observer {
 impl Observer {
     /// `max_threads`: the most compute worker threads there can be
     /// (configured plus replacements), which bounds the abandoned tasks.
-    pub fn new(methods: &[&str], max_threads: usize) -> Observer {
+    pub(crate) fn new(methods: &[&str], max_threads: usize) -> Observer {
         Observer {
             conns: Mutex::new(HashMap::new()),
             abandoned: Mutex::new(HashMap::new()),
@@ -99,19 +114,19 @@ impl Observer {
     }
 
     /// How many abandoned tasks are still on a worker.
-    pub fn abandoned_count(&self) -> usize {
+    pub(crate) fn abandoned_count(&self) -> usize {
         self.abandoned().len()
     }
 
-    pub fn connections(&self) -> Vec<Arc<ConnState>> {
+    pub(crate) fn connections(&self) -> Vec<Arc<dyn ConnView>> {
         lock(&self.conns).values().cloned().collect()
     }
 
-    pub fn connection(&self, id: u64) -> Option<Arc<ConnState>> {
+    pub(crate) fn connection(&self, id: u64) -> Option<Arc<dyn ConnView>> {
         lock(&self.conns).get(&id).cloned()
     }
 
-    pub fn find_task(&self, id: u64) -> Option<Arc<TaskShared>> {
+    pub(crate) fn find_task(&self, id: u64) -> Option<Arc<TaskShared>> {
         self.connections()
             .into_iter()
             .find_map(|c| c.task(id))
@@ -119,7 +134,7 @@ impl Observer {
     }
 
     /// One task as the admin API shows it, abandoned ones included.
-    pub fn task_info(&self, id: u64) -> Option<TaskInfo> {
+    pub(crate) fn task_info(&self, id: u64) -> Option<TaskInfo> {
         if let Some(t) = self.connections().into_iter().find_map(|c| c.task(id)) {
             return Some(task_info(&t));
         }
@@ -128,7 +143,7 @@ impl Observer {
     }
 
     /// Kills a task: its client gets -32004. False if no such task.
-    pub fn kill(&self, id: u64) -> bool {
+    pub(crate) fn kill(&self, id: u64) -> bool {
         match self.find_task(id) {
             Some(t) => {
                 t.stop(Stopped::Killed);
@@ -139,11 +154,11 @@ impl Observer {
         }
     }
 
-    pub fn uptime_ms(&self) -> u64 {
+    pub(crate) fn uptime_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
 
-    pub fn tasks(&self, q: &TaskQuery) -> Vec<TaskInfo> {
+    pub(crate) fn tasks(&self, q: &TaskQuery) -> Vec<TaskInfo> {
         let conns = match q.conn {
             Some(id) => self.connection(id).into_iter().collect(),
             None => self.connections(),
@@ -171,12 +186,12 @@ impl Observer {
 }
 
 impl Hooks for Observer {
-    fn conn_opened(&self, c: &Arc<ConnState>) {
-        lock(&self.conns).insert(c.id, c.clone());
+    fn conn_opened(&self, c: Arc<dyn ConnView>) {
+        lock(&self.conns).insert(c.id(), c);
     }
 
-    fn conn_closed(&self, c: &ConnState) {
-        lock(&self.conns).remove(&c.id);
+    fn conn_closed(&self, id: u64) {
+        lock(&self.conns).remove(&id);
     }
 
     fn task_finished(&self, t: &Arc<TaskShared>, kind: OutcomeKind) {
@@ -233,24 +248,6 @@ fn abandoned_info(t: &TaskShared) -> TaskInfo {
     TaskInfo {
         state: TaskState::Abandoned,
         ..task_info(t)
-    }
-}
-
-pub(crate) fn conn_info(c: &ConnState) -> ConnInfo {
-    ConnInfo {
-        id: c.id,
-        peer: c.peer.to_string(),
-        opened_at_ms: c
-            .opened_at
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
-        age_ms: c.opened.elapsed().as_millis() as u64,
-        inflight: c.inflight_len(),
-        bytes_in: c.bytes_in.load(Ordering::Relaxed),
-        bytes_out: c.bytes_out.load(Ordering::Relaxed),
-        messages_in: c.messages_in.load(Ordering::Relaxed),
-        messages_out: c.messages_out.load(Ordering::Relaxed),
     }
 }
 

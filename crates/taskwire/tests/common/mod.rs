@@ -17,7 +17,7 @@ pub const WAIT: Duration = Duration::from_secs(20);
 pub struct TestServer {
     pub addr: SocketAddr,
     pub handle: ShutdownHandle,
-    pub join: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    pub join: Option<tokio::task::JoinHandle<taskwire::Result<()>>>,
 }
 
 impl TestServer {
@@ -44,7 +44,7 @@ impl TestServer {
     }
 
     /// Shuts down and waits for the server to exit; returns what `run` returned.
-    pub async fn stop(mut self) -> std::io::Result<()> {
+    pub async fn stop(mut self) -> taskwire::Result<()> {
         self.handle.shutdown();
         let join = self.join.take().expect("joined once");
         tokio::time::timeout(WAIT, join)

@@ -7,17 +7,14 @@
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
-use axum::http::{header, HeaderMap};
+use axum::http::{header, HeaderMap, Uri};
 
-use crate::config::{AuthToken, IpRange, RateLimit};
-use crate::sync::lock;
+use crate::config::{AuthToken, IpRange};
 
 /// The cookie a browser page can use to carry its token (a browser cannot set
 /// headers on a WebSocket).
-pub const TOKEN_COOKIE: &str = "taskwire_token";
+pub(crate) const TOKEN_COOKIE: &str = "taskwire_token";
 
 /// Compares without an early exit, so response timing does not leak how much
 /// of a guessed token was right.
@@ -284,80 +281,21 @@ pub(crate) fn same_site_request(headers: &HeaderMap, allowed_origins: &[String])
     }
 }
 
-/// At most one log line per period for a flood of refusals: the first refusal
-/// of a period is logged with the count of those suppressed since the last
-/// line. Time is passed in, so the test needs no clock.
-#[derive(Debug)]
-pub(crate) struct LogLimiter {
-    period: Duration,
-    state: Mutex<(Option<Instant>, u64)>,
-}
-
-impl LogLimiter {
-    pub fn new(period: Duration) -> LogLimiter {
-        LogLimiter {
-            period,
-            state: Mutex::new((None, 0)),
-        }
-    }
-
-    /// `Some(suppressed)` when this event should be logged.
-    pub fn allow(&self, now: Instant) -> Option<u64> {
-        let mut s = lock(&self.state);
-        match s.0 {
-            Some(last) if now.saturating_duration_since(last) < self.period => {
-                s.1 += 1;
-                None
-            }
-            _ => {
-                let suppressed = s.1;
-                *s = (Some(now), 0);
-                Some(suppressed)
-            }
-        }
-    }
-}
-
-/// A token bucket: `burst` tokens, refilled at `per_second`. Owned by one
-/// connection's reader, so it needs no atomics; time is passed in, so the
-/// tests need no clock.
-#[derive(Debug)]
-pub(crate) struct TokenBucket {
-    per_second: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    pub fn new(limit: RateLimit, now: Instant) -> TokenBucket {
-        TokenBucket {
-            per_second: f64::from(limit.per_second.max(1)),
-            burst: f64::from(limit.burst.max(1)),
-            tokens: f64::from(limit.burst.max(1)),
-            last: now,
-        }
-    }
-
-    /// Takes one token, or says how long until one is there.
-    pub fn take(&mut self, now: Instant) -> Result<(), Duration> {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now.max(self.last);
-        self.tokens = (self.tokens + elapsed * self.per_second).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64(
-                (1.0 - self.tokens) / self.per_second,
-            ))
-        }
-    }
+/// The host a request names: its `Host` header, or the authority of an
+/// absolute-form request target.
+pub(crate) fn request_host<'a>(headers: &'a HeaderMap, uri: &'a Uri) -> Option<&'a str> {
+    headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::{Duration, Instant};
+
+    use crate::limit::{LogLimiter, TokenBucket};
     use axum::http::HeaderValue;
 
     #[test]
@@ -450,13 +388,7 @@ mod tests {
     #[test]
     fn bucket_refills_at_its_rate() {
         let t0 = Instant::now();
-        let mut b = TokenBucket::new(
-            RateLimit {
-                per_second: 10,
-                burst: 3,
-            },
-            t0,
-        );
+        let mut b = TokenBucket::new(10, 3, t0);
         for _ in 0..3 {
             assert!(b.take(t0).is_ok());
         }

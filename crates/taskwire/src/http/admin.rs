@@ -22,22 +22,15 @@ use axum::{Json, Router};
 use futures_util::{stream, Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 
-use super::api::{
+use crate::app::{AdminAccess, App};
+use crate::compute::ComputePool;
+use crate::http::security;
+use crate::observe::api::{
     ApiError, Closed, ConnList, Killed, MemoryInfo, PoolInfo, RefusalReason, Snapshot, Stats,
     TaskList, TaskState,
 };
-use super::metrics::{Live, RuntimeStats};
-use super::{conn_info, count_states, Hooks, Observer, TaskQuery};
-use crate::compute::ComputePool;
-use crate::server::App;
-
-/// Who may use the admin API: the settings of [`crate::Config`] it reads.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct AdminAccess {
-    pub token: Option<String>,
-    pub allowed_hosts: Vec<String>,
-    pub allowed_origins: Vec<String>,
-}
+use crate::observe::metrics::{Live, RuntimeStats};
+use crate::observe::{count_states, Hooks, Observer, TaskQuery};
 
 /// What the admin handlers may reach: the observer, the pool's figures and
 /// the access rule, not the whole server (its connections' limits, its
@@ -72,6 +65,8 @@ const SNAPSHOT_EVERY: Duration = Duration::from_millis(250);
 /// Tasks per snapshot, busiest first: enough for a dashboard, bounded in size.
 const SNAPSHOT_TASKS: usize = 500;
 
+// The generated table is `pub` for its use here; this module keeps it private.
+#[allow(unreachable_pub)]
 mod files {
     include!(concat!(env!("OUT_DIR"), "/web_files.rs"));
 }
@@ -129,8 +124,8 @@ pub(crate) fn admin_allowed(
     peer: std::net::IpAddr,
 ) -> bool {
     match configured {
-        Some(expected) => presented.iter().any(|t| crate::security::same(t, expected)),
-        None => crate::security::is_loopback(peer),
+        Some(expected) => presented.iter().any(|t| security::same(t, expected)),
+        None => security::is_loopback(peer),
     }
 }
 
@@ -143,15 +138,15 @@ async fn authorize(
     let cfg = &*app.access;
     let ok = admin_allowed(
         cfg.token.as_deref(),
-        &crate::security::bearer_or_query_tokens(req.headers(), req.uri().query()),
+        &security::bearer_or_query_tokens(req.headers(), req.uri().query()),
         peer.ip(),
     );
     // Let in for being local: the page that asks must be local too, not a
     // foreign name re-pointed to 127.0.0.1. A token cannot be had that way.
     if ok
         && cfg.token.is_none()
-        && !crate::security::host_allowed(
-            crate::server::request_host(req.headers(), req.uri()),
+        && !security::host_allowed(
+            security::request_host(req.headers(), req.uri()),
             &cfg.allowed_hosts,
         )
     {
@@ -160,7 +155,7 @@ async fn authorize(
     }
     if ok
         && !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
-        && !crate::security::same_site_request(req.headers(), &cfg.allowed_origins)
+        && !security::same_site_request(req.headers(), &cfg.allowed_origins)
     {
         app.hooks.refused(RefusalReason::CrossSite);
         return (StatusCode::FORBIDDEN, "cross-site request refused").into_response();
@@ -212,7 +207,7 @@ async fn list_conns(State(app): State<AdminState>) -> Json<ConnList> {
         .observer
         .connections()
         .iter()
-        .map(|c| conn_info(c))
+        .map(|c| c.info())
         .collect();
     connections.sort_by_key(|c| c.id);
     Json(ConnList { connections })
@@ -381,10 +376,10 @@ mod tests {
     fn admin_takes_no_cookie() {
         let mut h = HeaderMap::new();
         h.insert(header::COOKIE, "taskwire_token=s3cret".parse().unwrap());
-        let presented = crate::security::bearer_or_query_tokens(&h, Some("a=1"));
+        let presented = security::bearer_or_query_tokens(&h, Some("a=1"));
         assert!(presented.is_empty());
         h.insert(header::AUTHORIZATION, "Bearer abc".parse().unwrap());
-        let presented = crate::security::bearer_or_query_tokens(&h, Some("token=xyz"));
+        let presented = security::bearer_or_query_tokens(&h, Some("token=xyz"));
         assert_eq!(presented, vec!["abc", "xyz"]);
     }
 }
