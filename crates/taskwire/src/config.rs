@@ -301,55 +301,43 @@ impl Kind for PathBuf {
     }
 }
 
-/// A duration written in milliseconds.
-#[derive(Debug)]
-pub enum Millis {}
+macro_rules! duration_kind {
+    ($(#[$doc:meta])* $name:ident, $unit:literal, $from:ident, $as:ident) => {
+        $(#[$doc])*
+        #[derive(Debug)]
+        pub enum $name {}
 
-impl Kind for Millis {
-    type Raw = u64;
-    type Value = Duration;
-    const UNIT: &'static str = "ms";
-    fn parse(text: &str) -> Result<u64, String> {
-        parsed(text)
-    }
-    fn show(raw: &u64) -> String {
-        raw.to_string()
-    }
-    fn value(raw: Option<u64>, key: &'static str) -> Result<Duration, ConfigError> {
-        required(raw, key).map(Duration::from_millis)
-    }
-    fn number(raw: &u64) -> Option<u128> {
-        Some(*raw as u128)
-    }
-    fn value_number(v: &Duration) -> Option<u128> {
-        Some(v.as_millis())
-    }
+        impl Kind for $name {
+            type Raw = u64;
+            type Value = Duration;
+            const UNIT: &'static str = $unit;
+            fn parse(text: &str) -> Result<u64, String> {
+                parsed(text)
+            }
+            fn show(raw: &u64) -> String {
+                raw.to_string()
+            }
+            fn value(raw: Option<u64>, key: &'static str) -> Result<Duration, ConfigError> {
+                required(raw, key).map(Duration::$from)
+            }
+            fn number(raw: &u64) -> Option<u128> {
+                Some(*raw as u128)
+            }
+            fn value_number(v: &Duration) -> Option<u128> {
+                Some(v.$as())
+            }
+        }
+    };
 }
 
-/// A duration written in microseconds.
-#[derive(Debug)]
-pub enum Micros {}
-
-impl Kind for Micros {
-    type Raw = u64;
-    type Value = Duration;
-    const UNIT: &'static str = "µs";
-    fn parse(text: &str) -> Result<u64, String> {
-        parsed(text)
-    }
-    fn show(raw: &u64) -> String {
-        raw.to_string()
-    }
-    fn value(raw: Option<u64>, key: &'static str) -> Result<Duration, ConfigError> {
-        required(raw, key).map(Duration::from_micros)
-    }
-    fn number(raw: &u64) -> Option<u128> {
-        Some(*raw as u128)
-    }
-    fn value_number(v: &Duration) -> Option<u128> {
-        Some(v.as_micros())
-    }
-}
+duration_kind!(
+    /// A duration written in milliseconds.
+    Millis, "ms", from_millis, as_millis
+);
+duration_kind!(
+    /// A duration written in microseconds.
+    Micros, "µs", from_micros, as_micros
+);
 
 /// A size in bytes.
 #[derive(Debug)]
