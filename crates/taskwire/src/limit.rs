@@ -223,6 +223,20 @@ impl TokenBucket {
     }
 }
 
+/// The unit that per-address limits count against: an IPv4 address as is (an
+/// IPv4-mapped IPv6 address as its IPv4 address), an IPv6 address by its /64,
+/// since one subscriber usually holds a whole /64 and could otherwise take a
+/// fresh address for every connection.
+pub(crate) fn address_group(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip.to_canonical() {
+        std::net::IpAddr::V4(v4) => std::net::IpAddr::V4(v4),
+        std::net::IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            std::net::IpAddr::V6(std::net::Ipv6Addr::from(bits))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,22 +31,6 @@ pub(super) const RETRY_MAX_MS: u64 = 30_000;
 /// flag that refuses jobs): a memory refusal's hint is never shorter.
 pub(super) const MEMORY_SAMPLE_MS: u64 = 100;
 
-/// The unit of per-address limits: an IPv4 address, or an IPv6 /64 (one
-/// subscriber's prefix: a host can take any address of it). IPv4-mapped IPv6
-/// addresses count as their IPv4 address.
-pub(crate) fn address_group(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(v4) => IpAddr::V4(v4),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let bits = u128::from(v6) & !((1u128 << 64) - 1);
-                IpAddr::V6(bits.into())
-            }
-        },
-    }
-}
-
 /// Why the pool refused a job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
@@ -294,6 +278,7 @@ impl<F: Future> Future for Permitted<F> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limit::address_group;
 
     fn admit(a: &Admission, g: &Arc<AtomicUsize>) -> Result<Permit, Refusal> {
         a.admit(g, None, false, false)

@@ -47,7 +47,8 @@ mod stats;
 mod watchdog;
 mod worker;
 
-pub(crate) use admission::{address_group, Permit, Refusal};
+use crate::limit::address_group;
+pub(crate) use admission::{Permit, Refusal};
 pub(crate) use epoch::should_yield;
 pub use epoch::thread_cpu_time;
 pub use queue::RunQueue;

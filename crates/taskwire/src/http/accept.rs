@@ -254,7 +254,7 @@ impl HttpSlot {
         } else {
             match Keyed::acquire(
                 &app.http_per_ip,
-                security::address_group(peer),
+                crate::limit::address_group(peer),
                 cfg.max_http_connections_per_ip,
             ) {
                 Some(s) => Some(s),

@@ -5,7 +5,7 @@
 //! test. The connection counts themselves are the crate's counting slots
 //! (`limit.rs`).
 
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 
 use axum::http::{header, HeaderMap, Uri};
@@ -130,20 +130,6 @@ pub(crate) fn find_token(tokens: &[AuthToken], presented: &[&str]) -> Option<usi
 /// dual-stack listener on `[::]` sees for a local IPv4 client) as loopback too.
 pub(crate) fn is_loopback(ip: IpAddr) -> bool {
     ip.to_canonical().is_loopback()
-}
-
-/// The unit that per-address limits count against: an IPv4 address as is (an
-/// IPv4-mapped IPv6 address as its IPv4 address), an IPv6 address by its /64,
-/// since one subscriber usually holds a whole /64 and could otherwise take a
-/// fresh address for every connection.
-pub(crate) fn address_group(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V4(v4) => IpAddr::V4(v4),
-        IpAddr::V6(v6) => {
-            let bits = u128::from(v6) & !((1u128 << 64) - 1);
-            IpAddr::V6(Ipv6Addr::from(bits))
-        }
-    }
 }
 
 /// Whether `ip` is one of the trusted proxies.
@@ -293,6 +279,7 @@ pub(crate) fn request_host<'a>(headers: &'a HeaderMap, uri: &'a Uri) -> Option<&
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limit::address_group;
     use std::time::{Duration, Instant};
 
     use crate::limit::{LogLimiter, TokenBucket};

@@ -159,7 +159,8 @@ fn admit_upgrade(
     };
     let ip = match cfg.max_connections_per_ip {
         None => None,
-        Some(max) => match Keyed::acquire(&app.per_ip, security::address_group(peer.ip()), max) {
+        Some(max) => match Keyed::acquire(&app.per_ip, crate::limit::address_group(peer.ip()), max)
+        {
             Some(s) => Some(s),
             None => return Err(Refusal::PerIp),
         },
