@@ -122,6 +122,21 @@ impl<T> Outbox<T> {
         item
     }
 
+    /// Moves up to `max` queued messages into `out` under one lock: the
+    /// writer takes what is ready in one go instead of a lock per message.
+    pub(crate) fn drain_into(&self, out: &mut Vec<T>, max: usize) {
+        let mut s = lock(&self.state);
+        let n = s.items.len().min(max);
+        out.extend(s.items.drain(..n));
+        if s.items.is_empty() && s.items.capacity() > OUTBOX_KEEP {
+            s.items.shrink_to(OUTBOX_KEEP);
+        }
+        drop(s);
+        if n > 0 {
+            self.room.notify_waiters();
+        }
+    }
+
     /// The next message, waiting for one; `None` once closed and empty.
     pub(crate) async fn pop(&self) -> Option<T> {
         loop {
@@ -179,8 +194,9 @@ mod tests {
         p.await.unwrap().unwrap();
         assert_eq!(q.len(), 2);
         // A consumer waits for a message.
-        assert_eq!(q.try_pop(), Some(2));
-        assert_eq!(q.try_pop(), Some(3));
+        let mut taken = Vec::new();
+        q.drain_into(&mut taken, 8);
+        assert_eq!(taken, vec![2, 3]);
         let c = tokio::spawn({
             let q = q.clone();
             async move { q.pop().await }

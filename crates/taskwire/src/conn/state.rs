@@ -351,7 +351,7 @@ impl ConnState {
 
 /// The bytes a message counts for in the outbound budgets (progress is
 /// rendered late and counted by the writer's own bound instead).
-fn outbound_len(msg: &Outbound) -> usize {
+pub(super) fn outbound_len(msg: &Outbound) -> usize {
     match msg {
         Outbound::Text(t) => t.len(),
         Outbound::Progress(_) => 0,

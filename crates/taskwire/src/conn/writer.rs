@@ -11,7 +11,7 @@ use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket};
 use futures_util::stream::SplitSink;
 use futures_util::SinkExt;
 
-use super::state::ConnState;
+use super::state::{outbound_len, ConnState};
 use crate::app::App;
 use crate::task::Outbound;
 
@@ -38,6 +38,7 @@ pub(super) async fn writer(
             _ = conn.closing.cancelled() => {
                 // Flush what is already queued (the answers of a shutdown), then close.
                 while let Some(m) = conn.tx.try_pop() {
+                    release(&conn, std::slice::from_ref(&m));
                     if let Some(msg) = render(&conn, m) {
                         if tokio::time::timeout(timeout, sink.feed(msg)).await.is_err() {
                             return;
@@ -64,15 +65,15 @@ pub(super) async fn writer(
         // Write everything that is ready, then flush once: one send(2) for many
         // replies, and one deadline for the whole batch rather than a timer each.
         let batch = async {
-            let mut next = Some(first);
-            let mut n = 0;
-            while let Some(m) = next.take() {
+            let mut ready = Vec::with_capacity(MAX_BATCH);
+            ready.push(first);
+            conn.tx.drain_into(&mut ready, MAX_BATCH - 1);
+            // Out of the queue, out of the budgets: once per batch, not per
+            // message (the server-wide count is shared by every connection).
+            release(&conn, &ready);
+            for m in ready {
                 if let Some(msg) = render(&conn, m) {
                     sink.feed(msg).await?;
-                }
-                n += 1;
-                if n < MAX_BATCH {
-                    next = conn.tx.try_pop();
                 }
             }
             conn.drained.notify_waiters();
@@ -107,13 +108,18 @@ async fn send_close(conn: &ConnState, sink: &mut SplitSink<WebSocket, Message>, 
     let _ = tokio::time::timeout(timeout, sink.send(Message::Close(Some(frame)))).await;
 }
 
+/// Takes messages the writer has drained out of the outbound budgets.
+fn release(conn: &ConnState, taken: &[Outbound]) {
+    let n: usize = taken.iter().map(outbound_len).sum();
+    if n > 0 {
+        conn.queued_bytes.fetch_sub(n, Ordering::AcqRel);
+        conn.give_total(n);
+    }
+}
+
 fn render(conn: &ConnState, m: Outbound) -> Option<Message> {
     let text = match m {
-        Outbound::Text(t) => {
-            conn.queued_bytes.fetch_sub(t.len(), Ordering::AcqRel);
-            conn.give_total(t.len());
-            t
-        }
+        Outbound::Text(t) => t,
         // A progress value larger than the whole budget is dropped: no single
         // message may outgrow the WebSocket's capped write buffer.
         Outbound::Progress(task) => task
