@@ -16,6 +16,7 @@ use crate::error::Error;
 use crate::limit::{Keyed, LogLimiter};
 use crate::observe::{Hooks, Observer};
 use crate::registry::Registry;
+use crate::session::{Bounds, SessionStore};
 
 /// Who may use the admin API: the settings of [`crate::Config`] it reads.
 #[derive(Clone, Debug, Default)]
@@ -58,6 +59,8 @@ pub(crate) struct App {
     pub outbound_total: Arc<AtomicUsize>,
     /// Refusals and accept errors are logged at most once a second.
     pub(crate) refusal_log: LogLimiter,
+    /// Every session, attached or detached.
+    pub(crate) sessions: Arc<SessionStore>,
 }
 
 /// The state shared by every connection, and the compute pool started.
@@ -106,6 +109,15 @@ pub(crate) fn new_app(cfg: Config, registry: Registry) -> Result<Arc<App>, Error
         hard_stop: CancellationToken::new(),
         outbound_total: Arc::default(),
         refusal_log: LogLimiter::new(Duration::from_secs(1)),
+        sessions: SessionStore::new(Bounds {
+            window: cfg.session_window,
+            buffer_bytes: cfg.session_buffer_bytes,
+            buffer_responses: cfg.session_buffer_responses,
+            detached_per_ip: cfg.sessions_detached_per_ip,
+            bytes_per_ip: cfg.session_bytes_per_ip,
+            detached_total: cfg.sessions_detached,
+            bytes_total: cfg.session_bytes_total,
+        }),
         cfg,
     }))
 }

@@ -733,6 +733,26 @@ settings! {
     /// Niceness of compute workers (0 leaves it alone), so connection threads
     /// win the CPU when both want it.
     nice => nice: i32 = Some(10);
+    /// How long a detached session waits for its client to resume (at most 15
+    /// minutes; a client may ask for less); then its tasks are cancelled and its
+    /// responses freed.
+    session_window_ms => session_window: Millis = Some(120_000), min 1;
+    /// Bytes of unacknowledged responses a session keeps; beyond it a detached
+    /// session's response is replaced by `-32021`, an attached client is closed (1008).
+    session_buffer_bytes => session_buffer_bytes: Bytes = Some(4 << 20), min 1024;
+    /// Unacknowledged responses a session keeps (as `session_buffer_bytes`).
+    session_buffer_responses => session_buffer_responses: usize = Some(1024), min 1;
+    /// Detached sessions per client address (IPv6: per /64); at the bound the
+    /// address's oldest detached session ends early.
+    sessions_detached_per_ip => sessions_detached_per_ip: usize = Some(256), min 1;
+    /// Bytes of responses kept by one address's detached sessions (as
+    /// `sessions_detached_per_ip`).
+    session_bytes_per_ip => session_bytes_per_ip: Bytes = Some(64 << 20), min 1024;
+    /// Detached sessions in all; at the bound the oldest detached session of
+    /// the address holding the most ends early.
+    sessions_detached => sessions_detached: usize = Some(10_000), min 1;
+    /// Bytes of responses kept by all detached sessions (as `sessions_detached`).
+    session_bytes_total => session_bytes_total: Bytes = Some(1 << 30), min 1024;
     /// Log filter, `RUST_LOG` syntax (e.g. `info,taskwire=debug`), for binaries that log.
     log => log: String = Some("info".to_string()), env "RUST_LOG";
 }
@@ -917,6 +937,9 @@ impl Config {
                 "outbound_bytes_total",
                 "must be at least outbound_bytes (one connection's queue must fit)",
             ));
+        }
+        if self.session_window > std::time::Duration::from_secs(15 * 60) {
+            return Err(invalid("session_window_ms", "must be at most 900000 (15 minutes)"));
         }
         if self.admin_token.as_deref() == Some("") {
             return Err(invalid(

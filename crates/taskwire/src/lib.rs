@@ -53,6 +53,7 @@
 //! | `config` | `Config`: every setting declared once |
 //! | `error` | [`Error`], the library's one error type |
 //! | `observe` | the hooks a connection calls; the live table, metrics, `observe::api` |
+//! | `session` | sessions: numbered responses kept across reconnects, tokens, bounds |
 //! | `app` | `App`: the state every connection shares |
 //! | `conn` | one WebSocket: state, reader, admit, reply, writer |
 //! | `http` | `Server`, router, accept loop, upgrade checks, security, TLS, admin API |
@@ -72,6 +73,7 @@ mod limit;
 pub mod observe;
 pub mod protocol;
 mod registry;
+mod session;
 mod sync;
 mod task;
 
@@ -89,6 +91,12 @@ pub use task::{Checkpoint, Ctx, Stopped, TaskError, TaskKind};
 #[doc(hidden)]
 pub mod bench_internals {
     pub use crate::compute::{thread_cpu_time, RunQueue};
+}
+
+/// The session frames' parsing, for the fuzz target. Not part of the API.
+#[doc(hidden)]
+pub mod fuzz_internals {
+    pub use crate::session::frames;
 }
 
 #[cfg(test)]

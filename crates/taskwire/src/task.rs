@@ -178,6 +178,9 @@ pub(crate) struct ProgressSlot {
     queued: bool,
     closed: bool,
     last_sent: Option<Instant>,
+    /// Where notifications go: the connection's writer, or that of the
+    /// connection that resumed the task's session.
+    outbound: Option<Arc<Outbox<Outbound>>>,
 }
 
 /// Everything the server knows about one running task. Shared by the task's
@@ -198,7 +201,6 @@ pub(crate) struct TaskShared {
     progress: Mutex<ProgressSlot>,
     progress_calls: AtomicU64,
     progress_sent: AtomicU64,
-    outbound: Arc<Outbox<Outbound>>,
 }
 
 pub(crate) struct TaskInit {
@@ -230,10 +232,12 @@ impl TaskShared {
             token: CancellationToken::new(),
             stats: Arc::new(JobStats::for_task(init.id, init.method)),
             progress_token: init.progress_token,
-            progress: Mutex::new(ProgressSlot::default()),
+            progress: Mutex::new(ProgressSlot {
+                outbound: Some(init.outbound),
+                ..ProgressSlot::default()
+            }),
             progress_calls: AtomicU64::new(0),
             progress_sent: AtomicU64::new(0),
-            outbound: init.outbound,
         })
     }
 
@@ -277,12 +281,46 @@ impl TaskShared {
             .last_sent
             .is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL);
         if due
-            && self
+            && slot
                 .outbound
-                .try_push(Outbound::Progress(self.clone()))
-                .is_ok()
+                .as_ref()
+                .is_some_and(|o| o.try_push(Outbound::Progress(self.clone())).is_ok())
         {
             slot.queued = true;
+        }
+    }
+
+    /// The task's session was resumed on another connection: its progress
+    /// goes there now. A notification queued on the old connection was
+    /// dropped with its queue, so the latest value is queued again.
+    pub(crate) fn retarget(self: &Arc<Self>, outbound: Arc<Outbox<Outbound>>) {
+        let mut slot = lock(&self.progress);
+        slot.outbound = Some(outbound);
+        slot.queued = false;
+        if slot.unsent && !slot.closed && self.progress_token.is_some() {
+            let pushed = slot
+                .outbound
+                .as_ref()
+                .is_some_and(|o| o.try_push(Outbound::Progress(self.clone())).is_ok());
+            slot.queued = pushed;
+        }
+    }
+
+    /// Queues the final progress notification, if one is due, on the task's
+    /// current connection (without waiting: a session's client that does not
+    /// read is bounded by its buffer, not by this queue).
+    pub(crate) fn flush_progress(self: &Arc<Self>) {
+        if !self.close_progress() {
+            return;
+        }
+        let slot = lock(&self.progress);
+        let pushed = slot
+            .outbound
+            .as_ref()
+            .is_some_and(|o| o.try_push(Outbound::Progress(self.clone())).is_ok());
+        drop(slot);
+        if !pushed {
+            lock(&self.progress).queued = false;
         }
     }
 

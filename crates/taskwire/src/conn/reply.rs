@@ -116,13 +116,19 @@ impl Dest {
     pub(super) async fn deliver(&self, conn: &ConnState, text: Option<String>, id: Option<&Id>) {
         match self {
             Dest::Direct => {
+                let mut text = text.map(|t| conn.fit(t, id));
+                if conn.respond_in_session(&mut text, id) {
+                    return;
+                }
                 if let Some(t) = text {
                     conn.send(conn.fit(t, id)).await;
                 }
             }
             Dest::Batch(b, i) => {
                 if let Some(all) = b.fill(conn, *i, text, id) {
-                    conn.push(Outbound::Text(all)).await;
+                    if let Some(all) = batch_in_session(conn, all) {
+                        conn.push(Outbound::Text(all)).await;
+                    }
                 }
             }
         }
@@ -131,17 +137,36 @@ impl Dest {
     fn try_deliver(&self, conn: &ConnState, text: Option<String>, id: Option<&Id>) {
         match self {
             Dest::Direct => {
+                let mut text = text.map(|t| conn.fit(t, id));
+                if conn.respond_in_session(&mut text, id) {
+                    return;
+                }
                 if let Some(t) = text {
-                    conn.try_send(conn.fit(t, id));
+                    conn.try_send(t);
                 }
             }
             Dest::Batch(b, i) => {
                 if let Some(all) = b.fill(conn, *i, text, id) {
-                    conn.try_push(all);
+                    if let Some(all) = batch_in_session(conn, all) {
+                        conn.try_push(all);
+                    }
                 }
             }
         }
     }
+}
+
+/// A batch's answer on a connection with a session goes through the session
+/// as one numbered frame (its bytes, counted as queued by the batch, are
+/// counted again when the session queues it); without one it comes back.
+fn batch_in_session(conn: &ConnState, all: String) -> Option<String> {
+    if conn.session().is_none() {
+        return Some(all);
+    }
+    conn.forget_bytes(all.len());
+    let mut text = Some(all);
+    conn.respond_in_session(&mut text, None);
+    None
 }
 
 /// The answer to one request: sent exactly once, on every path. [`Reply::finish`]
@@ -184,8 +209,11 @@ impl Reply {
     }
 
     pub(super) async fn finish(mut self, outcome: Outcome) {
-        // The latest progress must reach the client before the response.
-        if self.task.close_progress() {
+        // The latest progress must reach the client before the response: in
+        // a session, on whichever connection is attached now.
+        if self.conn.session().is_some() {
+            self.task.flush_progress();
+        } else if self.task.close_progress() {
             self.conn
                 .send_outbound(Outbound::Progress(self.task.clone()))
                 .await;

@@ -31,6 +31,8 @@ use crate::observe::api::{
 };
 use crate::observe::metrics::{Live, RuntimeStats};
 use crate::observe::{count_states, Hooks, Observer, TaskQuery};
+use crate::session::{SessionCounts, SessionInfo, SessionStore};
+use crate::task::Stopped;
 
 /// What the admin handlers may reach: the observer, the pool's figures and
 /// the access rule, not the whole server (its connections' limits, its
@@ -45,6 +47,8 @@ pub(crate) struct AdminState {
     pub shutdown: CancellationToken,
     /// Bytes of replies queued and batch answers kept, over every connection.
     pub outbound_total: Arc<std::sync::atomic::AtomicUsize>,
+    /// Sessions, attached and detached.
+    pub sessions: Arc<SessionStore>,
 }
 
 impl FromRef<Arc<App>> for AdminState {
@@ -56,6 +60,7 @@ impl FromRef<Arc<App>> for AdminState {
             access: app.admin.clone(),
             shutdown: app.shutdown.clone(),
             outbound_total: app.outbound_total.clone(),
+            sessions: app.sessions.clone(),
         }
     }
 }
@@ -78,6 +83,8 @@ pub(crate) fn routes(app: &Arc<App>) -> Router<Arc<App>> {
         .route("/admin/tasks/{id}/kill", post(kill_task))
         .route("/admin/connections", get(list_conns))
         .route("/admin/connections/{id}/close", post(close_conn))
+        .route("/admin/sessions", get(list_sessions))
+        .route("/admin/sessions/{id}/end", post(end_session))
         .route("/admin/stats", get(stats))
         .route("/admin/events", get(events))
         .route("/metrics", get(metrics))
@@ -221,6 +228,31 @@ async fn close_conn(State(app): State<AdminState>, Path(id): Path<u64>) -> Respo
             Json(Closed { closed: true }).into_response()
         }
         None => not_found("connection"),
+    }
+}
+
+/// `GET /admin/sessions`: every session and the store's counters.
+#[derive(serde::Serialize)]
+struct SessionList {
+    sessions: Vec<SessionInfo>,
+    counts: SessionCounts,
+}
+
+async fn list_sessions(State(app): State<AdminState>) -> Json<SessionList> {
+    Json(SessionList {
+        sessions: app.sessions.list(),
+        counts: app.sessions.counts(),
+    })
+}
+
+/// `POST /admin/sessions/{id}/end`: its tasks are killed, its responses
+/// freed, its connection (if any) closed; a resume gets `-32020`.
+async fn end_session(State(app): State<AdminState>, Path(id): Path<u64>) -> Response {
+    if app.sessions.end(id, Stopped::Killed) {
+        tracing::info!(session = id, "session ended by an operator");
+        Json(Closed { closed: true }).into_response()
+    } else {
+        not_found("session")
     }
 }
 

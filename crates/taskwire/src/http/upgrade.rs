@@ -17,6 +17,7 @@ use crate::conn::ConnLimits;
 use crate::limit::{Keyed, KeyedSlot, Slot};
 use crate::observe::RefusalReason;
 use crate::protocol::SUBPROTOCOL;
+use crate::session::{self, Owner};
 
 /// Replies gathered before a write to the socket (flushed at every batch end).
 const WRITE_BUFFER: usize = 32 << 10;
@@ -130,7 +131,7 @@ fn admit_upgrade(
     peer: SocketAddr,
     headers: &HeaderMap,
     uri: &Uri,
-) -> Result<(Slots, ConnLimits), Refusal> {
+) -> Result<(Slots, ConnLimits, Owner), Refusal> {
     let cfg = &app.cfg;
     let text = |name| headers.get(name).and_then(|v| v.to_str().ok());
     // A server on loopback is meant for this machine: a page elsewhere that
@@ -186,6 +187,8 @@ fn admit_upgrade(
             .unwrap_or(cfg.max_inflight_per_connection),
         rate: t.and_then(|t| t.rate_limit).or(cfg.rate_limit()),
     };
+    // What a resume must present again: the same token and Origin.
+    let owner = session::owner_key(token, text(header::ORIGIN));
     Ok((
         Slots {
             _conn: conn,
@@ -193,6 +196,7 @@ fn admit_upgrade(
             _token: token_slot,
         },
         limits,
+        owner,
     ))
 }
 
@@ -206,7 +210,7 @@ pub(super) async fn ws_handler(
     if app.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
     }
-    let (slots, limits) = match admit_upgrade(&app, peer, &headers, &uri) {
+    let (slots, limits, owner) = match admit_upgrade(&app, peer, &headers, &uri) {
         Ok(x) => x,
         Err(refusal) => {
             app.hooks.refused(refusal.reason());
@@ -238,7 +242,7 @@ pub(super) async fn ws_handler(
             // Past the shutdown deadline, a WebSocket that has not closed
             // (its client does not read) is dropped.
             tokio::select! {
-                _ = crate::conn::serve(app, socket, peer, limits) => {}
+                _ = crate::conn::serve(app, socket, peer, limits, owner) => {}
                 _ = hard.cancelled() => {}
             }
         })
