@@ -85,7 +85,7 @@ fn refuse_unnumbered(conn: &ConnState, id: Option<Id>, err: &ErrorObject) -> Adm
 fn open_session(app: &Arc<App>, conn: &Arc<ConnState>, req: Request<'_>, place: Place) -> Admission {
     if place == Place::InBatch {
         let err = ErrorObject::invalid_request("$/session.open cannot be part of a batch");
-        return refuse_unnumbered(conn, req.id, &err);
+        return answer(req.id, &err);
     }
     if conn.session().is_some() {
         let err = ErrorObject::invalid_request("this connection already has a session");
@@ -120,6 +120,10 @@ fn resume_session(
     req: Request<'_>,
     place: Place,
 ) -> Admission {
+    if place == Place::InBatch {
+        let err = ErrorObject::invalid_request("$/session.resume cannot be part of a batch");
+        return answer(req.id, &err);
+    }
     if place != Place::First || conn.session().is_some() {
         let err = ErrorObject::invalid_request(
             "$/session.resume must be the first request of a connection without a session",
