@@ -167,7 +167,7 @@ mod tests {
         assert_eq!(parse_open(&Params::None), Ok(OpenParams::default()));
         let p = raw(r#"{"windowMs":500}"#);
         assert_eq!(parse_open(&Params::Raw(&p)).unwrap().window_ms, Some(500));
-        for bad in [r#"{"windowMs":0}"#, r#"{"windowMs":-1}"#, r#"{"windowMs":"5"}"#, "[1]"] {
+        for bad in [r#"{"windowMs":0}"#, r#"{"windowMs":-1}"#, r#"{"windowMs":"5"}"#, "[0]"] {
             let p = raw(bad);
             assert!(parse_open(&Params::Raw(&p)).is_err(), "{bad}");
         }
