@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use serde_json::value::RawValue;
 
-use super::state::ConnState;
+use super::state::{ConnState, Refused};
 use crate::app::App;
 use crate::session::{frames, Attachment, Session};
 use crate::compute::Permit;
@@ -241,11 +241,15 @@ pub(super) fn admit(
         Err(err) => return answer(req.id, &err),
     };
     // Admission: the connection's in-flight limit, then the pool's queues.
-    if let Err(err) = conn.insert(&task) {
-        if err.code == codes::OVERLOADED {
-            app.hooks.refused(RefusalReason::ConnectionInflight);
+    match conn.insert(&task) {
+        Ok(()) => {}
+        Err(Refused::Superseded) => return Admission::Answer { text: None, id: None },
+        Err(Refused::Answer(err)) => {
+            if err.code == codes::OVERLOADED {
+                app.hooks.refused(RefusalReason::ConnectionInflight);
+            }
+            return answer(req.id, &err);
         }
-        return answer(req.id, &err);
     }
     let permit = match def.kind {
         TaskKind::Io => None,

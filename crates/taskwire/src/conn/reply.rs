@@ -114,10 +114,22 @@ pub(super) enum Dest {
 
 impl Dest {
     pub(super) async fn deliver(&self, conn: &ConnState, text: Option<String>, id: Option<&Id>) {
+        self.deliver_for(conn, text, id, None).await
+    }
+
+    /// Delivers the answer of `done` (taken out of a session's table as its
+    /// answer is kept; see [`Reply::settle`]).
+    async fn deliver_for(
+        &self,
+        conn: &ConnState,
+        text: Option<String>,
+        id: Option<&Id>,
+        done: Option<&TaskShared>,
+    ) {
         match self {
             Dest::Direct => {
                 let mut text = text.map(|t| conn.fit(t, id));
-                if conn.respond_in_session(&mut text, id) {
+                if conn.respond_in_session(&mut text, id, done) {
                     return;
                 }
                 if let Some(t) = text {
@@ -134,11 +146,17 @@ impl Dest {
         }
     }
 
-    fn try_deliver(&self, conn: &ConnState, text: Option<String>, id: Option<&Id>) {
+    fn try_deliver(
+        &self,
+        conn: &ConnState,
+        text: Option<String>,
+        id: Option<&Id>,
+        done: Option<&TaskShared>,
+    ) {
         match self {
             Dest::Direct => {
                 let mut text = text.map(|t| conn.fit(t, id));
-                if conn.respond_in_session(&mut text, id) {
+                if conn.respond_in_session(&mut text, id, done) {
                     return;
                 }
                 if let Some(t) = text {
@@ -165,7 +183,7 @@ fn batch_in_session(conn: &ConnState, all: String) -> Option<String> {
     }
     conn.forget_bytes(all.len());
     let mut text = Some(all);
-    conn.respond_in_session(&mut text, None);
+    conn.respond_in_session(&mut text, None, None);
     None
 }
 
@@ -183,7 +201,11 @@ impl Reply {
     /// Takes the task out of the tables and renders its answer.
     fn settle(&mut self, outcome: &Outcome) -> Option<String> {
         self.done = true;
-        self.conn.remove(&self.task);
+        // In a session, a direct answer takes its task out of the table as
+        // it is kept (the session's lock makes the two one step for a resume).
+        if self.conn.session().is_none() || !matches!(self.dest, Dest::Direct) {
+            self.conn.remove(&self.task);
+        }
         // A task lost because the server is going away is answered as
         // stopped by the shutdown: count it as it is answered.
         let shutdown = Outcome::Err(TaskError::Stopped(Stopped::Shutdown));
@@ -220,7 +242,9 @@ impl Reply {
         }
         let text = self.settle(&outcome);
         let id = self.task.request_id.as_ref();
-        self.dest.deliver(&self.conn, text, id).await;
+        self.dest
+            .deliver_for(&self.conn, text, id, Some(&self.task))
+            .await;
         self.conn.answered_one();
     }
 }
@@ -231,8 +255,12 @@ impl Drop for Reply {
             return;
         }
         let text = self.settle(&Outcome::Lost);
-        self.dest
-            .try_deliver(&self.conn, text, self.task.request_id.as_ref());
+        self.dest.try_deliver(
+            &self.conn,
+            text,
+            self.task.request_id.as_ref(),
+            Some(&self.task),
+        );
         self.conn.answered_one();
     }
 }

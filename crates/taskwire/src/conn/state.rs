@@ -25,6 +25,16 @@ pub(crate) struct ConnLimits {
     pub rate: Option<RateLimit>,
 }
 
+/// Why a task was not entered in the in-flight table.
+pub(super) enum Refused {
+    /// Answered with this error.
+    Answer(ErrorObject),
+    /// The connection's session was resumed on another connection while this
+    /// one still read: the request is dropped unanswered, as if the cut had
+    /// come before it (the client re-sends it on the new connection).
+    Superseded,
+}
+
 /// The state of one connection, shared by its reader, writer, tasks and the admin view.
 pub(crate) struct ConnState {
     pub id: u64,
@@ -111,15 +121,30 @@ impl ConnState {
     /// A numbered response: through the session when there is one (which
     /// keeps it until acknowledged, and sends it to whichever connection is
     /// attached now); `false` when there is no session.
-    pub(super) fn respond_in_session(&self, text: &mut Option<String>, id: Option<&Id>) -> bool {
+    ///
+    /// `done`: the task this answers, which leaves the session's table as
+    /// its answer enters the session's buffer (see [`Session::respond`]).
+    pub(super) fn respond_in_session(
+        &self,
+        text: &mut Option<String>,
+        id: Option<&Id>,
+        done: Option<&TaskShared>,
+    ) -> bool {
         let Some(session) = self.session.get() else {
             return false;
         };
-        if let Some(t) = text.take() {
-            if let Responded::KeptDetached =
-                session.respond(t, id, &self.sessions.dropped)
-            {
-                self.sessions.account(session);
+        match text.take() {
+            Some(t) => {
+                if let Responded::KeptDetached =
+                    session.respond(t, id, &self.sessions.dropped, done)
+                {
+                    self.sessions.account(session);
+                }
+            }
+            None => {
+                if let Some(task) = done {
+                    session.forget_task(task);
+                }
             }
         }
         true
@@ -139,22 +164,25 @@ impl ConnState {
 
     /// Enters a task in the in-flight table: refused for a duplicate id, or
     /// when the tasks and the batch elements held reach the in-flight limit.
-    pub(super) fn insert(&self, task: &Arc<TaskShared>) -> Result<(), ErrorObject> {
+    pub(super) fn insert(&self, task: &Arc<TaskShared>) -> Result<(), Refused> {
         let mut m = lock(self.table());
+        if m.writer != 0 && m.writer != self.id {
+            return Err(Refused::Superseded);
+        }
         if task
             .request_id
             .as_ref()
             .is_some_and(|rid| m.ids.contains_key(rid))
         {
-            return Err(ErrorObject::invalid_request(
+            return Err(Refused::Answer(ErrorObject::invalid_request(
                 "duplicate id: a request with this id is still in flight",
-            ));
+            )));
         }
         if m.tasks.len() + self.held.load(Ordering::Acquire) >= self.max_inflight {
-            return Err(ErrorObject::overloaded(
+            return Err(Refused::Answer(ErrorObject::overloaded(
                 crate::observe::RefusalReason::ConnectionInflight.label(),
                 100,
-            ));
+            )));
         }
         m.tasks.insert(task.id, task.clone());
         if let Some(rid) = &task.request_id {

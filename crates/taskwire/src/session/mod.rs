@@ -44,6 +44,11 @@ pub(crate) const CLOSE_RESUMED_ELSEWHERE: u16 = 4001;
 pub(crate) struct Inflight {
     pub(crate) tasks: HashMap<u64, Arc<TaskShared>>,
     pub(crate) ids: HashMap<Id, u64>,
+    /// For a session's table, the connection that may add to it (0: any).
+    /// A resume moves it under this lock, so that a request the old
+    /// connection was still reading can never start after the resume's
+    /// `inflight` list was made (the client would send it again).
+    pub(crate) writer: u64,
 }
 
 /// The connection a session is attached to, as the session sees it.
@@ -158,6 +163,9 @@ struct Inner {
     bytes: usize,
     /// The bytes this session counts for in the store's detached totals.
     accounted: usize,
+    /// The window's timer while detached: aborted by a resume or an end, so
+    /// that a session resumed a thousand times holds no thousand sleepers.
+    timer: Option<tokio::task::AbortHandle>,
 }
 
 /// One session: its tasks, its buffer of unacknowledged responses, its
@@ -207,8 +215,22 @@ impl Session {
     /// short error per request in flight. An attached client whose
     /// unacknowledged responses pass the buffer does not read: it is closed
     /// (1008) and the session detaches.
-    pub(crate) fn respond(&self, text: String, id: Option<&Id>, dropped: &AtomicU64) -> Responded {
+    ///
+    /// `done` is the task this answers, taken out of the session's table
+    /// under the same lock: a resume then sees it either still in flight or
+    /// among the kept responses, never neither (the client would send it
+    /// again) nor both.
+    pub(crate) fn respond(
+        &self,
+        text: String,
+        id: Option<&Id>,
+        dropped: &AtomicU64,
+        done: Option<&TaskShared>,
+    ) -> Responded {
         let mut s = lock(&self.inner);
+        if let Some(task) = done {
+            self.forget_task(task);
+        }
         if s.ended {
             return Responded::Gone;
         }
@@ -245,6 +267,17 @@ impl Session {
             None => {
                 s.buffer.push_back((seq, text));
                 Responded::KeptDetached
+            }
+        }
+    }
+
+    /// Takes a finished task out of the session's table.
+    pub(crate) fn forget_task(&self, task: &TaskShared) {
+        let mut m = lock(&self.table);
+        m.tasks.remove(&task.id);
+        if let Some(rid) = &task.request_id {
+            if m.ids.get(rid) == Some(&task.id) {
+                m.ids.remove(rid);
             }
         }
     }
@@ -415,6 +448,7 @@ impl SessionStore {
                 buffer: VecDeque::new(),
                 bytes: 0,
                 accounted: 0,
+                timer: None,
             }),
         });
         let mut inner = lock(&self.inner);
@@ -425,6 +459,7 @@ impl SessionStore {
         // and is numbered after the answer, which is where the client starts
         // counting.
         let _s = lock(&session.inner);
+        lock(&session.table).writer = conn.conn_id();
         install(&session);
         if let Some(id) = id {
             let answer = serde_json::json!({
@@ -477,6 +512,9 @@ impl SessionStore {
         }
         s.token_hash = hash(&secret);
         s.generation += 1;
+        if let Some(t) = s.timer.take() {
+            t.abort();
+        }
         install(&session);
         if let Some(old) = s.attached.take() {
             old.close(CLOSE_RESUMED_ELSEWHERE, "session resumed elsewhere");
@@ -497,7 +535,8 @@ impl SessionStore {
         let seq = params.seq.min(s.seq);
         free_through(&mut s, seq);
         let inflight: Vec<serde_json::Value> = {
-            let t = lock(&session.table);
+            let mut t = lock(&session.table);
+            t.writer = conn.conn_id();
             t.ids.keys().map(Id::to_value).collect()
         };
         if let Some(id) = id {
@@ -541,21 +580,22 @@ impl SessionStore {
         let g = inner.groups.entry(session.group).or_default();
         g.order.push_back(session.id);
         g.bytes += s.bytes;
-        drop(s);
-        self.detached.fetch_add(1, Ordering::Relaxed);
-        let doomed = self.over_bounds(&mut inner, session.group);
-        drop(inner);
-        self.end_all(doomed, &self.evicted);
-        // The window's timer: a later detach (after a resume) has another
-        // generation, so this one then does nothing.
+        // The window's timer (the generation guards against a timer that
+        // fires as a resume takes the lock).
         let store = self.me.clone();
         let (sid, window) = (session.id, session.window);
-        tokio::spawn(async move {
+        let timer = tokio::spawn(async move {
             tokio::time::sleep(window).await;
             if let Some(store) = store.upgrade() {
                 store.expire(sid, generation);
             }
         });
+        s.timer = Some(timer.abort_handle());
+        drop(s);
+        self.detached.fetch_add(1, Ordering::Relaxed);
+        let doomed = self.over_bounds(&mut inner, session.group);
+        drop(inner);
+        self.end_all(doomed, &self.evicted);
     }
 
     /// Brings the store's detached totals up to date with a detached
@@ -634,6 +674,9 @@ impl SessionStore {
         }
         s.accounted = 0;
         s.attached = None;
+        if let Some(t) = s.timer.take() {
+            t.abort();
+        }
         s.buffer = VecDeque::new();
         s.bytes = 0;
         drop(s);
