@@ -116,7 +116,9 @@ pub fn split_token(token: &str) -> Option<(u64, [u8; SECRET_BYTES])> {
         return None;
     }
     let (id, hex) = token.split_once('.')?;
-    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
+    // One spelling per token (no leading zeros): a token that parses is the
+    // very text the server made.
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) || (id.len() > 1 && id.starts_with('0')) {
         return None;
     }
     let id = id.parse::<u64>().ok()?;
@@ -156,7 +158,7 @@ mod tests {
         let t = token_text(42, &secret);
         assert_eq!(split_token(&t), Some((42, secret)));
         assert!(t.len() <= MAX_TOKEN_BYTES);
-        for bad in ["", ".", "42.", "x.ab", "42.AB", &t[..t.len() - 1], &format!("{t}0")] {
+        for bad in ["", ".", "42.", "x.ab", "42.AB", &t[..t.len() - 1], &format!("{t}0"), &format!("0{t}")] {
             assert_eq!(split_token(bad), None, "{bad}");
         }
         assert_eq!(split_token(&token_text(u64::MAX, &secret)).map(|x| x.0), Some(u64::MAX));
