@@ -939,7 +939,10 @@ impl Config {
             ));
         }
         if self.session_window > std::time::Duration::from_secs(15 * 60) {
-            return Err(invalid("session_window_ms", "must be at most 900000 (15 minutes)"));
+            return Err(invalid(
+                "session_window_ms",
+                "must be at most 900000 (15 minutes)",
+            ));
         }
         if self.admin_token.as_deref() == Some("") {
             return Err(invalid(

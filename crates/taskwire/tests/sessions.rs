@@ -307,9 +307,7 @@ async fn a_resume_with_other_credentials_is_refused_and_spends_nothing() {
         assert_eq!(code(&v), -32020, "{v}");
     }
     let mut c = s.client().await;
-    let v = c
-        .call("$s-r", "$/session.resume", json!({"seq": 0}))
-        .await;
+    let v = c.call("$s-r", "$/session.resume", json!({"seq": 0})).await;
     assert_eq!(code(&v), -32602, "{v}");
     // The owner still can.
     let same = connect_with(s.addr, Some("http://a.example"), None).await;
@@ -324,9 +322,8 @@ async fn session_methods_in_the_wrong_place_get_32600() {
     let mut a = Sess::open(s.addr).await;
     let v = a.c.call("$s-open2", "$/session.open", json!({})).await;
     assert_eq!(code(&v), -32600, "{v}");
-    let v = a
-        .c
-        .call(
+    let v =
+        a.c.call(
             "$s-r",
             "$/session.resume",
             json!({"token": a.token.clone(), "seq": 0}),

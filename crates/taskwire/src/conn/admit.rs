@@ -13,11 +13,11 @@ use serde_json::value::RawValue;
 
 use super::state::{ConnState, Refused};
 use crate::app::App;
-use crate::session::{frames, Attachment, Session};
 use crate::compute::Permit;
 use crate::observe::RefusalReason;
 use crate::protocol::{self, codes, ErrorObject, Id, Rejected, Request};
 use crate::registry::TaskFuture;
+use crate::session::{frames, Attachment, Session};
 use crate::task::{stopped_error, Ctx, Stopped, TaskInit, TaskKind, TaskShared};
 
 /// What became of one request.
@@ -82,7 +82,12 @@ fn refuse_unnumbered(conn: &ConnState, id: Option<Id>, err: &ErrorObject) -> Adm
     unnumbered(id)
 }
 
-fn open_session(app: &Arc<App>, conn: &Arc<ConnState>, req: Request<'_>, place: Place) -> Admission {
+fn open_session(
+    app: &Arc<App>,
+    conn: &Arc<ConnState>,
+    req: Request<'_>,
+    place: Place,
+) -> Admission {
     if place == Place::InBatch {
         let err = ErrorObject::invalid_request("$/session.open cannot be part of a batch");
         return answer(req.id, &err);
@@ -100,8 +105,7 @@ fn open_session(app: &Arc<App>, conn: &Arc<ConnState>, req: Request<'_>, place: 
     };
     let attachment: Arc<dyn Attachment> = conn.clone();
     if let Err(err) = app.sessions.open(
-        conn.owner.clone(),
-        conn.peer.ip(),
+        (conn.owner.clone(), conn.peer.ip()),
         params.window_ms,
         conn.table().clone(),
         attachment,
@@ -243,7 +247,12 @@ pub(super) fn admit(
     // Admission: the connection's in-flight limit, then the pool's queues.
     match conn.insert(&task) {
         Ok(()) => {}
-        Err(Refused::Superseded) => return Admission::Answer { text: None, id: None },
+        Err(Refused::Superseded) => {
+            return Admission::Answer {
+                text: None,
+                id: None,
+            }
+        }
         Err(Refused::Answer(err)) => {
             if err.code == codes::OVERLOADED {
                 app.hooks.refused(RefusalReason::ConnectionInflight);

@@ -89,11 +89,13 @@ pub fn parse_resume(params: &Params<'_>) -> Result<Option<ResumeParams>, ErrorOb
     }
     let raw: Raw<'_> = serde_json::from_str(params_text(params))
         .map_err(|e| ErrorObject::invalid_params(format!("token, seq: {e}")))?;
-    Ok(split_token(&raw.token).map(|(session, secret)| ResumeParams {
-        session,
-        secret,
-        seq: raw.seq,
-    }))
+    Ok(
+        split_token(&raw.token).map(|(session, secret)| ResumeParams {
+            session,
+            secret,
+            seq: raw.seq,
+        }),
+    )
 }
 
 /// The token's text: the session id, a dot, the secret in lower-case hex.
@@ -118,7 +120,10 @@ pub fn split_token(token: &str) -> Option<(u64, [u8; SECRET_BYTES])> {
     let (id, hex) = token.split_once('.')?;
     // One spelling per token (no leading zeros): a token that parses is the
     // very text the server made.
-    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) || (id.len() > 1 && id.starts_with('0')) {
+    if id.is_empty()
+        || !id.bytes().all(|b| b.is_ascii_digit())
+        || (id.len() > 1 && id.starts_with('0'))
+    {
         return None;
     }
     let id = id.parse::<u64>().ok()?;
@@ -158,10 +163,22 @@ mod tests {
         let t = token_text(42, &secret);
         assert_eq!(split_token(&t), Some((42, secret)));
         assert!(t.len() <= MAX_TOKEN_BYTES);
-        for bad in ["", ".", "42.", "x.ab", "42.AB", &t[..t.len() - 1], &format!("{t}0"), &format!("0{t}")] {
+        for bad in [
+            "",
+            ".",
+            "42.",
+            "x.ab",
+            "42.AB",
+            &t[..t.len() - 1],
+            &format!("{t}0"),
+            &format!("0{t}"),
+        ] {
             assert_eq!(split_token(bad), None, "{bad}");
         }
-        assert_eq!(split_token(&token_text(u64::MAX, &secret)).map(|x| x.0), Some(u64::MAX));
+        assert_eq!(
+            split_token(&token_text(u64::MAX, &secret)).map(|x| x.0),
+            Some(u64::MAX)
+        );
     }
 
     #[test]
@@ -169,7 +186,12 @@ mod tests {
         assert_eq!(parse_open(&Params::None), Ok(OpenParams::default()));
         let p = raw(r#"{"windowMs":500}"#);
         assert_eq!(parse_open(&Params::Raw(&p)).unwrap().window_ms, Some(500));
-        for bad in [r#"{"windowMs":0}"#, r#"{"windowMs":-1}"#, r#"{"windowMs":"5"}"#, "[0]"] {
+        for bad in [
+            r#"{"windowMs":0}"#,
+            r#"{"windowMs":-1}"#,
+            r#"{"windowMs":"5"}"#,
+            "[0]",
+        ] {
             let p = raw(bad);
             assert!(parse_open(&Params::Raw(&p)).is_err(), "{bad}");
         }

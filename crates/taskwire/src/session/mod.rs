@@ -413,8 +413,7 @@ impl SessionStore {
     /// returns, so that nothing numbered can precede it.
     pub(crate) fn open(
         &self,
-        owner: Owner,
-        peer: IpAddr,
+        (owner, peer): (Owner, IpAddr),
         window_ms: Option<u64>,
         table: Arc<Mutex<Inflight>>,
         conn: Arc<dyn Attachment>,
@@ -567,7 +566,7 @@ impl SessionStore {
     pub(crate) fn detach(&self, session: &Arc<Session>, conn: u64) {
         let mut inner = lock(&self.inner);
         let mut s = lock(&session.inner);
-        if s.ended || !s.attached.as_ref().is_some_and(|a| a.conn_id() == conn) {
+        if s.ended || s.attached.as_ref().is_none_or(|a| a.conn_id() != conn) {
             return;
         }
         s.attached = None;
@@ -645,7 +644,10 @@ impl SessionStore {
             let Some(vg) = victim_group else {
                 return doomed;
             };
-            let sid = inner.groups.get_mut(&vg).and_then(|g| g.order.front().copied());
+            let sid = inner
+                .groups
+                .get_mut(&vg)
+                .and_then(|g| g.order.front().copied());
             match sid.and_then(|sid| self.take_out(inner, sid)) {
                 Some(s) => doomed.push(s),
                 // Cannot happen (a group in the map has a session); leave
