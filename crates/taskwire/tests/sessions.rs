@@ -612,3 +612,136 @@ async fn ten_thousand_detached_sessions_stay_within_the_total_bound() {
         grown_kib * 1024 / BOUND as u64
     );
 }
+
+/// Live heap bytes, for the memory figure of a detached session.
+#[global_allocator]
+static ALLOC: taskwire::alloc::CountingAlloc = taskwire::alloc::CountingAlloc;
+
+fn percentile(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Echo requests answered per second on one connection, 64 in flight; with a
+/// session, acknowledged every 64 responses as the JavaScript client does.
+async fn echo_rate(addr: SocketAddr, session: bool, n: u64) -> f64 {
+    let mut s = if session {
+        Sess::open(addr).await
+    } else {
+        Sess {
+            c: Client::connect(addr).await,
+            token: String::new(),
+            seq: 0,
+            answers: HashMap::new(),
+        }
+    };
+    // As browsers do: without it, the small ack frame waits behind Nagle's
+    // algorithm for the server's delayed ACK (40 ms every 64 responses).
+    if let MaybeTlsStream::Plain(tcp) = s.c.ws.get_ref() {
+        tcp.set_nodelay(true).unwrap();
+    }
+    let start = std::time::Instant::now();
+    let (mut sent, mut got) = (0u64, 0u64);
+    while got < n {
+        while sent < n && sent - got < 64 {
+            sent += 1;
+            s.c.request(sent as i64, "echo", json!({"value": sent})).await;
+        }
+        s.c.recv().await.expect("an answer");
+        got += 1;
+        if session && got % 64 == 0 {
+            s.c.send(json!({"jsonrpc":"2.0","method":"$/session.ack","params":{"seq":got}}))
+                .await;
+        }
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// The figures in docs/BENCHMARKS.md (not a test: run it with
+/// `cargo test -p taskwire --test sessions --config 'profile.dev.package.taskwire.opt-level=3' figures -- --ignored --nocapture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a test"]
+async fn figures() {
+    let mut cfg = config();
+    cfg.sessions_detached_per_ip = 10_000;
+    let s = TestServer::start(cfg).await;
+    // Resume and replay of 1 000 small kept responses.
+    let mut times = Vec::new();
+    for _ in 0..30 {
+        let mut a = Sess::open(s.addr).await;
+        for i in 1..=1000 {
+            a.c.request(i, "echo", json!({"value": i})).await;
+        }
+        for _ in 0..1000 {
+            a.c.recv().await.expect("an echo");
+        }
+        let (token, _, _) = a.cut();
+        // Detached before the resume is timed.
+        assert!(
+            eventually(|| async {
+                admin_json(s.addr, "GET", "/admin/sessions").await["counts"]["detachedNow"] == 1
+            })
+            .await
+        );
+        let mut c = s.client().await;
+        let start = std::time::Instant::now();
+        c.request("$s", "$/session.resume", json!({"token": token, "seq": 0}))
+            .await;
+        for _ in 0..1001 {
+            c.recv().await.expect("the replay");
+        }
+        times.push(start.elapsed());
+        // End it (close 1000) so that the next round starts clean.
+        c.ws.close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "".into(),
+        }))
+        .await
+        .unwrap();
+    }
+    let p50 = percentile(&mut times, 0.5);
+    let p99 = percentile(&mut times, 0.99);
+    eprintln!("resume + replay of 1000 kept echo responses: p50 {p50:?}, p99 {p99:?} (30 runs)");
+
+    // Memory per detached session, its buffer empty.
+    const N: usize = 2000;
+    assert!(
+        eventually(|| async {
+            admin_json(s.addr, "GET", "/admin/sessions").await["counts"]["open"] == 0
+        })
+        .await,
+        "{}",
+        admin_json(s.addr, "GET", "/admin/sessions").await
+    );
+    let before = taskwire::alloc::allocated_bytes();
+    for _ in 0..N {
+        let a = Sess::open(s.addr).await;
+        a.cut();
+    }
+    assert!(
+        eventually(|| async {
+            admin_json(s.addr, "GET", "/admin/sessions").await["counts"]["detachedNow"] == N as u64
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = taskwire::alloc::allocated_bytes();
+    eprintln!(
+        "memory per detached session (empty buffer): {} B (live heap over {N})",
+        (after as i64 - before as i64) / N as i64
+    );
+
+    // Echo throughput with a session against without, alternating.
+    let mut ratios = Vec::new();
+    for _ in 0..11 {
+        let without = echo_rate(s.addr, false, 20_000).await;
+        let with = echo_rate(s.addr, true, 20_000).await;
+        eprintln!("echo: {without:.0}/s without a session, {with:.0}/s with");
+        ratios.push(with / without);
+    }
+    ratios.sort_by(f64::total_cmp);
+    eprintln!(
+        "echo throughput with a session / without: median {:.3} (ratios {ratios:.3?})",
+        ratios[ratios.len() / 2]
+    );
+}
