@@ -69,7 +69,11 @@ const conns = {};
 async function open(name) {
   for (let delay = 250; ; delay = Math.min(delay * 2, 5000)) {
     try {
-      const tw = await Taskwire.connect(wsUrl, { token: wsToken, reconnect: { maxDelayMs: 5000 }, queueLimit: 50 });
+      // The actions connection opens a session: its tasks survive a dropped
+      // connection and their results still arrive (see sessionPill).
+      const tw = await Taskwire.connect(wsUrl, {
+        token: wsToken, reconnect: { maxDelayMs: 5000 }, queueLimit: 50, session: name === 'actions',
+      });
       conns[name] = tw;
       return tw;
     } catch (err) {
@@ -91,6 +95,34 @@ function setConnPill(state, title = '') {
   }[state] ?? [state, 'pill-wait'];
   el.textContent = text;
   el.className = `pill ${cls}`;
+}
+
+// The actions connection's session, shown beside the connection pill:
+// "reconnecting…" while it is away, "resumed" once its tasks' results flow again.
+function sessionPill(tw) {
+  const el = document.createElement('span');
+  el.id = 'session-state';
+  el.dataset.testid = 'session-state';
+  $('conn-state').after(el);
+  const show = (state, text, cls) => {
+    el.dataset.state = state;
+    el.textContent = text;
+    el.className = `pill ${cls}`;
+  };
+  show('open', 'session', 'pill-ok');
+  tw.addEventListener('state', (e) => {
+    if (e.detail.state === 'reconnecting') show('reconnecting', 'actions: reconnecting…', 'pill-wait');
+  });
+  tw.addEventListener('session', (e) => {
+    const d = e.detail;
+    if (d.state === 'resumed') {
+      show('resumed', 'actions: resumed', 'pill-ok');
+      log(`actions session resumed: ${d.replayed} results replayed, ${d.running} tasks still running`, 'ok');
+    } else if (d.state === 'expired') {
+      show('expired', 'actions: session expired', 'pill-bad');
+      log('actions session expired: the outcome of the tasks started before the drop is unknown', 'err');
+    }
+  });
 }
 
 function watch(tw, name) {
@@ -626,6 +658,7 @@ const [probe, loadConn, actions] = await Promise.all([open('probe'), open('load'
 watch(probe, 'probe');
 watch(loadConn, 'load');
 watch(actions, 'actions');
+sessionPill(actions);
 setConnPill(probe.state);
 startProbe(probe);
 startLoad(loadConn);
