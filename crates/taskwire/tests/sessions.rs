@@ -422,6 +422,19 @@ async fn a_window_that_ends_cancels_the_tasks_and_the_session() {
         .err()
         .expect("expired");
     assert_eq!(code(&v), -32020);
+    // The metrics count what happened.
+    let (status, text) = http(s.addr, "GET", "/metrics", None).await;
+    assert_eq!(status, 200);
+    for line in [
+        "taskwire_sessions_opened_total 1",
+        "taskwire_sessions_detached_total 1",
+        "taskwire_sessions_expired_total 1",
+        "taskwire_sessions_refused_total 1",
+        "taskwire_sessions_open 0",
+    ] {
+        assert!(text.contains(line), "{line} in\n{text}");
+    }
+    assert!(text.trim_end().ends_with("# EOF"), "{text}");
 }
 
 /// Cuts a session with `n` sleeps of 300 ms in flight, waits for them to end
@@ -645,7 +658,8 @@ async fn echo_rate(addr: SocketAddr, session: bool, n: u64) -> f64 {
     while got < n {
         while sent < n && sent - got < 64 {
             sent += 1;
-            s.c.request(sent as i64, "echo", json!({"value": sent})).await;
+            s.c.request(sent as i64, "echo", json!({"value": sent}))
+                .await;
         }
         s.c.recv().await.expect("an answer");
         got += 1;

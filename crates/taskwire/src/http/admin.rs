@@ -323,7 +323,10 @@ async fn stats(State(app): State<AdminState>) -> Json<Stats> {
 }
 
 async fn metrics(State(app): State<AdminState>) -> Response {
-    let text = app.observer.metrics.render(&live(&app));
+    let mut text = app.observer.metrics.render(&live(&app));
+    // The sessions' families go before the exposition's final `# EOF`.
+    let end = text.rfind("# EOF").unwrap_or(text.len());
+    text.insert_str(end, &app.sessions.openmetrics());
     (
         [(
             header::CONTENT_TYPE,

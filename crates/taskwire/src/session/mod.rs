@@ -740,6 +740,67 @@ impl SessionStore {
         out
     }
 
+    /// The counters and totals as OpenMetrics families (for `/metrics`).
+    pub(crate) fn openmetrics(&self) -> String {
+        use std::fmt::Write as _;
+        let c = self.counts();
+        let mut out = String::new();
+        for (name, help, v) in [
+            ("opened", "Sessions opened.", c.opened),
+            (
+                "detached",
+                "Connections that ended with their session detached.",
+                c.detached,
+            ),
+            (
+                "resumed",
+                "Sessions resumed on a new connection.",
+                c.resumed,
+            ),
+            ("refused", "Resumes refused (-32020).", c.refused),
+            (
+                "expired",
+                "Detached sessions whose window ran out.",
+                c.expired,
+            ),
+            (
+                "evicted",
+                "Detached sessions ended early at a bound.",
+                c.evicted,
+            ),
+            (
+                "ended",
+                "Sessions ended by their client (close 1000) or an operator.",
+                c.ended,
+            ),
+            (
+                "responses_dropped",
+                "Responses replaced by -32021: the session's buffer was full.",
+                c.dropped,
+            ),
+        ] {
+            let _ = write!(
+                out,
+                "# TYPE taskwire_sessions_{name} counter\n# HELP taskwire_sessions_{name} {help}\ntaskwire_sessions_{name}_total {v}\n"
+            );
+        }
+        for (name, help, v) in [
+            ("open", "Sessions open now, attached or detached.", c.open),
+            ("detached_now", "Detached sessions now.", c.detached_now),
+            (
+                "detached_bytes",
+                "Bytes of responses kept by detached sessions now.",
+                c.detached_bytes,
+            ),
+        ] {
+            let _ = write!(
+                out,
+                "# TYPE taskwire_sessions_{name} gauge\n# HELP taskwire_sessions_{name} {help}\ntaskwire_sessions_{name} {v}\n"
+            );
+        }
+        out
+    }
+
     /// The counters and the current totals.
     pub(crate) fn counts(&self) -> SessionCounts {
         let inner = lock(&self.inner);
