@@ -355,6 +355,23 @@ async fn session_methods_in_the_wrong_place_get_32600() {
 }
 
 #[tokio::test]
+async fn a_shutdown_ends_detached_sessions_and_their_tasks() {
+    let s = TestServer::start(config()).await;
+    let mut a = Sess::open(s.addr).await;
+    a.c.send(sleep_req(1, 600_000)).await;
+    a.c.call("ping", "$/ping", json!({})).await;
+    a.cut();
+    assert!(
+        eventually(|| async {
+            admin_json(s.addr, "GET", "/admin/sessions").await["counts"]["detachedNow"] == 1
+        })
+        .await
+    );
+    // The server stops within its grace period although a detached task runs.
+    s.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_resume_closes_an_old_connection_still_open_with_4001() {
     let s = TestServer::start(config()).await;
     let mut a = Sess::open(s.addr).await;

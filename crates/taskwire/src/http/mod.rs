@@ -295,6 +295,9 @@ async fn finish(app: &Arc<App>) {
             "shutdown deadline passed: dropping the connections still open"
         );
     }
+    // Connections closed by the shutdown detached their sessions: end them,
+    // so that their tasks stop before the pool does.
+    app.sessions.shutdown();
     app.hard_stop.cancel();
     app.pool.shutdown();
 }

@@ -732,6 +732,23 @@ impl SessionStore {
         true
     }
 
+    /// The server is going away, and its sessions with it: every one ends and
+    /// its tasks stop (a resume after a restart gets `-32020` anyway).
+    pub(crate) fn shutdown(&self) {
+        let mut inner = lock(&self.inner);
+        let ids: Vec<u64> = inner.sessions.keys().copied().collect();
+        let doomed: Vec<_> = ids
+            .into_iter()
+            .filter_map(|sid| self.take_out(&mut inner, sid))
+            .collect();
+        drop(inner);
+        for session in doomed {
+            for t in session.tasks() {
+                t.stop(Stopped::Shutdown);
+            }
+        }
+    }
+
     /// Every session open, for the admin view.
     pub(crate) fn list(&self) -> Vec<SessionInfo> {
         let sessions: Vec<_> = lock(&self.inner).sessions.values().cloned().collect();
