@@ -165,6 +165,16 @@ export class Taskwire extends EventTarget {
       if (saved) { this._session = { token: saved.token, id: saved.id }; this._seq = saved.seq; this._acked = saved.seq; }
     }
 
+    // A session that is not persisted dies with the page (nothing could ever
+    // resume it): end it on the server as the page goes, instead of leaving
+    // its tasks running for the window. Not for a page kept in the
+    // back/forward cache, which may come back and resume.
+    if (this._sessionOpts && !this._storage && typeof document !== 'undefined'
+      && typeof globalThis.addEventListener === 'function') {
+      this._onPageHide = (e) => { if (!e.persisted) this.close(1000, 'page closed'); };
+      globalThis.addEventListener('pagehide', this._onPageHide);
+    }
+
     // Ids stay unique across a page reload when a session outlives the page:
     // they continue from the clock instead of 1 (below 2^53 for centuries).
     this._nextId = this._storage ? Date.now() * 1000 : 1;
@@ -264,6 +274,7 @@ export class Taskwire extends EventTarget {
     if (this._state === 'closed') return;
     this._closedByUser = true;
     clearTimeout(this._retryTimer);
+    if (this._onPageHide) globalThis.removeEventListener('pagehide', this._onPageHide);
     // A close 1000 ends the session on the server: forget it here too.
     if (code === 1000) { this._session = null; this._save(); }
     const ws = this._ws;
