@@ -32,6 +32,10 @@ pub(super) struct Batch {
     remaining: AtomicUsize,
     /// Bytes of the answers kept so far.
     kept: AtomicUsize,
+    /// In a session, the elements' tasks: they leave the session's table
+    /// when the array is kept, not one by one (a resume in between would see
+    /// an element neither in flight nor answered).
+    done: Mutex<Vec<Arc<TaskShared>>>,
 }
 
 impl Batch {
@@ -41,7 +45,16 @@ impl Batch {
             slots: Mutex::new(vec![None; len]),
             remaining: AtomicUsize::new(len),
             kept: AtomicUsize::new(0),
+            done: Mutex::new(Vec::new()),
         })
+    }
+
+    /// In a session, keeps an element's task in the table until the array is
+    /// kept (see `done`).
+    fn hold(&self, conn: &ConnState, task: Option<&Arc<TaskShared>>) {
+        if let (Some(t), Some(_)) = (task, conn.session()) {
+            lock(&self.done).push(t.clone());
+        }
     }
 
     /// Keeps one element's answer; returns the array text when it was the
@@ -124,21 +137,23 @@ impl Dest {
         conn: &ConnState,
         text: Option<String>,
         id: Option<&Id>,
-        done: Option<&TaskShared>,
+        done: Option<&Arc<TaskShared>>,
     ) {
         match self {
             Dest::Direct => {
                 let mut text = text.map(|t| conn.fit(t, id));
+                let done = done.map(std::slice::from_ref).unwrap_or(&[]);
                 if conn.respond_in_session(&mut text, id, done) {
                     return;
                 }
                 if let Some(t) = text {
-                    conn.send(conn.fit(t, id)).await;
+                    conn.send(t).await;
                 }
             }
             Dest::Batch(b, i) => {
+                b.hold(conn, done);
                 if let Some(all) = b.fill(conn, *i, text, id) {
-                    if let Some(all) = batch_in_session(conn, all) {
+                    if let Some(all) = batch_in_session(conn, b, all) {
                         conn.push(Outbound::Text(all)).await;
                     }
                 }
@@ -151,12 +166,16 @@ impl Dest {
         conn: &ConnState,
         text: Option<String>,
         id: Option<&Id>,
-        done: Option<&TaskShared>,
+        done: Option<&Arc<TaskShared>>,
     ) {
         match self {
             Dest::Direct => {
                 let mut text = text.map(|t| conn.fit(t, id));
-                if conn.respond_in_session(&mut text, id, done) {
+                if conn.respond_in_session(
+                    &mut text,
+                    id,
+                    done.map(std::slice::from_ref).unwrap_or(&[]),
+                ) {
                     return;
                 }
                 if let Some(t) = text {
@@ -164,8 +183,9 @@ impl Dest {
                 }
             }
             Dest::Batch(b, i) => {
+                b.hold(conn, done);
                 if let Some(all) = b.fill(conn, *i, text, id) {
-                    if let Some(all) = batch_in_session(conn, all) {
+                    if let Some(all) = batch_in_session(conn, b, all) {
                         conn.try_push(all);
                     }
                 }
@@ -177,13 +197,14 @@ impl Dest {
 /// A batch's answer on a connection with a session goes through the session
 /// as one numbered frame (its bytes, counted as queued by the batch, are
 /// counted again when the session queues it); without one it comes back.
-fn batch_in_session(conn: &ConnState, all: String) -> Option<String> {
+fn batch_in_session(conn: &ConnState, batch: &Batch, all: String) -> Option<String> {
     if conn.session().is_none() {
         return Some(all);
     }
     conn.forget_bytes(all.len());
     let mut text = Some(all);
-    conn.respond_in_session(&mut text, None, None);
+    let done = std::mem::take(&mut *lock(&batch.done));
+    conn.respond_in_session(&mut text, None, &done);
     None
 }
 
@@ -201,9 +222,9 @@ impl Reply {
     /// Takes the task out of the tables and renders its answer.
     fn settle(&mut self, outcome: &Outcome) -> Option<String> {
         self.done = true;
-        // In a session, a direct answer takes its task out of the table as
-        // it is kept (the session's lock makes the two one step for a resume).
-        if self.conn.session().is_none() || !matches!(self.dest, Dest::Direct) {
+        // In a session, an answer takes its task out of the table as it is
+        // kept (the session's lock makes the two one step for a resume).
+        if self.conn.session().is_none() {
             self.conn.remove(&self.task);
         }
         // A task lost because the server is going away is answered as

@@ -122,13 +122,13 @@ impl ConnState {
     /// keeps it until acknowledged, and sends it to whichever connection is
     /// attached now); `false` when there is no session.
     ///
-    /// `done`: the task this answers, which leaves the session's table as
+    /// `done`: the tasks this answers, which leave the session's table as
     /// its answer enters the session's buffer (see [`Session::respond`]).
     pub(super) fn respond_in_session(
         &self,
         text: &mut Option<String>,
         id: Option<&Id>,
-        done: Option<&TaskShared>,
+        done: &[Arc<TaskShared>],
     ) -> bool {
         let Some(session) = self.session.get() else {
             return false;
@@ -142,7 +142,7 @@ impl ConnState {
                 }
             }
             None => {
-                if let Some(task) = done {
+                for task in done {
                     session.forget_task(task);
                 }
             }

@@ -216,7 +216,7 @@ impl Session {
     /// unacknowledged responses pass the buffer does not read: it is closed
     /// (1008) and the session detaches.
     ///
-    /// `done` is the task this answers, taken out of the session's table
+    /// `done` are the tasks this answers (a batch's array answers several), taken out of the session's table
     /// under the same lock: a resume then sees it either still in flight or
     /// among the kept responses, never neither (the client would send it
     /// again) nor both.
@@ -225,10 +225,10 @@ impl Session {
         text: String,
         id: Option<&Id>,
         dropped: &AtomicU64,
-        done: Option<&TaskShared>,
+        done: &[Arc<TaskShared>],
     ) -> Responded {
         let mut s = lock(&self.inner);
-        if let Some(task) = done {
+        for task in done {
             self.forget_task(task);
         }
         if s.ended {
