@@ -70,6 +70,8 @@ pub struct Snapshot {
     pub conns: Vec<ConnInfo>,
     /// `/admin/stats`.
     pub stats: Stats,
+    /// `/admin/sessions`' counts (null from a server without sessions).
+    pub sessions: Value,
 }
 
 /// How the task table is ordered.
@@ -180,11 +182,26 @@ fn progress_text(v: &Value) -> String {
     }
 }
 
-fn summary(stats: &Stats) -> String {
+/// The sessions' part of the summary line: open, detached, bytes kept.
+fn sessions_text(counts: &Value) -> String {
+    let n = |k: &str| counts.get(k).and_then(Value::as_u64).unwrap_or(0);
+    if counts.is_null() {
+        return String::new();
+    }
+    format!(
+        "  sessions: {} ({} detached, {} kept)",
+        n("open"),
+        n("detachedNow"),
+        bytes_text(n("detachedBytes"))
+    )
+}
+
+fn summary(snap: &Snapshot) -> String {
+    let stats = &snap.stats;
     let p = &stats.pool;
     let t = &stats.tasks;
     format!(
-        "connections {}  tasks: {} running, {} queued, {} yielded  pool: {}/{} busy, {:.0}% used, {} not yielding (ever)",
+        "connections {}  tasks: {} running, {} queued, {} yielded  pool: {}/{} busy, {:.0}% used, {} not yielding (ever){}",
         stats.connections,
         t.running,
         t.queued,
@@ -193,6 +210,7 @@ fn summary(stats: &Stats) -> String {
         p.workers,
         p.utilisation * 100.0,
         p.non_yielding_total,
+        sessions_text(&snap.sessions),
     )
 }
 
@@ -206,7 +224,7 @@ pub fn draw(frame: &mut Frame<'_>, m: &Model) {
     ])
     .areas(frame.area());
     frame.render_widget(
-        Paragraph::new(summary(&m.snap.stats)).style(Style::default().add_modifier(Modifier::BOLD)),
+        Paragraph::new(summary(&m.snap)).style(Style::default().add_modifier(Modifier::BOLD)),
         head,
     );
     let rows = m.snap.tasks.iter().map(|t| {
@@ -333,10 +351,16 @@ impl AdminClient {
         let tasks: TaskList = self.get("/admin/tasks?sort=cpu&limit=200")?;
         let conns: ConnList = self.get("/admin/connections")?;
         let stats: Stats = self.get("/admin/stats")?;
+        // A server without sessions answers 404: the line just leaves them out.
+        let sessions = self
+            .get::<Value>("/admin/sessions")
+            .map(|v| v["counts"].clone())
+            .unwrap_or(Value::Null);
         Ok(Snapshot {
             tasks: tasks.tasks,
             conns: conns.connections,
             stats,
+            sessions,
         })
     }
 
@@ -358,7 +382,7 @@ impl AdminClient {
 
 /// Renders a snapshot as plain text (for `--once`).
 pub fn render_text(m: &Model) -> String {
-    let mut out = summary(&m.snap.stats);
+    let mut out = summary(&m.snap);
     out.push('\n');
     out.push_str(&format!(
         "{:>7} {:>5} {:<14} {:<4} {:<9} {:>8} {:>8} {:>7} {:>5}\n",
@@ -487,7 +511,18 @@ mod tests {
                 },
                 ..Stats::default()
             },
+            sessions: serde_json::json!({"open": 2, "detachedNow": 1, "detachedBytes": 2048}),
         }
+    }
+
+    #[test]
+    fn the_summary_shows_sessions() {
+        let mut m = Model::default();
+        m.apply(snap());
+        let text = render_text(&m);
+        assert!(text.contains("sessions: 2 (1 detached, 2K kept)"), "{text}");
+        m.snap.sessions = Value::Null;
+        assert!(!render_text(&m).contains("sessions"));
     }
 
     #[test]
