@@ -715,6 +715,12 @@ settings! {
     workers => workers: Opt<usize> = None, shown "available cores", min 1;
     /// Time slice of CPU tasks.
     slice_us => slice: Micros = Some(2_000), min 100;
+    /// CPU time a task may use before it yields to its connection's newer
+    /// tasks: below it a connection's tasks go least attained service first
+    /// (short tasks finish first), past it the oldest goes first (a batch of
+    /// long tasks streams its results instead of finishing all at once near the
+    /// end). A huge value keeps least attained service throughout.
+    las_threshold_ms => las_threshold: Millis = Some(10), min 1;
     /// A CPU task running this long past its slice without a checkpoint is
     /// flagged and its worker replaced.
     non_yield_ms => non_yield_after: Millis = Some(100), min 1;
@@ -897,6 +903,7 @@ impl Config {
             memory_budget: self
                 .memory_budget_bytes
                 .map_or(d.memory_budget, |b| b as u64),
+            las_threshold: self.las_threshold,
             nice: self.nice,
             ..d
         }

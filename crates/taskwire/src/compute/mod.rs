@@ -18,7 +18,8 @@
 //!    queue under its group, with the CPU time it has attained so far.
 //! 3. **Pick** (`queue.rs`): an idle worker pops the next job under the queue
 //!    lock: the group with the least recently attained CPU service, then its
-//!    job with the least attained service, aged by its wait.
+//!    job with the least attained service, aged by its wait, while that is
+//!    below `las_threshold`; among its jobs past it, the first submitted.
 //! 4. **Slice** (`worker.rs`, `epoch.rs`): the worker notes the epoch at which
 //!    the slice ends and polls the job. Each [`checkpoint`](crate::Ctx::checkpoint)
 //!    asks [`should_yield`] (one atomic load against the ticker's epoch, no
@@ -57,7 +58,7 @@ pub(crate) use worker::JobMeta;
 
 use std::future::Future;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread;
 use std::time::Duration;
@@ -95,6 +96,11 @@ pub struct ComputeConfig {
     pub memory_budget: u64,
     /// Time constant of the decay of a connection's recent CPU usage (default 1 s).
     pub usage_decay: Duration,
+    /// CPU time below which a connection's tasks go least attained service
+    /// first, and past which its oldest goes first (default 10 ms; see
+    /// `docs/SCHEDULING.md`). `Duration::MAX` keeps least attained service
+    /// throughout.
+    pub las_threshold: Duration,
     /// OS niceness of worker threads (Linux), so that connection threads win the
     /// CPU when both want it (default 10; 0 leaves it alone).
     pub nice: i32,
@@ -115,6 +121,7 @@ impl Default for ComputeConfig {
             address_cpu_limit: 2_560,
             memory_budget: default_memory_budget(),
             usage_decay: Duration::from_secs(1),
+            las_threshold: Duration::from_millis(10),
             nice: 10,
         }
     }
@@ -133,6 +140,9 @@ pub(crate) fn default_memory_budget() -> u64 {
 pub(crate) struct ComputePool {
     cfg: Arc<ComputeConfig>,
     inner: Arc<Shared>,
+    /// Numbers jobs as they are spawned: the first submitted of a
+    /// connection's long jobs runs first.
+    submissions: Arc<AtomicU64>,
     _guard: Arc<ShutdownOnDrop>,
 }
 
@@ -170,6 +180,7 @@ impl ComputePool {
             cfg.slice,
             cfg.non_yield_after,
             cfg.usage_decay,
+            cfg.las_threshold,
             cfg.memory_budget,
             Admission::new(
                 cfg.per_connection_limit,
@@ -186,6 +197,7 @@ impl ComputePool {
         ComputePool {
             cfg: Arc::new(cfg),
             inner,
+            submissions: Arc::new(AtomicU64::new(0)),
             _guard: guard,
         }
     }
@@ -239,7 +251,12 @@ impl ComputePool {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        let meta = Arc::new(JobMeta { group, stats });
+        let submitted = self.submissions.fetch_add(1, Ordering::Relaxed);
+        let meta = Arc::new(JobMeta {
+            group,
+            submitted,
+            stats,
+        });
         let weak = Arc::downgrade(&self.inner);
         let schedule = move |job, info| worker::schedule(&weak, job, info);
         let (job, task) = async_task::Builder::new().metadata(meta).spawn(

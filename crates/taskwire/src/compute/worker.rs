@@ -31,6 +31,8 @@ pub(super) type Job = async_task::Runnable<Arc<JobMeta>>;
 #[derive(Debug)]
 pub(crate) struct JobMeta {
     pub(super) group: u64,
+    /// Increases with submission: the order of the group's long jobs.
+    pub(super) submitted: u64,
     pub(super) stats: Arc<JobStats>,
 }
 
@@ -93,6 +95,7 @@ impl Shared {
         slice: Duration,
         non_yield_after: Duration,
         usage_decay: Duration,
+        las_threshold: Duration,
         memory_budget: u64,
         admission: Admission,
     ) -> Shared {
@@ -103,7 +106,10 @@ impl Shared {
             slice_ticks: epoch::ticks(slice),
             non_yield_ticks: epoch::ticks(slice + non_yield_after),
             memory_budget,
-            queue: Mutex::new(RunQueue::new(usage_decay.as_nanos() as u64)),
+            queue: Mutex::new(RunQueue::new(
+                usage_decay.as_nanos() as u64,
+                u64::try_from(las_threshold.as_nanos()).unwrap_or(u64::MAX),
+            )),
             cv: Condvar::new(),
             start: Instant::now(),
             admission,
@@ -152,9 +158,9 @@ pub(super) fn schedule(pool: &Weak<Shared>, job: Job, info: ScheduleInfo) {
         return;
     };
     let now = p.now_ns();
-    let group = job.metadata().group;
+    let (group, submitted) = (job.metadata().group, job.metadata().submitted);
     let attained = job.metadata().stats.cpu_ns.load(Ordering::Relaxed);
-    lock(&p.queue).push(group, attained, job, now);
+    lock(&p.queue).push(group, attained, submitted, job, now);
     p.cv.notify_one();
 }
 
@@ -196,7 +202,8 @@ fn put_back(rq: &mut RunQueue<Job>, finished: Option<(u64, u64)>, requeue: Optio
     }
     if let Some(job) = requeue {
         let m = job.metadata().clone();
-        rq.push(m.group, m.stats.cpu_ns.load(Ordering::Relaxed), job, now);
+        let attained = m.stats.cpu_ns.load(Ordering::Relaxed);
+        rq.push(m.group, attained, m.submitted, job, now);
     }
 }
 
