@@ -462,6 +462,159 @@ mod tests {
         done
     }
 
+    /// One job of a simulation: (group, id, cpu ns, arrival ns).
+    type SimJob = (u64, u32, u64, u64);
+
+    /// Like [`simulate`], with a threshold and slices in ns, jobs that arrive
+    /// over time (in the order given; an id's submission stamp is its place in
+    /// that order), and a bound on simulated time. Returns when each job
+    /// finished and the longest any job waited for a slice while below the
+    /// threshold (past it, a job waits for the older ones by design).
+    fn simulate_arrivals(
+        threshold: u64,
+        workers: usize,
+        slice_ns: u64,
+        jobs: &[SimJob],
+        until_ns: u64,
+    ) -> (HashMap<u32, u64>, u64) {
+        let mut q = RunQueue::new(1_000 * MS, threshold);
+        // id -> (remaining, attained, submitted, waiting since)
+        let mut left: HashMap<u32, (u64, u64, u64, u64)> = HashMap::new();
+        let (mut now, mut next, mut longest_wait) = (0u64, 0usize, 0u64);
+        let mut done = HashMap::new();
+        while now < until_ns && (next < jobs.len() || !q.is_empty()) {
+            if q.is_empty() {
+                now = now.max(jobs[next].3);
+            }
+            while let Some(&(g, id, cpu, at)) = jobs.get(next).filter(|j| j.3 <= now) {
+                q.push(g, 0, next as u64, id, at.max(now));
+                left.insert(id, (cpu, 0, next as u64, now));
+                next += 1;
+            }
+            let batch: Vec<_> = (0..workers).filter_map(|_| q.pop(now)).collect();
+            for (_, id) in &batch {
+                if left[id].1 < threshold {
+                    longest_wait = longest_wait.max(now - left[id].3);
+                }
+            }
+            now += slice_ns;
+            for (g, id) in batch {
+                let (rem, att, sub, _) = left[&id];
+                let used = rem.min(slice_ns);
+                q.descheduled(g, used, now);
+                if rem > used {
+                    left.insert(id, (rem - used, att + used, sub, now));
+                    q.push(g, att + used, sub, id, now);
+                } else {
+                    done.insert(id, now);
+                }
+            }
+            q.check_invariants();
+        }
+        (done, longest_wait)
+    }
+
+    /// What the stream figures of `docs/SCHEDULING.md` are made of: `n` equal
+    /// jobs of `job_ms` from one connection, then a 10 ms job from the same
+    /// connection, on 2 workers with 2 ms slices. Returns (first, median and
+    /// last of the batch, the 10 ms job), in ms of simulated time.
+    fn stream_figures(threshold: u64, n: u32, job_ms: u64) -> (f64, f64, f64, f64) {
+        let mut jobs: Vec<SimJob> = (0..n).map(|i| (1, i, job_ms * MS, 0)).collect();
+        jobs.push((1, n, 10 * MS, 0));
+        let (done, _) = simulate_arrivals(threshold, 2, 2 * MS, &jobs, u64::MAX);
+        let mut batch: Vec<u64> = (0..n).map(|i| done[&i]).collect();
+        batch.sort_unstable();
+        let ms = |ns: u64| ns as f64 / MS as f64;
+        (
+            ms(batch[0]),
+            ms(batch[batch.len() / 2]),
+            ms(batch[batch.len() - 1]),
+            ms(done[&n]),
+        )
+    }
+
+    /// 256 equal 100 ms jobs and a 10 ms one from one connection on 2 workers.
+    /// Least attained service alone (no threshold) runs them in lockstep: the
+    /// first result comes near the end. With the default threshold the first
+    /// comes after each job has had its first 10 ms (256 × 10 ms / 2 workers),
+    /// then they finish one pair at a time, and the 10 ms job still finishes
+    /// within the first phase. The sweep shows the trade that sets the
+    /// default: a smaller threshold brings the first result earlier, but a
+    /// 10 ms job then crosses it and waits for the whole batch.
+    #[test]
+    fn a_batch_of_equal_long_jobs_streams_its_results() {
+        eprintln!("threshold ms: first / median / last of 256 x 100 ms, then a 10 ms job (ms)");
+        for t_ms in [2, 4, 6, 8, 10, 12, 16, 20, 50] {
+            let (first, median, last, short) = stream_figures(t_ms * MS, 256, 100);
+            eprintln!("{t_ms:>5}: {first:>7.0} / {median:>7.0} / {last:>7.0}, {short:>7.0}");
+        }
+        let (first, median, last, short) = stream_figures(u64::MAX, 256, 100);
+        eprintln!("  LAS: {first:>7.0} / {median:>7.0} / {last:>7.0}, {short:>7.0}");
+        // Lockstep: nothing finishes before the last round.
+        assert!(first >= 0.9 * last, "{first} against {last}");
+
+        let (first, median, last, short) = stream_figures(T, 256, 100);
+        // The work is the same: 25.6 s on 2 workers, plus the 10 ms job.
+        assert!((12_800.0..=12_900.0).contains(&last), "{last}");
+        assert!(first <= 1_500.0, "first result after {first} ms");
+        assert!(median <= 0.6 * last, "median {median} ms, last {last} ms");
+        assert!(short <= 1_500.0, "the 10 ms job finished after {short} ms");
+    }
+
+    #[test]
+    fn short_jobs_go_before_long_ones_of_the_same_connection() {
+        let mut q = RunQueue::new(1_000 * MS, T);
+        // Submitted first but past the threshold.
+        q.push(1, 50 * MS, 0, "long", 0);
+        q.push(1, 4 * MS, 1, "short, used 4 ms", MS);
+        q.push(1, 0, 2, "short, fresh", 2 * MS);
+        let order: Vec<_> = (0..3).filter_map(|_| q.pop(3 * MS)).map(|(_, j)| j).collect();
+        assert_eq!(order, ["short, fresh", "short, used 4 ms", "long"]);
+        // Among long jobs, the first submitted goes first whatever its service.
+        let mut q = RunQueue::new(1_000 * MS, T);
+        q.push(1, 90 * MS, 7, "second", 0);
+        q.push(1, 20 * MS, 9, "third", 0);
+        q.push(1, 80 * MS, 3, "first", 5 * MS);
+        let order: Vec<_> = (0..3).filter_map(|_| q.pop(6 * MS)).map(|(_, j)| j).collect();
+        assert_eq!(order, ["first", "second", "third"]);
+    }
+
+    /// One connection never runs out of fresh short jobs (two 2 ms jobs every
+    /// 2 ms slice, all that its 2 workers can run) while it also has long
+    /// jobs and one half-way below the threshold. Every job still finishes:
+    /// the half-way one by ageing, the long ones because their class ages as
+    /// one job that has used the threshold (a slice after waiting 64 × 10 ms).
+    #[test]
+    fn no_job_starves_behind_a_connection_s_own_short_jobs() {
+        let slice = 2 * MS;
+        let mut jobs: Vec<SimJob> = vec![
+            (1, 0, 30 * MS, 0),
+            (1, 1, 30 * MS, 0),
+            (1, 2, 30 * MS, 0),
+        ];
+        let mut id = 3;
+        for step in 0..15_000u64 {
+            for _ in 0..2 {
+                jobs.push((1, id, slice, step * slice));
+                id += 1;
+            }
+        }
+        let (done, longest_wait) = simulate_arrivals(T, 2, slice, &jobs, 60_000 * MS);
+        for long in 0..3 {
+            assert!(done.contains_key(&long), "long job {long} starved");
+        }
+        assert_eq!(done.len(), jobs.len(), "every short job finished too");
+        // Below the threshold a job's wait is bounded by its ageing: 64 x its
+        // service, at most 64 x 10 ms, and the slices of the jobs that aged
+        // ahead of it.
+        assert!(longest_wait <= 2_000 * MS, "a job waited {} ms", longest_wait / MS);
+        eprintln!(
+            "long jobs done at {:?} ms; longest wait between slices {} ms",
+            (0..3).map(|i| done[&i] / MS).collect::<Vec<_>>(),
+            longest_wait / MS
+        );
+    }
+
     #[test]
     fn connections_share_equally_whatever_their_queue_length() {
         // Group 1 queues 50 jobs, group 2 queues 2; with one worker, group 2's
