@@ -715,11 +715,11 @@ settings! {
     workers => workers: Opt<usize> = None, shown "available cores", min 1;
     /// Time slice of CPU tasks.
     slice_us => slice: Micros = Some(2_000), min 100;
-    /// CPU time a task may use before it yields to its connection's newer
-    /// tasks: below it a connection's tasks go least attained service first
-    /// (short tasks finish first), past it the oldest goes first (a batch of
-    /// long tasks streams its results instead of finishing all at once near the
-    /// end). A huge value keeps least attained service throughout.
+    /// CPU time after which a task no longer counts as short: a connection's
+    /// short tasks run least attained service first (they finish first), then
+    /// its longer ones oldest first (a batch of long tasks streams its results
+    /// instead of finishing all together near the end). A huge value keeps
+    /// least attained service throughout.
     las_threshold_ms => las_threshold: Millis = Some(10), min 1;
     /// A CPU task running this long past its slice without a checkpoint is
     /// flagged and its worker replaced.
