@@ -109,7 +109,11 @@ fn main() {
     );
     let sizes: [(u64, u64); 5] = [(10, 1), (100, 1), (1_000, 1), (10_000, 1), (1, 10_000)];
     for (groups, jobs) in sizes {
-        let scan = per_decision(&mut ScanQueue::new(TAU_NS, THRESHOLD_NS, Arith::Exp), groups, jobs);
+        let scan = per_decision(
+            &mut ScanQueue::new(TAU_NS, THRESHOLD_NS, Arith::Exp),
+            groups,
+            jobs,
+        );
         let ordered = per_decision(&mut RunQueue::new(TAU_NS, THRESHOLD_NS), groups, jobs);
         let label = format!("{groups} connections x {jobs} job(s)");
         println!(

@@ -45,11 +45,17 @@ async fn a_batch_of_equal_tasks_finishes_in_submission_order() {
     // Most of the first half finishes before most of the second half: count
     // the first half's ids among the first 32 replies of the batch.
     let early = batch[..32].iter().filter(|&&id| id < 32).count();
-    assert!(early >= 24, "only {early} of the first 32 submitted among the first 32 done: {order:?}");
+    assert!(
+        early >= 24,
+        "only {early} of the first 32 submitted among the first 32 done: {order:?}"
+    );
     // The short task, sent last, is not left for last: it stays below the
     // threshold, where the least served goes first.
     let short_at = order.iter().position(|&id| id == 64).expect("answered");
-    assert!(short_at < 48, "the 5 ms task finished {short_at}th of 65: {order:?}");
+    assert!(
+        short_at < 48,
+        "the 5 ms task finished {short_at}th of 65: {order:?}"
+    );
 }
 
 /// A threshold of "never" keeps least attained service throughout (the
@@ -63,5 +69,8 @@ async fn a_huge_threshold_keeps_least_attained_service() {
     let order = completion_order(cfg, 32, 20, 5).await;
     assert_eq!(order.len(), 33);
     let short_at = order.iter().position(|&id| id == 32).expect("answered");
-    assert!(short_at < 24, "the 5 ms task finished {short_at}th of 33: {order:?}");
+    assert!(
+        short_at < 24,
+        "the 5 ms task finished {short_at}th of 33: {order:?}"
+    );
 }

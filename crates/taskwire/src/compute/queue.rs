@@ -568,14 +568,20 @@ mod tests {
         q.push(1, 50 * MS, 0, "long", 0);
         q.push(1, 4 * MS, 1, "short, used 4 ms", MS);
         q.push(1, 0, 2, "short, fresh", 2 * MS);
-        let order: Vec<_> = (0..3).filter_map(|_| q.pop(3 * MS)).map(|(_, j)| j).collect();
+        let order: Vec<_> = (0..3)
+            .filter_map(|_| q.pop(3 * MS))
+            .map(|(_, j)| j)
+            .collect();
         assert_eq!(order, ["short, fresh", "short, used 4 ms", "long"]);
         // Among long jobs, the first submitted goes first whatever its service.
         let mut q = RunQueue::new(1_000 * MS, T);
         q.push(1, 90 * MS, 7, "second", 0);
         q.push(1, 20 * MS, 9, "third", 0);
         q.push(1, 80 * MS, 3, "first", 5 * MS);
-        let order: Vec<_> = (0..3).filter_map(|_| q.pop(6 * MS)).map(|(_, j)| j).collect();
+        let order: Vec<_> = (0..3)
+            .filter_map(|_| q.pop(6 * MS))
+            .map(|(_, j)| j)
+            .collect();
         assert_eq!(order, ["first", "second", "third"]);
     }
 
@@ -587,11 +593,8 @@ mod tests {
     #[test]
     fn no_job_starves_behind_a_connection_s_own_short_jobs() {
         let slice = 2 * MS;
-        let mut jobs: Vec<SimJob> = vec![
-            (1, 0, 30 * MS, 0),
-            (1, 1, 30 * MS, 0),
-            (1, 2, 30 * MS, 0),
-        ];
+        let mut jobs: Vec<SimJob> =
+            vec![(1, 0, 30 * MS, 0), (1, 1, 30 * MS, 0), (1, 2, 30 * MS, 0)];
         let mut id = 3;
         for step in 0..15_000u64 {
             for _ in 0..2 {
@@ -607,7 +610,11 @@ mod tests {
         // Below the threshold a job's wait is bounded by its ageing: 64 x its
         // service, at most 64 x 10 ms, and the slices of the jobs that aged
         // ahead of it.
-        assert!(longest_wait <= 2_000 * MS, "a job waited {} ms", longest_wait / MS);
+        assert!(
+            longest_wait <= 2_000 * MS,
+            "a job waited {} ms",
+            longest_wait / MS
+        );
         eprintln!(
             "long jobs done at {:?} ms; longest wait between slices {} ms",
             (0..3).map(|i| done[&i] / MS).collect::<Vec<_>>(),
