@@ -33,7 +33,7 @@
 //! - a short job's aged attained service `attained - (now - enqueued)/64`
 //!   orders like `64·attained + enqueued`, fixed from its push to its pop; the
 //!   long class's `threshold - (now - served)/64` like `64·threshold + served`,
-//!   fixed until a long job is popped; a long job's submission time never
+//!   fixed until a long job is popped; a long job's submission stamp never
 //!   changes.
 //!
 //! Rounding: a claim's `t/τ` term grows with uptime (86 400 after a day at
@@ -110,7 +110,7 @@ struct IdleKey {
 }
 
 struct Entry<T> {
-    /// Short jobs: `64·attained + enqueued`; long jobs: the submission time.
+    /// Short jobs: `64·attained + enqueued`; long jobs: the submission stamp.
     /// Smaller is picked first (see the module doc).
     aged: u128,
     seq: u64,
@@ -279,9 +279,10 @@ impl<T> RunQueue<T> {
     }
 
     /// Makes a job runnable. `attained_ns` is the CPU it has used so far;
-    /// `submitted_ns` when it was first submitted (the same at every push of
-    /// the job, on the clock of `now_ns`): the order of long jobs.
-    pub fn push(&mut self, group: u64, attained_ns: u64, submitted_ns: u64, item: T, now_ns: u64) {
+    /// `submitted` a stamp that grows with submission order, the same at every
+    /// push of the job (the pool numbers jobs as it spawns them): the order of
+    /// long jobs.
+    pub fn push(&mut self, group: u64, attained_ns: u64, submitted: u64, item: T, now_ns: u64) {
         self.seq += 1;
         let seq = self.seq;
         let g = self.groups.entry(group).or_insert_with(|| Group {
@@ -313,7 +314,7 @@ impl<T> RunQueue<T> {
                 g.long_served_ns = g.long_served_ns.max(now_ns);
             }
             g.long.push(Entry {
-                aged: u128::from(submitted_ns),
+                aged: u128::from(submitted),
                 seq,
                 item,
             });

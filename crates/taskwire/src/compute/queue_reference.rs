@@ -52,7 +52,7 @@ const FORGET_BELOW_NS: f64 = 1_000.0;
 struct Entry<T> {
     attained_ns: u64,
     enqueued_ns: u64,
-    submitted_ns: u64,
+    submitted: u64,
     /// At or past the threshold when pushed.
     long: bool,
     seq: u64,
@@ -132,8 +132,8 @@ impl<T> ScanQueue<T> {
     }
 
     /// Makes a job runnable. `attained_ns` is the CPU it has used so far,
-    /// `submitted_ns` when it was first submitted.
-    pub fn push(&mut self, group: u64, attained_ns: u64, submitted_ns: u64, item: T, now_ns: u64) {
+    /// `submitted` its submission stamp.
+    pub fn push(&mut self, group: u64, attained_ns: u64, submitted: u64, item: T, now_ns: u64) {
         self.seq += 1;
         let seq = self.seq;
         let g = self.groups.entry(group).or_insert_with(|| Group {
@@ -152,7 +152,7 @@ impl<T> ScanQueue<T> {
         g.jobs.push(Entry {
             attained_ns,
             enqueued_ns: now_ns,
-            submitted_ns,
+            submitted,
             long,
             seq,
             item,
@@ -210,7 +210,7 @@ impl<T> ScanQueue<T> {
             .iter()
             .enumerate()
             .filter(|(_, e)| e.long)
-            .min_by_key(|(_, e)| (e.submitted_ns, e.seq))
+            .min_by_key(|(_, e)| (e.submitted, e.seq))
             .map(|(i, _)| i);
         let idx = match (short, long) {
             (Some((s, key)), Some(l)) => {
