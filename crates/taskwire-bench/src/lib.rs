@@ -63,7 +63,7 @@ pub enum Scenario {
     /// A queued flood of 200 `spin` 50 ms from one connection, a burst of 10 from
     /// another: the burst's completion time relative to the burst alone.
     Fairness,
-    /// One connection sends 256 `spin` 100 ms at once, then a `spin` 10 ms: when
+    /// One connection sends 255 `spin` 100 ms at once, then a `spin` 10 ms: when
     /// the first, the median and the last results come, and the short one;
     /// against the same binary with least attained service throughout.
     Stream,

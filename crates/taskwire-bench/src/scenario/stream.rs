@@ -1,8 +1,9 @@
 //! `stream`: does a batch of equal long tasks from one connection stream its
 //! results, and does a short task sent right after the batch still finish early?
 //!
-//! One connection sends `count` `spin` tasks of `long_ms` at once, then one
-//! `spin` of `short_ms`. The figures: when the batch's first result, its
+//! One connection sends `count` `spin` tasks of `long_ms` at once (255 × 100
+//! ms: with the short task, the server's default limit of 256 CPU tasks per
+//! connection), then one `spin` of `short_ms` (10 ms). The figures: when the batch's first result, its
 //! median and its last arrive (from the first request), the median as a
 //! fraction of the last, when the short task's result arrives and how many of
 //! the batch finished before it. `taskwire-las` is the same binary with least
@@ -41,7 +42,9 @@ impl Settings {
             }
         } else {
             Settings {
-                count: 256,
+                // With the short task, 256: the server's default limit of CPU
+                // tasks per connection (one more would be refused, -32001).
+                count: 255,
                 long_ms: 100,
                 short_ms: 10,
                 timeout: Duration::from_secs(120),
