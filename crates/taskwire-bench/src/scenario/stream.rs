@@ -85,22 +85,27 @@ pub async fn measure(s: &Settings, subject: &Subject) -> Result<TargetReport, Be
     // (index, when) of every batch result in completion order.
     let mut batch: Vec<(usize, Duration)> = Vec::with_capacity(s.count);
     let mut short_at = None;
+    let mut answered = 0;
     let deadline = tokio::time::Instant::from_std(start + s.timeout);
     while let Ok(Some((i, reply))) = tokio::time::timeout_at(deadline, pending.next()).await {
         let reply = reply?;
         stats.record(&reply);
+        answered += 1;
         let at = reply.at.duration_since(start);
         if i == s.count {
-            short_at = Some((at, batch.len()));
+            // A refusal (say, past the server's per-connection limit) is no
+            // completion time: it shows in "error replies" only.
+            if reply.error.is_none() {
+                short_at = Some((at, batch.len()));
+            }
         } else {
             batch.push((i, at));
         }
     }
     c.close().await;
-    if batch.len() < s.count || short_at.is_none() {
+    if answered < s.count + 1 {
         return Err(BenchError::Timeout(format!(
-            "{} of {} results within {:?}",
-            batch.len() + usize::from(short_at.is_some()),
+            "{answered} of {} replies within {:?}",
             s.count + 1,
             s.timeout
         )));
