@@ -75,6 +75,7 @@ mod registry;
 mod sync;
 mod task;
 
+pub use compute::{current_task, TaskLabel};
 pub use config::Config;
 pub use error::{Error, Result};
 pub use http::{shutdown_signal, Server, ShutdownHandle};

@@ -13,7 +13,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::compute::{self, JobStats};
+use crate::compute::{self, JobStats, TaskLabel};
 use crate::protocol::{codes, ErrorObject, Id};
 use crate::sync::{lock, Outbox};
 
@@ -215,6 +215,12 @@ pub(crate) struct TaskInit {
 impl TaskShared {
     pub(crate) fn new(init: TaskInit) -> Arc<TaskShared> {
         let created = Instant::now();
+        let label = TaskLabel::new(
+            init.id,
+            init.conn,
+            init.request_id.as_ref(),
+            init.method.clone(),
+        );
         Arc::new(TaskShared {
             id: init.id,
             conn: init.conn,
@@ -228,7 +234,7 @@ impl TaskShared {
                 .map(|ms| created + Duration::from_millis(ms)),
             stop: AtomicU8::new(0),
             token: CancellationToken::new(),
-            stats: Arc::new(JobStats::for_task(init.id, init.method)),
+            stats: Arc::new(JobStats::for_task(label)),
             progress_token: init.progress_token,
             progress: Mutex::new(ProgressSlot::default()),
             progress_calls: AtomicU64::new(0),

@@ -53,6 +53,8 @@ pub(crate) use epoch::should_yield;
 pub use epoch::thread_cpu_time;
 pub use queue::RunQueue;
 pub(crate) use stats::{JobState, JobStats, PoolStats};
+pub(crate) use stats::task_event;
+pub use stats::{current_task, TaskLabel};
 pub(crate) use worker::JobMeta;
 
 use std::future::Future;
@@ -63,6 +65,7 @@ use std::thread;
 use std::time::Duration;
 
 use admission::{Admission, Permitted};
+use stats::EndsJob;
 use worker::Shared;
 
 /// Settings of the compute pool.
@@ -176,6 +179,9 @@ impl ComputePool {
                 cfg.address_cpu_limit,
                 cfg.queue_limit,
             ),
+            // Outside a runtime (a unit test, an embedding that builds the
+            // pool first) CPU tasks still run; only Tokio resources fail.
+            tokio::runtime::Handle::try_current().ok(),
         ));
         epoch::start_ticker();
         for _ in 0..cfg.workers {
@@ -239,6 +245,7 @@ impl ComputePool {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
+        let ends = EndsJob(stats.clone());
         let meta = Arc::new(JobMeta { group, stats });
         let weak = Arc::downgrade(&self.inner);
         let schedule = move |job, info| worker::schedule(&weak, job, info);
@@ -246,6 +253,7 @@ impl ComputePool {
             move |_| Permitted {
                 _permit: permit,
                 fut,
+                _ends: ends,
             },
             async_task::WithInfo(schedule),
         );
@@ -262,6 +270,8 @@ impl ComputePool {
             live_workers: p.live.load(Ordering::Relaxed),
             busy: p.busy.load(Ordering::Relaxed),
             queued,
+            yielded: p.counts.yielded.load(Ordering::Relaxed),
+            waiting: p.counts.waiting.load(Ordering::Relaxed),
             admitted: p.admission.admitted(),
             utilisation: f64::from_bits(p.utilisation.load(Ordering::Relaxed)),
             non_yielding_total: p.non_yielding_total.load(Ordering::Relaxed),

@@ -147,7 +147,14 @@ impl Observer {
         match self.find_task(id) {
             Some(t) => {
                 t.stop(Stopped::Killed);
-                tracing::info!(task = id, method = %t.method, "task killed by an operator");
+                match t.stats.label() {
+                    Some(l) => crate::compute::task_event!(
+                        tracing::Level::INFO,
+                        l,
+                        "task killed by an operator"
+                    ),
+                    None => tracing::info!(task = id, "task killed by an operator"),
+                }
                 true
             }
             None => false,
