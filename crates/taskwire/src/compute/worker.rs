@@ -400,6 +400,100 @@ mod tests {
         assert!(stats.slices() >= 2);
     }
 
+    /// Polls `f` until it holds, up to 10 s.
+    fn eventually(mut f: impl FnMut() -> bool) -> bool {
+        (0..2000).any(|_| {
+            if f() {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(5));
+            false
+        })
+    }
+
+    #[test]
+    fn a_waiting_job_leaves_the_pool_and_is_counted_until_woken() {
+        let p = pool(1);
+        let g = Arc::new(AtomicUsize::new(0));
+        let stats = Arc::new(JobStats::default());
+        let (wake, woken) = tokio::sync::oneshot::channel::<u64>();
+        let (tx, rx) = mpsc::channel();
+        let _t = p.spawn(1, stats.clone(), p.admit(&g).unwrap(), async move {
+            let _ = tx.send(woken.await.unwrap_or(0));
+        });
+        assert!(eventually(|| p.stats().waiting == 1), "{:?}", p.stats());
+        assert_eq!(stats.state(), JobState::Waiting);
+        // Its worker is free meanwhile.
+        let (tx2, rx2) = mpsc::channel();
+        let _other = p.spawn(2, Arc::new(JobStats::default()), p.admit(&g).unwrap(), async move {
+            let _ = tx2.send(());
+        });
+        rx2.recv_timeout(Duration::from_secs(20)).unwrap();
+        wake.send(5).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(20)).unwrap(), 5);
+        assert!(eventually(|| {
+            let s = p.stats();
+            s.waiting == 0 && s.yielded == 0 && s.busy == 0
+        }));
+        assert_ne!(stats.state(), JobState::Running, "an ended job is not running");
+    }
+
+    #[test]
+    fn yielded_jobs_are_counted_while_queued() {
+        let p = pool(1);
+        let g = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks: Vec<_> = (0..2)
+            .map(|i| {
+                let stop = stop.clone();
+                p.spawn(i, Arc::new(JobStats::default()), p.admit(&g).unwrap(), async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        burn(1).await;
+                    }
+                })
+            })
+            .collect();
+        // Two jobs taking turns on one worker: one of them is always queued
+        // after a yield once both have run.
+        let seen = eventually(|| p.stats().yielded == 1);
+        stop.store(true, Ordering::Relaxed);
+        assert!(seen, "{:?}", p.stats());
+        drop(tasks);
+        assert!(eventually(|| p.stats().yielded == 0 && p.stats().waiting == 0));
+    }
+
+    #[test]
+    fn workers_enter_the_runtime_the_pool_was_started_in() {
+        async fn try_sleep() -> bool {
+            // Without a runtime, `sleep` would panic ("there is no reactor
+            // running"): a task is then answered as crashed.
+            if tokio::runtime::Handle::try_current().is_err() {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            true
+        }
+        fn run(p: &ComputePool) -> bool {
+            let g = Arc::new(AtomicUsize::new(0));
+            let (tx, rx) = mpsc::channel();
+            let _t = p.spawn(1, Arc::new(JobStats::default()), p.admit(&g).unwrap(), async move {
+                let _ = tx.send(try_sleep().await);
+            });
+            rx.recv_timeout(Duration::from_secs(20)).unwrap()
+        }
+        assert!(!run(&pool(1)), "started outside a runtime, the workers have none");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let inside = rt.block_on(async {
+            let p = pool(1);
+            // The driver runs on this thread: wait for the job without blocking it.
+            tokio::task::spawn_blocking(move || run(&p)).await.unwrap()
+        });
+        assert!(inside, "started in a runtime, the workers enter it");
+    }
+
     #[test]
     fn dropping_the_task_cancels_a_yielding_job() {
         let p = pool(1);
