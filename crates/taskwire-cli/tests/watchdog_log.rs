@@ -66,11 +66,13 @@ async fn the_watchdog_names_the_task_it_flags() {
             Ok(true)
         },
     );
-    let mut cfg = Config::default();
-    cfg.addr = "127.0.0.1:0".parse().unwrap();
-    cfg.nice = 0;
-    cfg.workers = Some(1);
-    cfg.non_yield_after = Duration::from_millis(20);
+    let cfg = Config {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        nice: 0,
+        workers: Some(1),
+        non_yield_after: Duration::from_millis(20),
+        ..Config::default()
+    };
     let server = Server::bind(cfg, r).await.unwrap();
     let addr = server.local_addr().unwrap();
     let handle = server.shutdown_handle();
@@ -103,7 +105,13 @@ async fn the_watchdog_names_the_task_it_flags() {
         .lines()
         .find(|l| l.contains("without a checkpoint"))
         .unwrap_or_else(|| panic!("no watchdog line in:\n{text}"));
-    for part in ["method=hog", r#"request="h\n1""#, "conn=", "task=", "cpu_ms="] {
+    for part in [
+        "method=hog",
+        r#"request="h\n1""#,
+        "conn=",
+        "task=",
+        "cpu_ms=",
+    ] {
         assert!(line.contains(part), "{part} in {line}");
     }
     handle.shutdown();

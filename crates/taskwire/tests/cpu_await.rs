@@ -72,7 +72,9 @@ fn registry(gate: watch::Receiver<bool>, opener: watch::Sender<bool>) -> Registr
             let mut s = tokio::net::TcpStream::connect(("127.0.0.1", p.port))
                 .await
                 .map_err(|e| TaskError::Internal(e.to_string()))?;
-            s.write_all(b"ping").await.map_err(|e| TaskError::Internal(e.to_string()))?;
+            s.write_all(b"ping")
+                .await
+                .map_err(|e| TaskError::Internal(e.to_string()))?;
             let mut got = String::new();
             s.read_to_string(&mut got)
                 .await

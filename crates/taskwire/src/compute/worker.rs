@@ -425,9 +425,14 @@ mod tests {
         assert_eq!(stats.state(), JobState::Waiting);
         // Its worker is free meanwhile.
         let (tx2, rx2) = mpsc::channel();
-        let _other = p.spawn(2, Arc::new(JobStats::default()), p.admit(&g).unwrap(), async move {
-            let _ = tx2.send(());
-        });
+        let _other = p.spawn(
+            2,
+            Arc::new(JobStats::default()),
+            p.admit(&g).unwrap(),
+            async move {
+                let _ = tx2.send(());
+            },
+        );
         rx2.recv_timeout(Duration::from_secs(20)).unwrap();
         wake.send(5).unwrap();
         assert_eq!(rx.recv_timeout(Duration::from_secs(20)).unwrap(), 5);
@@ -435,7 +440,11 @@ mod tests {
             let s = p.stats();
             s.waiting == 0 && s.yielded == 0 && s.busy == 0
         }));
-        assert_ne!(stats.state(), JobState::Running, "an ended job is not running");
+        assert_ne!(
+            stats.state(),
+            JobState::Running,
+            "an ended job is not running"
+        );
     }
 
     #[test]
@@ -446,11 +455,16 @@ mod tests {
         let tasks: Vec<_> = (0..2)
             .map(|i| {
                 let stop = stop.clone();
-                p.spawn(i, Arc::new(JobStats::default()), p.admit(&g).unwrap(), async move {
-                    while !stop.load(Ordering::Relaxed) {
-                        burn(1).await;
-                    }
-                })
+                p.spawn(
+                    i,
+                    Arc::new(JobStats::default()),
+                    p.admit(&g).unwrap(),
+                    async move {
+                        while !stop.load(Ordering::Relaxed) {
+                            burn(1).await;
+                        }
+                    },
+                )
             })
             .collect();
         // Two jobs taking turns on one worker: one of them is always queued
@@ -459,7 +473,9 @@ mod tests {
         stop.store(true, Ordering::Relaxed);
         assert!(seen, "{:?}", p.stats());
         drop(tasks);
-        assert!(eventually(|| p.stats().yielded == 0 && p.stats().waiting == 0));
+        assert!(eventually(
+            || p.stats().yielded == 0 && p.stats().waiting == 0
+        ));
     }
 
     #[test]
@@ -476,12 +492,20 @@ mod tests {
         fn run(p: &ComputePool) -> bool {
             let g = Arc::new(AtomicUsize::new(0));
             let (tx, rx) = mpsc::channel();
-            let _t = p.spawn(1, Arc::new(JobStats::default()), p.admit(&g).unwrap(), async move {
-                let _ = tx.send(try_sleep().await);
-            });
+            let _t = p.spawn(
+                1,
+                Arc::new(JobStats::default()),
+                p.admit(&g).unwrap(),
+                async move {
+                    let _ = tx.send(try_sleep().await);
+                },
+            );
             rx.recv_timeout(Duration::from_secs(20)).unwrap()
         }
-        assert!(!run(&pool(1)), "started outside a runtime, the workers have none");
+        assert!(
+            !run(&pool(1)),
+            "started outside a runtime, the workers have none"
+        );
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -225,7 +225,12 @@ fn log_outcome(task: &TaskShared, outcome: &Outcome) {
             task_event!(Level::WARN, l, "task crashed: {}", protocol::log_text(msg));
         }
         Outcome::Err(TaskError::Stopped(Stopped::DeadlineExceeded)) => {
-            task_event!(Level::INFO, l, timeout_ms = task.timeout_ms, "task timed out");
+            task_event!(
+                Level::INFO,
+                l,
+                timeout_ms = task.timeout_ms,
+                "task timed out"
+            );
         }
         Outcome::Lost => task_event!(Level::WARN, l, "task lost"),
         _ => {}
