@@ -287,7 +287,7 @@ impl JobStats {
                 .compare_exchange_weak(old, new, Ordering::AcqRel, Ordering::Acquire)
             {
                 Ok(_) => {
-                    if old & CODE_MASK == JobState::Yielded as u64 && old & ENDED == 0 {
+                    if old & CODE_MASK == JobState::Yielded as u64 {
                         down(&counts.yielded);
                     }
                     return new & !(SEQ_ONE - 1);
@@ -299,12 +299,11 @@ impl JobStats {
 
     /// The job yielded at a checkpoint in its slice; its worker queues it again.
     pub(super) fn requeued(&self, counts: &StateCounts) {
-        // Nobody else touches a job between its slice and its requeue.
-        let old = self.state.load(Ordering::Acquire);
-        self.state.store(
-            (old & !CODE_MASK) | JobState::Yielded as u64,
-            Ordering::Release,
-        );
+        let _ = self
+            .state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| {
+                Some((old & !CODE_MASK) | JobState::Yielded as u64)
+            });
         counts.yielded.fetch_add(1, Ordering::AcqRel);
     }
 
