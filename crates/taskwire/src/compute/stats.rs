@@ -72,6 +72,7 @@ macro_rules! task_event {
             conn = l.conn,
             request = %l.request_text(),
             method = %l.method_text(),
+            // The caller's identity joins these fields with `TaskLabel`'s.
             $($rest)+
         )
     }};
