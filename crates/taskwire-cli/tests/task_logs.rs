@@ -1,5 +1,5 @@
-//! A crash's log line names the task: the `taskwire` binary is run as a
-//! process and its stderr read while a task crashes. The line must carry the
+//! A crash's and a timeout's log lines name the task: the `taskwire` binary
+//! is run as a process and its stderr read while a task crashes. The line must carry the
 //! task's connection, request id and method, the client's text must arrive
 //! escaped (no forged line), and the binary's panic hook must stay quiet.
 //! (The watchdog's line is checked in `watchdog_log.rs`, in process: no
@@ -180,4 +180,24 @@ async fn a_crash_is_logged_once_naming_the_task_with_the_message_escaped() {
             .all(|l| !l.starts_with("FORGED") && !l.contains("panic")),
         "{before:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_is_logged_naming_the_task() {
+    let mut s = start(&[]).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", s.addr))
+        .await
+        .expect("connect");
+    let answer = call(
+        &mut ws,
+        json!({"jsonrpc": "2.0", "id": 9, "method": "spin",
+               "params": {"ms": 60_000, "_meta": {"timeoutMs": 50}}}),
+    )
+    .await;
+    assert_eq!(answer["error"]["code"], -32002, "{answer}");
+    let line = s
+        .line_with(&["task timed out", "method=spin", "request=9"])
+        .await;
+    assert!(line.contains("conn="), "{line}");
+    assert!(line.contains("timeout_ms=50"), "{line}");
 }
