@@ -147,7 +147,8 @@ impl Observer {
         match self.find_task(id) {
             Some(t) => {
                 t.stop(Stopped::Killed);
-                tracing::info!(task = id, method = %t.method, "task killed by an operator");
+                let caller = t.caller.as_ref().and_then(|c| c.id.as_deref());
+                tracing::info!(task = id, method = %t.method, caller, "task killed by an operator");
                 true
             }
             None => false,
@@ -225,6 +226,7 @@ pub(crate) fn task_info(t: &TaskShared) -> TaskInfo {
     TaskInfo {
         id: t.id,
         conn: t.conn,
+        caller: t.caller.as_ref().and_then(|c| c.id.as_deref()).map(str::to_owned),
         request_id: t
             .request_id
             .as_ref()
