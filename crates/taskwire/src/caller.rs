@@ -339,10 +339,8 @@ pub(crate) type ConnectFuture<'a> =
 /// nothing from `req` (copy out what it needs first).
 pub trait ConnectHook: Send + Sync + 'static {
     /// Refuses the upgrade, or names its caller.
-    fn connect(
-        &self,
-        req: &ConnectRequest,
-    ) -> impl Future<Output = Result<Caller, Refusal>> + Send;
+    fn connect(&self, req: &ConnectRequest)
+        -> impl Future<Output = Result<Caller, Refusal>> + Send;
 }
 
 /// A function usable as a [`ConnectHook`]: any
@@ -570,7 +568,10 @@ mod tests {
         assert_eq!(none.status(), StatusCode::UNAUTHORIZED);
         assert_eq!(none.reason(), RefusalReason::Unauthorized);
         let first = auth
-            .check(&req(&[("cookie", "taskwire_token=aaaaaaaaaaaaaaaa")], "/ws"))
+            .check(&req(
+                &[("cookie", "taskwire_token=aaaaaaaaaaaaaaaa")],
+                "/ws",
+            ))
             .unwrap();
         assert_eq!(first.id(), Some("token#0"));
         assert_eq!(first.max_inflight, Some(7));

@@ -419,7 +419,10 @@ impl Ctx {
     /// On a context that was cloned, or that a server made: set these on a
     /// fresh [`Ctx::detached`].
     pub fn with_caller(mut self, id: impl Into<String>) -> Ctx {
-        let caller = self.detached_parts().caller.get_or_insert_with(Arc::default);
+        let caller = self
+            .detached_parts()
+            .caller
+            .get_or_insert_with(Arc::default);
         Arc::make_mut(caller).id = Some(id.into().into_boxed_str());
         self
     }
@@ -430,7 +433,10 @@ impl Ctx {
     /// # Panics
     /// As [`Ctx::with_caller`].
     pub fn with_extension<T: Clone + Send + Sync + 'static>(mut self, value: T) -> Ctx {
-        let caller = self.detached_parts().caller.get_or_insert_with(Arc::default);
+        let caller = self
+            .detached_parts()
+            .caller
+            .get_or_insert_with(Arc::default);
         Arc::make_mut(caller).extensions.insert(value);
         self
     }

@@ -47,23 +47,35 @@ fn registry() -> Registry {
     let mut r = Registry::new();
     taskwire::builtin::register(&mut r);
     r.with_state(Hits::default());
-    r.io("whoami", "The caller and its plan", |ctx: Ctx, _: Nothing| async move {
-        let hits = ctx.state::<Hits>()?.0.fetch_add(1, Ordering::Relaxed) + 1;
-        Ok::<_, TaskError>(json!({
-            "caller": ctx.caller(),
-            "plan": ctx.extension::<Plan>().map(|p| p.0),
-            "extensions": ctx.extensions().len(),
-            "hits": hits,
-        }))
-    });
-    r.io("wait", "Waits, as its caller", |ctx: Ctx, p: Wait| async move {
-        tokio::time::sleep(Duration::from_millis(p.ms)).await;
-        Ok::<_, TaskError>(ctx.caller().map(str::to_owned))
-    });
-    r.io("missing", "Asks for state nobody set", |ctx: Ctx, _: Nothing| async move {
-        ctx.state::<Missing>()?;
-        Ok::<_, TaskError>(())
-    });
+    r.io(
+        "whoami",
+        "The caller and its plan",
+        |ctx: Ctx, _: Nothing| async move {
+            let hits = ctx.state::<Hits>()?.0.fetch_add(1, Ordering::Relaxed) + 1;
+            Ok::<_, TaskError>(json!({
+                "caller": ctx.caller(),
+                "plan": ctx.extension::<Plan>().map(|p| p.0),
+                "extensions": ctx.extensions().len(),
+                "hits": hits,
+            }))
+        },
+    );
+    r.io(
+        "wait",
+        "Waits, as its caller",
+        |ctx: Ctx, p: Wait| async move {
+            tokio::time::sleep(Duration::from_millis(p.ms)).await;
+            Ok::<_, TaskError>(ctx.caller().map(str::to_owned))
+        },
+    );
+    r.io(
+        "missing",
+        "Asks for state nobody set",
+        |ctx: Ctx, _: Nothing| async move {
+            ctx.state::<Missing>()?;
+            Ok::<_, TaskError>(())
+        },
+    );
     r
 }
 
@@ -243,7 +255,10 @@ async fn missing_state_is_an_internal_error_naming_the_type() {
     let r = c.call(1, "missing", json!({})).await;
     assert_eq!(code(&r), -32603);
     let msg = r["error"]["message"].as_str().unwrap();
-    assert!(msg.contains("Missing") && msg.contains("Registry::with_state"), "{msg}");
+    assert!(
+        msg.contains("Missing") && msg.contains("Registry::with_state"),
+        "{msg}"
+    );
     // Anonymous: no caller, no extensions; the connection lives on.
     let me = c.call(2, "whoami", json!({})).await;
     assert_eq!(
@@ -314,8 +329,7 @@ async fn a_hook_can_hold_the_tokens_and_set_limits_but_not_replace_them_silently
     let err = Server::builder(cfg, registry())
         .connect_hook(session_hook)
         .build()
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert!(matches!(&err, Error::Config(_)), "{err}");
     assert!(err.to_string().contains("tokens"), "{err}");
 
@@ -342,7 +356,11 @@ async fn a_hook_can_hold_the_tokens_and_set_limits_but_not_replace_them_silently
     let over = c.call(3, "echo", json!({"value": 3})).await;
     assert_eq!(code(&over), -32001, "max_inflight(1): {over}");
     assert_eq!(c.response(2).await["result"], "token#0");
-    assert_eq!(opened.load(Ordering::Relaxed), 1, "refused upgrades never get past the tokens");
+    assert_eq!(
+        opened.load(Ordering::Relaxed),
+        1,
+        "refused upgrades never get past the tokens"
+    );
     s.stop().await;
 }
 
@@ -363,18 +381,15 @@ async fn a_hook_that_hangs_or_panics_refuses_and_the_server_lives_on() {
         ..config()
     };
     let s = start(cfg, Some(hook)).await;
-    let (status, body) = connect(s.addr, "/ws?mode=hang", &[])
-        .await
-        .err()
-        .unwrap();
+    let (status, body) = connect(s.addr, "/ws?mode=hang", &[]).await.err().unwrap();
     assert_eq!((status, body.as_str()), (503, "connect hook timed out"));
-    let (status, _) = connect(s.addr, "/ws?mode=panic", &[])
-        .await
-        .err()
-        .unwrap();
+    let (status, _) = connect(s.addr, "/ws?mode=panic", &[]).await.err().unwrap();
     assert_eq!(status, 500);
     let mut c = connect(s.addr, "/ws", &[]).await.unwrap();
-    assert_eq!(c.call(1, "whoami", json!({})).await["result"]["caller"], "ok");
+    assert_eq!(
+        c.call(1, "whoami", json!({})).await["result"]["caller"],
+        "ok"
+    );
     s.stop().await;
 }
 
