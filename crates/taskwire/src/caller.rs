@@ -226,7 +226,13 @@ impl Caller {
             max_inflight: self.max_inflight,
             rate: self.rate_limit,
         };
-        (info, limits, Held { _guards: self.held })
+        (
+            info,
+            limits,
+            Held {
+                _guards: self.held.into_boxed_slice(),
+            },
+        )
     }
 }
 
@@ -237,9 +243,10 @@ pub(crate) struct CallerLimits {
     pub rate: Option<RateLimit>,
 }
 
-/// Guards a caller holds until its connection closes.
+/// Guards a caller holds until its connection closes. A boxed slice, not a
+/// `Vec`: it lives as long as the connection, and empty it allocates nothing.
 pub(crate) struct Held {
-    _guards: Vec<Box<dyn Any + Send>>,
+    _guards: Box<[Box<dyn Any + Send>]>,
 }
 
 /// Why a connect hook refused an upgrade: an HTTP status and a short message,
