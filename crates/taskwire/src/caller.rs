@@ -342,8 +342,10 @@ pub(crate) type ConnectFuture<'a> =
 /// ```
 ///
 /// or pass an `async fn(&ConnectRequest) -> Result<Caller, Refusal>`, or a
-/// closure `|req: &ConnectRequest| async move { … }` whose future borrows
-/// nothing from `req` (copy out what it needs first).
+/// closure whose future borrows nothing from the request (a closure's future
+/// cannot name the request's lifetime), so it copies out what it needs first:
+/// `|req: &ConnectRequest| { let user = req.header("x-user").map(str::to_owned);
+/// async move { … } }`.
 pub trait ConnectHook: Send + Sync + 'static {
     /// Refuses the upgrade, or names its caller.
     fn connect(&self, req: &ConnectRequest)
