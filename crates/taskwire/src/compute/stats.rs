@@ -29,12 +29,20 @@ pub struct TaskLabel {
     pub request: Option<String>,
     /// The method called.
     pub method: Arc<str>,
-    // The caller's identity joins here once connections have one.
+    /// The caller's identity as the connect hook named it, escaped and cut
+    /// as a log shows it; `None` for an anonymous connection.
+    pub caller: Option<String>,
 }
 
 impl TaskLabel {
     /// The label of task `task` of connection `conn`, for request `request`.
-    pub(crate) fn new(task: u64, conn: u64, request: Option<&Id>, method: Arc<str>) -> TaskLabel {
+    pub(crate) fn new(
+        task: u64,
+        conn: u64,
+        request: Option<&Id>,
+        method: Arc<str>,
+        caller: Option<&str>,
+    ) -> TaskLabel {
         let request = request.map(|id| match id {
             Id::Int(n) => n.to_string(),
             Id::Str(s) => format!("\"{}\"", log_text(s)),
@@ -44,6 +52,7 @@ impl TaskLabel {
             conn,
             request,
             method,
+            caller: caller.map(log_text),
         }
     }
 
@@ -72,7 +81,7 @@ macro_rules! task_event {
             conn = l.conn,
             request = %l.request_text(),
             method = %l.method_text(),
-            // The caller's identity joins these fields with `TaskLabel`'s.
+            caller = l.caller.as_deref(),
             $($rest)+
         )
     }};

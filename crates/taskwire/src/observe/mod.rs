@@ -232,6 +232,11 @@ pub(crate) fn task_info(t: &TaskShared) -> TaskInfo {
     TaskInfo {
         id: t.id,
         conn: t.conn,
+        caller: t
+            .caller
+            .as_ref()
+            .and_then(|c| c.id.as_deref())
+            .map(str::to_owned),
         request_id: t
             .request_id
             .as_ref()
