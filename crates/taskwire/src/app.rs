@@ -70,7 +70,7 @@ pub(crate) fn new_app(cfg: Config, registry: Registry) -> Result<Arc<App>, Error
         &registry
             .tasks()
             .iter()
-            .map(|t| t.name())
+            .map(|t| (t.name(), t.kind()))
             .collect::<Vec<_>>(),
         {
             let c = cfg.compute();
