@@ -134,7 +134,9 @@ async fn metrics_count_a_known_sequence() {
         .keys()
         .any(|(n, _)| n == "taskwire_progress_coalesced_total"));
     assert!(m.keys().any(|(n, _)| n == "taskwire_outbound_queue_depth"));
-    assert!(m.keys().any(|(n, _)| n == "taskwire_pool_utilisation_ratio"));
+    assert!(m
+        .keys()
+        .any(|(n, _)| n == "taskwire_pool_utilisation_ratio"));
     assert_eq!(metric(&m, "taskwire_runtime_workers", &[]), 2.0);
     assert!(metric(&m, "taskwire_runtime_alive_tasks", &[]) >= 2.0);
     assert!(m
@@ -357,7 +359,10 @@ async fn metric_names_follow_prometheus_conventions() {
     let s = TestServer::start(config()).await;
     let mut c = s.client().await;
     // A CPU task, so that its histograms have a sample.
-    assert!(c.call(1, "hash_chain", json!({"seed": 1, "rounds": 1000})).await["result"].is_object());
+    assert!(c
+        .call(1, "hash_chain", json!({"seed": 1, "rounds": 1000}))
+        .await["result"]
+        .is_object());
     let text = || async {
         let (status, text) = http(s.addr, "GET", "/metrics", None).await;
         assert_eq!(status, 200);
@@ -381,7 +386,10 @@ async fn metric_names_follow_prometheus_conventions() {
             "{name} has the server's prefix or the standard process_ one"
         );
         if kind == "gauge" {
-            assert!(!name.ends_with("_total"), "{name}: a gauge named as a counter");
+            assert!(
+                !name.ends_with("_total"),
+                "{name}: a gauge named as a counter"
+            );
         }
     }
     for ((name, _), _) in m.iter() {
@@ -446,21 +454,29 @@ async fn metric_names_follow_prometheus_conventions() {
             .as_secs_f64();
         // Started in the last day, not in the future (generous: clocks and
         // the kernel's tick rounding).
-        assert!(start > now - 86_400.0 && start < now + 5.0, "{start} vs {now}");
+        assert!(
+            start > now - 86_400.0 && start < now + 5.0,
+            "{start} vs {now}"
+        );
     }
 
     // The pool's histograms exist for CPU methods only: an I/O task never
     // waits for a worker nor uses one.
     let series = |name: &str, method: &str| {
-        m.keys().any(|(n, l)| {
-            n == name && l.iter().any(|(k, v)| k == "method" && v == method)
-        })
+        m.keys()
+            .any(|(n, l)| n == name && l.iter().any(|(k, v)| k == "method" && v == method))
     };
     assert!(series("taskwire_task_cpu_seconds_count", "hash_chain"));
-    assert!(series("taskwire_task_queue_wait_seconds_count", "count_primes"));
+    assert!(series(
+        "taskwire_task_queue_wait_seconds_count",
+        "count_primes"
+    ));
     for io in ["echo", "sleep"] {
         assert!(!series("taskwire_task_cpu_seconds_count", io), "{io}");
-        assert!(!series("taskwire_task_queue_wait_seconds_count", io), "{io}");
+        assert!(
+            !series("taskwire_task_queue_wait_seconds_count", io),
+            "{io}"
+        );
         assert!(series("taskwire_task_run_seconds_count", io), "{io}");
     }
     // The counting allocator is not installed in this test binary: its
@@ -512,7 +528,12 @@ async fn a_plain_get_of_ws_answers_the_upgrade_checks() {
     };
     let s = TestServer::start(cfg).await;
     assert_eq!(http(s.addr, "GET", "/ws", None).await.0, 401);
-    assert_eq!(http(s.addr, "GET", "/ws", Some("wrong-token-0123456789")).await.0, 401);
+    assert_eq!(
+        http(s.addr, "GET", "/ws", Some("wrong-token-0123456789"))
+            .await
+            .0,
+        401
+    );
     let (status, _) = http(s.addr, "GET", "/ws", Some(token)).await;
     assert!(
         status != 401 && (400..500).contains(&status),
