@@ -12,6 +12,13 @@ use std::time::{Duration, Instant};
 use crate::sync::lock;
 
 /// Where a CPU job is in its life, as shown in the task table.
+///
+/// Every live task is in exactly one state, and these are what the operator
+/// sees counted: the observer reads each task's state in the walk that lists
+/// the table, so `tasks` of `/admin/stats` and of each `/admin/events`
+/// snapshot, the `taskwire_tasks{state}` series and the dashboard's tiles
+/// (queued, running, yielded, waiting) need nothing more from the pool than
+/// that each job's state is kept current here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum JobState {
@@ -19,9 +26,12 @@ pub enum JobState {
     Queued = 0,
     /// On a worker now.
     Running = 1,
-    /// Preempted at a checkpoint, waiting for its next slice.
+    /// Preempted at a checkpoint (its slice was over), queued again for its
+    /// next slice. Set by the worker when the job woke itself during its slice.
     Yielded = 2,
-    /// Waiting for something other than the CPU.
+    /// Awaiting something other than the CPU (I/O, a timer, a channel): set
+    /// by the worker when a slice ends without the job having woken itself.
+    /// A CPU task that awaits Tokio's I/O or timers is counted here.
     Waiting = 3,
 }
 
