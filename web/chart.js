@@ -16,9 +16,9 @@
 // the right), so that a rate of refusals does not flatten a rate of successes,
 // nor a queue length a percentage.
 //
-// Spikes: an automatic scale follows the bulk of the values (a high
-// percentile), not the single largest, so that one 270 ms spike does not
-// flatten a line that runs at 2 ms. A point above the scale is drawn at the
+// Spikes: an automatic scale follows the bulk of the values (2.5× their 90th
+// percentile, each point weighted by the time until the next), not the single
+// largest, so that one 270 ms spike does not flatten a line that runs at 2 ms. A point above the scale is drawn at the
 // top with a marker, and the largest clipped value is printed there: the
 // spike is shown and labelled, and everything else stays readable.
 
@@ -103,18 +103,28 @@ export class LineChart {
     const onAlt = (si) => this.alt && this.series[si].axis === 'alt';
     const scaleOf = (fixed, floor, alt) => {
       if (fixed !== null && fixed !== undefined) return fixed;
+      // [value, weight]: each point weighs the time until the next one, so
+      // that a stretch of slow answers (few points, each seconds long) counts
+      // for the time it lasted, not for its few points.
       const vals = [];
-      for (const [, vs] of visible) {
-        vs.forEach((v, si) => { if (onAlt(si) === alt && Number.isFinite(v)) vals.push(v); });
-      }
+      visible.forEach(([t, vs], i) => {
+        const next = i + 1 < visible.length ? visible[i + 1][0] : tNow;
+        const weight = Math.min(5_000, Math.max(1, next - t));
+        vs.forEach((v, si) => { if (onAlt(si) === alt && Number.isFinite(v)) vals.push([v, weight]); });
+      });
       let top = floor;
       if (!alt && this.guide && this.guide.value > top) top = this.guide.value;
       if (vals.length === 0) return niceCeil(top * 1.1);
-      vals.sort((a, b) => a - b);
-      const largest = vals[vals.length - 1];
-      // The bulk: the 90th percentile, with room above it. With few points
-      // (a chart just started) every point counts.
-      const bulk = vals.length >= 10 ? vals[Math.floor(vals.length * 0.9)] * 2.5 : largest;
+      vals.sort((a, b) => a[0] - b[0]);
+      const largest = vals[vals.length - 1][0];
+      // The bulk: the 90th percentile (by time), with room above it. With few
+      // points (a chart just started) every point counts.
+      let bulk = largest;
+      if (vals.length >= 10) {
+        const total = vals.reduce((a, [, w]) => a + w, 0);
+        let acc = 0;
+        for (const [v, w] of vals) { acc += w; if (acc >= total * 0.9) { bulk = v * 2.5; break; } }
+      }
       return niceCeil(Math.max(top, Math.min(largest, Math.max(bulk, floor))) * 1.1);
     };
     const max = scaleOf(this.yMax, this.yMaxFloor, false);

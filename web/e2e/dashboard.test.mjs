@@ -111,7 +111,9 @@ test('flood the server: the latency chart keeps updating, the steady load keeps 
   const lastRtt = Number(await page.$eval('#chart-latency', (c) => c.dataset.last));
   assert.ok(Number.isFinite(lastRtt) && lastRtt >= 0);
 
-  await page.click('#btn-stop-flood');
+  // On a busy machine the flood may have ended by now (its tasks are answered): cancel
+  // only what is left.
+  if (await page.isEnabled('#btn-stop-flood')) await page.click('#btn-stop-flood', { timeout: 5_000 }).catch(() => {});
   await page.waitForSelector('li[data-testid="log-entry"]:has-text("flood done")', { timeout: 30_000 });
   await page.click('#load-toggle');
   await eventually(async () => Number(await page.textContent('#task-count')) < 20, { timeoutMs: 30_000, message: 'flood drained' });
@@ -171,8 +173,11 @@ test('under a small flood the state tiles add up to the live count and the table
   await page.click('#btn-stop-flood');
   await page.waitForSelector('li[data-testid="log-entry"]:has-text("flood done")', { timeout: 60_000 });
   assert.match(await page.textContent('#kpi-rtt-p99'), /^p99 [\d.]+ ms$/);
-  // Zeros are neutral, not red.
-  assert.equal(await page.$eval('#kpi-crashed', (b) => b.closest('.kpi').dataset.nonzero), 'false');
+  // Red only above zero (other tests on this server may have crashed or killed some).
+  for (const id of ['kpi-crashed', 'kpi-killed', 'kpi-refused']) {
+    const [text, nonzero] = await page.$eval(`#${id}`, (b) => [b.textContent, b.closest('.kpi').dataset.nonzero]);
+    assert.equal(nonzero, String(text !== '0'), `${id}: ${text}`);
+  }
   await screenshot(page, '09-tiles');
   assert.deepEqual(errors, []);
 });
