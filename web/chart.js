@@ -100,7 +100,7 @@ export class LineChart {
     const visible = this.data.filter(([t]) => t >= t0 - 1000);
 
     const min = this.yMin;
-    const onAlt = (si) => this.alt && this.series[si].axis === 'alt';
+    const onAlt = (si) => Boolean(this.alt) && this.series[si].axis === 'alt';
     const scaleOf = (fixed, floor, alt) => {
       if (fixed !== null && fixed !== undefined) return fixed;
       // [value, weight]: each point weighs the time until the next one, so

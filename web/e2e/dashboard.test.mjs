@@ -44,6 +44,33 @@ test('the dashboard loads from the server, connects, and draws live charts', { t
   const conns = await page.textContent('#connections');
   assert.ok(Number(conns) >= 3, `the page's three connections are counted: ${conns}`);
   await screenshot(page, '01-dashboard');
+
+  // Scales: one spike is clipped and marked, not the scale of everything; a
+  // series on the alternative scale is not flattened by (nor flattens) the
+  // main one; a long stretch of slow values is the bulk, not a spike.
+  const clipped = await page.evaluate(() => {
+    const Chart = window.taskwireDashboard.charts.latency.constructor;
+    const make = () => {
+      const canvas = document.createElement('canvas');
+      document.body.append(canvas);
+      return new Chart(canvas, {
+        series: [{ label: 'a', color: '#2563eb' }, { label: 'b', color: '#dc2626', axis: 'alt' }],
+        unit: 'ms', yMaxFloor: 1, alt: { yMaxFloor: 1 },
+      });
+    };
+    const start = performance.now() - 30_000;
+    const spiky = make();
+    for (let i = 0; i < 100; i++) spiky.push([2 + (i % 3) * 0.1, 5000], start + i * 200);
+    spiky.push([270, 5000], start + 100 * 200);
+    for (let i = 101; i < 140; i++) spiky.push([2, 5000], start + i * 200);
+    spiky.draw();
+    const slow = make();
+    for (let i = 0; i < 20; i++) slow.push([2, 1], start + i * 200);
+    for (let i = 0; i < 12; i++) slow.push([4000, 1], start + 5_000 + i * 2_000);
+    slow.draw();
+    return [Number(spiky.canvas.dataset.clipped), Number(slow.canvas.dataset.clipped)];
+  });
+  assert.deepEqual(clipped, [1, 0]);
   assert.deepEqual(errors, []);
 });
 

@@ -443,7 +443,8 @@ async fn metric_names_follow_prometheus_conventions() {
     if cfg!(target_os = "linux") {
         assert!(metric(&m, "process_resident_memory_bytes", &[]) > 1e6);
         assert!(metric(&m, "process_virtual_memory_bytes", &[]) > 1e6);
-        assert!(metric(&m, "process_cpu_seconds_total", &[]) > 0.0);
+        // In clock ticks (10 ms): present, possibly still 0 in a quiet process.
+        assert!(m.contains_key(&("process_cpu_seconds_total".to_string(), vec![])));
         assert!(metric(&m, "process_open_fds", &[]) >= 3.0);
         let max = metric(&m, "process_max_fds", &[]);
         assert!(max >= metric(&m, "process_open_fds", &[]), "{max}");
