@@ -92,7 +92,7 @@ export class LineChart {
     const text = styles.getPropertyValue('--chart-text').trim() || '#6b7280';
     const font = '11px system-ui, -apple-system, "Segoe UI", sans-serif';
 
-    const padL = this.alt ? 40 : 8, padR = 48, padT = 22, padB = 18;
+    const padL = this.alt ? 40 : 8, padR = 58, padT = 22, padB = 18;
     const w = Math.max(10, cssW - padL - padR);
     const h = Math.max(10, cssH - padT - padB);
     const tNow = now();
