@@ -95,7 +95,7 @@ pub(crate) fn new_app(
         &registry
             .tasks()
             .iter()
-            .map(|t| t.name())
+            .map(|t| (t.name(), t.kind()))
             .collect::<Vec<_>>(),
         {
             let c = cfg.compute();

@@ -131,6 +131,13 @@ impl Drop for Entered<'_> {
 }
 
 /// Where a CPU job is in its life, as shown in the task table.
+///
+/// Every live task is in exactly one state, and these are what the operator
+/// sees counted: the observer reads each task's state in the walk that lists
+/// the table, so `tasks` of `/admin/stats` and of each `/admin/events`
+/// snapshot, the `taskwire_tasks{state}` series and the dashboard's tiles
+/// (queued, running, yielded, waiting) need nothing more from the pool than
+/// that each job's state is kept current here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum JobState {

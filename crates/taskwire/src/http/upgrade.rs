@@ -7,6 +7,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
@@ -227,7 +228,11 @@ pub(super) async fn ws_handler(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     uri: Uri,
-    ws: WebSocketUpgrade,
+    // Not extracted outright: a plain GET (not an upgrade) is checked as an
+    // upgrade would be, so a page, which cannot read the status of a refused
+    // WebSocket upgrade, can learn from a `fetch` of this URL why it was
+    // refused (401: token missing or refused; 403: origin or host).
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     if app.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
@@ -246,6 +251,12 @@ pub(super) async fn ws_handler(
     let (slots, limits, caller) = match count_connection(&app, peer, caller) {
         Ok(x) => x,
         Err(r) => return refuse(&app, r.reason(), peer, r.into_response()),
+    };
+    let ws = match ws {
+        Ok(ws) => ws,
+        // Admitted, but not an upgrade: axum's own answer (400, 426, ...);
+        // the slots just taken are released.
+        Err(not_an_upgrade) => return not_an_upgrade.into_response(),
     };
     let max = app.cfg.max_frame_bytes;
     // The write buffer's cap: what the writer feeds (one flush's worth plus
