@@ -721,8 +721,8 @@ settings! {
     /// instead of finishing all together near the end). A huge value keeps
     /// least attained service throughout.
     las_threshold_ms => las_threshold: Millis = Some(10), min 1;
-    /// A CPU task running this long past its slice without a checkpoint is
-    /// flagged and its worker replaced.
+    /// A CPU task burning this much CPU past its slice without a checkpoint
+    /// is flagged and its worker replaced (CPU time: contention never flags).
     non_yield_ms => non_yield_after: Millis = Some(100), min 1;
     /// Most CPU tasks admitted and unfinished, over all connections.
     queue_limit => queue_limit: usize = Some(10_000), min 1;
