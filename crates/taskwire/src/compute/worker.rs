@@ -356,7 +356,9 @@ mod tests {
         // The future (and its permit) is dropped inside the last slice; the
         // worker charges that slice after it, then leaves the Running state.
         for _ in 0..2000 {
-            if stats.state() != JobState::Running {
+            if stats.state() != JobState::Running
+                && stats.cpu_time() >= Duration::from_millis(20)
+            {
                 break;
             }
             thread::sleep(Duration::from_millis(1));
