@@ -715,8 +715,14 @@ settings! {
     workers => workers: Opt<usize> = None, shown "available cores", min 1;
     /// Time slice of CPU tasks.
     slice_us => slice: Micros = Some(2_000), min 100;
-    /// A CPU task running this long past its slice without a checkpoint is
-    /// flagged and its worker replaced.
+    /// CPU time after which a task no longer counts as short: a connection's
+    /// short tasks run least attained service first (they finish first), then
+    /// its longer ones oldest first (a batch of long tasks streams its results
+    /// instead of finishing all together near the end). A huge value keeps
+    /// least attained service throughout.
+    las_threshold_ms => las_threshold: Millis = Some(10), min 1;
+    /// A CPU task burning this much CPU past its slice without a checkpoint
+    /// is flagged and its worker replaced (CPU time: contention never flags).
     non_yield_ms => non_yield_after: Millis = Some(100), min 1;
     /// Most CPU tasks admitted and unfinished, over all connections.
     queue_limit => queue_limit: usize = Some(10_000), min 1;
@@ -917,6 +923,7 @@ impl Config {
             memory_budget: self
                 .memory_budget_bytes
                 .map_or(d.memory_budget, |b| b as u64),
+            las_threshold: self.las_threshold,
             nice: self.nice,
             ..d
         }

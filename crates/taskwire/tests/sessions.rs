@@ -343,6 +343,47 @@ async fn a_resume_with_other_credentials_is_refused_and_spends_nothing() {
         .expect("the owner resumes");
 }
 
+/// A connection presenting this access token (`?token=`).
+async fn connect_token(addr: SocketAddr, token: &str) -> Client {
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws?token={token}"))
+        .await
+        .expect("connect");
+    Client {
+        ws,
+        seen: Vec::new(),
+    }
+}
+
+#[tokio::test]
+async fn a_resume_with_another_access_token_is_refused() {
+    let token = |t: &str| taskwire::config::AuthToken {
+        token: t.into(),
+        max_connections: None,
+        max_inflight: None,
+        rate_limit: None,
+    };
+    let mut cfg = config();
+    cfg.auth_tokens = vec![token("first-token-aaaaaaa"), token("second-token-bbbbbb")];
+    let s = TestServer::start(cfg).await;
+    let a = Sess::open_with(
+        connect_token(s.addr, "first-token-aaaaaaa").await,
+        json!({}),
+    )
+    .await;
+    let (session_token, seq, answers) = a.cut();
+    // Another caller (token#1) with the session's token: refused, nothing spent.
+    let other = connect_token(s.addr, "second-token-bbbbbb").await;
+    let v = Sess::resume(other, &session_token, seq, HashMap::new())
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(code(&v), -32020);
+    let same = connect_token(s.addr, "first-token-aaaaaaa").await;
+    Sess::resume(same, &session_token, seq, answers)
+        .await
+        .expect("the same caller resumes");
+}
+
 #[tokio::test]
 async fn session_methods_in_the_wrong_place_get_32600() {
     let s = TestServer::start(config()).await;

@@ -66,12 +66,23 @@ pub(crate) trait Attachment: Send + Sync {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct Owner(Arc<str>);
 
-/// The session owner's key, from what the upgrade gives: which access token
-/// matched (if any) and the page's Origin (if any). The one place that says
-/// what "the same credentials" means for a resume.
-pub(crate) fn owner_key(token_index: Option<usize>, origin: Option<&str>) -> Owner {
-    let token = token_index.map_or_else(|| "-".to_string(), |i| i.to_string());
-    Owner(format!("{token}|{}", origin.unwrap_or("-")).into())
+/// The session owner's key, from what the upgrade gives: the caller's
+/// identity as the connect hook named it (`token#i` for the built-in token
+/// check; none for an anonymous caller) and the page's Origin (if any). The
+/// one place that says what "the same credentials" means for a resume.
+pub(crate) fn owner_key(identity: Option<&str>, origin: Option<&str>) -> Owner {
+    // Lengths first, so that no identity and origin can be cut to look like
+    // another pair.
+    let (id, o) = (identity.unwrap_or(""), origin.unwrap_or(""));
+    Owner(
+        format!(
+            "{}:{}:{id}{}:{o}",
+            u8::from(identity.is_some()),
+            id.len(),
+            u8::from(origin.is_some())
+        )
+        .into(),
+    )
 }
 
 /// Every bound of the store (the settings of the same names).
