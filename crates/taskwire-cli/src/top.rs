@@ -550,6 +550,7 @@ mod tests {
         };
         let mut registry = Registry::new();
         taskwire::builtin::register(&mut registry);
+        taskwire::builtin::register_demo(&mut registry);
         let server = Server::bind(cfg, registry).await.unwrap();
         let addr = server.local_addr().unwrap();
         let stop = server.shutdown_handle();
