@@ -107,7 +107,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     if config.demo {
         taskwire::builtin::register_demo(&mut registry);
     }
-    let summary = config.startup_summary();
+    let mut summary = config.startup_summary();
     // The error names the setting or the address.
     let server = Server::bind(config, registry)
         .await
@@ -116,6 +116,8 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     // The one line on stdout: scripts and tests read the port from it.
     println!("listening on {addr}");
     tracing::info!(%addr, "taskwire serving: {ws}://{addr}/ws, dashboard {http}://{addr}/");
+    // The bound address, not the configured one: port 0 names the port picked.
+    summary.addr = addr;
     // What the server exposes, before any client arrives: an operator reads
     // the log, not the configuration layers, to learn what is open.
     for line in summary.lines() {

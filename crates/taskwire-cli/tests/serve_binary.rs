@@ -254,6 +254,8 @@ fn startup_log_warns_about_the_demo_on_a_public_address_and_keeps_secrets() {
         .find(|l| l.contains("not loopback"))
         .unwrap_or_default();
     assert!(warning.contains("WARN"), "{warning}");
+    let bound = format!("listens on 0.0.0.0:{}", server.addr.port());
+    assert!(warning.contains(&bound), "the bound port: {warning}");
     assert!(
         !log.contains(CLIENT_TOKEN) && !log.contains(ADMIN_TOKEN),
         "{log}"
