@@ -73,9 +73,22 @@ fn init_logging(filter: &str) {
             std::env::var_os("NO_COLOR"),
         ))
         .init();
-    // A crashing task is an expected event with its own error code: log it as
+    // A crashing task is an expected event with its own error code: the
+    // library logs it where it answers `-32003`, naming the task, so the hook
+    // only notes where it panicked (at debug). Any other panic is logged as
     // one line instead of the default hook's backtrace banner.
     std::panic::set_hook(Box::new(|info| {
+        if let Some(task) = taskwire::current_task() {
+            tracing::debug!(
+                task = task.task,
+                conn = task.conn,
+                request = %task.request_text(),
+                method = %task.method_text(),
+                at = %info.location().map(|l| l.to_string()).unwrap_or_default(),
+                "task panicked"
+            );
+            return;
+        }
         let thread = std::thread::current();
         // The message may be a client's (the `crash` task panics with it):
         // escaped and cut, so it cannot forge a line or flood the log.

@@ -563,6 +563,7 @@ mod tests {
         TaskInfo {
             id,
             conn: 1,
+            caller: None,
             request_id: Value::from(id),
             method: format!("m{id}"),
             kind: TaskKind::Cpu,

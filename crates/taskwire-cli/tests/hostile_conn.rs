@@ -512,7 +512,7 @@ fn client_text_cannot_forge_log_lines() {
     drop(server);
     let text = std::fs::read_to_string(&log).unwrap();
     let _ = std::fs::remove_file(&log);
-    assert!(text.contains("panic: boom"), "{text}");
+    assert!(text.contains("task crashed: boom"), "{text}");
     for line in text.lines() {
         assert!(!line.starts_with("2026-11-26T00:00:00"), "forged: {line}");
         assert!(line.len() < 4096, "a line of {} bytes", line.len());

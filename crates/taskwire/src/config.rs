@@ -743,8 +743,8 @@ settings! {
     workers => workers: Opt<usize> = None, shown "available cores", min 1;
     /// Time slice of CPU tasks.
     slice_us => slice: Micros = Some(2_000), min 100;
-    /// A CPU task running this long past its slice without a checkpoint is
-    /// flagged and its worker replaced.
+    /// A CPU task burning this much CPU past its slice without a checkpoint
+    /// is flagged and its worker replaced (CPU time: contention never flags).
     non_yield_ms => non_yield_after: Millis = Some(100), min 1;
     /// Most CPU tasks admitted and unfinished, over all connections.
     queue_limit => queue_limit: usize = Some(10_000), min 1;

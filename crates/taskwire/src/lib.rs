@@ -53,6 +53,7 @@
 //! | `config` | `Config`: every setting declared once |
 //! | `error` | [`Error`], the library's one error type |
 //! | `observe` | the hooks a connection calls; the live table, metrics, `observe::api` |
+//! | `caller` | who is calling: the connect hook, `Caller`, `TokenAuth` |
 //! | `app` | `App`: the state every connection shares |
 //! | `conn` | one WebSocket: state, reader, admit, reply, writer |
 //! | `http` | `Server`, router, accept loop, upgrade checks, security, TLS, admin API |
@@ -63,6 +64,7 @@
 pub mod alloc;
 mod app;
 pub mod builtin;
+mod caller;
 mod compute;
 pub mod config;
 mod conn;
@@ -75,9 +77,15 @@ mod registry;
 mod sync;
 mod task;
 
+/// The typed map of a [`Caller`]'s extensions (`http::Extensions`).
+pub use axum::http::Extensions;
+pub use caller::{
+    Caller, ConnectFn, ConnectHook, ConnectRequest, Refusal, TokenAuth, MAX_CALLER_ID,
+};
+pub use compute::{current_task, TaskLabel};
 pub use config::Config;
 pub use error::{Error, Result};
-pub use http::{shutdown_signal, Server, ShutdownHandle};
+pub use http::{shutdown_signal, Server, ServerBuilder, ShutdownHandle};
 pub use observe::OutcomeKind;
 pub use registry::{Registry, TaskDef};
 pub use task::{Checkpoint, Ctx, Stopped, TaskError, TaskKind};

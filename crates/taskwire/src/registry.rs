@@ -5,6 +5,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use axum::http::Extensions;
 use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -73,6 +74,8 @@ impl TaskDef {
 #[derive(Clone, Debug, Default)]
 pub struct Registry {
     tasks: HashMap<Arc<str>, TaskDef>,
+    /// Shared state by type, each value an `Arc<S>` ([`Registry::with_state`]).
+    states: Extensions,
 }
 
 impl Registry {
@@ -161,6 +164,44 @@ impl Registry {
             },
         );
         self
+    }
+
+    /// Shares `state` with every task, as [`Ctx::state::<S>()`](Ctx::state):
+    /// one value per type, behind an `Arc`, instead of a clone captured in
+    /// each task's closure. Use interior mutability (atomics, a `Mutex`) to
+    /// change it.
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicU64, Ordering};
+    /// use taskwire::{Ctx, Registry, TaskError};
+    ///
+    /// #[derive(Default)]
+    /// struct Hits(AtomicU64);
+    ///
+    /// let mut registry = Registry::new();
+    /// registry.with_state(Hits::default());
+    /// registry.io("hit", "Counts calls", |ctx: Ctx, _: ()| async move {
+    ///     Ok::<_, TaskError>(ctx.state::<Hits>()?.0.fetch_add(1, Ordering::Relaxed) + 1)
+    /// });
+    /// ```
+    ///
+    /// # Panics
+    /// If a state of this type is already set: a programming error, caught
+    /// when the server is built.
+    pub fn with_state<S: Send + Sync + 'static>(&mut self, state: S) -> &mut Self {
+        assert!(
+            self.states.get::<Arc<S>>().is_none(),
+            "shared state of type {} is set twice",
+            std::any::type_name::<S>()
+        );
+        self.states.insert(Arc::new(state));
+        self
+    }
+
+    /// The shared state, `None` when there is none (tasks then skip a
+    /// reference count).
+    pub(crate) fn states(&self) -> Option<Arc<Extensions>> {
+        (!self.states.is_empty()).then(|| Arc::new(self.states.clone()))
     }
 
     /// The task registered under `name`.

@@ -1,19 +1,20 @@
 //! What a task sees: its [`Ctx`] (cancellation, deadline, progress,
-//! checkpoints) and the [`TaskError`] it returns.
+//! checkpoints, who is calling, shared state) and the [`TaskError`] it returns.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use axum::http::Extensions;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::compute::{self, JobStats};
+use crate::compute::{self, JobStats, TaskLabel};
 use crate::protocol::{codes, ErrorObject, Id};
 use crate::sync::{lock, Outbox};
 
@@ -163,6 +164,19 @@ pub(crate) fn stopped_error(s: Stopped, timeout_ms: Option<u64>) -> ErrorObject 
 /// updates are coalesced, keeping the latest.
 pub(crate) const PROGRESS_INTERVAL: Duration = Duration::from_millis(50);
 
+/// Who is calling, as the connect hook said: one per connection, shared by
+/// every task it starts (an anonymous connection has none at all).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct CallerInfo {
+    /// The identity (a user id, a subject), if the hook named one.
+    pub id: Option<Box<str>>,
+    /// The typed values the hook attached.
+    pub extensions: Extensions,
+}
+
+/// The values [`Ctx::extensions`] shows a task of an anonymous connection.
+static NO_EXTENSIONS: LazyLock<Extensions> = LazyLock::new(Extensions::new);
+
 /// What goes to a connection's writer.
 pub(crate) enum Outbound {
     /// A response or a batch, already serialized.
@@ -194,6 +208,10 @@ pub(crate) struct TaskShared {
     stop: AtomicU8,
     pub token: CancellationToken,
     pub stats: Arc<JobStats>,
+    /// Who started it: shared with its connection, `None` when anonymous.
+    pub caller: Option<Arc<CallerInfo>>,
+    /// The registry's shared state (`None` when it has none).
+    state: Option<Arc<Extensions>>,
     progress_token: Option<Box<RawValue>>,
     progress: Mutex<ProgressSlot>,
     progress_calls: AtomicU64,
@@ -210,11 +228,20 @@ pub(crate) struct TaskInit {
     pub timeout_ms: Option<u64>,
     pub progress_token: Option<Box<RawValue>>,
     pub outbound: Arc<Outbox<Outbound>>,
+    pub caller: Option<Arc<CallerInfo>>,
+    pub state: Option<Arc<Extensions>>,
 }
 
 impl TaskShared {
     pub(crate) fn new(init: TaskInit) -> Arc<TaskShared> {
         let created = Instant::now();
+        let label = TaskLabel::new(
+            init.id,
+            init.conn,
+            init.request_id.as_ref(),
+            init.method.clone(),
+            init.caller.as_ref().and_then(|c| c.id.as_deref()),
+        );
         Arc::new(TaskShared {
             id: init.id,
             conn: init.conn,
@@ -228,7 +255,9 @@ impl TaskShared {
                 .map(|ms| created + Duration::from_millis(ms)),
             stop: AtomicU8::new(0),
             token: CancellationToken::new(),
-            stats: Arc::new(JobStats::for_task(init.id, init.method)),
+            stats: Arc::new(JobStats::for_task(label)),
+            caller: init.caller,
+            state: init.state,
             progress_token: init.progress_token,
             progress: Mutex::new(ProgressSlot::default()),
             progress_calls: AtomicU64::new(0),
@@ -336,6 +365,7 @@ impl std::fmt::Debug for Ctx {
         f.debug_struct("Ctx")
             .field("task", &self.shared.id)
             .field("method", &self.shared.method)
+            .field("caller", &self.caller())
             .finish()
     }
 }
@@ -365,8 +395,119 @@ impl Ctx {
                 timeout_ms: None,
                 progress_token: None,
                 outbound,
+                caller: None,
+                state: None,
             }),
         }
+    }
+
+    /// The parts of a fresh detached context the `with_*` setters fill in.
+    fn detached_parts(&mut self) -> &mut TaskShared {
+        // Only `detached` hands out a context nobody else holds yet; a clone
+        // would share it, and a server's context belongs to its connection.
+        Arc::get_mut(&mut self.shared)
+            .expect("Ctx::with_caller, with_extension and with_state apply to a fresh Ctx::detached, before it is cloned")
+    }
+
+    /// A detached context that acts for `id`, as a connect hook's
+    /// [`Caller`](crate::Caller) would make it: for unit tests.
+    ///
+    /// ```
+    /// # use taskwire::Ctx;
+    /// #[derive(Clone)]
+    /// struct Plan(&'static str);
+    ///
+    /// let ctx = Ctx::detached("greet").with_caller("alice").with_extension(Plan("pro"));
+    /// assert_eq!(ctx.caller(), Some("alice"));
+    /// assert_eq!(ctx.extension::<Plan>().map(|p| p.0), Some("pro"));
+    /// ```
+    ///
+    /// # Panics
+    /// On a context that was cloned, or that a server made: set these on a
+    /// fresh [`Ctx::detached`].
+    pub fn with_caller(mut self, id: impl Into<String>) -> Ctx {
+        let caller = self
+            .detached_parts()
+            .caller
+            .get_or_insert_with(Arc::default);
+        Arc::make_mut(caller).id = Some(id.into().into_boxed_str());
+        self
+    }
+
+    /// A detached context whose caller carries `value` among its extensions
+    /// (see [`Ctx::extension`]); for unit tests.
+    ///
+    /// # Panics
+    /// As [`Ctx::with_caller`].
+    pub fn with_extension<T: Clone + Send + Sync + 'static>(mut self, value: T) -> Ctx {
+        let caller = self
+            .detached_parts()
+            .caller
+            .get_or_insert_with(Arc::default);
+        Arc::make_mut(caller).extensions.insert(value);
+        self
+    }
+
+    /// A detached context that sees `state` as a server's tasks see what
+    /// [`Registry::with_state`](crate::Registry::with_state) holds; for unit tests.
+    ///
+    /// ```
+    /// # use std::sync::atomic::{AtomicU64, Ordering};
+    /// # use taskwire::Ctx;
+    /// #[derive(Default)]
+    /// struct Hits(AtomicU64);
+    ///
+    /// let ctx = Ctx::detached("hit").with_state(Hits::default());
+    /// ctx.state::<Hits>().unwrap().0.fetch_add(1, Ordering::Relaxed);
+    /// assert_eq!(ctx.state::<Hits>().unwrap().0.load(Ordering::Relaxed), 1);
+    /// ```
+    ///
+    /// # Panics
+    /// As [`Ctx::with_caller`].
+    pub fn with_state<S: Send + Sync + 'static>(mut self, state: S) -> Ctx {
+        let states = self.detached_parts().state.get_or_insert_with(Arc::default);
+        Arc::make_mut(states).insert(Arc::new(state));
+        self
+    }
+
+    /// Who is calling: the identity the connect hook gave this task's
+    /// connection (a user id, a subject; `token#<n>` for the `n`-th
+    /// configured token, from 0), or `None` for an anonymous connection.
+    pub fn caller(&self) -> Option<&str> {
+        self.shared.caller.as_ref()?.id.as_deref()
+    }
+
+    /// The typed values the connect hook attached to this task's connection
+    /// (empty for an anonymous one).
+    pub fn extensions(&self) -> &Extensions {
+        match &self.shared.caller {
+            Some(c) => &c.extensions,
+            None => &NO_EXTENSIONS,
+        }
+    }
+
+    /// One value the connect hook attached, by type.
+    pub fn extension<T: Send + Sync + 'static>(&self) -> Option<&T> {
+        self.extensions().get::<T>()
+    }
+
+    /// The registry's shared state of type `S`
+    /// ([`Registry::with_state`](crate::Registry::with_state)).
+    ///
+    /// A missing type is a programming error, answered as an internal error
+    /// (`-32603`) that names the type; use `?`.
+    pub fn state<S: Send + Sync + 'static>(&self) -> Result<Arc<S>, TaskError> {
+        self.shared
+            .state
+            .as_ref()
+            .and_then(|s| s.get::<Arc<S>>())
+            .cloned()
+            .ok_or_else(|| {
+                TaskError::Internal(format!(
+                    "no shared state of type {}: add it with Registry::with_state",
+                    std::any::type_name::<S>()
+                ))
+            })
     }
 
     /// Tells the task to stop, as a cancel, deadline or kill would. The first

@@ -28,10 +28,13 @@
 //!    clock once, charges the time to the job and its group, and, since the
 //!    job was woken while it ran, pushes it back itself, ordered by the
 //!    service it has attained as of that charge. A job waiting for something
-//!    else (a timer, a channel) is pushed back by whoever wakes it.
-//! 6. **Watch** (`watchdog.rs`): meanwhile a job that runs far past its slice
-//!    without a checkpoint is flagged, and a replacement worker takes its
-//!    place; the largest jobs are flagged while over the memory budget.
+//!    else (a Tokio timer, channel or socket: every worker enters the Tokio
+//!    runtime the pool was started in) leaves the pool, counted as waiting;
+//!    whoever wakes it pushes it back, under the same policy.
+//! 6. **Watch** (`watchdog.rs`): meanwhile a job whose worker thread burns
+//!    far more CPU than its slice without a checkpoint is flagged, and a
+//!    replacement worker takes its place; the largest jobs are flagged while
+//!    over the memory budget.
 //! 7. **Answer**: the future completes (or the task handle is dropped, which
 //!    cancels it at its next yield); dropping it releases the permit's slots,
 //!    and the task handle hands the output to the connection, which answers.
@@ -52,6 +55,8 @@ pub(crate) use admission::{Permit, Refusal};
 pub(crate) use epoch::should_yield;
 pub use epoch::thread_cpu_time;
 pub use queue::RunQueue;
+pub(crate) use stats::task_event;
+pub use stats::{current_task, TaskLabel};
 pub(crate) use stats::{JobState, JobStats, PoolStats};
 pub(crate) use worker::JobMeta;
 
@@ -63,6 +68,7 @@ use std::thread;
 use std::time::Duration;
 
 use admission::{Admission, Permitted};
+use stats::EndsJob;
 use worker::Shared;
 
 /// Settings of the compute pool.
@@ -72,8 +78,10 @@ pub struct ComputeConfig {
     pub workers: usize,
     /// How long a task runs before it yields at a checkpoint (default 2 ms).
     pub slice: Duration,
-    /// How long past its slice a task may run without a checkpoint before it is
-    /// flagged as not yielding and a replacement worker is started (default 100 ms).
+    /// How much CPU time past its slice a task may burn without a checkpoint
+    /// before it is flagged as not yielding and a replacement worker is
+    /// started (default 100 ms). CPU time, not wall time: a task that
+    /// checkpoints is never flagged, however contended the machine.
     pub non_yield_after: Duration,
     /// Most extra workers started to replace stuck ones (default: `workers`).
     pub max_extra_workers: usize,
@@ -176,6 +184,9 @@ impl ComputePool {
                 cfg.address_cpu_limit,
                 cfg.queue_limit,
             ),
+            // Outside a runtime (a unit test, an embedding that builds the
+            // pool first) CPU tasks still run; only Tokio resources fail.
+            tokio::runtime::Handle::try_current().ok(),
         ));
         epoch::start_ticker();
         for _ in 0..cfg.workers {
@@ -239,6 +250,7 @@ impl ComputePool {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
+        let ends = EndsJob(stats.clone());
         let meta = Arc::new(JobMeta { group, stats });
         let weak = Arc::downgrade(&self.inner);
         let schedule = move |job, info| worker::schedule(&weak, job, info);
@@ -246,6 +258,7 @@ impl ComputePool {
             move |_| Permitted {
                 _permit: permit,
                 fut,
+                _ends: ends,
             },
             async_task::WithInfo(schedule),
         );
@@ -262,6 +275,8 @@ impl ComputePool {
             live_workers: p.live.load(Ordering::Relaxed),
             busy: p.busy.load(Ordering::Relaxed),
             queued,
+            yielded: p.counts.yielded.load(Ordering::Relaxed),
+            waiting: p.counts.waiting.load(Ordering::Relaxed),
             admitted: p.admission.admitted(),
             utilisation: f64::from_bits(p.utilisation.load(Ordering::Relaxed)),
             non_yielding_total: p.non_yielding_total.load(Ordering::Relaxed),

@@ -106,6 +106,8 @@ pub(super) fn admit(
         timeout_ms: Some(timeout_ms),
         progress_token: req.meta.progress_token,
         outbound: conn.tx.clone(),
+        caller: conn.caller.clone(),
+        state: app.states.clone(),
     });
     let ctx = Ctx {
         shared: task.clone(),

@@ -33,7 +33,7 @@ use tracing::Instrument;
 pub(crate) use state::{ConnLimits, ConnState};
 
 use crate::app::App;
-use crate::task::Stopped;
+use crate::task::{CallerInfo, Stopped};
 use reader::Reader;
 use state::Inflight;
 
@@ -46,17 +46,26 @@ const CLOSE_LINGER: Duration = Duration::from_millis(500);
 const STOP_GRACE: Duration = Duration::from_secs(1);
 
 /// Serves one upgraded WebSocket until it closes.
-pub(crate) async fn serve(app: Arc<App>, socket: WebSocket, peer: SocketAddr, limits: ConnLimits) {
+pub(crate) async fn serve(
+    app: Arc<App>,
+    socket: WebSocket,
+    peer: SocketAddr,
+    limits: ConnLimits,
+    caller: Option<Arc<CallerInfo>>,
+) {
     let id = app.next_conn.fetch_add(1, Ordering::Relaxed);
     // Debug level: an enabled span costs every connection ~0.5 KiB in the
     // subscriber's registry, 7% of an idle connection; `--log taskwire=debug`
-    // turns it on with the connection's other debug lines.
-    let span = tracing::debug_span!("conn", id, %peer);
+    // turns it on with the connection's other debug lines. The caller is
+    // written with `?`, escaped: a hook may echo what a client sent.
+    let who = caller.as_ref().and_then(|c| c.id.as_deref());
+    let span = tracing::debug_span!("conn", id, %peer, caller = who.map(tracing::field::debug));
     async move {
         let tx = Arc::new(crate::sync::Outbox::new(app.cfg.outbound_queue));
         let conn = Arc::new(ConnState {
             id,
             peer,
+            caller,
             opened_at: SystemTime::now(),
             opened: Instant::now(),
             tx,

@@ -9,12 +9,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures_util::FutureExt;
-use tracing::Instrument;
+use tracing::{Instrument, Level};
 
 use super::state::ConnState;
 use super::STOP_GRACE;
 use crate::app::App;
-use crate::compute::{JobState, Permit};
+use crate::compute::{task_event, JobState, Permit};
 use crate::protocol::{self, codes, ErrorObject, Id};
 use crate::registry::TaskFuture;
 use crate::sync::lock;
@@ -167,6 +167,7 @@ impl Reply {
             o => o,
         };
         self.app.hooks.task_finished(&self.task, outcome.kind());
+        log_outcome(&self.task, outcome);
         let id = self.task.request_id.as_ref()?;
         let t = &self.task;
         Some(match outcome {
@@ -206,6 +207,33 @@ impl Drop for Reply {
         self.dest
             .try_deliver(&self.conn, text, self.task.request_id.as_ref());
         self.conn.answered_one();
+    }
+}
+
+/// Logs the outcomes an operator wants to hear of, naming the task. A crash
+/// is logged here, where it is certain (a panic caught and turned into
+/// `-32003`), rather than by a panic hook, which would also see panics
+/// caught and recovered elsewhere; a hook can tell a task's panic by
+/// [`crate::current_task`] and stay quiet. A kill is logged where the
+/// operator asks for it.
+fn log_outcome(task: &TaskShared, outcome: &Outcome) {
+    let Some(l) = task.stats.label() else {
+        return;
+    };
+    match outcome {
+        Outcome::Crashed(msg) => {
+            task_event!(Level::WARN, l, "task crashed: {}", protocol::log_text(msg));
+        }
+        Outcome::Err(TaskError::Stopped(Stopped::DeadlineExceeded)) => {
+            task_event!(
+                Level::INFO,
+                l,
+                timeout_ms = task.timeout_ms,
+                "task timed out"
+            );
+        }
+        Outcome::Lost => task_event!(Level::WARN, l, "task lost"),
+        _ => {}
     }
 }
 
@@ -258,7 +286,7 @@ async fn supervise(app: Arc<App>, reply: Reply, fut: TaskFuture, permit: Option<
             // each poll allocates and frees counts for the task.
             let mut run = std::pin::pin!(guarded(task.clone(), fut));
             let attributed = std::future::poll_fn(|cx| {
-                let _mem = task.stats.attribute();
+                let _entered = task.stats.enter();
                 std::future::Future::poll(run.as_mut(), cx)
             });
             tokio::select! {
@@ -286,7 +314,18 @@ async fn supervise(app: Arc<App>, reply: Reply, fut: TaskFuture, permit: Option<
                     // unless the task never reaches a checkpoint.
                     match tokio::time::timeout(STOP_GRACE, handle.cancel()).await {
                         Ok(Some(out)) => out,
-                        _ => Outcome::Err(why.into()),
+                        Ok(None) => Outcome::Err(why.into()),
+                        Err(_) => {
+                            if let Some(l) = task.stats.label() {
+                                task_event!(
+                                    Level::WARN,
+                                    l,
+                                    stop = %why,
+                                    "task answered as stopped, but it has not reached a checkpoint and still holds a worker"
+                                );
+                            }
+                            Outcome::Err(why.into())
+                        }
                     }
                 }
             }
@@ -330,7 +369,7 @@ pub(super) async fn start(
 /// Polls a task once, catching a panic; `None` while it is pending.
 fn poll_once(fut: &mut TaskFuture, task: &TaskShared) -> Option<Outcome> {
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    let _mem = task.stats.attribute();
+    let _entered = task.stats.enter();
     match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(&mut cx))) {
         Ok(std::task::Poll::Pending) => None,
         Ok(std::task::Poll::Ready(Ok(v))) => Some(Outcome::Ok(v)),

@@ -16,9 +16,10 @@ use tokio_util::sync::CancellationToken;
 use crate::config::RateLimit;
 use crate::protocol::{self, codes, ErrorObject, Id};
 use crate::sync::{lock, Outbox, PushError};
-use crate::task::{Outbound, Stopped, TaskShared};
+use crate::task::{CallerInfo, Outbound, Stopped, TaskShared};
 
-/// The limits of one connection: the server's, or those of the token it presented.
+/// The limits of one connection: the server's, or those its connect hook
+/// gave (a token's own limits, for one).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct ConnLimits {
     pub max_inflight: usize,
@@ -35,6 +36,8 @@ pub(super) struct Inflight {
 pub(crate) struct ConnState {
     pub id: u64,
     pub peer: SocketAddr,
+    /// Who is calling, shared with every task it starts (`None`: anonymous).
+    pub caller: Option<Arc<CallerInfo>>,
     pub opened_at: SystemTime,
     pub opened: Instant,
     pub(super) tx: Arc<Outbox<Outbound>>,

@@ -16,6 +16,11 @@ impl ConnView for ConnState {
         ConnInfo {
             id: self.id,
             peer: self.peer.to_string(),
+            caller: self
+                .caller
+                .as_ref()
+                .and_then(|c| c.id.as_deref())
+                .map(str::to_owned),
             opened_at_ms: self
                 .opened_at
                 .duration_since(std::time::UNIX_EPOCH)

@@ -322,10 +322,11 @@ async fn events(
             limit: Some(limit),
             ..TaskQuery::default()
         };
-        let data = Snapshot {
-            stats: stats_now(&app),
-            tasks: app.observer.tasks(&q),
-        };
+        let (tasks, counts) = app.observer.tasks_counted(&q);
+        // The counts of the same walk as the table, so that they add up.
+        let mut stats = stats_now(&app);
+        stats.tasks = counts;
+        let data = Snapshot { stats, tasks };
         let ev = Event::default()
             .event("snapshot")
             .json_data(&data)

@@ -104,11 +104,13 @@ pub enum RefusalReason {
     Origin = 14,
     /// The upgrade carried no valid token.
     Unauthorized = 15,
+    /// The application's connect hook refused the upgrade (or failed).
+    ConnectHook = 16,
 }
 
 impl RefusalReason {
     /// Every reason, in discriminant order.
-    pub const ALL: [RefusalReason; 16] = [
+    pub const ALL: [RefusalReason; 17] = [
         RefusalReason::ConnectionInflight,
         RefusalReason::ConnectionQueue,
         RefusalReason::AddressLimit,
@@ -125,6 +127,7 @@ impl RefusalReason {
         RefusalReason::CrossSite,
         RefusalReason::Origin,
         RefusalReason::Unauthorized,
+        RefusalReason::ConnectHook,
     ];
 
     /// The name on the wire and in metrics.
@@ -146,6 +149,7 @@ impl RefusalReason {
             RefusalReason::CrossSite => "cross_site",
             RefusalReason::Origin => "origin",
             RefusalReason::Unauthorized => "unauthorized",
+            RefusalReason::ConnectHook => "connect_hook",
         }
     }
 }
@@ -171,6 +175,9 @@ pub struct TaskInfo {
     pub id: u64,
     /// The connection that started it.
     pub conn: u64,
+    /// Who started it: its connection's caller (`null` when anonymous).
+    #[serde(default)]
+    pub caller: Option<String>,
     /// The JSON-RPC id of its request (`null` for a notification).
     pub request_id: Value,
     /// Its method.
@@ -205,6 +212,10 @@ pub struct ConnInfo {
     pub id: u64,
     /// The peer's address.
     pub peer: String,
+    /// Who is calling, as the connect hook named it (`token#<n>` for a
+    /// configured token); `null` when anonymous.
+    #[serde(default)]
+    pub caller: Option<String>,
     /// When it opened, in ms since the Unix epoch.
     pub opened_at_ms: u64,
     /// How long it has been open, in ms.
