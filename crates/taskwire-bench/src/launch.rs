@@ -186,7 +186,14 @@ impl ServerProcess {
             StderrTo::Inherit => Stdio::inherit(),
             StderrTo::File(file) => Stdio::from(std::fs::File::create(file)?),
         };
-        let mut child = Command::new(&path)
+        let mut command = Command::new(&path);
+        if target == Target::Taskwire {
+            // The scenarios run `spin`, `runaway` and `crash`, which the server
+            // offers only on request. By variable rather than `--demo`: a
+            // server from before that setting ignores it and still starts.
+            command.env("TASKWIRE_DEMO", "true");
+        }
+        let mut child = command
             .args(target.args())
             .args(extra_args)
             .stdin(Stdio::null())

@@ -122,7 +122,9 @@ pub struct BenchArgs {
     pub scenario: Scenario,
 
     /// Measure an already running server at this `ws://127.0.0.x:PORT/ws` URL
-    /// instead of starting servers (only loopback addresses are accepted).
+    /// instead of starting servers (only loopback addresses are accepted). A
+    /// taskwire server needs its demo tasks (`taskwire serve --demo`): the
+    /// scenarios use `spin`, `runaway` and `crash`.
     #[arg(long)]
     pub url: Option<String>,
 

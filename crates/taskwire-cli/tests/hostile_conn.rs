@@ -43,7 +43,8 @@ impl Server {
 
     fn start_with(flags: &[&str], stderr: Stdio) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_taskwire"))
-            .args(["serve", "--addr", "127.0.0.1:0", "--workers", "1"])
+            // `--demo`: the attacks use `crash` (a panic message a client controls).
+            .args(["serve", "--addr", "127.0.0.1:0", "--workers", "1", "--demo"])
             .args(flags)
             .env_remove("RUST_LOG")
             .stdout(Stdio::piped())

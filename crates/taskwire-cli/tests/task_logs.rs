@@ -17,9 +17,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// Extra arguments that offer the demo tasks (`crash`); empty while every
-/// built-in is offered by default.
-const DEMO_ARGS: &[&str] = &[];
+/// The demo tasks (`crash`, `spin`) are offered only on request.
+const DEMO_ARGS: &[&str] = &["--demo"];
 
 struct Server {
     child: Child,

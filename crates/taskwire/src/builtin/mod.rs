@@ -1,5 +1,7 @@
 //! The built-in tasks of protocol v1, registered through the same public API
-//! as a user's own tasks.
+//! as a user's own tasks: [`register`] the ones safe for any client,
+//! [`register_demo`] the demo ones (a CPU burner, a task that never ends, a
+//! task that panics), for trying the server on one's own machine.
 
 use std::time::Duration;
 
@@ -10,7 +12,8 @@ use serde_json::Value;
 use crate::compute::thread_cpu_time;
 use crate::{Ctx, Registry, TaskError};
 
-/// Registers echo, sleep, hash_chain, count_primes, spin, runaway and crash.
+/// Registers the tasks of protocol v1 that are safe to offer to anyone:
+/// echo, sleep, hash_chain, count_primes (each bounded by its params).
 pub fn register(r: &mut Registry) {
     r.io("echo", "Returns its `value` unchanged.", echo)
         .io("sleep", "Waits `ms` milliseconds on a timer.", sleep)
@@ -23,8 +26,15 @@ pub fn register(r: &mut Registry) {
             "count_primes",
             "Counts the primes below `below`, reporting progress.",
             count_primes,
-        )
-        .cpu("spin", "Burns `ms` milliseconds of its own CPU time.", spin)
+        );
+}
+
+/// Registers the demo tasks: spin, runaway and crash. They show off the
+/// scheduler, kill and crash isolation, and they hand any client a way to burn
+/// CPU until stopped or to fill the log with panics: offer them only where the
+/// clients are your own (the `taskwire` binary does so only with `--demo`).
+pub fn register_demo(r: &mut Registry) {
+    r.cpu("spin", "Burns `ms` milliseconds of its own CPU time.", spin)
         .cpu(
             "runaway",
             "Burns CPU until cancelled, timed out or killed.",

@@ -60,10 +60,11 @@ impl Drop for TestServer {
     }
 }
 
-/// A registry with every built-in task.
+/// A registry with every built-in task, the demo ones included.
 pub fn builtins() -> Registry {
     let mut r = Registry::new();
     taskwire::builtin::register(&mut r);
+    taskwire::builtin::register_demo(&mut r);
     r
 }
 
