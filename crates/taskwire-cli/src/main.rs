@@ -91,7 +91,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         ("ws", "http")
     };
     let mut registry = Registry::new();
-    taskwire::builtin::register(&mut registry);
+    taskwire::builtin::register(&mut registry).map_err(|e| e.to_string())?;
     // The error names the setting or the address.
     let server = Server::bind(config, registry)
         .await

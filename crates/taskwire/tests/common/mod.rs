@@ -63,7 +63,7 @@ impl Drop for TestServer {
 /// A registry with every built-in task.
 pub fn builtins() -> Registry {
     let mut r = Registry::new();
-    taskwire::builtin::register(&mut r);
+    taskwire::builtin::register(&mut r).expect("the built-ins register");
     r
 }
 
