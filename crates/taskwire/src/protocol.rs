@@ -929,14 +929,22 @@ mod tests {
 
     #[test]
     fn params_by_position_map_onto_fields_in_order() {
-        let fields = [field("zeta", true), field("alpha", true), field("opt", false)];
+        let fields = [
+            field("zeta", true),
+            field("alpha", true),
+            field("opt", false),
+        ];
         assert_eq!(
             named("[1, [2, 3]]", &fields).unwrap(),
             r#"{"zeta":1,"alpha":[2, 3]}"#
         );
         // Numbers are copied as text, never rounded through f64.
         assert_eq!(
-            named("[123456789012345678901234567890, 1.0000000000000000001, 7]", &fields).unwrap(),
+            named(
+                "[123456789012345678901234567890, 1.0000000000000000001, 7]",
+                &fields
+            )
+            .unwrap(),
             r#"{"zeta":123456789012345678901234567890,"alpha":1.0000000000000000001,"opt":7}"#
         );
         // `null` skips a field that is not required, and only such a field.
@@ -956,7 +964,11 @@ mod tests {
 
     #[test]
     fn params_by_position_name_the_field_they_miss() {
-        let fields = [field("zeta", true), field("alpha", true), field("opt", false)];
+        let fields = [
+            field("zeta", true),
+            field("alpha", true),
+            field("opt", false),
+        ];
         let e = named("[1]", &fields).unwrap_err();
         assert_eq!(e.code, codes::INVALID_PARAMS);
         assert!(e.message.contains("`alpha`"), "{}", e.message);
@@ -966,7 +978,11 @@ mod tests {
         // A long array is counted, not kept, and still refused.
         let long = format!("[{}]", ["0"; 100_000].join(","));
         let e = named(&long, &fields).unwrap_err();
-        assert!(e.message.starts_with("invalid params: 100000 params"), "{}", e.message);
+        assert!(
+            e.message.starts_with("invalid params: 100000 params"),
+            "{}",
+            e.message
+        );
         let e = named("[1]", &[]).unwrap_err();
         assert_eq!(e.code, codes::INVALID_PARAMS);
     }

@@ -509,7 +509,10 @@ mod tests {
         assert_eq!(required, [true, true, false]);
         assert_eq!(m["params"][0]["schema"]["type"], "integer");
         // The result is a `Value`: anything (a schema with no constraint).
-        assert_eq!(m["result"]["schema"], serde_json::json!({"title": "AnyValue"}));
+        assert_eq!(
+            m["result"]["schema"],
+            serde_json::json!({"title": "AnyValue"})
+        );
     }
 
     #[test]

@@ -748,7 +748,9 @@ mod outcome_tests {
         assert!(matches!(e, TaskError::Stopped(Stopped::Killed)));
         assert_eq!(e.code(), codes::KILLED);
         // Neither a chosen code nor data overrides the stop's own.
-        let e = Err::<(), _>(Stopped::DeadlineExceeded).code(-32050).unwrap_err();
+        let e = Err::<(), _>(Stopped::DeadlineExceeded)
+            .code(-32050)
+            .unwrap_err();
         assert_eq!(e.code(), codes::DEADLINE_EXCEEDED);
         let e = TaskError::Stopped(Stopped::Cancelled).with_data(Value::Null);
         assert_eq!(e.code(), codes::CANCELLED);
@@ -758,14 +760,19 @@ mod outcome_tests {
     fn a_chosen_code_and_data() {
         let e = "x".parse::<u64>().code(-32050).unwrap_err();
         let o = e.to_error_object(None);
-        assert_eq!((o.code, o.message.as_str()), (-32050, "invalid digit found in string"));
+        assert_eq!(
+            (o.code, o.message.as_str()),
+            (-32050, "invalid digit found in string")
+        );
         let o = TaskError::invalid_params("`n` too large")
             .with_data(serde_json::json!({"max": 93}))
             .to_error_object(None);
         assert_eq!(o.code, codes::INVALID_PARAMS);
         assert_eq!(o.message, "invalid params: `n` too large");
         assert_eq!(o.data, Some(serde_json::json!({"max": 93})));
-        let o = TaskError::failed(-32051, "no").with_code(-32052).to_error_object(None);
+        let o = TaskError::failed(-32051, "no")
+            .with_code(-32052)
+            .to_error_object(None);
         assert_eq!((o.code, o.message.as_str()), (-32052, "no"));
     }
 
