@@ -60,14 +60,15 @@ const MAX_BELOW: u64 = 10_000_000_000;
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EchoParams {
-    /// Any JSON value. Kept as its text, never parsed into numbers: a `Value`
-    /// would round an integer above 2^64 or a decimal with more digits than
-    /// an f64 holds, and echo promises the value unchanged.
+    /// Any JSON value: it comes back exactly as sent.
+    // Kept as its text, never parsed into numbers: a `Value` would round an
+    // integer outside i64/u64 or a decimal with more digits than an f64
+    // holds, and echo promises the value unchanged.
     #[schemars(with = "Value")]
     pub value: Box<RawValue>,
 }
 
-/// What `echo` returns: the value it was sent, as its text.
+/// What `echo` returns: the value it was sent, exactly.
 #[derive(Debug, Serialize, JsonSchema)]
 #[serde(transparent)]
 pub struct Echoed(#[schemars(with = "Value")] pub Box<RawValue>);
