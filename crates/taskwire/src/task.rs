@@ -200,6 +200,20 @@ impl TaskError {
         }
     }
 
+    /// A boxed error, as many libraries return: `Box<dyn Error + Send +
+    /// Sync>` is not itself an `Error`, so `?` cannot take it (use
+    /// `.map_err(TaskError::from_boxed)?`). Answered as `?` answers an error.
+    pub fn from_boxed(e: Box<dyn std::error::Error + Send + Sync + 'static>) -> Self {
+        if let Some(s) = e.downcast_ref::<Stopped>() {
+            return TaskError::Stopped(*s);
+        }
+        TaskError::Failed {
+            code: codes::INTERNAL_ERROR,
+            message: error_chain(&*e),
+            data: None,
+        }
+    }
+
     /// `-32602`: the params do not fit (name the field in `message`).
     pub fn invalid_params(message: impl Into<String>) -> Self {
         TaskError::InvalidParams(message.into())
@@ -734,6 +748,10 @@ mod outcome_tests {
         assert_eq!(e.to_error_object(None).message, "disk on fire");
         let e = TaskError::from(Outer(std::io::Error::other("inner")));
         assert_eq!(e.to_string(), "outer: inner");
+        let boxed: Box<dyn std::error::Error + Send + Sync> = Box::new(Stopped::Shutdown);
+        assert_eq!(TaskError::from_boxed(boxed).code(), codes::SHUTTING_DOWN);
+        let boxed: Box<dyn std::error::Error + Send + Sync> = "plain".into();
+        assert_eq!(TaskError::from_boxed(boxed).to_string(), "plain");
         let e = TaskError::from(Outer(std::io::Error::other("x".repeat(10_000))));
         assert!(e.to_string().len() <= MAX_CHAIN_BYTES + '…'.len_utf8());
     }
