@@ -116,9 +116,9 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         ("ws", "http")
     };
     let mut registry = Registry::new();
-    taskwire::builtin::register(&mut registry);
+    taskwire::builtin::register(&mut registry).map_err(|e| e.to_string())?;
     if config.demo {
-        taskwire::builtin::register_demo(&mut registry);
+        taskwire::builtin::register_demo(&mut registry).map_err(|e| e.to_string())?;
     }
     let mut summary = config.startup_summary();
     // The error names the setting or the address.

@@ -702,8 +702,8 @@ mod tests {
             ..Config::default()
         };
         let mut registry = Registry::new();
-        taskwire::builtin::register(&mut registry);
-        taskwire::builtin::register_demo(&mut registry);
+        taskwire::builtin::register(&mut registry).unwrap();
+        taskwire::builtin::register_demo(&mut registry).unwrap();
         let server = Server::bind(cfg, registry).await.unwrap();
         let addr = server.local_addr().unwrap();
         let stop = server.shutdown_handle();

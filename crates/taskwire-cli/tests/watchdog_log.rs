@@ -65,7 +65,8 @@ async fn the_watchdog_names_the_task_it_flags() {
             }
             Ok(true)
         },
-    );
+    )
+    .expect("registers");
     let cfg = Config {
         addr: "127.0.0.1:0".parse().unwrap(),
         nice: 0,

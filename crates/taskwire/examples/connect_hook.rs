@@ -44,7 +44,7 @@ async fn who_is_calling(req: &ConnectRequest) -> Result<Caller, Refusal> {
 #[derive(Deserialize, JsonSchema)]
 struct GreetParams {}
 
-#[derive(Serialize)]
+#[derive(Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 struct Greeting {
     message: String,
@@ -69,7 +69,7 @@ async fn greet(ctx: Ctx, _: GreetParams) -> Result<Greeting, TaskError> {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut registry = Registry::new();
     registry.with_state(Greetings::default());
-    registry.io("greet", "Greets the caller", greet);
+    registry.io("greet", "Greets the caller", greet)?;
 
     let config = Config {
         addr: "127.0.0.1:0".parse()?,

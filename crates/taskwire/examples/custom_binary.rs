@@ -56,9 +56,9 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let config = cli.taskwire.load()?;
 
     let mut registry = Registry::new();
-    taskwire::builtin::register(&mut registry);
+    taskwire::builtin::register(&mut registry)?;
     if config.demo {
-        taskwire::builtin::register_demo(&mut registry);
+        taskwire::builtin::register_demo(&mut registry)?;
     }
     let greeting = cli.greeting;
     registry.io(
@@ -68,7 +68,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let text = format!("{greeting}, {}", p.name);
             async move { Ok::<_, TaskError>(text) }
         },
-    );
+    )?;
 
     let summary = config.startup_summary();
     if cli.check {

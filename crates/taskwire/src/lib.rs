@@ -27,8 +27,8 @@
 //!
 //! # async fn run() -> Result<(), taskwire::Error> {
 //! let mut registry = Registry::new();
-//! taskwire::builtin::register(&mut registry);
-//! registry.cpu("fib", "The n-th Fibonacci number, wrapping", fib);
+//! taskwire::builtin::register(&mut registry)?;
+//! registry.cpu("fib", "The n-th Fibonacci number, wrapping", fib)?;
 //! let server = Server::bind(Config::default(), registry).await?;
 //! server.run(taskwire::shutdown_signal()).await
 //! # }
@@ -89,8 +89,8 @@ pub use config::Config;
 pub use error::{Error, Result};
 pub use http::{shutdown_signal, Server, ServerBuilder, ShutdownHandle};
 pub use observe::OutcomeKind;
-pub use registry::{Registry, TaskDef};
-pub use task::{Checkpoint, Ctx, Stopped, TaskError, TaskKind};
+pub use registry::{RegisterError, Registry, TaskDef};
+pub use task::{Checkpoint, Ctx, Stopped, TaskError, TaskKind, TaskResultExt};
 
 /// Internals that `benches/` measures directly (the run queue against its
 /// reference, the thread CPU clock a checkpoint reads). Not part of the API:

@@ -1,6 +1,7 @@
 //! What a task sees: its [`Ctx`] (cancellation, deadline, progress,
 //! checkpoints, who is calling, shared state) and the [`TaskError`] it returns.
 
+use std::fmt::Write as _;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -93,18 +94,36 @@ impl Stopped {
 
 /// The error a task returns.
 ///
-/// A task reports its own failures with [`TaskError::InvalidParams`] or
-/// [`TaskError::Failed`]; `?` on [`Ctx::checkpoint`] turns a stop into
-/// [`TaskError::Stopped`], which the server answers with the right code.
-#[derive(Debug, thiserror::Error)]
+/// `?` turns any error into one: an error type of your own, `std::io::Error`,
+/// `serde_json::Error`, anything that implements `std::error::Error + Send +
+/// Sync + 'static` is answered `-32603` with its message, its sources
+/// appended after `": "` (as anyhow's `{:#}` prints a chain). `?` on
+/// [`Ctx::checkpoint`] gives a stop its own code (`-32800`, `-32002`,
+/// `-32004`, `-32005`). Choose another code with [`TaskError::with_code`] or
+/// [`TaskResultExt::code`]:
+///
+/// ```
+/// use taskwire::{Ctx, TaskError, TaskResultExt};
+///
+/// async fn read_config(ctx: Ctx, path: String) -> Result<usize, TaskError> {
+///     ctx.checkpoint().await?; // a stop keeps its code
+///     let text = std::fs::read_to_string(&path).code(-32050)?; // an application code
+///     let value: serde_json::Value = serde_json::from_str(&text)?; // -32603
+///     Ok(value.as_object().map_or(0, |o| o.len()))
+/// }
+/// ```
+///
+/// `TaskError` does not implement `std::error::Error` itself (as
+/// `anyhow::Error` does not): that is what lets one `From` take every error
+/// type. A panic in a task is not a `TaskError`: it is answered `-32003`.
+#[derive(Debug)]
 pub enum TaskError {
     /// The params do not fit the task (`-32602`); name the field.
-    #[error("invalid params: {0}")]
     InvalidParams(String),
-    /// The task failed with an application error of its own.
-    #[error("{message}")]
+    /// The task failed with an error of its own.
     Failed {
-        /// An application code (use codes outside the protocol's reserved ranges).
+        /// An application code (use codes outside the protocol's reserved
+        /// ranges), or `-32603` for an error converted by `?`.
         code: i32,
         /// What went wrong.
         message: String,
@@ -112,11 +131,64 @@ pub enum TaskError {
         data: Option<Value>,
     },
     /// The server failed (`-32603`).
-    #[error("internal error: {0}")]
     Internal(String),
     /// The task stopped because it was told to.
-    #[error(transparent)]
-    Stopped(#[from] Stopped),
+    Stopped(Stopped),
+}
+
+impl std::fmt::Display for TaskError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TaskError::InvalidParams(m) => write!(f, "invalid params: {m}"),
+            TaskError::Failed { message, .. } => f.write_str(message),
+            TaskError::Internal(m) => write!(f, "internal error: {m}"),
+            TaskError::Stopped(s) => write!(f, "{s}"),
+        }
+    }
+}
+
+/// Every error converts, so `?` works in a task on any of them. A [`Stopped`]
+/// is found by downcasting, so the stop keeps its own code.
+impl<E> From<E> for TaskError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    fn from(e: E) -> Self {
+        if let Some(s) = (&e as &dyn std::any::Any).downcast_ref::<Stopped>() {
+            return TaskError::Stopped(*s);
+        }
+        TaskError::Failed {
+            code: codes::INTERNAL_ERROR,
+            message: error_chain(&e),
+            data: None,
+        }
+    }
+}
+
+/// Most bytes of an error message built from an error chain: a message may
+/// quote client input, and it goes back in one frame.
+const MAX_CHAIN_BYTES: usize = 4096;
+
+/// An error and its sources joined with `": "`, as anyhow's `{:#}` does.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        if out.len() > MAX_CHAIN_BYTES {
+            break;
+        }
+        let _ = write!(out, ": {s}");
+        source = s.source();
+    }
+    if out.len() > MAX_CHAIN_BYTES {
+        let mut end = MAX_CHAIN_BYTES;
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
+        out.push('…');
+    }
+    out
 }
 
 impl TaskError {
@@ -126,6 +198,71 @@ impl TaskError {
             code,
             message: message.into(),
             data: None,
+        }
+    }
+
+    /// A boxed error, as many libraries return: `Box<dyn Error + Send +
+    /// Sync>` is not itself an `Error`, so `?` cannot take it (use
+    /// `.map_err(TaskError::from_boxed)?`). Answered as `?` answers an error.
+    pub fn from_boxed(e: Box<dyn std::error::Error + Send + Sync + 'static>) -> Self {
+        if let Some(s) = e.downcast_ref::<Stopped>() {
+            return TaskError::Stopped(*s);
+        }
+        TaskError::Failed {
+            code: codes::INTERNAL_ERROR,
+            message: error_chain(&*e),
+            data: None,
+        }
+    }
+
+    /// `-32602`: the params do not fit (name the field in `message`).
+    pub fn invalid_params(message: impl Into<String>) -> Self {
+        TaskError::InvalidParams(message.into())
+    }
+
+    /// The same error answered with `code` instead. A stop keeps its own
+    /// code: the client tells a cancel or a deadline by it.
+    pub fn with_code(self, code: i32) -> Self {
+        match self {
+            TaskError::Stopped(s) => TaskError::Stopped(s),
+            TaskError::Failed { message, data, .. } => TaskError::Failed {
+                code,
+                message,
+                data,
+            },
+            other => TaskError::Failed {
+                code,
+                message: other.to_string(),
+                data: None,
+            },
+        }
+    }
+
+    /// The same error with `data` for the client. A stop keeps the data
+    /// the protocol gives it.
+    pub fn with_data(self, data: Value) -> Self {
+        match self {
+            TaskError::Stopped(s) => TaskError::Stopped(s),
+            TaskError::Failed { code, message, .. } => TaskError::Failed {
+                code,
+                message,
+                data: Some(data),
+            },
+            other => TaskError::Failed {
+                code: other.code(),
+                message: other.to_string(),
+                data: Some(data),
+            },
+        }
+    }
+
+    /// The code the client is answered with.
+    pub fn code(&self) -> i32 {
+        match self {
+            TaskError::InvalidParams(_) => codes::INVALID_PARAMS,
+            TaskError::Failed { code, .. } => *code,
+            TaskError::Internal(_) => codes::INTERNAL_ERROR,
+            TaskError::Stopped(s) => s.code(),
         }
     }
 
@@ -146,6 +283,30 @@ impl TaskError {
             }
             TaskError::Stopped(s) => stopped_error(*s, timeout_ms),
         }
+    }
+}
+
+/// `.code(n)` on a `Result` whose error converts into a [`TaskError`]: the
+/// error is answered with code `n` (a stop keeps its own code).
+///
+/// ```
+/// use taskwire::{TaskError, TaskResultExt};
+///
+/// fn parse(text: &str) -> Result<u64, TaskError> {
+///     text.parse::<u64>().code(-32050)
+/// }
+/// let e = parse("x").unwrap_err();
+/// assert_eq!(e.code(), -32050);
+/// assert_eq!(e.to_string(), "invalid digit found in string");
+/// ```
+pub trait TaskResultExt<T> {
+    /// The error, if any, answered with `code`.
+    fn code(self, code: i32) -> Result<T, TaskError>;
+}
+
+impl<T, E: Into<TaskError>> TaskResultExt<T> for Result<T, E> {
+    fn code(self, code: i32) -> Result<T, TaskError> {
+        self.map_err(|e| e.into().with_code(code))
     }
 }
 
@@ -749,6 +910,67 @@ mod outcome_tests {
             let json = serde_json::to_value(k).unwrap();
             assert_eq!(json, k.label(), "serde name and label agree");
         }
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn any_error_converts_with_its_sources() {
+        fn io() -> Result<(), TaskError> {
+            Err(std::io::Error::other("disk on fire"))?;
+            Ok(())
+        }
+        let e = io().unwrap_err();
+        assert_eq!(e.code(), codes::INTERNAL_ERROR);
+        assert_eq!(e.to_error_object(None).message, "disk on fire");
+        let e = TaskError::from(Outer(std::io::Error::other("inner")));
+        assert_eq!(e.to_string(), "outer: inner");
+        let boxed: Box<dyn std::error::Error + Send + Sync> = Box::new(Stopped::Shutdown);
+        assert_eq!(TaskError::from_boxed(boxed).code(), codes::SHUTTING_DOWN);
+        let boxed: Box<dyn std::error::Error + Send + Sync> = "plain".into();
+        assert_eq!(TaskError::from_boxed(boxed).to_string(), "plain");
+        let e = TaskError::from(Outer(std::io::Error::other("x".repeat(10_000))));
+        assert!(e.to_string().len() <= MAX_CHAIN_BYTES + '…'.len_utf8());
+    }
+
+    #[test]
+    fn a_stop_keeps_its_code() {
+        fn stop() -> Result<(), TaskError> {
+            Err(Stopped::Killed)?;
+            Ok(())
+        }
+        let e = stop().unwrap_err();
+        assert!(matches!(e, TaskError::Stopped(Stopped::Killed)));
+        assert_eq!(e.code(), codes::KILLED);
+        // Neither a chosen code nor data overrides the stop's own.
+        let e = Err::<(), _>(Stopped::DeadlineExceeded)
+            .code(-32050)
+            .unwrap_err();
+        assert_eq!(e.code(), codes::DEADLINE_EXCEEDED);
+        let e = TaskError::Stopped(Stopped::Cancelled).with_data(Value::Null);
+        assert_eq!(e.code(), codes::CANCELLED);
+    }
+
+    #[test]
+    fn a_chosen_code_and_data() {
+        let e = "x".parse::<u64>().code(-32050).unwrap_err();
+        let o = e.to_error_object(None);
+        assert_eq!(
+            (o.code, o.message.as_str()),
+            (-32050, "invalid digit found in string")
+        );
+        let o = TaskError::invalid_params("`n` too large")
+            .with_data(serde_json::json!({"max": 93}))
+            .to_error_object(None);
+        assert_eq!(o.code, codes::INVALID_PARAMS);
+        assert_eq!(o.message, "invalid params: `n` too large");
+        assert_eq!(o.data, Some(serde_json::json!({"max": 93})));
+        let o = TaskError::failed(-32051, "no")
+            .with_code(-32052)
+            .to_error_object(None);
+        assert_eq!((o.code, o.message.as_str()), (-32052, "no"));
     }
 
     #[test]

@@ -58,6 +58,7 @@ fn registry(gate: watch::Receiver<bool>, opener: watch::Sender<bool>) -> Registr
             }
         },
     )
+    .expect("registers")
     .io("open", "Opens the gate.", move |_ctx: Ctx, _p: Value| {
         let opener = opener.clone();
         async move {
@@ -65,6 +66,7 @@ fn registry(gate: watch::Receiver<bool>, opener: watch::Sender<bool>) -> Registr
             Ok(true)
         }
     })
+    .expect("registers")
     .cpu(
         "dial",
         "Connects to 127.0.0.1:`port` and returns what it reads.",
@@ -82,6 +84,7 @@ fn registry(gate: watch::Receiver<bool>, opener: watch::Sender<bool>) -> Registr
             Ok(got)
         },
     )
+    .expect("registers")
     .cpu(
         "hog",
         "Burns 2 s of CPU (20 s at most) without a checkpoint.",
@@ -98,7 +101,8 @@ fn registry(gate: watch::Receiver<bool>, opener: watch::Sender<bool>) -> Registr
             }
             Ok(true)
         },
-    );
+    )
+    .expect("registers");
     r
 }
 

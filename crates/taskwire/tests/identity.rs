@@ -45,7 +45,7 @@ struct Wait {
 /// a task that asks for state nobody registered.
 fn registry() -> Registry {
     let mut r = Registry::new();
-    taskwire::builtin::register(&mut r);
+    taskwire::builtin::register(&mut r).expect("registers");
     r.with_state(Hits::default());
     r.io(
         "whoami",
@@ -59,7 +59,8 @@ fn registry() -> Registry {
                 "hits": hits,
             }))
         },
-    );
+    )
+    .expect("registers");
     r.io(
         "wait",
         "Waits, as its caller",
@@ -67,7 +68,8 @@ fn registry() -> Registry {
             tokio::time::sleep(Duration::from_millis(p.ms)).await;
             Ok::<_, TaskError>(ctx.caller().map(str::to_owned))
         },
-    );
+    )
+    .expect("registers");
     r.io(
         "missing",
         "Asks for state nobody set",
@@ -75,7 +77,8 @@ fn registry() -> Registry {
             ctx.state::<Missing>()?;
             Ok::<_, TaskError>(())
         },
-    );
+    )
+    .expect("registers");
     r
 }
 

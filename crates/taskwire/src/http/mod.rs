@@ -157,7 +157,7 @@ impl Server {
     /// // Binds nothing; decides whether the Host check against DNS rebinding applies.
     /// let config = Config { addr: listener.local_addr()?, ..Config::default() };
     /// let mut registry = Registry::new();
-    /// taskwire::builtin::register(&mut registry);
+    /// taskwire::builtin::register(&mut registry)?;
     /// let tw = Server::build(config, registry)?;
     /// let app = Router::new()
     ///     .route("/hello", get(|| async { "hello" }))
@@ -208,7 +208,7 @@ impl Server {
     /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
     /// use taskwire::{Config, Registry, Server};
     /// let mut registry = Registry::new();
-    /// taskwire::builtin::register(&mut registry);
+    /// taskwire::builtin::register(&mut registry)?;
     /// let server = Server::bind(Config::default(), registry).await?;
     /// println!("listening on {}", server.local_addr()?);
     /// server.run(taskwire::shutdown_signal()).await?;

@@ -43,6 +43,9 @@ fn params_text<'a>(params: &'a Params<'_>) -> &'a str {
         Params::None => "{}",
         Params::Raw(raw) => raw.get(),
         Params::Owned(raw) => raw.get(),
+        // By position, as any request may: serde maps an array onto the
+        // struct's fields in order.
+        Params::Array(raw) => raw.get(),
     }
 }
 

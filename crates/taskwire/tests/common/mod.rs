@@ -63,8 +63,8 @@ impl Drop for TestServer {
 /// A registry with every built-in task, the demo ones included.
 pub fn builtins() -> Registry {
     let mut r = Registry::new();
-    taskwire::builtin::register(&mut r);
-    taskwire::builtin::register_demo(&mut r);
+    taskwire::builtin::register(&mut r).expect("the built-ins register");
+    taskwire::builtin::register_demo(&mut r).expect("the demo tasks register");
     r
 }
 
