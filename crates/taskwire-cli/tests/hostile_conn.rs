@@ -7,7 +7,9 @@
 //! frames built by hand), so that it can do what no client library lets it:
 //! send broken frames, never read, flood pings.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -51,16 +53,7 @@ impl Server {
             .stderr(stderr)
             .spawn()
             .expect("the taskwire binary starts");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("a first line");
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+        let (addr, _) = common::listening_addr(&mut child);
         Server { child, addr }
     }
 

@@ -4,6 +4,8 @@
 //! line) and configuration errors that name what to fix. Only 127.0.0.0/8 is
 //! ever contacted.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::process::{Child, ChildStdout, Command, Stdio};
@@ -51,29 +53,8 @@ impl Proc {
         }
         argv.extend_from_slice(args);
         let mut child = command(&argv).spawn().expect("start taskwire");
-        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut line = String::new();
-        stdout.read_line(&mut line).expect("the listening line");
-        let addr: SocketAddr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .parse()
-            .expect("an address");
-        let log = Arc::new(Mutex::new(String::new()));
-        let mut err = child.stderr.take().expect("stderr");
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = err.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                if let Ok(mut l) = sink.lock() {
-                    l.push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            }
-        });
+        let (addr, stdout) = common::listening_addr(&mut child);
+        let log = common::capture_stderr(&mut child);
         Proc {
             child,
             addr,

@@ -2,7 +2,8 @@
 //! verifies the certificate by default, trusts a given CA file, and accepts a
 //! self-signed certificate only with `--insecure`. Only 127.0.0.1 is contacted.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -44,15 +45,7 @@ fn serve_tls(cert: &Path, key: &Path) -> Server {
         .stderr(Stdio::null())
         .spawn()
         .expect("start taskwire serve");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("the listening line");
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+    let (addr, _) = common::listening_addr(&mut child);
     Server { child, addr }
 }
 
