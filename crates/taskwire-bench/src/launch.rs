@@ -187,7 +187,7 @@ impl ServerProcess {
             StderrTo::File(file) => Stdio::from(std::fs::File::create(file)?),
         };
         let mut command = Command::new(&path);
-        if target == Target::Taskwire {
+        if target.is_taskwire() {
             // The scenarios run `spin`, `runaway` and `crash`, which the server
             // offers only on request. By variable rather than `--demo`: a
             // server from before that setting ignores it and still starts.
