@@ -13,8 +13,6 @@ use serde_json::{json, Value};
 use taskwire::config::{AuthToken, Settings};
 use taskwire::{Config, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 
 /// Tries an upgrade with extra headers: Ok(client) or Err(HTTP status).
@@ -23,21 +21,9 @@ async fn try_connect(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Result<Client, u16> {
-    let mut req = format!("ws://{addr}{path}").into_client_request().unwrap();
-    for (k, v) in headers {
-        let name =
-            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap();
-        req.headers_mut()
-            .append(name, HeaderValue::from_str(v).unwrap());
-    }
-    match tokio_tungstenite::connect_async(req).await {
-        Ok((ws, _)) => Ok(Client {
-            ws,
-            seen: Vec::new(),
-        }),
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
-        Err(e) => panic!("unexpected handshake error: {e}"),
-    }
+    upgrade_with(addr, path, headers)
+        .await
+        .map_err(|(status, _)| status)
 }
 
 /// Retries an upgrade until it is accepted (a released slot is seen a moment

@@ -19,8 +19,6 @@ use taskwire::{
     Caller, Config, ConnectHook, ConnectRequest, Ctx, Error, Refusal, Registry, Server,
     ShutdownHandle, TaskError, TokenAuth,
 };
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
 
 /// An extension the hook attaches.
 #[derive(Clone, Debug)]
@@ -113,42 +111,6 @@ async fn start(mut cfg: Config, hook: Option<impl ConnectHook>) -> Running {
     Running { addr, handle, join }
 }
 
-/// An upgrade with these headers: the client, or the refusal's status and body.
-async fn connect(
-    addr: SocketAddr,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> Result<Client, (u16, String)> {
-    let mut req = format!("ws://{addr}{path}").into_client_request().unwrap();
-    for (k, v) in headers {
-        let name =
-            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap();
-        req.headers_mut()
-            .append(name, HeaderValue::from_str(v).unwrap());
-    }
-    match tokio_tungstenite::connect_async(req).await {
-        Ok((ws, _)) => Ok(Client {
-            ws,
-            seen: Vec::new(),
-        }),
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-            let body = resp
-                .body()
-                .as_ref()
-                .map(|b| String::from_utf8_lossy(b).to_string())
-                .unwrap_or_default();
-            let challenge = resp
-                .headers()
-                .get("www-authenticate")
-                .and_then(|v| v.to_str().ok())
-                .map(|v| format!(" [{v}]"))
-                .unwrap_or_default();
-            Err((resp.status().as_u16(), format!("{body}{challenge}")))
-        }
-        Err(e) => panic!("unexpected handshake error: {e}"),
-    }
-}
-
 /// The example's kind of hook: a session cookie (or, for scripts, a header)
 /// names the user; without either, 401.
 async fn session_hook(req: &ConnectRequest) -> Result<Caller, Refusal> {
@@ -174,10 +136,10 @@ fn metric(text: &str, line_start: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_upgrade_gets_the_hooks_status_and_message() {
     let s = start(config(), Some(session_hook)).await;
-    let (status, body) = connect(s.addr, "/ws", &[]).await.err().unwrap();
+    let (status, body) = upgrade_with(s.addr, "/ws", &[]).await.err().unwrap();
     assert_eq!(status, 401);
     assert_eq!(body, "log in first [Bearer]");
-    let (status, body) = connect(s.addr, "/ws", &[("Cookie", "session=mallory")])
+    let (status, body) = upgrade_with(s.addr, "/ws", &[("Cookie", "session=mallory")])
         .await
         .err()
         .unwrap();
@@ -191,7 +153,7 @@ async fn a_refused_upgrade_gets_the_hooks_status_and_message() {
         ),
         2
     );
-    let mut c = connect(s.addr, "/ws", &[("Cookie", "session=bob")])
+    let mut c = upgrade_with(s.addr, "/ws", &[("Cookie", "session=bob")])
         .await
         .unwrap();
     assert_eq!(c.call(1, "echo", json!({"value": 1})).await["result"], 1);
@@ -201,10 +163,12 @@ async fn a_refused_upgrade_gets_the_hooks_status_and_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_see_the_caller_its_extensions_and_the_shared_state() {
     let s = start(config(), Some(session_hook)).await;
-    let mut alice = connect(s.addr, "/ws", &[("Cookie", "theme=dark; session=alice")])
+    let mut alice = upgrade_with(s.addr, "/ws", &[("Cookie", "theme=dark; session=alice")])
         .await
         .unwrap();
-    let mut bob = connect(s.addr, "/ws", &[("X-User", "bob")]).await.unwrap();
+    let mut bob = upgrade_with(s.addr, "/ws", &[("X-User", "bob")])
+        .await
+        .unwrap();
     let a = alice.call(1, "whoami", json!({})).await;
     assert_eq!(
         a["result"],
@@ -286,8 +250,8 @@ async fn configured_tokens_name_their_caller_by_position() {
         ..config()
     };
     let s = start(cfg, None::<TokenAuth>).await;
-    assert_eq!(connect(s.addr, "/ws", &[]).await.err().unwrap().0, 401);
-    let mut c = connect(
+    assert_eq!(upgrade_with(s.addr, "/ws", &[]).await.err().unwrap().0, 401);
+    let mut c = upgrade_with(
         s.addr,
         "/ws",
         &[("Authorization", "Bearer second-token-bbbbbb")],
@@ -342,12 +306,12 @@ async fn a_hook_can_hold_the_tokens_and_set_limits_but_not_replace_them_silently
         opened: opened.clone(),
     };
     let s = start(config(), Some(hook)).await;
-    assert_eq!(connect(s.addr, "/ws", &[]).await.err().unwrap().0, 401);
-    let mut c = connect(s.addr, "/ws?token=the-only-token-xyz", &[])
+    assert_eq!(upgrade_with(s.addr, "/ws", &[]).await.err().unwrap().0, 401);
+    let mut c = upgrade_with(s.addr, "/ws?token=the-only-token-xyz", &[])
         .await
         .unwrap();
     // The token's own connection limit still holds, through the hook.
-    let (status, _) = connect(s.addr, "/ws?token=the-only-token-xyz", &[])
+    let (status, _) = upgrade_with(s.addr, "/ws?token=the-only-token-xyz", &[])
         .await
         .err()
         .unwrap();
@@ -384,11 +348,17 @@ async fn a_hook_that_hangs_or_panics_refuses_and_the_server_lives_on() {
         ..config()
     };
     let s = start(cfg, Some(hook)).await;
-    let (status, body) = connect(s.addr, "/ws?mode=hang", &[]).await.err().unwrap();
+    let (status, body) = upgrade_with(s.addr, "/ws?mode=hang", &[])
+        .await
+        .err()
+        .unwrap();
     assert_eq!((status, body.as_str()), (503, "connect hook timed out"));
-    let (status, _) = connect(s.addr, "/ws?mode=panic", &[]).await.err().unwrap();
+    let (status, _) = upgrade_with(s.addr, "/ws?mode=panic", &[])
+        .await
+        .err()
+        .unwrap();
     assert_eq!(status, 500);
-    let mut c = connect(s.addr, "/ws", &[]).await.unwrap();
+    let mut c = upgrade_with(s.addr, "/ws", &[]).await.unwrap();
     assert_eq!(
         c.call(1, "whoami", json!({})).await["result"]["caller"],
         "ok"
@@ -407,7 +377,7 @@ async fn the_hook_sees_the_client_behind_a_trusted_proxy() {
         ..config()
     };
     let s = start(cfg, Some(hook)).await;
-    let mut c = connect(s.addr, "/ws", &[("X-Forwarded-For", "127.0.0.9")])
+    let mut c = upgrade_with(s.addr, "/ws", &[("X-Forwarded-For", "127.0.0.9")])
         .await
         .unwrap();
     assert_eq!(
