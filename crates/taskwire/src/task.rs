@@ -335,6 +335,13 @@ pub(crate) struct CallerInfo {
     pub extensions: Extensions,
 }
 
+impl CallerInfo {
+    /// The identity of a connection's caller, `None` when anonymous.
+    pub(crate) fn id_of(caller: &Option<Arc<CallerInfo>>) -> Option<&str> {
+        caller.as_ref().and_then(|c| c.id.as_deref())
+    }
+}
+
 /// The values [`Ctx::extensions`] shows a task of an anonymous connection.
 static NO_EXTENSIONS: LazyLock<Extensions> = LazyLock::new(Extensions::new);
 
@@ -403,7 +410,7 @@ impl TaskShared {
             init.conn,
             init.request_id.as_ref(),
             init.method.clone(),
-            init.caller.as_ref().and_then(|c| c.id.as_deref()),
+            CallerInfo::id_of(&init.caller),
         );
         Arc::new(TaskShared {
             id: init.id,

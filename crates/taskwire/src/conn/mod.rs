@@ -59,7 +59,7 @@ pub(crate) async fn serve(
     // subscriber's registry, 7% of an idle connection; `--log taskwire=debug`
     // turns it on with the connection's other debug lines. The caller is
     // written with `?`, escaped: a hook may echo what a client sent.
-    let who = caller.as_ref().and_then(|c| c.id.as_deref());
+    let who = CallerInfo::id_of(&caller);
     let span = tracing::debug_span!("conn", id, %peer, caller = who.map(tracing::field::debug));
     async move {
         let tx = Arc::new(crate::sync::Outbox::new(app.cfg.outbound_queue));

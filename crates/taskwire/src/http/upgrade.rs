@@ -258,10 +258,7 @@ pub(super) async fn ws_handler(
         Err(r) => return refuse(&app, r.reason(), peer, r.into_response()),
     };
     // What a resume must present again: the same identity and Origin.
-    let owner = session::owner_key(
-        caller.as_ref().and_then(|c| c.id.as_deref()),
-        origin.as_deref(),
-    );
+    let owner = session::owner_key(CallerInfo::id_of(&caller), origin.as_deref());
     let ws = match ws {
         Ok(ws) => ws,
         // Admitted, but not an upgrade: axum's own answer (400, 426, ...);

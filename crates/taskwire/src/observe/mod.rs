@@ -20,7 +20,7 @@ pub use api::{ConnInfo, OutcomeKind, RefusalReason, TaskInfo, TaskState};
 
 use crate::compute::JobState;
 use crate::sync::lock;
-use crate::task::{Stopped, TaskKind, TaskShared};
+use crate::task::{CallerInfo, Stopped, TaskKind, TaskShared};
 
 /// What the live table needs of a connection. A trait rather than the
 /// connection's own type, so that `observe` sits below `conn` in the module
@@ -246,11 +246,7 @@ pub(crate) fn task_info(t: &TaskShared) -> TaskInfo {
     TaskInfo {
         id: t.id,
         conn: t.conn,
-        caller: t
-            .caller
-            .as_ref()
-            .and_then(|c| c.id.as_deref())
-            .map(str::to_owned),
+        caller: CallerInfo::id_of(&t.caller).map(str::to_owned),
         request_id: t
             .request_id
             .as_ref()
