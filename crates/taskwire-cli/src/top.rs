@@ -585,6 +585,8 @@ mod tests {
 
     fn row(id: u64, cpu: f64, age: u64) -> TaskInfo {
         TaskInfo {
+            session: None,
+            detached: false,
             id,
             conn: 1,
             caller: None,

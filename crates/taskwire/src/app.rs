@@ -111,7 +111,7 @@ pub(crate) fn new_app(
     } else {
         Arc::new(())
     };
-    Ok(Arc::new(App {
+    let app = Arc::new(App {
         observer,
         hooks,
         admin: Arc::new(AdminAccess {
@@ -145,5 +145,9 @@ pub(crate) fn new_app(
             bytes_total: cfg.session_bytes_total,
         }),
         cfg,
-    }))
+    });
+    // Detached sessions' tasks belong to no connection: the admin view asks
+    // the store for them.
+    app.observer.set_sessions(app.sessions.clone());
+    Ok(app)
 }

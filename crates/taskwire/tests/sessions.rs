@@ -844,3 +844,155 @@ async fn figures() {
         ratios[ratios.len() / 2]
     );
 }
+
+/// The one session's id and the one live connection's id, from the admin API.
+async fn only_session_and_conn(addr: SocketAddr) -> (u64, Option<u64>) {
+    let v = admin_json(addr, "GET", "/admin/sessions").await;
+    let sid = v["sessions"][0]["id"].as_u64().expect("a session");
+    let c = admin_json(addr, "GET", "/admin/connections").await;
+    let conns = c["connections"].as_array().cloned().unwrap_or_default();
+    (sid, conns.first().and_then(|c| c["id"].as_u64()))
+}
+
+#[tokio::test]
+async fn a_detached_session_s_tasks_stay_listed_and_an_admin_kill_is_kept_for_the_resume() {
+    let s = TestServer::start(config()).await;
+    let mut a = Sess::open(s.addr).await;
+    a.c.send(sleep_req(1, 600_000)).await;
+    a.c.call("ping", "$/ping", json!({})).await;
+    let (sid, old_conn) = only_session_and_conn(s.addr).await;
+    let old_conn = old_conn.expect("the session's connection");
+    // Attached: listed under its connection, with its session.
+    let t = admin_json(s.addr, "GET", "/admin/tasks").await;
+    assert_eq!(t["tasks"][0]["session"], sid, "{t}");
+    assert_eq!(t["tasks"][0]["detached"], false, "{t}");
+    let (token, seq, answers) = a.cut();
+    // Detached: still listed, under the connection last attached, marked.
+    assert!(
+        eventually(|| async {
+            let t = admin_json(s.addr, "GET", "/admin/tasks").await;
+            t["tasks"].as_array().is_some_and(|l| {
+                l.len() == 1
+                    && l[0]["detached"] == true
+                    && l[0]["session"] == sid
+                    && l[0]["conn"] == old_conn
+                    && l[0]["requestId"] == 1
+            })
+        })
+        .await,
+        "{}",
+        admin_json(s.addr, "GET", "/admin/tasks").await
+    );
+    let t = admin_json(s.addr, "GET", "/admin/tasks").await;
+    let tid = t["tasks"][0]["id"].as_u64().unwrap();
+    // One task's view and the connection filter find it too.
+    let one = admin_json(s.addr, "GET", &format!("/admin/tasks/{tid}")).await;
+    assert_eq!(one["detached"], true, "{one}");
+    let by_conn = admin_json(s.addr, "GET", &format!("/admin/tasks?conn={old_conn}")).await;
+    assert_eq!(
+        by_conn["tasks"].as_array().map(Vec::len),
+        Some(1),
+        "{by_conn}"
+    );
+    // An operator kills it while detached: its -32004 is kept for the resume
+    // (after the ping's answer, which the client has not acknowledged).
+    let kept = admin_json(s.addr, "GET", "/admin/sessions").await["sessions"][0]
+        ["bufferedResponses"]
+        .as_u64()
+        .unwrap();
+    let v = admin_json(s.addr, "POST", &format!("/admin/tasks/{tid}/kill")).await;
+    assert_eq!(v["killed"], true, "{v}");
+    assert!(
+        eventually(|| async {
+            let v = admin_json(s.addr, "GET", "/admin/sessions").await;
+            v["sessions"][0]["tasks"] == 0 && v["sessions"][0]["bufferedResponses"] == kept + 1
+        })
+        .await
+    );
+    let t = admin_json(s.addr, "GET", "/admin/tasks").await;
+    assert_eq!(t["tasks"].as_array().map(Vec::len), Some(0), "{t}");
+    let (mut b, answer) = Sess::resume(s.client().await, &token, seq, answers)
+        .await
+        .expect("resumed");
+    assert!(answer["result"]["replay"].as_u64() >= Some(1), "{answer}");
+    assert_eq!(answer["result"]["inflight"], json!([]), "{answer}");
+    b.wait_for(&[json!(1)]).await;
+    b.c.call("ping2", "$/ping", json!({})).await;
+    for m in std::mem::take(&mut b.c.seen) {
+        b.note(&m);
+    }
+    assert_eq!(b.answers[&json!(1)].len(), 1, "{:?}", b.answers);
+    assert_eq!(b.answers[&json!(1)][0]["error"]["code"], -32004);
+}
+
+fn spin_req(id: i64) -> Value {
+    json!({"jsonrpc":"2.0","id":id,"method":"spin","params":{"ms": 60_000}})
+}
+
+/// A session with 2 CPU tasks running resumes on a new connection whose
+/// limit is 4 (`cfg`): 2 more are admitted, the fifth is refused (-32001);
+/// the admin view lists the first two under the new connection.
+async fn resumed_tasks_count_against_the_new_connection(cfg: taskwire::Config) {
+    let s = TestServer::start(cfg).await;
+    let mut a = Sess::open(s.addr).await;
+    a.c.send(spin_req(1)).await;
+    a.c.send(spin_req(2)).await;
+    a.c.call("ping", "$/ping", json!({})).await;
+    let (token, seq, answers) = a.cut();
+    let (mut b, answer) = Sess::resume(s.client().await, &token, seq, answers)
+        .await
+        .expect("resumed");
+    assert_eq!(
+        answer["result"]["inflight"].as_array().map(Vec::len),
+        Some(2),
+        "{answer}"
+    );
+    b.c.send(spin_req(3)).await;
+    b.c.send(spin_req(4)).await;
+    let v = b.c.call(5, "spin", json!({"ms": 60_000})).await;
+    assert_eq!(code(&v), -32001, "{v}");
+    b.seq += 1;
+    b.c.call("ping2", "$/ping", json!({})).await;
+    for m in std::mem::take(&mut b.c.seen) {
+        b.note(&m);
+    }
+    for id in 1..=4 {
+        assert!(!b.answers.contains_key(&json!(id)), "{id}: {:?}", b.answers);
+    }
+    // Ids 1 and 2 are listed under the new connection (the only one).
+    let (sid, conn) = only_session_and_conn(s.addr).await;
+    let conn = conn.expect("the new connection");
+    let t = admin_json(s.addr, "GET", "/admin/tasks").await;
+    let tasks = t["tasks"].as_array().cloned().unwrap_or_default();
+    assert_eq!(tasks.len(), 4, "{t}");
+    for task in &tasks {
+        assert_eq!(task["conn"], conn, "{t}");
+        assert_eq!(task["session"], sid, "{t}");
+        assert_eq!(task["detached"], false, "{t}");
+    }
+    // Done: the operator ends the session, and its tasks with it.
+    let v = admin_json(s.addr, "POST", &format!("/admin/sessions/{sid}/end")).await;
+    assert_eq!(v["closed"], true, "{v}");
+    assert!(
+        eventually(|| async {
+            let t = admin_json(s.addr, "GET", "/admin/tasks").await;
+            let st = admin_json(s.addr, "GET", "/admin/stats").await;
+            t["tasks"].as_array().is_some_and(Vec::is_empty) && st["pool"]["busy"] == 0
+        })
+        .await
+    );
+}
+
+#[tokio::test]
+async fn a_resumed_session_s_cpu_tasks_count_against_the_new_connection_s_cpu_limit() {
+    let mut cfg = config();
+    cfg.connection_cpu_limit = 4;
+    resumed_tasks_count_against_the_new_connection(cfg).await;
+}
+
+#[tokio::test]
+async fn a_resumed_session_s_tasks_count_against_the_new_connection_s_inflight_limit() {
+    let mut cfg = config();
+    cfg.max_inflight_per_connection = 4;
+    resumed_tasks_count_against_the_new_connection(cfg).await;
+}

@@ -107,7 +107,7 @@ fn open_session(
     if let Err(err) = app.sessions.open(
         (conn.owner.clone(), conn.peer.ip()),
         params.window_ms,
-        conn.table().clone(),
+        (conn.table().clone(), conn.cpu_admitted.clone()),
         attachment,
         req.id.as_ref(),
         &install,
@@ -264,7 +264,7 @@ pub(super) fn admit(
     }
     let permit = match def.kind {
         TaskKind::Io => None,
-        TaskKind::Cpu => match app.pool.admit_from(&conn.cpu_admitted, conn.peer.ip()) {
+        TaskKind::Cpu => match app.pool.admit_from(conn.charge().1, conn.peer.ip()) {
             Ok(p) => Some(p),
             Err(refusal) => {
                 conn.remove(&task);

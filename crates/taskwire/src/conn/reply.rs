@@ -376,7 +376,7 @@ async fn supervise(app: Arc<App>, reply: Reply, fut: TaskFuture, permit: Option<
             let mut handle = app
                 .pool
                 .spawn(
-                    task.conn,
+                    reply.conn.charge().0,
                     task.stats.clone(),
                     permit,
                     guarded(task.clone(), fut),

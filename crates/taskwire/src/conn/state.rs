@@ -93,22 +93,42 @@ impl ConnState {
         self.tx.len()
     }
 
+    /// The in-flight table as the admin view sees it: a connection whose
+    /// session has detached from it (or moved on to another connection)
+    /// shows none, as its tasks are listed with the session or under the
+    /// connection that resumed it.
+    fn visible_table(&self) -> Option<&Arc<Mutex<Inflight>>> {
+        if self.session().is_some_and(|s| !s.attached_to(self.id)) {
+            return None;
+        }
+        self.inflight.get()
+    }
+
     pub(crate) fn inflight_len(&self) -> usize {
-        self.inflight.get().map_or(0, |t| lock(t).tasks.len())
+        self.visible_table().map_or(0, |t| lock(t).tasks.len())
     }
 
     /// The tasks of this connection (for the admin view).
     pub(crate) fn tasks(&self) -> Vec<Arc<TaskShared>> {
-        self.inflight
-            .get()
+        self.visible_table()
             .map(|t| lock(t).tasks.values().cloned().collect())
             .unwrap_or_default()
     }
 
     pub(crate) fn task(&self, id: u64) -> Option<Arc<TaskShared>> {
-        self.inflight
-            .get()
+        self.visible_table()
             .and_then(|t| lock(t).tasks.get(&id).cloned())
+    }
+
+    /// What this connection's CPU tasks are charged to: the fair queue's
+    /// group and the per-connection admission count. In a session, the
+    /// session's (see [`Session::charge`]), so that a resumed connection and
+    /// the tasks it inherits are one group with one limit.
+    pub(super) fn charge(&self) -> (u64, &Arc<AtomicUsize>) {
+        match self.session() {
+            Some(s) => (s.charge.0, &s.charge.1),
+            None => (self.id, &self.cpu_admitted),
+        }
     }
 
     /// The in-flight table, made on first use.

@@ -46,4 +46,10 @@ impl ConnView for ConnState {
     fn close_with(&self, code: u16, reason: &'static str) {
         ConnState::close_with(self, code, reason)
     }
+
+    fn session(&self) -> Option<u64> {
+        ConnState::session(self)
+            .filter(|s| s.attached_to(self.id))
+            .map(|s| s.id)
+    }
 }

@@ -173,8 +173,16 @@ impl From<&crate::compute::Refusal> for RefusalReason {
 pub struct TaskInfo {
     /// Server-wide task id.
     pub id: u64,
-    /// The connection that started it.
+    /// The connection it belongs to now: the one that started it, or the one
+    /// that resumed its session (for a detached session's task, the
+    /// connection last attached, now gone).
     pub conn: u64,
+    /// Its session, if its connection opened or resumed one.
+    #[serde(default)]
+    pub session: Option<u64>,
+    /// Whether its session is detached (no connection; it waits for a resume).
+    #[serde(default)]
+    pub detached: bool,
     /// Who started it: its connection's caller (`null` when anonymous).
     #[serde(default)]
     pub caller: Option<String>,

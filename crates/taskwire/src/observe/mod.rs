@@ -38,6 +38,18 @@ pub(crate) trait ConnView: Send + Sync {
     fn outbound_depth(&self) -> usize;
     /// Closes it with this WebSocket close code and reason.
     fn close_with(&self, code: u16, reason: &'static str);
+    /// The session it opened or resumed, while it is attached to it.
+    fn session(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// Where the tasks of detached sessions are found: they belong to no
+/// connection until a resume, and must stay listed (and killable) meanwhile.
+pub(crate) trait SessionTasks: Send + Sync {
+    /// Every detached session's tasks: (session id, the connection last
+    /// attached, the task).
+    fn detached_tasks(&self) -> Vec<(u64, u64, Arc<TaskShared>)>;
 }
 
 /// What the connection and the HTTP side tell the observer, as they happen.
@@ -90,6 +102,8 @@ pub(crate) struct Observer {
     /// holds that bound even so.
     abandoned: Mutex<HashMap<u64, Arc<TaskShared>>>,
     abandoned_cap: usize,
+    /// The session store, for detached sessions' tasks (set once at start).
+    sessions: std::sync::OnceLock<Arc<dyn SessionTasks>>,
     started: Instant,
     pub metrics: metrics::Metrics,
 }
@@ -103,6 +117,7 @@ impl Observer {
             conns: Mutex::new(HashMap::new()),
             abandoned: Mutex::new(HashMap::new()),
             abandoned_cap: max_threads.max(1),
+            sessions: std::sync::OnceLock::new(),
             started: Instant::now(),
             metrics: metrics::Metrics::new(methods),
         }
@@ -128,17 +143,41 @@ impl Observer {
         lock(&self.conns).get(&id).cloned()
     }
 
+    /// Where the tasks of detached sessions are found.
+    pub(crate) fn set_sessions(&self, sessions: Arc<dyn SessionTasks>) {
+        let _ = self.sessions.set(sessions);
+    }
+
+    /// The tasks of detached sessions.
+    fn detached(&self) -> Vec<(u64, u64, Arc<TaskShared>)> {
+        self.sessions
+            .get()
+            .map(|s| s.detached_tasks())
+            .unwrap_or_default()
+    }
+
     pub(crate) fn find_task(&self, id: u64) -> Option<Arc<TaskShared>> {
         self.connections()
             .into_iter()
             .find_map(|c| c.task(id))
+            .or_else(|| {
+                self.detached()
+                    .into_iter()
+                    .find_map(|(_, _, t)| (t.id == id).then_some(t))
+            })
             .or_else(|| self.abandoned().into_iter().find(|t| t.id == id))
     }
 
     /// One task as the admin API shows it, abandoned ones included.
     pub(crate) fn task_info(&self, id: u64) -> Option<TaskInfo> {
-        if let Some(t) = self.connections().into_iter().find_map(|c| c.task(id)) {
-            return Some(task_info(&t));
+        if let Some(i) = self.connections().into_iter().find_map(|c| {
+            c.task(id)
+                .map(|t| live_info(&t, c.id(), c.session(), false))
+        }) {
+            return Some(i);
+        }
+        if let Some((sid, conn, t)) = self.detached().into_iter().find(|(_, _, t)| t.id == id) {
+            return Some(live_info(&t, conn, Some(sid), true));
         }
         let t = self.abandoned().into_iter().find(|t| t.id == id)?;
         Some(abandoned_info(&t))
@@ -185,10 +224,23 @@ impl Observer {
             .into_iter()
             .filter(|t| q.conn.is_none_or(|c| c == t.conn))
             .map(|t| abandoned_info(&t));
+        // A detached session's tasks are listed under the connection last
+        // attached (gone, hence marked detached) until a resume lists them
+        // under the new one.
+        let detached = self
+            .detached()
+            .into_iter()
+            .filter(|(_, c, _)| q.conn.is_none_or(|q| q == *c))
+            .map(|(sid, c, t)| live_info(&t, c, Some(sid), true));
         let mut out: Vec<TaskInfo> = conns
             .iter()
-            .flat_map(|c| c.tasks())
-            .map(|t| task_info(&t))
+            .flat_map(|c| {
+                let (id, sid) = (c.id(), c.session());
+                c.tasks()
+                    .into_iter()
+                    .map(move |t| live_info(&t, id, sid, false))
+            })
+            .chain(detached)
             .chain(abandoned)
             .filter(|t| q.state.as_deref().is_none_or(|s| s == t.state.label()))
             .filter(|t| q.method.as_deref().is_none_or(|m| m == t.method))
@@ -242,10 +294,24 @@ fn live_state(t: &TaskShared) -> TaskState {
     }
 }
 
+/// A live task as listed: `conn` is the connection it is charged to now (a
+/// resumed session's tasks move to the connection that resumed it),
+/// `session` its session, `detached` whether that session is detached.
+fn live_info(t: &TaskShared, conn: u64, session: Option<u64>, detached: bool) -> TaskInfo {
+    TaskInfo {
+        conn,
+        session,
+        detached,
+        ..task_info(t)
+    }
+}
+
 pub(crate) fn task_info(t: &TaskShared) -> TaskInfo {
     TaskInfo {
         id: t.id,
         conn: t.conn,
+        session: None,
+        detached: false,
         caller: CallerInfo::id_of(&t.caller).map(str::to_owned),
         request_id: t
             .request_id

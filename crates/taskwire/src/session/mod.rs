@@ -22,7 +22,7 @@ pub mod frames;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -163,6 +163,8 @@ pub(crate) struct SessionCounts {
 
 struct Inner {
     attached: Option<Arc<dyn Attachment>>,
+    /// The connection last attached (shown for a detached session's tasks).
+    last_conn: u64,
     /// When it detached, and the detach's generation (its expiry timer's key).
     detached: Option<(Instant, SystemTime)>,
     generation: u64,
@@ -191,6 +193,13 @@ pub(crate) struct Session {
     buffer_responses: usize,
     /// The session's tasks, across its connections.
     pub(crate) table: Arc<Mutex<Inflight>>,
+    /// What its CPU tasks are charged to, on whichever connection they
+    /// started: the fair queue's group (the id of the connection that opened
+    /// the session) and the per-connection CPU admission count (that
+    /// connection's). A resumed connection charges its new tasks here too, so
+    /// the tasks it inherits count against its limits and share its place in
+    /// the fair queue (docs/SCHEDULING.md, "Sessions").
+    pub(crate) charge: (u64, Arc<AtomicUsize>),
     inner: Mutex<Inner>,
 }
 
@@ -377,6 +386,22 @@ pub(crate) struct Resumed {
     pub tasks: Vec<Arc<TaskShared>>,
 }
 
+/// A task of a detached session, as the admin view lists it.
+pub(crate) struct DetachedTask {
+    pub session: u64,
+    pub last_conn: u64,
+    pub task: Arc<TaskShared>,
+}
+
+impl crate::observe::SessionTasks for SessionStore {
+    fn detached_tasks(&self) -> Vec<(u64, u64, Arc<TaskShared>)> {
+        SessionStore::detached_tasks(self)
+            .into_iter()
+            .map(|d| (d.session, d.last_conn, d.task))
+            .collect()
+    }
+}
+
 /// Every session of the server.
 pub(crate) struct SessionStore {
     bounds: Bounds,
@@ -426,7 +451,7 @@ impl SessionStore {
         &self,
         (owner, peer): (Owner, IpAddr),
         window_ms: Option<u64>,
-        table: Arc<Mutex<Inflight>>,
+        (table, charge): (Arc<Mutex<Inflight>>, Arc<AtomicUsize>),
         conn: Arc<dyn Attachment>,
         id: Option<&Id>,
         install: &dyn Fn(&Arc<Session>),
@@ -448,8 +473,10 @@ impl SessionStore {
             buffer_bytes: self.bounds.buffer_bytes,
             buffer_responses: self.bounds.buffer_responses,
             table,
+            charge: (conn.conn_id(), charge),
             inner: Mutex::new(Inner {
                 attached: Some(conn.clone()),
+                last_conn: conn.conn_id(),
                 detached: None,
                 generation: 0,
                 ended: false,
@@ -563,6 +590,7 @@ impl SessionStore {
         for (_, text) in &s.buffer {
             conn.push_text(text.clone());
         }
+        s.last_conn = conn.conn_id();
         s.attached = Some(conn);
         drop(s);
         drop(inner);
@@ -758,6 +786,29 @@ impl SessionStore {
                 t.stop(Stopped::Shutdown);
             }
         }
+    }
+
+    /// The tasks of every detached session, for the admin view: each with
+    /// its session's id and the connection last attached. (An attached
+    /// session's tasks are listed under its connection.)
+    pub(crate) fn detached_tasks(&self) -> Vec<DetachedTask> {
+        let sessions: Vec<_> = lock(&self.inner).sessions.values().cloned().collect();
+        let mut out = Vec::new();
+        for session in sessions {
+            let last_conn = {
+                let s = lock(&session.inner);
+                if s.attached.is_some() || s.ended {
+                    continue;
+                }
+                s.last_conn
+            };
+            out.extend(session.tasks().into_iter().map(|task| DetachedTask {
+                session: session.id,
+                last_conn,
+                task,
+            }));
+        }
+        out
     }
 
     /// Every session open, for the admin view.
