@@ -71,8 +71,91 @@ fn flags_text(t: &TaskInfo) -> String {
     if t.memory_flagged {
         f.push("MEMORY");
     }
-    f.join(" ")
+    let mut text = f.join(" ");
+    if t.detached {
+        // Its session waits for a resume: the task runs on, its connection
+        // is gone.
+        if !text.is_empty() {
+            text.push(' ');
+        }
+        text.push_str(&format!("DETACHED (session {})", t.session.unwrap_or(0)));
+    }
+    text
 }
+
+/// The most session rows a snapshot keeps (the task table's bound is the
+/// request's `limit`; `/admin/sessions` has none, so top cuts here).
+pub const MAX_SESSION_ROWS: usize = 200;
+
+/// One session as `/admin/sessions` lists it (the fields top shows).
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionRow {
+    /// The session's id.
+    pub id: u64,
+    /// `attached` or `detached`.
+    pub state: String,
+    /// The connection attached, if any.
+    #[serde(default)]
+    pub conn: Option<u64>,
+    /// The client's address group.
+    #[serde(default)]
+    pub peer: String,
+    /// When it was opened (ms since the Unix epoch).
+    #[serde(default)]
+    pub opened_at_ms: u64,
+    /// When it detached (ms since the Unix epoch).
+    #[serde(default)]
+    pub detached_at_ms: Option<u64>,
+    /// Responses kept, unacknowledged.
+    #[serde(default)]
+    pub buffered_responses: u64,
+    /// Their bytes.
+    #[serde(default)]
+    pub buffered_bytes: u64,
+    /// Tasks in flight.
+    #[serde(default)]
+    pub tasks: u64,
+}
+
+/// The rows of `/admin/sessions`' answer, at most [`MAX_SESSION_ROWS`].
+pub fn session_rows(all: &Value) -> Vec<SessionRow> {
+    match all.get("sessions").and_then(Value::as_array) {
+        Some(rows) => rows
+            .iter()
+            .take(MAX_SESSION_ROWS)
+            .filter_map(|r| serde_json::from_value(r.clone()).ok())
+            .collect(),
+        None => Vec::new(),
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A session's row: id, state, since (seconds in that state), connection,
+/// buffered responses and bytes, tasks.
+fn session_line(s: &SessionRow, now_ms: u64) -> String {
+    let since = s.detached_at_ms.unwrap_or(s.opened_at_ms);
+    format!(
+        "{:>7} {:<8} {:>8.1} {:>5} {:<18} {:>6} {:>7} {:>5}",
+        s.id,
+        s.state,
+        now_ms.saturating_sub(since) as f64 / 1000.0,
+        s.conn.map_or_else(|| "-".to_string(), |c| c.to_string()),
+        s.peer,
+        s.buffered_responses,
+        bytes_text(s.buffered_bytes),
+        s.tasks
+    )
+}
+
+/// The header of the sessions' rows.
+const SESSION_HEADER: &str = "SESSION STATE     SINCE s  CONN PEER               RESP     BUF TASKS";
 
 /// What the server said at one refresh.
 #[derive(Clone, Debug, Default)]
@@ -85,6 +168,8 @@ pub struct Snapshot {
     pub stats: Stats,
     /// `/admin/sessions`' counts (null from a server without sessions).
     pub sessions: Value,
+    /// The sessions, at most [`MAX_SESSION_ROWS`] (oldest first).
+    pub session_rows: Vec<SessionRow>,
 }
 
 /// How the task table is ordered.
@@ -229,9 +314,10 @@ fn summary(snap: &Snapshot) -> String {
 
 /// Draws the model.
 pub fn draw(frame: &mut Frame<'_>, m: &Model) {
-    let [head, tasks, conns, foot] = Layout::vertical([
+    let [head, tasks, conns, sessions, foot] = Layout::vertical([
         Constraint::Length(1),
         Constraint::Min(5),
+        Constraint::Length(8),
         Constraint::Length(8),
         Constraint::Length(1),
     ])
@@ -313,6 +399,25 @@ pub fn draw(frame: &mut Frame<'_>, m: &Model) {
         Paragraph::new(conn_lines)
             .block(Block::bordered().title(format!(" connections ({}) ", m.snap.conns.len()))),
         conns,
+    );
+    let now = now_ms();
+    let session_lines: Vec<Line<'_>> = std::iter::once(
+        Line::from(SESSION_HEADER).style(Style::default().add_modifier(Modifier::REVERSED)),
+    )
+    .chain(m.snap.session_rows.iter().map(|s| {
+        let line = Line::from(session_line(s, now));
+        if s.state == "detached" {
+            line.style(Style::default().fg(Color::Yellow))
+        } else {
+            line
+        }
+    }))
+    .collect();
+    frame.render_widget(
+        Paragraph::new(session_lines).block(
+            Block::bordered().title(format!(" sessions ({}) ", m.snap.session_rows.len())),
+        ),
+        sessions,
     );
     frame.render_widget(Paragraph::new(m.status.as_str()), foot);
 }
@@ -452,15 +557,15 @@ impl AdminClient {
         let conns: ConnList = self.get("/admin/connections")?;
         let stats: Stats = self.get("/admin/stats")?;
         // A server without sessions answers 404: the line just leaves them out.
-        let sessions = self
-            .get::<Value>("/admin/sessions")
-            .map(|v| v["counts"].clone())
-            .unwrap_or(Value::Null);
+        let all = self.get::<Value>("/admin/sessions").unwrap_or(Value::Null);
+        let sessions = all["counts"].clone();
+        let session_rows = session_rows(&all);
         Ok(Snapshot {
             tasks: tasks.tasks,
             conns: conns.connections,
             stats,
             sessions,
+            session_rows,
         })
     }
 
@@ -507,6 +612,17 @@ pub fn render_text(m: &Model) -> String {
                 f => format!("  {f}"),
             }
         ));
+    }
+    if !m.snap.session_rows.is_empty() {
+        let now = now_ms();
+        out.push_str(&format!(
+            "sessions ({})\n{SESSION_HEADER}\n",
+            m.snap.session_rows.len()
+        ));
+        for s in &m.snap.session_rows {
+            out.push_str(&session_line(s, now));
+            out.push('\n');
+        }
     }
     out
 }
@@ -617,7 +733,64 @@ mod tests {
                 ..Stats::default()
             },
             sessions: serde_json::json!({"open": 2, "detachedNow": 1, "detachedBytes": 2048}),
+            session_rows: vec![
+                SessionRow {
+                    id: 7,
+                    state: "attached".into(),
+                    conn: Some(3),
+                    peer: "127.0.0.1".into(),
+                    opened_at_ms: now_ms() - 5_000,
+                    ..SessionRow::default()
+                },
+                SessionRow {
+                    id: 8,
+                    state: "detached".into(),
+                    peer: "127.0.0.2".into(),
+                    detached_at_ms: Some(now_ms() - 2_000),
+                    buffered_responses: 4,
+                    buffered_bytes: 3_000,
+                    tasks: 2,
+                    ..SessionRow::default()
+                },
+            ],
         }
+    }
+
+    #[test]
+    fn sessions_are_listed_with_their_state_buffer_and_tasks() {
+        let mut m = Model::default();
+        let mut s = snap();
+        s.tasks[0].session = Some(8);
+        s.tasks[0].detached = true;
+        m.apply(s);
+        let text = render_text(&m);
+        assert!(text.contains("sessions (2)"), "{text}");
+        assert!(text.contains(SESSION_HEADER), "{text}");
+        let row = |id: &str| {
+            text.lines()
+                .find(|l| l.split_whitespace().next() == Some(id) && l.contains("tached"))
+                .unwrap_or_else(|| panic!("session {id} in {text}"))
+                .split_whitespace()
+                .collect::<Vec<_>>()
+        };
+        // id, state, since, conn, peer, responses, bytes, tasks
+        assert_eq!(row("7")[1], "attached");
+        assert_eq!(row("7")[3], "3");
+        assert_eq!(row("8")[1], "detached");
+        assert_eq!(row("8")[3], "-");
+        assert_eq!(row("8")[5..], ["4", "3K", "2"]);
+        assert!(text.contains("DETACHED (session 8)"), "{text}");
+    }
+
+    #[test]
+    fn session_rows_are_bounded() {
+        let rows: Vec<Value> = (0..(MAX_SESSION_ROWS as u64 + 50))
+            .map(|id| serde_json::json!({"id": id, "state": "detached"}))
+            .collect();
+        let kept = session_rows(&serde_json::json!({ "sessions": rows }));
+        assert_eq!(kept.len(), MAX_SESSION_ROWS);
+        assert_eq!(kept[0].id, 0);
+        assert!(session_rows(&Value::Null).is_empty());
     }
 
     #[test]
@@ -627,6 +800,7 @@ mod tests {
         let text = render_text(&m);
         assert!(text.contains("sessions: 2 (1 detached, 2K kept)"), "{text}");
         m.snap.sessions = Value::Null;
+        m.snap.session_rows.clear();
         assert!(!render_text(&m).contains("sessions"));
     }
 
@@ -678,7 +852,7 @@ mod tests {
     fn draws_the_table() {
         let mut m = Model::default();
         m.apply(snap());
-        let mut term = Terminal::new(TestBackend::new(100, 20)).unwrap();
+        let mut term = Terminal::new(TestBackend::new(100, 30)).unwrap();
         term.draw(|f| draw(f, &m)).unwrap();
         let text: String = term
             .backend()
@@ -694,6 +868,8 @@ mod tests {
         assert!(text.contains("m2"));
         assert!(text.contains(" 25%"));
         assert!(text.contains("tasks (3) by CPU"));
+        assert!(text.contains("sessions (2)"), "{text}");
+        assert!(text.contains("detached"), "{text}");
     }
 
     /// Against a real server: find the runaway, kill it, its client gets -32004.
@@ -747,6 +923,68 @@ mod tests {
             .unwrap();
         let v: Value = serde_json::from_str(reply.to_text().unwrap()).unwrap();
         assert_eq!(v["error"]["code"], -32004);
+        stop.shutdown();
+        let _ = running.await;
+    }
+
+    /// Against a real server: a session cut without a close frame is listed
+    /// as detached with its task, and the task stays in the task table.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lists_a_detached_session_and_its_task() {
+        let cfg = Config {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            ..Config::default()
+        };
+        let mut registry = Registry::new();
+        taskwire::builtin::register(&mut registry).unwrap();
+        let server = Server::bind(cfg, registry).await.unwrap();
+        let addr = server.local_addr().unwrap();
+        let stop = server.shutdown_handle();
+        let running = tokio::spawn(server.run(std::future::pending()));
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+            .await
+            .unwrap();
+        for frame in [
+            r#"{"jsonrpc":"2.0","id":"open","method":"$/session.open","params":{}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"sleep","params":{"ms":600000}}"#,
+            r#"{"jsonrpc":"2.0","id":2,"method":"$/ping","params":{}}"#,
+        ] {
+            ws.send(Message::Text(frame.into())).await.unwrap();
+        }
+        // The ping's answer proves the sleep was read.
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(20), ws.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            let v: Value = serde_json::from_str(m.to_text().unwrap()).unwrap();
+            if v["id"] == 2 {
+                break;
+            }
+        }
+        // Dropped without a close frame: the session detaches.
+        drop(ws);
+        let base = format!("http://{addr}");
+        let text = tokio::task::spawn_blocking(move || {
+            let client = AdminClient::new(&base, None, &Trust::PublicRoots).unwrap();
+            let mut m = Model::default();
+            for _ in 0..500 {
+                m.apply(client.snapshot().unwrap());
+                let detached = m.snap.session_rows.iter().any(|s| s.state == "detached");
+                if detached && m.snap.tasks.iter().any(|t| t.detached) {
+                    return Some(render_text(&m));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            None
+        })
+        .await
+        .unwrap()
+        .expect("a detached session and its task listed");
+        assert!(text.contains("sessions (1)"), "{text}");
+        assert!(text.contains("DETACHED (session 1)"), "{text}");
+        assert!(text.contains("sleep"), "{text}");
         stop.shutdown();
         let _ = running.await;
     }
