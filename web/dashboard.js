@@ -9,6 +9,7 @@
 
 import { Taskwire, TaskwireError, ErrorCode } from './taskwire.js';
 import { LineChart, formatNumber } from './chart.js';
+import { mountSessionsCard } from './sessions-card.js';
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -754,7 +755,9 @@ function updateRow(r, t) {
   r.tr.dataset.state = t.state;
   r.tr.classList.toggle('hot', !!t.notYielding || !!t.memoryFlagged || (cpuRate.get(t.id) ?? 0) > 0.5);
   setText(r.id, String(t.id));
-  setText(r.conn, String(t.conn));
+  // A detached session's task runs on without a connection: say so.
+  setText(r.conn, t.detached ? `${t.conn} · detached` : String(t.conn));
+  r.conn.title = t.session ? `session ${t.session}${t.detached ? ' (detached: waiting for its client to resume)' : ''}` : '';
   setText(r.req, t.requestId === null || t.requestId === undefined ? '–' : String(t.requestId));
   setText(r.method, t.method);
   setText(r.kind, t.kind);
@@ -827,6 +830,7 @@ async function offerWhatTheServerHas(tw) {
 // ------------------------------------------------------------------ start
 setConnPill('connecting');
 startAdminStream();
+const sessionsCard = mountSessionsCard($('sessions-card'), { headers: adminHeaders, log });
 if (params.get('load')) setRate(params.get('load'));
 
 const [probe, loadConn, actions] = await Promise.all([open('probe'), open('load'), open('actions')]);
@@ -843,5 +847,5 @@ if (params.get('load')) setLoadRunning(true);
 log('connected: probe, load and actions connections are open', 'ok');
 
 // For tests and curious users in the console.
-window.taskwireDashboard = { conns, charts, load, setRate, setLoadRunning };
+window.taskwireDashboard = { sessionsCard, conns, charts, load, setRate, setLoadRunning };
 document.documentElement.dataset.ready = 'true';
