@@ -155,7 +155,8 @@ fn session_line(s: &SessionRow, now_ms: u64) -> String {
 }
 
 /// The header of the sessions' rows.
-const SESSION_HEADER: &str = "SESSION STATE     SINCE s  CONN PEER               RESP     BUF TASKS";
+const SESSION_HEADER: &str =
+    "SESSION STATE     SINCE s  CONN PEER               RESP     BUF TASKS";
 
 /// What the server said at one refresh.
 #[derive(Clone, Debug, Default)]
@@ -414,9 +415,8 @@ pub fn draw(frame: &mut Frame<'_>, m: &Model) {
     }))
     .collect();
     frame.render_widget(
-        Paragraph::new(session_lines).block(
-            Block::bordered().title(format!(" sessions ({}) ", m.snap.session_rows.len())),
-        ),
+        Paragraph::new(session_lines)
+            .block(Block::bordered().title(format!(" sessions ({}) ", m.snap.session_rows.len()))),
         sessions,
     );
     frame.render_widget(Paragraph::new(m.status.as_str()), foot);

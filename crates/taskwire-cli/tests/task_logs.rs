@@ -52,8 +52,12 @@ fn strip_ansi(line: &str) -> String {
 }
 
 async fn start(args: &[&str]) -> Server {
+    start_logging("info", args).await
+}
+
+async fn start_logging(level: &str, args: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_taskwire"))
-        .args(["serve", "--addr", "127.0.0.1:0", "--log", "info"])
+        .args(["serve", "--addr", "127.0.0.1:0", "--log", level])
         .args(DEMO_ARGS)
         .args(args)
         .env("NO_COLOR", "1")
@@ -199,4 +203,79 @@ async fn a_timeout_is_logged_naming_the_task() {
         .await;
     assert!(line.contains("conn="), "{line}");
     assert!(line.contains("timeout_ms=50"), "{line}");
+}
+
+/// Session tokens are never logged, even at debug level: a session is opened,
+/// cut, resumed (a new token), and resumes with spent and forged tokens are
+/// refused; no line of the log holds any token's secret part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_tokens_are_never_logged() {
+    let mut s = start_logging("debug", &[]).await;
+    let url = format!("ws://{}/ws", s.addr);
+    let (mut a, _) = tokio_tungstenite::connect_async(&url)
+        .await
+        .expect("connect");
+    let opened = call(
+        &mut a,
+        json!({"jsonrpc":"2.0","id":"o","method":"$/session.open","params":{}}),
+    )
+    .await;
+    let token = opened["result"]["token"]
+        .as_str()
+        .expect("a token")
+        .to_string();
+    call(
+        &mut a,
+        json!({"jsonrpc":"2.0","id":1,"method":"sleep","params":{"ms":50}}),
+    )
+    .await;
+    // Dropped without a close frame: the session detaches.
+    drop(a);
+    let (mut b, _) = tokio_tungstenite::connect_async(&url)
+        .await
+        .expect("connect");
+    let resumed = call(
+        &mut b,
+        json!({"jsonrpc":"2.0","id":"r","method":"$/session.resume","params":{"token": token, "seq": 0}}),
+    )
+    .await;
+    let new_token = resumed["result"]["token"]
+        .as_str()
+        .expect("resumed")
+        .to_string();
+    let forged = format!(
+        "{}.{}",
+        opened["result"]["session"].as_str().unwrap_or("1"),
+        "ab".repeat(32)
+    );
+    for t in [&token, &forged] {
+        let (mut c, _) = tokio_tungstenite::connect_async(&url)
+            .await
+            .expect("connect");
+        let v = call(
+            &mut c,
+            json!({"jsonrpc":"2.0","id":"r","method":"$/session.resume","params":{"token": t, "seq": 0}}),
+        )
+        .await;
+        assert_eq!(v["error"]["code"], -32020, "{v}");
+    }
+    // Every line, to the end of the process's stderr.
+    drop(b);
+    let _ = s.child.start_kill();
+    let mut log = Vec::new();
+    while let Ok(Some(l)) = tokio::time::timeout(WAIT, s.log.recv()).await {
+        log.push(l);
+    }
+    assert!(
+        log.iter().any(|l| l.contains("session")),
+        "debug lines of sessions:\n{}",
+        log.join("\n")
+    );
+    for t in [&token, &new_token, &forged] {
+        let secret = t.split_once('.').map_or(t.as_str(), |(_, s)| s);
+        assert!(secret.len() >= 32, "{t}");
+        for l in &log {
+            assert!(!l.contains(secret), "a token in the log: {l}");
+        }
+    }
 }

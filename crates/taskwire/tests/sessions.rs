@@ -577,6 +577,14 @@ async fn a_detached_session_s_buffer_is_bounded_by_count() {
     assert_eq!(dropped, 3);
     let counts = admin_json(s.addr, "GET", "/admin/sessions").await["counts"].clone();
     assert_eq!(counts["dropped"], 3, "{counts}");
+    // And in the metrics: the drops, and the resume that collected them.
+    let (_, text) = http(s.addr, "GET", "/metrics", None).await;
+    for line in [
+        "taskwire_sessions_responses_dropped_total 3",
+        "taskwire_sessions_resumed_total 1",
+    ] {
+        assert!(text.contains(line), "{line} in\n{text}");
+    }
 }
 
 #[tokio::test]
