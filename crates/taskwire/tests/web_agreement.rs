@@ -204,6 +204,8 @@ const TASK_FIELDS: &[&str] = &[
     "notYielding",
     "memoryBytes",
     "memoryFlagged",
+    "session",
+    "detached",
 ];
 
 /// The top-level fields: /admin/tasks is `{tasks}`, a snapshot `{stats, tasks}`.
