@@ -440,3 +440,41 @@ async fn dashboard_fields_exist_in_what_the_server_sends() {
     drop(c);
     s.stop().await.expect("server stops");
 }
+
+/// The fields web/sessions-card.js reads from a session (`s.field`).
+fn session_card_fields() -> BTreeSet<String> {
+    let js = repo_file("web/sessions-card.js");
+    let bytes = js.as_bytes();
+    let ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'$';
+    let mut out = BTreeSet::new();
+    for (at, _) in js.match_indices("s.") {
+        if at > 0 && (ident(bytes[at - 1]) || bytes[at - 1] == b'.') {
+            continue;
+        }
+        let start = at + 2;
+        let end = (start..bytes.len())
+            .find(|&j| !ident(bytes[j]))
+            .unwrap_or(bytes.len());
+        if end > start {
+            out.insert(js[start..end].to_string());
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn sessions_card_fields_exist_in_what_the_server_sends() {
+    let read = session_card_fields();
+    assert!(read.len() >= 8, "the scan found the card's reads: {read:?}");
+    let s = TestServer::start(config()).await;
+    let mut c = s.client().await;
+    let v = c.call("o", "$/session.open", json!({})).await;
+    assert!(v["result"]["token"].is_string(), "{v}");
+    let list = admin_json(s.addr, "GET", "/admin/sessions").await;
+    let session = list["sessions"][0].as_object().cloned().expect("a session");
+    let missing: Vec<_> = read.iter().filter(|f| !session.contains_key(*f)).collect();
+    assert!(
+        missing.is_empty(),
+        "web/sessions-card.js reads {missing:?}, which /admin/sessions does not send: {list}"
+    );
+}
