@@ -1,0 +1,1116 @@
+//! The cluster: nodes share CPU work over NATS, used as a wire only.
+//!
+//! Placement, fairness and the one answer per request stay taskwire's; NATS
+//! carries messages between nodes (core NATS, at most once), and failure
+//! detection is ours, by heartbeats.
+//!
+//! 1. **Joining.** Every node subscribes to [`BEAT_SUBJECT`] and to its inbox
+//!    `taskwire.node.<name>`, and announces itself every `cluster_beat_ms`
+//!    (500 ms by default) with its spare workers, queue length, a sequence
+//!    number and an incarnation (random per process). The peers table holds
+//!    the nodes heard within `cluster_dead_ms` (3 s by default).
+//! 2. **Offloading.** A CPU task whose params were kept is queued locally in
+//!    a [`Claimed`](crate::compute::Claimed) job. If it is still waiting after
+//!    `cluster_offload_ms` and a peer announced spare workers, the origin
+//!    starts an offer (the task's [`Claim`] leaves `FREE`, so no local worker
+//!    starts it meanwhile) and sends it; the peer accepts only if it has a
+//!    free worker at that moment, and runs the task in its own pool under a
+//!    fairness group of the origin connection (node + connection). A refusal
+//!    (or no answer within [`OFFER_TIMEOUT`]) hands the task back.
+//! 3. **Running elsewhere.** The peer forwards progress (coalesced as on one
+//!    node), and at the end the outcome and the CPU time used, which the
+//!    origin charges to the origin connection. Cancels, deadlines (the time
+//!    left is sent), disconnects and kills go to the peer as `Cancel`.
+//! 4. **Failure.** A peer silent for `cluster_dead_ms` is lost: the origin
+//!    answers its tasks `-32008 {"node":..}`, and a peer cancels the tasks of
+//!    an origin it no longer hears. NATS down: no beats arrive, every peer is
+//!    lost after `cluster_dead_ms`, and the node serves alone (logged, the
+//!    `taskwire_cluster_nats_connected` gauge) until the client reconnects.
+
+mod wire;
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use axum::http::Extensions;
+use futures_util::StreamExt;
+use serde_json::value::RawValue;
+use tokio::sync::{oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::compute::{Claim, ComputePool, Permit};
+use crate::observe::{ConnInfo, ConnView, Hooks, Observer};
+use crate::protocol::{codes, Id, Params};
+use crate::registry::Registry;
+use crate::sync::{lock, Outbox};
+use crate::task::{
+    guarded, stop_signal, CallerInfo, Ctx, Outbound, Outcome, Stopped, TaskError, TaskInit,
+    TaskKind, TaskShared,
+};
+pub(crate) use wire::WireParams;
+use wire::{Beat, Msg, Partials, WireOutcome};
+
+/// Where every node announces itself.
+const BEAT_SUBJECT: &str = "taskwire.beat";
+/// How long an origin waits for a peer to accept or refuse an offer.
+const OFFER_TIMEOUT: Duration = Duration::from_secs(1);
+/// Most peers kept in the table; beats from more nodes are ignored.
+const MAX_PEERS: usize = 256;
+/// How long a stopped task that never reaches a checkpoint is waited for.
+const STOP_GRACE: Duration = Duration::from_secs(1);
+/// Upper bounds (µs) of the remote dispatch latency histogram's buckets.
+const LATENCY_BUCKETS_US: [u64; 10] = [100, 200, 300, 500, 1_000, 2_000, 5_000, 10_000, 50_000, 250_000];
+
+/// What a node needs to join a cluster.
+#[derive(Clone, Debug)]
+pub(crate) struct Settings {
+    pub url: String,
+    pub node: String,
+    pub offload_after: Duration,
+    pub beat: Duration,
+    pub dead_after: Duration,
+}
+
+/// What the cluster uses of the server it belongs to.
+pub(crate) struct Parts {
+    pub registry: Registry,
+    pub pool: ComputePool,
+    pub hooks: Arc<dyn Hooks>,
+    pub observer: Arc<Observer>,
+    pub states: Option<Arc<Extensions>>,
+    pub next_task: Arc<AtomicU64>,
+}
+
+/// The default node name: the host's name and this process's id.
+pub(crate) fn default_node_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".to_string());
+    let host: String = host
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .take(40)
+        .collect();
+    format!("{host}-{}", std::process::id())
+}
+
+struct Peer {
+    inc: u64,
+    last: Instant,
+    /// Spare workers as last announced, less the offers sent since.
+    spare: usize,
+    queued: u32,
+    workers: u32,
+}
+
+/// What a peer said of an offer.
+enum OfferReply {
+    Accepted,
+    Refused,
+}
+
+/// A task this node sent to a peer.
+struct Sent {
+    node: Arc<str>,
+    task: Arc<TaskShared>,
+    reply: Option<oneshot::Sender<OfferReply>>,
+    done: Option<oneshot::Sender<(Outcome, u64)>>,
+    /// The peer's task id, once it accepted.
+    remote_id: Option<u64>,
+}
+
+/// A task this node runs for a peer.
+struct Hosted {
+    origin: Arc<str>,
+    origin_inc: u64,
+    task: Arc<TaskShared>,
+}
+
+/// One origin connection as this node's admin table lists it: the tasks it
+/// runs for that connection of that peer.
+struct RemoteConn {
+    id: u64,
+    origin: Arc<str>,
+    origin_conn: u64,
+    opened: Instant,
+    opened_at_ms: u64,
+    admitted: Arc<AtomicUsize>,
+    tasks: Mutex<HashMap<u64, Arc<TaskShared>>>,
+}
+
+impl ConnView for RemoteConn {
+    fn id(&self) -> u64 {
+        self.id
+    }
+    fn info(&self) -> ConnInfo {
+        ConnInfo {
+            id: self.id,
+            peer: format!("node {}", self.origin),
+            caller: Some(format!("{}/conn{}", self.origin, self.origin_conn)),
+            opened_at_ms: self.opened_at_ms,
+            age_ms: self.opened.elapsed().as_millis() as u64,
+            inflight: lock(&self.tasks).len(),
+            bytes_in: 0,
+            bytes_out: 0,
+            messages_in: 0,
+            messages_out: 0,
+        }
+    }
+    fn task(&self, id: u64) -> Option<Arc<TaskShared>> {
+        lock(&self.tasks).get(&id).cloned()
+    }
+    fn tasks(&self) -> Vec<Arc<TaskShared>> {
+        lock(&self.tasks).values().cloned().collect()
+    }
+    fn outbound_depth(&self) -> usize {
+        0
+    }
+    fn close_with(&self, _code: u16, _reason: &'static str) {
+        for t in self.tasks() {
+            t.stop(Stopped::Killed);
+        }
+    }
+}
+
+/// Per-peer counts and the dispatch latency, for `/metrics`.
+#[derive(Default)]
+struct Metrics {
+    sent: Mutex<HashMap<Arc<str>, (u64, u64)>>,
+    latency_buckets: [AtomicU64; LATENCY_BUCKETS_US.len()],
+    latency_count: AtomicU64,
+    latency_sum_us: AtomicU64,
+    lost: AtomicU64,
+}
+
+/// This node's membership of a cluster.
+pub(crate) struct Cluster {
+    node: Arc<str>,
+    inc: u64,
+    set: Settings,
+    parts: Parts,
+    client: OnceLock<async_nats::Client>,
+    connected: AtomicBool,
+    peers: Mutex<HashMap<Arc<str>, Peer>>,
+    /// Fired when a peer announces spare workers.
+    spare_seen: Notify,
+    sent: Mutex<HashMap<u64, Sent>>,
+    hosted: Mutex<HashMap<(Arc<str>, u64), Hosted>>,
+    groups: Mutex<HashMap<u64, Arc<RemoteConn>>>,
+    partials: Mutex<Partials>,
+    metrics: Metrics,
+    seq: AtomicU64,
+    xfer: AtomicU64,
+    stop: CancellationToken,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").field("node", &self.node).finish()
+    }
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        // Only distinguishes restarts: time is good enough then.
+        return std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+    }
+    u64::from_le_bytes(b)
+}
+
+fn inbox(node: &str) -> String {
+    format!("taskwire.node.{node}")
+}
+
+fn stopped_to_u8(s: Stopped) -> u8 {
+    match s {
+        Stopped::Cancelled => 1,
+        Stopped::Disconnected => 2,
+        Stopped::DeadlineExceeded => 3,
+        Stopped::Killed => 4,
+        Stopped::Shutdown => 5,
+    }
+}
+
+fn stopped_from_u8(v: u8) -> Stopped {
+    match v {
+        2 => Stopped::Disconnected,
+        3 => Stopped::DeadlineExceeded,
+        4 => Stopped::Killed,
+        5 => Stopped::Shutdown,
+        _ => Stopped::Cancelled,
+    }
+}
+
+fn to_wire(o: &Outcome, timeout_ms: Option<u64>) -> WireOutcome {
+    match o {
+        Outcome::Ok(v) => WireOutcome::Ok(v.get().to_string()),
+        Outcome::Err(TaskError::Stopped(s)) => WireOutcome::Stopped(stopped_to_u8(*s)),
+        Outcome::Err(e) => {
+            let eo = e.to_error_object(timeout_ms);
+            WireOutcome::Err {
+                code: eo.code,
+                message: eo.message,
+                data: eo.data,
+            }
+        }
+        Outcome::Crashed(m) => WireOutcome::Crashed(m.clone()),
+        Outcome::Lost => WireOutcome::Lost,
+    }
+}
+
+fn from_wire(o: WireOutcome) -> Outcome {
+    match o {
+        WireOutcome::Ok(v) => match RawValue::from_string(v) {
+            Ok(v) => Outcome::Ok(v),
+            Err(_) => Outcome::Lost,
+        },
+        WireOutcome::Stopped(s) => Outcome::Err(TaskError::Stopped(stopped_from_u8(s))),
+        WireOutcome::Err {
+            code,
+            message,
+            data,
+        } => Outcome::Err(TaskError::Failed {
+            code,
+            message,
+            data,
+        }),
+        WireOutcome::Crashed(m) => Outcome::Crashed(m),
+        WireOutcome::Lost => Outcome::Lost,
+    }
+}
+
+/// The answer to a task whose node was lost.
+fn node_lost(node: &str) -> Outcome {
+    Outcome::Err(TaskError::Failed {
+        code: codes::NODE_LOST,
+        message: format!("the node running the task was lost ({node}); it may have run in part"),
+        data: Some(serde_json::json!({ "node": node })),
+    })
+}
+
+/// The params of a request, kept as text so that another node can run it.
+pub(crate) fn keep_params(p: &Params<'_>) -> WireParams {
+    match p {
+        Params::None => WireParams::None,
+        Params::Raw(r) => WireParams::Object(r.get().to_string()),
+        Params::Owned(r) => WireParams::Object(r.get().to_string()),
+        Params::Array(r) => WireParams::Array(r.get().to_string()),
+    }
+}
+
+impl WireParams {
+    /// Bytes the kept params hold, counted against the connection's bounds.
+    pub(crate) fn bytes(&self) -> usize {
+        self.len()
+    }
+}
+
+/// Removes a sent task's entry when the offload ends or is dropped, and tells
+/// the peer to stop it if it may still run there.
+struct SentGuard {
+    cluster: Arc<Cluster>,
+    rid: u64,
+    node: Arc<str>,
+    cancel_on_drop: bool,
+}
+
+impl Drop for SentGuard {
+    fn drop(&mut self) {
+        let was = lock(&self.cluster.sent).remove(&self.rid);
+        if self.cancel_on_drop && was.is_some() {
+            let c = self.cluster.clone();
+            let (node, rid) = (self.node.clone(), self.rid);
+            tokio::spawn(async move {
+                let msg = Msg::Cancel {
+                    from: c.node.to_string(),
+                    rid,
+                    why: stopped_to_u8(Stopped::Cancelled),
+                };
+                c.send(&node, &msg).await;
+            });
+        }
+    }
+}
+
+impl Cluster {
+    /// Joins the cluster (connecting in the background, and again whenever
+    /// the connection is lost) until `shutdown` fires.
+    pub(crate) fn start(set: Settings, parts: Parts, shutdown: CancellationToken) -> Arc<Cluster> {
+        let c = Arc::new(Cluster {
+            node: Arc::from(set.node.as_str()),
+            inc: random_u64(),
+            set,
+            parts,
+            client: OnceLock::new(),
+            connected: AtomicBool::new(false),
+            peers: Mutex::new(HashMap::new()),
+            spare_seen: Notify::new(),
+            sent: Mutex::new(HashMap::new()),
+            hosted: Mutex::new(HashMap::new()),
+            groups: Mutex::new(HashMap::new()),
+            partials: Mutex::new(Partials::default()),
+            metrics: Metrics::default(),
+            seq: AtomicU64::new(0),
+            xfer: AtomicU64::new(random_u64() >> 1),
+            stop: shutdown,
+        });
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn(run(c.clone()));
+            }
+            Err(_) => tracing::error!("cluster: no Tokio runtime to join from; serving alone"),
+        }
+        c
+    }
+
+    /// This node's name.
+    pub(crate) fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Peers in the table now.
+    pub(crate) fn peer_count(&self) -> usize {
+        lock(&self.peers).len()
+    }
+
+    /// Whether the NATS connection is up.
+    pub(crate) fn connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    async fn publish(&self, subject: String, payload: Vec<u8>) {
+        if !self.connected() {
+            // A disconnected client would buffer; the peers' failure
+            // detection already treats this node as gone.
+            return;
+        }
+        if let Some(cl) = self.client.get() {
+            if let Err(e) = cl.publish(subject, payload.into()).await {
+                tracing::debug!(error = %e, "cluster publish failed");
+            }
+        }
+    }
+
+    async fn send(&self, node: &str, msg: &Msg) {
+        let xfer = self.xfer.fetch_add(1, Ordering::Relaxed);
+        for part in wire::encode(msg, xfer) {
+            self.publish(inbox(node), part).await;
+        }
+    }
+
+    /// The peer with the most spare workers, one of them reserved for an offer.
+    fn pick_peer(&self) -> Option<Arc<str>> {
+        let mut peers = lock(&self.peers);
+        let (name, p) = peers
+            .iter_mut()
+            .filter(|(_, p)| p.spare > 0)
+            .max_by_key(|(_, p)| p.spare)?;
+        p.spare -= 1;
+        Some(name.clone())
+    }
+
+    fn note_spare(&self, node: &str, spare: u32) {
+        if let Some(p) = lock(&self.peers).get_mut(node) {
+            p.spare = spare as usize;
+        }
+        if spare > 0 {
+            self.spare_seen.notify_waiters();
+        }
+    }
+
+    fn count(&self, node: &Arc<str>, sent: bool) {
+        let mut m = lock(&self.metrics.sent);
+        if m.len() >= MAX_PEERS * 2 && !m.contains_key(node) {
+            return;
+        }
+        let e = m.entry(node.clone()).or_default();
+        if sent {
+            e.0 += 1;
+        } else {
+            e.1 += 1;
+        }
+    }
+
+    fn observe_latency(&self, d: Duration) {
+        let us = d.as_micros() as u64;
+        let m = &self.metrics;
+        for (i, b) in LATENCY_BUCKETS_US.iter().enumerate() {
+            if us <= *b {
+                m.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        m.latency_count.fetch_add(1, Ordering::Relaxed);
+        m.latency_sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Offers a queued task to peers once it has waited `cluster_offload_ms`.
+    /// Resolves with its outcome if a peer ran it (the CPU it used is charged
+    /// to `group`), with `None` if the task was stopped before anybody took
+    /// it, and never if a local worker took it. Dropped while a peer has it:
+    /// the peer is told to stop.
+    pub(crate) async fn offload(
+        self: &Arc<Self>,
+        task: &Arc<TaskShared>,
+        claim: &Claim,
+        params: &WireParams,
+        group: u64,
+    ) -> Option<Outcome> {
+        tokio::select! {
+            _ = tokio::time::sleep(self.set.offload_after) => {}
+            _ = task.token.cancelled() => return None,
+        }
+        let (node, guard, done) = loop {
+            if !claim.is_free() {
+                // A local worker has it.
+                return std::future::pending().await;
+            }
+            if task.token.is_cancelled() {
+                return None;
+            }
+            let notified = self.spare_seen.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let Some(node) = self.pick_peer() else {
+                notified.await;
+                continue;
+            };
+            if !claim.start_offer() {
+                if let Some(p) = lock(&self.peers).get_mut(&node) {
+                    p.spare += 1;
+                }
+                continue;
+            }
+            let (reply_tx, reply_rx) = oneshot::channel();
+            let (done_tx, done_rx) = oneshot::channel();
+            lock(&self.sent).insert(
+                task.id,
+                Sent {
+                    node: node.clone(),
+                    task: task.clone(),
+                    reply: Some(reply_tx),
+                    done: Some(done_tx),
+                    remote_id: None,
+                },
+            );
+            let mut guard = SentGuard {
+                cluster: self.clone(),
+                rid: task.id,
+                node: node.clone(),
+                cancel_on_drop: true,
+            };
+            let timeout_ms = task
+                .deadline
+                .map(|d| d.saturating_duration_since(Instant::now()).as_millis().max(1) as u64);
+            let offer = Msg::Offer {
+                from: self.node.to_string(),
+                inc: self.inc,
+                rid: task.id,
+                conn: task.conn,
+                caller: CallerInfo::id_of(&task.caller).map(str::to_string),
+                method: task.method.to_string(),
+                params: params.clone(),
+                timeout_ms,
+                progress: task.wants_progress(),
+            };
+            let sent_at = Instant::now();
+            self.send(&node, &offer).await;
+            match tokio::time::timeout(OFFER_TIMEOUT, reply_rx).await {
+                Ok(Ok(OfferReply::Accepted)) => {
+                    self.observe_latency(sent_at.elapsed());
+                    self.count(&node, true);
+                    claim.offer_taken();
+                    break (node, guard, done_rx);
+                }
+                Ok(Ok(OfferReply::Refused)) => {
+                    guard.cancel_on_drop = false;
+                    drop(guard);
+                    claim.offer_refused();
+                }
+                _ => {
+                    // No answer (or the peer was lost): the guard tells the
+                    // peer to stop it, should the offer have reached it.
+                    drop(guard);
+                    claim.offer_refused();
+                }
+            }
+        };
+        let _guard = guard;
+        let mut done = done;
+        let mut told = false;
+        loop {
+            tokio::select! {
+                biased;
+                r = &mut done => {
+                    let (outcome, cpu_ns) = r.unwrap_or_else(|_| (node_lost(&node), 0));
+                    self.parts.pool.charge_remote(group, &task.stats, cpu_ns);
+                    return Some(outcome);
+                }
+                why = stop_signal(task), if !told => {
+                    told = true;
+                    let msg = Msg::Cancel { from: self.node.to_string(), rid: task.id, why: stopped_to_u8(why) };
+                    self.send(&node, &msg).await;
+                }
+            }
+        }
+    }
+
+    /// Kills task `id` of node `node` (this one or a peer); false if this
+    /// node cannot tell (a peer's kill is sent, not confirmed).
+    pub(crate) async fn kill_on(&self, node: &str, id: u64) -> bool {
+        if !lock(&self.peers).contains_key(node) {
+            return false;
+        }
+        let msg = Msg::Kill {
+            from: self.node.to_string(),
+            task: id,
+        };
+        self.send(node, &msg).await;
+        true
+    }
+
+    /// The tasks this node sent to peers: (origin task id, node, peer task id).
+    pub(crate) fn sent_tasks(&self) -> Vec<(u64, Arc<str>, Option<u64>)> {
+        lock(&self.sent)
+            .iter()
+            .map(|(id, s)| (*id, s.node.clone(), s.remote_id))
+            .collect()
+    }
+
+    /// The cluster's families for `/metrics` (OpenMetrics text).
+    pub(crate) fn openmetrics(&self) -> String {
+        use std::fmt::Write as _;
+        let mut o = String::new();
+        let _ = writeln!(o, "# TYPE taskwire_cluster_nats_connected gauge");
+        let _ = writeln!(o, "# HELP taskwire_cluster_nats_connected Whether this node's NATS connection is up (0 or 1).");
+        let _ = writeln!(o, "taskwire_cluster_nats_connected {}", u8::from(self.connected()));
+        let _ = writeln!(o, "# TYPE taskwire_cluster_peers gauge");
+        let _ = writeln!(o, "# HELP taskwire_cluster_peers Peers heard within the failure timeout.");
+        let _ = writeln!(o, "taskwire_cluster_peers {}", self.peer_count());
+        let _ = writeln!(o, "# TYPE taskwire_cluster_nodes_lost counter");
+        let _ = writeln!(o, "# HELP taskwire_cluster_nodes_lost Peers taken as lost after their beats stopped.");
+        let _ = writeln!(o, "taskwire_cluster_nodes_lost_total {}", self.metrics.lost.load(Ordering::Relaxed));
+        let counts = lock(&self.metrics.sent).clone();
+        let _ = writeln!(o, "# TYPE taskwire_cluster_tasks_sent counter");
+        let _ = writeln!(o, "# HELP taskwire_cluster_tasks_sent CPU tasks this node sent to each peer.");
+        for (peer, (s, _)) in &counts {
+            let _ = writeln!(o, "taskwire_cluster_tasks_sent_total{{peer=\"{peer}\"}} {s}");
+        }
+        let _ = writeln!(o, "# TYPE taskwire_cluster_tasks_received counter");
+        let _ = writeln!(o, "# HELP taskwire_cluster_tasks_received CPU tasks this node ran for each peer.");
+        for (peer, (_, r)) in &counts {
+            let _ = writeln!(o, "taskwire_cluster_tasks_received_total{{peer=\"{peer}\"}} {r}");
+        }
+        let m = &self.metrics;
+        let _ = writeln!(o, "# TYPE taskwire_cluster_dispatch_seconds histogram");
+        let _ = writeln!(o, "# HELP taskwire_cluster_dispatch_seconds From an offer sent to its acceptance by the peer.");
+        for (i, b) in LATENCY_BUCKETS_US.iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "taskwire_cluster_dispatch_seconds_bucket{{le=\"{}\"}} {}",
+                *b as f64 / 1e6,
+                m.latency_buckets[i].load(Ordering::Relaxed)
+            );
+        }
+        let n = m.latency_count.load(Ordering::Relaxed);
+        let _ = writeln!(o, "taskwire_cluster_dispatch_seconds_bucket{{le=\"+Inf\"}} {n}");
+        let _ = writeln!(o, "taskwire_cluster_dispatch_seconds_sum {}", m.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(o, "taskwire_cluster_dispatch_seconds_count {n}");
+        o
+    }
+
+    /// The cluster as the admin API shows it.
+    pub(crate) fn summary(&self) -> serde_json::Value {
+        let peers: Vec<_> = lock(&self.peers)
+            .iter()
+            .map(|(n, p)| {
+                serde_json::json!({
+                    "node": n.as_ref(),
+                    "spare": p.spare,
+                    "workers": p.workers,
+                    "queued": p.queued,
+                    "lastSeenMs": p.last.elapsed().as_millis() as u64,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "node": self.node.as_ref(),
+            "natsConnected": self.connected(),
+            "peers": peers,
+            "sent": lock(&self.sent).len(),
+            "hosted": lock(&self.hosted).len(),
+        })
+    }
+
+    fn on_beat(&self, b: Beat) {
+        if *b.node == *self.node {
+            if b.inc != self.inc {
+                tracing::warn!(node = %b.node, "another node has this node's name");
+            }
+            return;
+        }
+        let mut peers = lock(&self.peers);
+        let restarted = peers.get(b.node.as_str()).is_some_and(|p| p.inc != b.inc);
+        if restarted {
+            peers.remove(b.node.as_str());
+            drop(peers);
+            tracing::warn!(node = %b.node, "peer restarted: its earlier tasks are lost");
+            self.peer_lost(&Arc::from(b.node.as_str()));
+            peers = lock(&self.peers);
+        }
+        if !peers.contains_key(b.node.as_str()) {
+            if peers.len() >= MAX_PEERS {
+                return;
+            }
+            tracing::info!(node = %b.node, "peer joined");
+        }
+        peers.insert(
+            Arc::from(b.node.as_str()),
+            Peer {
+                inc: b.inc,
+                last: Instant::now(),
+                spare: b.spare as usize,
+                queued: b.queued,
+                workers: b.workers,
+            },
+        );
+        drop(peers);
+        if b.spare > 0 {
+            self.spare_seen.notify_waiters();
+        }
+    }
+
+    /// A peer is gone: its tasks here are answered `-32008`; the tasks it
+    /// sent here are cancelled.
+    fn peer_lost(&self, node: &Arc<str>) {
+        self.metrics.lost.fetch_add(1, Ordering::Relaxed);
+        let lost: Vec<Sent> = {
+            let mut sent = lock(&self.sent);
+            let ids: Vec<u64> = sent
+                .iter()
+                .filter(|(_, s)| s.node == *node)
+                .map(|(id, _)| *id)
+                .collect();
+            ids.into_iter().filter_map(|id| sent.remove(&id)).collect()
+        };
+        for mut s in lost {
+            // An offer still out is refused; a task that ran there is lost.
+            s.reply.take();
+            if let Some(d) = s.done.take() {
+                let _ = d.send((node_lost(node), 0));
+            }
+        }
+        for h in lock(&self.hosted).values() {
+            if h.origin == *node {
+                h.task.stop(Stopped::Disconnected);
+            }
+        }
+    }
+
+    /// Every beat period: peers silent past `cluster_dead_ms` are lost, and
+    /// tasks hosted for an origin not heard from are cancelled.
+    fn reap(&self) {
+        let dead: Vec<Arc<str>> = {
+            let mut peers = lock(&self.peers);
+            let dead: Vec<Arc<str>> = peers
+                .iter()
+                .filter(|(_, p)| p.last.elapsed() > self.set.dead_after)
+                .map(|(n, _)| n.clone())
+                .collect();
+            for n in &dead {
+                peers.remove(n);
+            }
+            dead
+        };
+        for n in dead {
+            tracing::warn!(node = %n, "peer lost: no beat for {:?}", self.set.dead_after);
+            self.peer_lost(&n);
+        }
+        let peers = lock(&self.peers);
+        for h in lock(&self.hosted).values() {
+            let alive = peers.get(&h.origin).is_some_and(|p| p.inc == h.origin_inc);
+            if !alive && h.task.created.elapsed() > self.set.dead_after {
+                h.task.stop(Stopped::Disconnected);
+            }
+        }
+    }
+
+    fn beat(&self) -> Beat {
+        let pool = &self.parts.pool;
+        let s = pool.stats();
+        Beat {
+            node: self.node.to_string(),
+            inc: self.inc,
+            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+            spare: pool.spare() as u32,
+            workers: s.workers as u32,
+            queued: s.queued as u32,
+        }
+    }
+
+    async fn on_msg(self: &Arc<Self>, msg: Msg) {
+        match msg {
+            Msg::Offer { .. } => {
+                let (from, rid) = match &msg {
+                    Msg::Offer { from, rid, .. } => (from.clone(), *rid),
+                    _ => return,
+                };
+                let answer = match self.host(msg) {
+                    Some(task) => Msg::Accept {
+                        from: self.node.to_string(),
+                        rid,
+                        task,
+                        spare: self.parts.pool.spare() as u32,
+                    },
+                    None => Msg::Refuse {
+                        from: self.node.to_string(),
+                        rid,
+                        spare: self.parts.pool.spare() as u32,
+                    },
+                };
+                self.send(&from, &answer).await;
+            }
+            Msg::Accept {
+                from,
+                rid,
+                task,
+                spare,
+            } => {
+                if let Some(s) = lock(&self.sent).get_mut(&rid) {
+                    s.remote_id = Some(task);
+                    if let Some(r) = s.reply.take() {
+                        let _ = r.send(OfferReply::Accepted);
+                    }
+                }
+                self.note_spare(&from, spare);
+            }
+            Msg::Refuse { from, rid, spare } => {
+                if let Some(s) = lock(&self.sent).get_mut(&rid) {
+                    if let Some(r) = s.reply.take() {
+                        let _ = r.send(OfferReply::Refused);
+                    }
+                }
+                self.note_spare(&from, spare);
+            }
+            Msg::Progress { rid, value, .. } => {
+                let task = lock(&self.sent).get(&rid).map(|s| s.task.clone());
+                if let (Some(t), Ok(v)) = (task, RawValue::from_string(value)) {
+                    t.set_progress(v);
+                }
+            }
+            Msg::Done {
+                from,
+                rid,
+                outcome,
+                cpu_ns,
+                spare,
+            } => {
+                let s = lock(&self.sent).remove(&rid);
+                if let Some(mut s) = s {
+                    if let Some(d) = s.done.take() {
+                        let _ = d.send((from_wire(outcome), cpu_ns));
+                    }
+                }
+                self.note_spare(&from, spare);
+            }
+            Msg::Cancel { from, rid, why } => {
+                let key = (Arc::<str>::from(from.as_str()), rid);
+                if let Some(h) = lock(&self.hosted).get(&key) {
+                    h.task.stop(stopped_from_u8(why));
+                }
+            }
+            Msg::Kill { from, task } => {
+                tracing::info!(node = %from, task, "kill asked by a peer");
+                // Hosted tasks are listed by the observer too.
+                self.parts.observer.kill(task);
+            }
+        }
+    }
+}
+
+impl Cluster {
+    /// Runs an offered task here if a worker is free for it now; its id here.
+    fn host(self: &Arc<Self>, offer: Msg) -> Option<u64> {
+        let Msg::Offer {
+            from,
+            inc,
+            rid,
+            conn,
+            caller,
+            method,
+            params,
+            timeout_ms,
+            progress,
+        } = offer
+        else {
+            return None;
+        };
+        let pool = &self.parts.pool;
+        if self.stop.is_cancelled() || pool.spare() == 0 {
+            return None;
+        }
+        let def = self.parts.registry.get(&method)?;
+        if def.kind != TaskKind::Cpu {
+            return None;
+        }
+        let origin: Arc<str> = Arc::from(from.as_str());
+        if lock(&self.hosted).contains_key(&(origin.clone(), rid)) {
+            return None;
+        }
+        let group = self.group(&origin, conn);
+        let permit: Permit = pool.admit_remote(&group.admitted).ok()?;
+        // Progress goes to the origin through this queue: one slot is
+        // enough, the task keeps only its latest value.
+        let outbox: Arc<Outbox<Outbound>> = Arc::new(Outbox::new(4));
+        let id = self.parts.next_task.fetch_add(1, Ordering::Relaxed);
+        let task = TaskShared::new(TaskInit {
+            id,
+            conn: group.id,
+            request_id: Some(Id::Str(Arc::from(format!("{from}/{rid}")))),
+            method: def.name.clone(),
+            kind: TaskKind::Cpu,
+            timeout_ms,
+            progress_token: progress.then(|| RawValue::from_string("0".to_string()).ok()).flatten(),
+            outbound: outbox.clone(),
+            caller: Some(Arc::new(CallerInfo {
+                id: Some(format!("{from}/{}", caller.as_deref().unwrap_or("anonymous")).into()),
+                extensions: Extensions::new(),
+            })),
+            state: self.parts.states.clone(),
+        });
+        // The task copies what it needs before `call` returns (its future is
+        // 'static), so the params are borrowed only here.
+        let raw = match &params {
+            WireParams::None => None,
+            WireParams::Object(s) | WireParams::Array(s) => {
+                Some(RawValue::from_string(s.clone()).ok()?)
+            }
+        };
+        let p = match (&params, raw.as_deref()) {
+            (WireParams::Array(_), Some(r)) => Params::Array(r),
+            (WireParams::Object(_), Some(r)) => Params::Raw(r),
+            _ => Params::None,
+        };
+        let fut = (def.call)(Ctx { shared: task.clone() }, p).ok()?;
+        lock(&group.tasks).insert(id, task.clone());
+        lock(&self.hosted).insert(
+            (origin.clone(), rid),
+            Hosted {
+                origin: origin.clone(),
+                origin_inc: inc,
+                task: task.clone(),
+            },
+        );
+        self.count(&origin, false);
+        let c = self.clone();
+        tokio::spawn(async move {
+            let forward = c.forward_progress(&origin, rid, &task, &outbox);
+            let run = run_hosted(&c.parts.pool, &task, fut, permit);
+            tokio::pin!(run);
+            tokio::pin!(forward);
+            let outcome = tokio::select! {
+                biased;
+                o = &mut run => o,
+                _ = &mut forward => run.await,
+            };
+            outbox.close();
+            // The latest progress before the answer, as on one node.
+            if task.close_progress() {
+                if let Some(v) = task.take_progress_value() {
+                    let msg = Msg::Progress { from: c.node.to_string(), rid, value: v.get().to_string() };
+                    c.send(&origin, &msg).await;
+                }
+            }
+            lock(&c.hosted).remove(&(origin.clone(), rid));
+            c.parts.hooks.task_finished(&task, outcome.kind());
+            c.ungroup(&group, id);
+            let msg = Msg::Done {
+                from: c.node.to_string(),
+                rid,
+                outcome: to_wire(&outcome, task.timeout_ms),
+                cpu_ns: task.stats.cpu_time().as_nanos() as u64,
+                spare: c.parts.pool.spare() as u32,
+            };
+            c.send(&origin, &msg).await;
+        });
+        Some(id)
+    }
+
+    /// Sends the task's progress to its origin as it comes; ends when the
+    /// queue closes.
+    async fn forward_progress(
+        &self,
+        origin: &str,
+        rid: u64,
+        task: &Arc<TaskShared>,
+        outbox: &Outbox<Outbound>,
+    ) {
+        while let Some(item) = outbox.pop().await {
+            if let Outbound::Progress(_) = item {
+                if let Some(v) = task.take_progress_value() {
+                    let msg = Msg::Progress {
+                        from: self.node.to_string(),
+                        rid,
+                        value: v.get().to_string(),
+                    };
+                    self.send(origin, &msg).await;
+                }
+            }
+        }
+        std::future::pending::<()>().await
+    }
+
+    /// The fairness group of an origin connection here: the same id for as
+    /// long as it has tasks here, so its usage orders it among local ones.
+    fn group(&self, origin: &Arc<str>, conn: u64) -> Arc<RemoteConn> {
+        let mut h = std::hash::DefaultHasher::new();
+        origin.hash(&mut h);
+        conn.hash(&mut h);
+        // Local connections count from 1; these ids cannot meet them.
+        let id = (1u64 << 62) | (h.finish() >> 2);
+        let mut groups = lock(&self.groups);
+        if let Some(g) = groups.get(&id) {
+            return g.clone();
+        }
+        let g = Arc::new(RemoteConn {
+            id,
+            origin: origin.clone(),
+            origin_conn: conn,
+            opened: Instant::now(),
+            opened_at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            admitted: Arc::new(AtomicUsize::new(0)),
+            tasks: Mutex::new(HashMap::new()),
+        });
+        groups.insert(id, g.clone());
+        self.parts.hooks.conn_opened(g.clone());
+        g
+    }
+
+    fn ungroup(&self, g: &Arc<RemoteConn>, task: u64) {
+        let mut groups = lock(&self.groups);
+        let empty = {
+            let mut t = lock(&g.tasks);
+            t.remove(&task);
+            t.is_empty()
+        };
+        if empty {
+            groups.remove(&g.id);
+            self.parts.hooks.conn_closed(g.id);
+        }
+    }
+}
+
+/// Runs a hosted task on this node's pool to its outcome, its deadline and
+/// stops applied as for a local task.
+async fn run_hosted(
+    pool: &ComputePool,
+    task: &Arc<TaskShared>,
+    fut: crate::registry::TaskFuture,
+    permit: Permit,
+) -> Outcome {
+    let mut handle = pool
+        .spawn(task.conn, task.stats.clone(), permit, guarded(task.clone(), fut))
+        .fallible();
+    tokio::select! {
+        biased;
+        out = &mut handle => out.unwrap_or(Outcome::Lost),
+        why = stop_signal(task) => {
+            match tokio::time::timeout(STOP_GRACE, handle.cancel()).await {
+                Ok(Some(out)) => out,
+                _ => Outcome::Err(why.into()),
+            }
+        }
+    }
+}
+
+/// The node's life in the cluster: connect, subscribe, beat, reap, read.
+async fn run(c: Arc<Cluster>) {
+    let weak: Weak<Cluster> = Arc::downgrade(&c);
+    let opts = async_nats::ConnectOptions::new()
+        .name(format!("taskwire {}", c.node))
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        // Rejoin within a beat or two of NATS coming back, not after the
+        // client's default backoff of several seconds.
+        .reconnect_delay_callback(|n| Duration::from_millis((n as u64 * 100).min(500)))
+        .event_callback(move |ev| {
+            let weak = weak.clone();
+            async move {
+                let Some(c) = weak.upgrade() else { return };
+                match ev {
+                    async_nats::Event::Connected => {
+                        c.connected.store(true, Ordering::Release);
+                        tracing::info!(node = %c.node, "cluster: connected to NATS");
+                    }
+                    async_nats::Event::Disconnected => {
+                        c.connected.store(false, Ordering::Release);
+                        tracing::warn!(node = %c.node, "cluster: NATS connection lost; serving alone until it is back");
+                    }
+                    other => tracing::debug!(event = %other, "cluster: NATS event"),
+                }
+            }
+        });
+    let client = match opts.connect(c.set.url.as_str()).await {
+        Ok(cl) => cl,
+        Err(e) => {
+            tracing::error!(error = %e, url = %c.set.url, "cluster: cannot use this NATS address; serving alone");
+            return;
+        }
+    };
+    if client.connection_state() == async_nats::connection::State::Connected {
+        c.connected.store(true, Ordering::Release);
+    }
+    let _ = c.client.set(client.clone());
+    let beats = client.subscribe(BEAT_SUBJECT).await;
+    let msgs = client.subscribe(inbox(&c.node)).await;
+    let (mut beats, mut msgs) = match (beats, msgs) {
+        (Ok(b), Ok(m)) => (b, m),
+        _ => {
+            tracing::error!("cluster: cannot subscribe; serving alone");
+            return;
+        }
+    };
+    tracing::info!(node = %c.node, url = %c.set.url, "cluster: joining");
+    let mut tick = tokio::time::interval(c.set.beat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = c.stop.cancelled() => break,
+            _ = tick.tick() => {
+                if c.connected() {
+                    if let Ok(b) = serde_json::to_vec(&c.beat()) {
+                        c.publish(BEAT_SUBJECT.to_string(), b).await;
+                    }
+                }
+                c.reap();
+            }
+            m = beats.next() => {
+                let Some(m) = m else { break };
+                if let Ok(b) = serde_json::from_slice::<Beat>(&m.payload) {
+                    c.on_beat(b);
+                }
+            }
+            m = msgs.next() => {
+                let Some(m) = m else { break };
+                let msg = lock(&c.partials).accept(&m.payload);
+                if let Some(msg) = msg {
+                    c.on_msg(msg).await;
+                }
+            }
+        }
+    }
+    // Shutting down: the peers stop hearing beats and clean up after
+    // `cluster_dead_ms`; a drain lets the last answers out first.
+    let _ = client.drain().await;
+}
