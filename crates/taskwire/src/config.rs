@@ -1208,7 +1208,8 @@ impl Config {
         if let Some(n) = &self.node {
             let ok = !n.is_empty()
                 && n.len() <= 64
-                && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
             if !ok {
                 return Err(invalid(
                     "node",

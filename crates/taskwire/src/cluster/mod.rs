@@ -62,7 +62,9 @@ const MAX_PEERS: usize = 256;
 /// How long a stopped task that never reaches a checkpoint is waited for.
 const STOP_GRACE: Duration = Duration::from_secs(1);
 /// Upper bounds (µs) of the remote dispatch latency histogram's buckets.
-const LATENCY_BUCKETS_US: [u64; 10] = [100, 200, 300, 500, 1_000, 2_000, 5_000, 10_000, 50_000, 250_000];
+const LATENCY_BUCKETS_US: [u64; 10] = [
+    100, 200, 300, 500, 1_000, 2_000, 5_000, 10_000, 50_000, 250_000,
+];
 
 /// What a node needs to join a cluster.
 #[derive(Clone, Debug)]
@@ -93,7 +95,13 @@ pub(crate) fn default_node_name() -> String {
         .unwrap_or_else(|| "node".to_string());
     let host: String = host
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .take(40)
         .collect();
     format!("{host}-{}", std::process::id())
@@ -407,6 +415,10 @@ impl Cluster {
         }
     }
 
+    fn peer_has_spare(&self) -> bool {
+        self.connected() && lock(&self.peers).values().any(|p| p.spare > 0)
+    }
+
     /// The peer with the most spare workers, one of them reserved for an offer.
     fn pick_peer(&self) -> Option<Arc<str>> {
         let mut peers = lock(&self.peers);
@@ -464,9 +476,17 @@ impl Cluster {
         params: &WireParams,
         group: u64,
     ) -> Option<Outcome> {
+        // With no local worker free and a peer with spare ones, the task
+        // waits for that peer rather than for a slice here.
+        if claim.is_free() && self.peer_has_spare() {
+            claim.hold();
+        }
         tokio::select! {
             _ = tokio::time::sleep(self.set.offload_after) => {}
-            _ = task.token.cancelled() => return None,
+            _ = task.token.cancelled() => {
+                claim.release();
+                return None;
+            }
         }
         let (node, guard, done) = loop {
             if !claim.is_free() {
@@ -474,12 +494,16 @@ impl Cluster {
                 return std::future::pending().await;
             }
             if task.token.is_cancelled() {
+                claim.release();
                 return None;
             }
             let notified = self.spare_seen.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let Some(node) = self.pick_peer() else {
+                // Nobody to take it now: it runs here when a worker is free,
+                // unless a peer has room first.
+                claim.release();
                 notified.await;
                 continue;
             };
@@ -507,9 +531,11 @@ impl Cluster {
                 node: node.clone(),
                 cancel_on_drop: true,
             };
-            let timeout_ms = task
-                .deadline
-                .map(|d| d.saturating_duration_since(Instant::now()).as_millis().max(1) as u64);
+            let timeout_ms = task.deadline.map(|d| {
+                d.saturating_duration_since(Instant::now())
+                    .as_millis()
+                    .max(1) as u64
+            });
             let offer = Msg::Offer {
                 from: self.node.to_string(),
                 inc: self.inc,
@@ -533,12 +559,14 @@ impl Cluster {
                 Ok(Ok(OfferReply::Refused)) => {
                     guard.cancel_on_drop = false;
                     drop(guard);
+                    claim.release();
                     claim.offer_refused();
                 }
                 _ => {
                     // No answer (or the peer was lost): the guard tells the
                     // peer to stop it, should the offer have reached it.
                     drop(guard);
+                    claim.release();
                     claim.offer_refused();
                 }
             }
@@ -591,23 +619,49 @@ impl Cluster {
         let mut o = String::new();
         let _ = writeln!(o, "# TYPE taskwire_cluster_nats_connected gauge");
         let _ = writeln!(o, "# HELP taskwire_cluster_nats_connected Whether this node's NATS connection is up (0 or 1).");
-        let _ = writeln!(o, "taskwire_cluster_nats_connected {}", u8::from(self.connected()));
+        let _ = writeln!(
+            o,
+            "taskwire_cluster_nats_connected {}",
+            u8::from(self.connected())
+        );
         let _ = writeln!(o, "# TYPE taskwire_cluster_peers gauge");
-        let _ = writeln!(o, "# HELP taskwire_cluster_peers Peers heard within the failure timeout.");
+        let _ = writeln!(
+            o,
+            "# HELP taskwire_cluster_peers Peers heard within the failure timeout."
+        );
         let _ = writeln!(o, "taskwire_cluster_peers {}", self.peer_count());
         let _ = writeln!(o, "# TYPE taskwire_cluster_nodes_lost counter");
-        let _ = writeln!(o, "# HELP taskwire_cluster_nodes_lost Peers taken as lost after their beats stopped.");
-        let _ = writeln!(o, "taskwire_cluster_nodes_lost_total {}", self.metrics.lost.load(Ordering::Relaxed));
+        let _ = writeln!(
+            o,
+            "# HELP taskwire_cluster_nodes_lost Peers taken as lost after their beats stopped."
+        );
+        let _ = writeln!(
+            o,
+            "taskwire_cluster_nodes_lost_total {}",
+            self.metrics.lost.load(Ordering::Relaxed)
+        );
         let counts = lock(&self.metrics.sent).clone();
         let _ = writeln!(o, "# TYPE taskwire_cluster_tasks_sent counter");
-        let _ = writeln!(o, "# HELP taskwire_cluster_tasks_sent CPU tasks this node sent to each peer.");
+        let _ = writeln!(
+            o,
+            "# HELP taskwire_cluster_tasks_sent CPU tasks this node sent to each peer."
+        );
         for (peer, (s, _)) in &counts {
-            let _ = writeln!(o, "taskwire_cluster_tasks_sent_total{{peer=\"{peer}\"}} {s}");
+            let _ = writeln!(
+                o,
+                "taskwire_cluster_tasks_sent_total{{peer=\"{peer}\"}} {s}"
+            );
         }
         let _ = writeln!(o, "# TYPE taskwire_cluster_tasks_received counter");
-        let _ = writeln!(o, "# HELP taskwire_cluster_tasks_received CPU tasks this node ran for each peer.");
+        let _ = writeln!(
+            o,
+            "# HELP taskwire_cluster_tasks_received CPU tasks this node ran for each peer."
+        );
         for (peer, (_, r)) in &counts {
-            let _ = writeln!(o, "taskwire_cluster_tasks_received_total{{peer=\"{peer}\"}} {r}");
+            let _ = writeln!(
+                o,
+                "taskwire_cluster_tasks_received_total{{peer=\"{peer}\"}} {r}"
+            );
         }
         let m = &self.metrics;
         let _ = writeln!(o, "# TYPE taskwire_cluster_dispatch_seconds histogram");
@@ -621,8 +675,15 @@ impl Cluster {
             );
         }
         let n = m.latency_count.load(Ordering::Relaxed);
-        let _ = writeln!(o, "taskwire_cluster_dispatch_seconds_bucket{{le=\"+Inf\"}} {n}");
-        let _ = writeln!(o, "taskwire_cluster_dispatch_seconds_sum {}", m.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(
+            o,
+            "taskwire_cluster_dispatch_seconds_bucket{{le=\"+Inf\"}} {n}"
+        );
+        let _ = writeln!(
+            o,
+            "taskwire_cluster_dispatch_seconds_sum {}",
+            m.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6
+        );
         let _ = writeln!(o, "taskwire_cluster_dispatch_seconds_count {n}");
         o
     }
@@ -878,7 +939,9 @@ impl Cluster {
             method: def.name.clone(),
             kind: TaskKind::Cpu,
             timeout_ms,
-            progress_token: progress.then(|| RawValue::from_string("0".to_string()).ok()).flatten(),
+            progress_token: progress
+                .then(|| RawValue::from_string("0".to_string()).ok())
+                .flatten(),
             outbound: outbox.clone(),
             caller: Some(Arc::new(CallerInfo {
                 id: Some(format!("{from}/{}", caller.as_deref().unwrap_or("anonymous")).into()),
@@ -899,7 +962,13 @@ impl Cluster {
             (WireParams::Object(_), Some(r)) => Params::Raw(r),
             _ => Params::None,
         };
-        let fut = (def.call)(Ctx { shared: task.clone() }, p).ok()?;
+        let fut = (def.call)(
+            Ctx {
+                shared: task.clone(),
+            },
+            p,
+        )
+        .ok()?;
         lock(&group.tasks).insert(id, task.clone());
         lock(&self.hosted).insert(
             (origin.clone(), rid),
@@ -925,7 +994,11 @@ impl Cluster {
             // The latest progress before the answer, as on one node.
             if task.close_progress() {
                 if let Some(v) = task.take_progress_value() {
-                    let msg = Msg::Progress { from: c.node.to_string(), rid, value: v.get().to_string() };
+                    let msg = Msg::Progress {
+                        from: c.node.to_string(),
+                        rid,
+                        value: v.get().to_string(),
+                    };
                     c.send(&origin, &msg).await;
                 }
             }
@@ -1020,7 +1093,12 @@ async fn run_hosted(
     permit: Permit,
 ) -> Outcome {
     let mut handle = pool
-        .spawn(task.conn, task.stats.clone(), permit, guarded(task.clone(), fut))
+        .spawn(
+            task.conn,
+            task.stats.clone(),
+            permit,
+            guarded(task.clone(), fut),
+        )
         .fallible();
     tokio::select! {
         biased;

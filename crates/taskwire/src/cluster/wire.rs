@@ -93,7 +93,11 @@ pub(super) enum Msg {
     /// Peer → origin: not now; the origin keeps the task.
     Refuse { from: String, rid: u64, spare: u32 },
     /// Peer → origin: the latest progress value (coalesced as on one node).
-    Progress { from: String, rid: u64, value: String },
+    Progress {
+        from: String,
+        rid: u64,
+        value: String,
+    },
     /// Peer → origin: the task ended, having used `cpu_ns` of CPU there.
     Done {
         from: String,
@@ -151,12 +155,20 @@ impl Partials {
         let nl = payload.iter().position(|&b| b == b'\n')?;
         let head = std::str::from_utf8(payload.get(1..nl)?).ok()?;
         let mut it = head.split(':').map(str::parse::<u64>);
-        let (xfer, i, n) = (it.next()?.ok()?, it.next()?.ok()? as usize, it.next()?.ok()? as usize);
+        let (xfer, i, n) = (
+            it.next()?.ok()?,
+            it.next()?.ok()? as usize,
+            it.next()?.ok()? as usize,
+        );
         let body = &payload[nl + 1..];
         self.expire();
         if i == 0 {
             if self.open.len() >= MAX_PARTIALS {
-                let oldest = self.open.iter().min_by_key(|(_, p)| p.last).map(|(k, _)| *k)?;
+                let oldest = self
+                    .open
+                    .iter()
+                    .min_by_key(|(_, p)| p.last)
+                    .map(|(k, _)| *k)?;
                 self.drop_one(oldest);
             }
             self.open.insert(

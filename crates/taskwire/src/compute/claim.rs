@@ -24,6 +24,10 @@ const REMOTE: u8 = 3;
 #[derive(Debug, Default)]
 pub(crate) struct Claim {
     state: AtomicU8,
+    /// Set while the task waits for a peer: no local worker starts it yet
+    /// (time slicing would otherwise start it within a slice, and it could
+    /// never leave). Cleared when the wait is over or no peer takes it.
+    held: std::sync::atomic::AtomicBool,
     /// The local job, parked while an offer is out.
     waker: Mutex<Option<Waker>>,
 }
@@ -49,6 +53,18 @@ impl Claim {
     pub(crate) fn offer_refused(&self) {
         self.state.store(FREE, Ordering::Release);
         self.wake();
+    }
+
+    /// Keeps local workers from starting the task until [`Claim::release`].
+    pub(crate) fn hold(&self) {
+        self.held.store(true, Ordering::Release);
+    }
+
+    /// Lets local workers start the task.
+    pub(crate) fn release(&self) {
+        if self.held.swap(false, Ordering::AcqRel) {
+            self.wake();
+        }
     }
 
     /// Whether nobody has the task yet.
@@ -101,6 +117,14 @@ impl<F: Future> Future for Claimed<F> {
         let this = self.project();
         if !*this.won {
             loop {
+                if this.claim.held.load(Ordering::Acquire)
+                    && this.claim.state.load(Ordering::Acquire) == FREE
+                {
+                    *lock(&this.claim.waker) = Some(cx.waker().clone());
+                    if this.claim.held.load(Ordering::Acquire) {
+                        return Poll::Pending;
+                    }
+                }
                 if this.claim.take_local() {
                     *this.won = true;
                     break;

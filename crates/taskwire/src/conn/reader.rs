@@ -243,9 +243,7 @@ impl<'a> Reader<'a> {
                 fut,
                 permit,
                 offload,
-            } => {
-                reply::start(self.app, self.conn, task, fut, permit, offload, dest).await
-            }
+            } => reply::start(self.app, self.conn, task, fut, permit, offload, dest).await,
         }
     }
 }

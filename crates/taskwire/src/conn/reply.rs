@@ -17,7 +17,9 @@ use crate::compute::{task_event, JobState, Permit};
 use crate::protocol::{self, codes, ErrorObject, Id};
 use crate::registry::TaskFuture;
 use crate::sync::lock;
-use crate::task::{guarded, panic_message, stop_signal, Outbound, Outcome, Stopped, TaskError, TaskShared};
+use crate::task::{
+    guarded, panic_message, stop_signal, Outbound, Outcome, Stopped, TaskError, TaskShared,
+};
 
 /// Collects the answers of one batch and sends them as one array.
 ///
@@ -401,37 +403,42 @@ async fn supervise_clustered(
 ) -> Outcome {
     use crate::compute::{Claim, Claimed};
     let claim = Arc::new(Claim::default());
+    // A local worker is free: the task is this node's (checked before it is
+    // queued, so that it does not count itself).
+    if app.pool.spare() > 0 {
+        claim.take_local();
+    }
     let job = Claimed::new(claim.clone(), guarded(task.clone(), fut));
     let mut handle = app
         .pool
         .spawn(task.conn, task.stats.clone(), None, job)
         .fallible();
     let outcome = {
-    let remote = cluster.offload(task, &claim, &offload.params, task.conn);
-    tokio::pin!(remote);
-    let mut remote_live = true;
-    loop {
-        tokio::select! {
-            biased;
-            out = &mut handle => break match out {
-                Some(Some(o)) => o,
-                // A peer won the claim: its outcome comes from the offload.
-                Some(None) if remote_live => (&mut remote).await.unwrap_or(Outcome::Lost),
-                _ => Outcome::Lost,
-            },
-            out = &mut remote, if remote_live => match out {
-                Some(o) => break o,
-                None => remote_live = false,
-            },
-            // While a peer has it (or is being offered it) the offload
-            // carries the stop to the peer and returns its answer.
-            why = stop_signal(task), if !claim.is_remote() || !remote_live => {
-                if claim.take_local() {
-                    break stop_local(task, handle, why, |o| o).await;
+        let remote = cluster.offload(task, &claim, &offload.params, task.conn);
+        tokio::pin!(remote);
+        let mut remote_live = true;
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut handle => break match out {
+                    Some(Some(o)) => o,
+                    // A peer won the claim: its outcome comes from the offload.
+                    Some(None) if remote_live => (&mut remote).await.unwrap_or(Outcome::Lost),
+                    _ => Outcome::Lost,
+                },
+                out = &mut remote, if remote_live => match out {
+                    Some(o) => break o,
+                    None => remote_live = false,
+                },
+                // While a peer has it (or is being offered it) the offload
+                // carries the stop to the peer and returns its answer.
+                why = stop_signal(task), if !claim.is_remote() || !remote_live => {
+                    if claim.take_local() {
+                        break stop_local(task, handle, why, |o| o).await;
+                    }
                 }
             }
         }
-    }
     };
     drop(permit);
     drop(offload);
