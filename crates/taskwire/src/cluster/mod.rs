@@ -415,10 +415,6 @@ impl Cluster {
         }
     }
 
-    fn peer_has_spare(&self) -> bool {
-        self.connected() && lock(&self.peers).values().any(|p| p.spare > 0)
-    }
-
     /// The peer with the most spare workers, one of them reserved for an offer.
     fn pick_peer(&self) -> Option<Arc<str>> {
         let mut peers = lock(&self.peers);
@@ -476,9 +472,10 @@ impl Cluster {
         params: &WireParams,
         group: u64,
     ) -> Option<Outcome> {
-        // With no local worker free and a peer with spare ones, the task
-        // waits for that peer rather than for a slice here.
-        if claim.is_free() && self.peer_has_spare() {
+        // No local worker was free: for `cluster_offload_ms` the task waits
+        // for a peer rather than for a slice here (time slicing would start
+        // it within a slice, and a started task never leaves).
+        if claim.is_free() && self.connected() && !lock(&self.peers).is_empty() {
             claim.hold();
         }
         tokio::select! {
@@ -880,7 +877,14 @@ impl Cluster {
                         let _ = d.send((from_wire(outcome), cpu_ns));
                     }
                 }
-                self.note_spare(&from, spare);
+                // The peer counted the worker of the task that just ended as
+                // busy still: it is free now.
+                if let Some(p) = lock(&self.peers).get_mut(from.as_str()) {
+                    p.spare = (spare as usize)
+                        .max(p.spare + 1)
+                        .min(p.workers.max(1) as usize);
+                }
+                self.spare_seen.notify_waiters();
             }
             Msg::Cancel { from, rid, why } => {
                 let key = (Arc::<str>::from(from.as_str()), rid);

@@ -86,6 +86,12 @@ pub(crate) fn routes(app: &Arc<App>) -> Router<Arc<App>> {
         .route("/admin/tasks", get(list_tasks))
         .route("/admin/tasks/{id}", get(one_task))
         .route("/admin/tasks/{id}/kill", post(kill_task))
+        .route(
+            "/admin/tasks/{node}/{id}/kill",
+            post(|state, Path((node, id)): Path<(String, String)>| {
+                kill_task(state, Path(format!("{node}/{id}")))
+            }),
+        )
         .route("/admin/connections", get(list_conns))
         .route("/admin/connections/{id}/close", post(close_conn))
         .route("/admin/sessions", get(list_sessions))
