@@ -191,10 +191,10 @@ fn remote_id(a: &Node, origin_id: u64) -> Option<String> {
 }
 
 /// A's task id of the request with this JSON-RPC id.
-fn task_id(n: &Node, request: &str) -> Option<u64> {
+fn task_id(n: &Node, request: i64) -> Option<u64> {
     n.tasks()
         .into_iter()
-        .find(|t| t["requestId"].as_str() == Some(request) || t["requestId"].to_string() == request)
+        .find(|t| t["requestId"] == request)
         .and_then(|t| t["id"].as_u64())
 }
 
@@ -248,7 +248,7 @@ async fn a_busy_node_sends_tasks_to_its_peer_and_everything_crosses_the_wire() {
     let rid = tokio::task::spawn_blocking(move || {
         let mut r = None;
         until("task 20 to run on B", || {
-            r = task_id(&ac, "20").and_then(|id| remote_id(&ac, id));
+            r = task_id(&ac, 20).and_then(|id| remote_id(&ac, id));
             r.is_some()
         });
         r.unwrap()
@@ -283,7 +283,7 @@ async fn a_busy_node_sends_tasks_to_its_peer_and_everything_crosses_the_wire() {
     let rid = tokio::task::spawn_blocking(move || {
         let mut r = None;
         until("task 22 to run on B", || {
-            r = task_id(&ac, "22").and_then(|id| remote_id(&ac, id));
+            r = task_id(&ac, 22).and_then(|id| remote_id(&ac, id));
             r.is_some()
         });
         r.unwrap()
@@ -295,7 +295,7 @@ async fn a_busy_node_sends_tasks_to_its_peer_and_everything_crosses_the_wire() {
     assert_eq!(v["error"]["code"], -32004, "{v}");
 
     // An operator on B kills A's own task.
-    let id1 = task_id(&a2, "1").expect("task 1 on A");
+    let id1 = task_id(&a2, 1).expect("task 1 on A");
     assert_eq!(b.post(&format!("/admin/tasks/A/{id1}/kill")), 200);
     let v = answer(&mut ws, 1, &mut progress).await;
     assert_eq!(v["error"]["code"], -32004, "{v}");
@@ -330,7 +330,7 @@ async fn a_lost_node_is_answered_minus_32008_and_a_lost_origin_frees_its_peer() 
     .await;
     let (a, mut b) = tokio::task::spawn_blocking(move || {
         until("task 2 to run on B", || {
-            task_id(&a, "2").and_then(|id| remote_id(&a, id)).is_some()
+            task_id(&a, 2).and_then(|id| remote_id(&a, id)).is_some()
         });
         (a, b)
     })
@@ -359,7 +359,7 @@ async fn a_lost_node_is_answered_minus_32008_and_a_lost_origin_frees_its_peer() 
     .await;
     let mut a = tokio::task::spawn_blocking(move || {
         until("task 3 to run on B", || {
-            task_id(&a, "3").and_then(|id| remote_id(&a, id)).is_some()
+            task_id(&a, 3).and_then(|id| remote_id(&a, id)).is_some()
         });
         a
     })

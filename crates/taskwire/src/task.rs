@@ -539,6 +539,7 @@ impl TaskShared {
 
     /// For a task run for another node: the latest value to forward, if any
     /// (the same pacing as [`TaskShared::take_progress_text`]).
+    #[cfg(feature = "cluster")]
     pub(crate) fn take_progress_value(&self) -> Option<Box<RawValue>> {
         let mut slot = lock(&self.progress);
         slot.queued = false;
@@ -552,6 +553,7 @@ impl TaskShared {
     }
 
     /// Whether its client asked for progress.
+    #[cfg(feature = "cluster")]
     pub(crate) fn wants_progress(&self) -> bool {
         self.progress_token.is_some()
     }

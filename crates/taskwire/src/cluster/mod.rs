@@ -1166,6 +1166,10 @@ async fn run(c: Arc<Cluster>) {
     tracing::info!(node = %c.node, url = %c.set.url, "cluster: joining");
     let mut tick = tokio::time::interval(c.set.beat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Checked more often than beats come, so that a loss is seen within
+    // `cluster_dead_ms` + 100 ms of the last beat, not + one beat period.
+    let mut reap = tokio::time::interval((c.set.beat / 5).min(Duration::from_millis(100)));
+    reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = c.stop.cancelled() => break,
@@ -1175,8 +1179,8 @@ async fn run(c: Arc<Cluster>) {
                         c.publish(BEAT_SUBJECT.to_string(), b).await;
                     }
                 }
-                c.reap();
             }
+            _ = reap.tick() => c.reap(),
             m = beats.next() => {
                 let Some(m) = m else { break };
                 if let Ok(b) = serde_json::from_slice::<Beat>(&m.payload) {

@@ -45,6 +45,7 @@
 //! `queue.rs` (the policy, a pure data structure).
 
 mod admission;
+#[cfg(feature = "cluster")]
 mod claim;
 mod epoch;
 mod queue;
@@ -54,6 +55,7 @@ mod worker;
 
 use crate::limit::address_group;
 pub(crate) use admission::{Permit, Refusal};
+#[cfg(feature = "cluster")]
 pub(crate) use claim::{Claim, Claimed};
 pub(crate) use epoch::should_yield;
 pub use epoch::thread_cpu_time;
@@ -251,6 +253,7 @@ impl ComputePool {
         )
     }
 
+    #[cfg(feature = "cluster")]
     /// Admits a job that a peer node sent, counted under its origin
     /// connection's `group_count` and the pool's limit (no client address:
     /// the origin node counted that).
@@ -258,6 +261,7 @@ impl ComputePool {
         self.admit_inner(group_count, None)
     }
 
+    #[cfg(feature = "cluster")]
     /// Workers neither running a job nor spoken for by a queued one: what
     /// this node can offer its peers.
     pub(crate) fn spare(&self) -> usize {
@@ -268,6 +272,7 @@ impl ComputePool {
             .saturating_sub(queued)
     }
 
+    #[cfg(feature = "cluster")]
     /// Charges CPU time that a job of `group` used on another node, so that
     /// the group's place in the fair order counts it as if it ran here.
     pub(crate) fn charge_remote(&self, group: u64, stats: &JobStats, cpu_ns: u64) {
