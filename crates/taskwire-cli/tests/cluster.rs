@@ -417,3 +417,207 @@ async fn without_nats_each_node_serves_alone_and_rejoins_when_it_is_back() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_task_whose_node_was_lost_runs_again() {
+    let port = free_port();
+    let _nats = nats(port);
+    let (a, b) = tokio::task::spawn_blocking(move || pair(port))
+        .await
+        .unwrap();
+    let mut ws = connect(&a).await;
+    send(
+        &mut ws,
+        json!({"jsonrpc":"2.0","id":1,"method":"runaway","params":{}}),
+    )
+    .await;
+    // `spin` is registered idempotent: a pure function of its params.
+    send(
+        &mut ws,
+        json!({"jsonrpc":"2.0","id":2,"method":"spin","params":{"ms":2000}}),
+    )
+    .await;
+    let (_a, mut b) = tokio::task::spawn_blocking(move || {
+        until("task 2 to run on B", || {
+            task_id(&a, 2).and_then(|id| remote_id(&a, id)).is_some()
+        });
+        (a, b)
+    })
+    .await
+    .unwrap();
+    let _ = b.proc.0.kill();
+    send(
+        &mut ws,
+        json!({"jsonrpc":"2.0","method":"$/cancelRequest","params":{"id":1}}),
+    )
+    .await;
+    let mut progress = 0;
+    // The cancel is answered at once; the lost task after the failure timeout.
+    let v = answer(&mut ws, 1, &mut progress).await;
+    assert_eq!(v["error"]["code"], -32800, "{v}");
+    let v = answer(&mut ws, 2, &mut progress).await;
+    assert_eq!(v["result"]["spunMs"], 2000, "run again here: {v}");
+}
+
+/// A small generator for the chaos test (its seed is printed).
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// One client of the chaos test: what it asked and what it was answered.
+struct Client {
+    ws: Ws,
+    asked: std::collections::BTreeSet<i64>,
+    answered: std::collections::BTreeMap<i64, usize>,
+}
+
+impl Client {
+    /// Reads whatever has arrived, for at most `wait`.
+    async fn drain(&mut self, wait: Duration) {
+        let end = tokio::time::Instant::now() + wait;
+        while let Ok(Some(Ok(m))) = tokio::time::timeout_at(end, self.ws.next()).await {
+            let Message::Text(t) = m else { continue };
+            let v: Value = serde_json::from_str(&t).expect("JSON");
+            if let Some(id) = v["id"].as_i64() {
+                *self.answered.entry(id).or_default() += 1;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_every_request_is_answered_once_and_every_table_empties() {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
+        | 1;
+    eprintln!("chaos seed {seed}");
+    let mut rng = Rng(seed);
+    let port = free_port();
+    let _nats = nats(port);
+    let (a, b, c) = tokio::task::spawn_blocking(move || {
+        let a = node("A", port);
+        let b = node("B", port);
+        let c = node("C", port);
+        until("three nodes to see each other", || {
+            a.peers() == 2 && b.peers() == 2 && c.peers() == 2
+        });
+        (a, b, c)
+    })
+    .await
+    .unwrap();
+    let mut c = Some(c);
+    let origins = [&a, &b];
+    let mut clients: Vec<Client> = Vec::new();
+    let mut next_id = 1i64;
+    for step in 0..150 {
+        if clients.len() < 2 {
+            let n = origins[rng.below(2) as usize];
+            clients.push(Client {
+                ws: connect(n).await,
+                asked: Default::default(),
+                answered: Default::default(),
+            });
+        }
+        let k = rng.below(clients.len() as u64) as usize;
+        match rng.below(20) {
+            // Submits: short and medium CPU tasks, runaways with deadlines.
+            0..=11 => {
+                let id = next_id;
+                next_id += 1;
+                let req = match rng.below(4) {
+                    0 => {
+                        json!({"jsonrpc":"2.0","id":id,"method":"spin","params":{"ms":rng.below(80)}})
+                    }
+                    1 => {
+                        json!({"jsonrpc":"2.0","id":id,"method":"count_primes","params":{"below":rng.below(300_000),"_meta":{"progressToken":id}}})
+                    }
+                    2 => {
+                        json!({"jsonrpc":"2.0","id":id,"method":"runaway","params":{"_meta":{"timeoutMs":100 + rng.below(900)}}})
+                    }
+                    _ => {
+                        json!({"jsonrpc":"2.0","id":id,"method":"hash_chain","params":{"seed":id,"rounds":rng.below(2_000_000)}})
+                    }
+                };
+                send(&mut clients[k].ws, req).await;
+                clients[k].asked.insert(id);
+            }
+            // Cancels one of its requests (answered or not).
+            12..=15 => {
+                if let Some(&id) = clients[k]
+                    .asked
+                    .iter()
+                    .nth(rng.below(clients[k].asked.len().max(1) as u64) as usize)
+                {
+                    send(
+                        &mut clients[k].ws,
+                        json!({"jsonrpc":"2.0","method":"$/cancelRequest","params":{"id":id}}),
+                    )
+                    .await;
+                }
+            }
+            // Disconnects: its tasks are cancelled wherever they run.
+            16..=17 => {
+                let mut gone = clients.swap_remove(k);
+                let _ = gone.ws.close(None).await;
+            }
+            // Kills node C (kill -9), or starts it again.
+            _ => {
+                if let Some(mut n) = c.take() {
+                    let _ = n.proc.0.kill();
+                } else if step < 120 {
+                    c = Some(
+                        tokio::task::spawn_blocking(move || node("C", port))
+                            .await
+                            .unwrap(),
+                    );
+                }
+            }
+        }
+        let k = rng.below(clients.len().max(1) as u64) as usize;
+        if let Some(cl) = clients.get_mut(k) {
+            cl.drain(Duration::from_millis(rng.below(30))).await;
+        }
+    }
+    // Every request of a connection still open is answered exactly once
+    // (node loss included: -32008 within the failure timeout).
+    for cl in &mut clients {
+        let start = Instant::now();
+        while cl.answered.len() < cl.asked.len() && start.elapsed() < WAIT {
+            cl.drain(Duration::from_millis(200)).await;
+        }
+        cl.drain(Duration::from_millis(300)).await;
+        for id in &cl.asked {
+            assert_eq!(
+                cl.answered.get(id),
+                Some(&1),
+                "request {id} answered once (seed {seed})"
+            );
+        }
+        assert_eq!(
+            cl.answered.len(),
+            cl.asked.len(),
+            "no answer to an unknown id"
+        );
+    }
+    drop(clients);
+    tokio::task::spawn_blocking(move || {
+        until("every task table to be empty", || {
+            a.tasks().is_empty()
+                && b.tasks().is_empty()
+                && c.as_ref().is_none_or(|c| c.tasks().is_empty())
+        });
+    })
+    .await
+    .unwrap();
+}

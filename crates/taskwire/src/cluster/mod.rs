@@ -44,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 use crate::compute::{Claim, ComputePool, Permit};
 use crate::observe::{ConnInfo, ConnView, Hooks, Observer};
 use crate::protocol::{codes, Id, Params};
-use crate::registry::Registry;
+use crate::registry::{Registry, TaskDef, TaskFuture};
 use crate::sync::{lock, Outbox};
 use crate::task::{
     guarded, stop_signal, CallerInfo, Ctx, Outbound, Outcome, Stopped, TaskError, TaskInit,
@@ -320,6 +320,29 @@ impl WireParams {
     pub(crate) fn bytes(&self) -> usize {
         self.len()
     }
+
+    /// The task's future for these params (`None` if they do not fit it).
+    pub(crate) fn call(&self, def: &TaskDef, ctx: Ctx) -> Option<TaskFuture> {
+        // The task copies what it needs before `call` returns (its future is
+        // 'static), so the params are borrowed only here.
+        let raw = match self {
+            WireParams::None => None,
+            WireParams::Object(s) | WireParams::Array(s) => {
+                Some(RawValue::from_string(s.clone()).ok()?)
+            }
+        };
+        let p = match (self, raw.as_deref()) {
+            (WireParams::Array(_), Some(r)) => Params::Array(r),
+            (WireParams::Object(_), Some(r)) => Params::Raw(r),
+            _ => Params::None,
+        };
+        (def.call)(ctx, p).ok()
+    }
+}
+
+/// Whether a task was answered as lost with its node.
+pub(crate) fn is_node_lost(o: &Outcome) -> bool {
+    matches!(o, Outcome::Err(TaskError::Failed { code, .. }) if *code == codes::NODE_LOST)
 }
 
 /// Removes a sent task's entry when the offload ends or is dropped, and tells
@@ -953,26 +976,12 @@ impl Cluster {
             })),
             state: self.parts.states.clone(),
         });
-        // The task copies what it needs before `call` returns (its future is
-        // 'static), so the params are borrowed only here.
-        let raw = match &params {
-            WireParams::None => None,
-            WireParams::Object(s) | WireParams::Array(s) => {
-                Some(RawValue::from_string(s.clone()).ok()?)
-            }
-        };
-        let p = match (&params, raw.as_deref()) {
-            (WireParams::Array(_), Some(r)) => Params::Array(r),
-            (WireParams::Object(_), Some(r)) => Params::Raw(r),
-            _ => Params::None,
-        };
-        let fut = (def.call)(
+        let fut = params.call(
+            def,
             Ctx {
                 shared: task.clone(),
             },
-            p,
-        )
-        .ok()?;
+        )?;
         lock(&group.tasks).insert(id, task.clone());
         lock(&self.hosted).insert(
             (origin.clone(), rid),
@@ -1093,7 +1102,7 @@ impl Cluster {
 async fn run_hosted(
     pool: &ComputePool,
     task: &Arc<TaskShared>,
-    fut: crate::registry::TaskFuture,
+    fut: TaskFuture,
     permit: Permit,
 ) -> Outcome {
     let mut handle = pool

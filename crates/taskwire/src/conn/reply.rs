@@ -401,6 +401,45 @@ async fn supervise_clustered(
     permit: Permit,
     offload: Offload,
 ) -> Outcome {
+    let def = app.registry.get(&task.method);
+    let idempotent = def.is_some_and(|d| d.is_idempotent());
+    let mut outcome = place_and_run(app, cluster, task, fut, &offload.params).await;
+    // An idempotent task whose node was lost runs once more, on another
+    // node or here; nothing else is ever run twice.
+    if idempotent && crate::cluster::is_node_lost(&outcome) && task.stopped().is_none() {
+        let again = def.and_then(|d| {
+            offload.params.call(
+                d,
+                crate::task::Ctx {
+                    shared: task.clone(),
+                },
+            )
+        });
+        if let Some(fut) = again {
+            if let Some(l) = task.stats.label() {
+                task_event!(
+                    Level::INFO,
+                    l,
+                    "its node was lost: running it again (idempotent)"
+                );
+            }
+            outcome = place_and_run(app, cluster, task, fut, &offload.params).await;
+        }
+    }
+    drop(permit);
+    drop(offload);
+    outcome
+}
+
+/// One placement of a clustered task: here, or on the peer that takes it.
+#[cfg(feature = "cluster")]
+async fn place_and_run(
+    app: &Arc<App>,
+    cluster: &Arc<crate::cluster::Cluster>,
+    task: &Arc<TaskShared>,
+    fut: TaskFuture,
+    params: &crate::cluster::WireParams,
+) -> Outcome {
     use crate::compute::{Claim, Claimed};
     let claim = Arc::new(Claim::default());
     // A local worker is free: the task is this node's (checked before it is
@@ -413,10 +452,10 @@ async fn supervise_clustered(
         .pool
         .spawn(task.conn, task.stats.clone(), None, job)
         .fallible();
-    let outcome = {
-        let remote = cluster.offload(task, &claim, &offload.params, task.conn);
-        tokio::pin!(remote);
-        let mut remote_live = true;
+    let remote = cluster.offload(task, &claim, params, task.conn);
+    tokio::pin!(remote);
+    let mut remote_live = true;
+    {
         loop {
             tokio::select! {
                 biased;
@@ -439,10 +478,7 @@ async fn supervise_clustered(
                 }
             }
         }
-    };
-    drop(permit);
-    drop(offload);
-    outcome
+    }
 }
 
 async fn supervise(
