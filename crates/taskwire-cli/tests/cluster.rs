@@ -75,7 +75,10 @@ fn node(name: &'static str, nats_port: u16) -> Node {
             "--node",
             name,
         ])
-        .env("RUST_LOG", "info")
+        .env(
+            "RUST_LOG",
+            std::env::var("CLUSTER_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -168,7 +171,7 @@ async fn answer(ws: &mut Ws, id: i64, progress: &mut usize) -> Value {
         }
     })
     .await
-    .expect("an answer in time")
+    .unwrap_or_else(|_| panic!("an answer to request {id} in time"))
 }
 
 /// Two nodes that have seen each other.
@@ -223,7 +226,12 @@ async fn a_busy_node_sends_tasks_to_its_peer_and_everything_crosses_the_wire() {
     }
     let mut progress = 0;
     for i in 0..1 {
-        let v = answer(&mut ws, 10 + i, &mut progress).await;
+        let v = tokio::time::timeout(
+            WAIT - Duration::from_secs(1),
+            answer(&mut ws, 10 + i, &mut progress),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("no answer; A: {}\nB: {}", a.log(), b.log()));
         assert_eq!(v["result"]["count"], 148933, "{v}");
     }
     assert!(progress > 0, "progress from B reached the client");
@@ -256,6 +264,21 @@ async fn a_busy_node_sends_tasks_to_its_peer_and_everything_crosses_the_wire() {
     .await
     .unwrap();
     assert!(rid.starts_with("B/"), "{rid}");
+    // Either node's cluster table lists it where it runs, by its qualified id.
+    for n in [&*a2, &b] {
+        let table = n.get("/admin/cluster/tasks");
+        let rows = table["tasks"].as_array().cloned().unwrap_or_default();
+        assert!(
+            rows.iter()
+                .any(|t| t["qid"] == rid.as_str() && t["node"] == "B"),
+            "{table}"
+        );
+        assert!(
+            rows.iter()
+                .any(|t| t["node"] == "A" && t["runsOn"] == rid.as_str()),
+            "{table}"
+        );
+    }
     send(
         &mut ws,
         json!({"jsonrpc":"2.0","method":"$/cancelRequest","params":{"id":20}}),

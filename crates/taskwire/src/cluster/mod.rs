@@ -42,7 +42,7 @@ use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::compute::{Claim, ComputePool, Permit};
-use crate::observe::{ConnInfo, ConnView, Hooks, Observer};
+use crate::observe::{ConnInfo, ConnView, Hooks, Observer, TaskQuery};
 use crate::protocol::{codes, Id, Params};
 use crate::registry::{Registry, TaskDef, TaskFuture};
 use crate::sync::{lock, Outbox};
@@ -211,6 +211,8 @@ pub(crate) struct Cluster {
     groups: Mutex<HashMap<u64, Arc<RemoteConn>>>,
     partials: Mutex<Partials>,
     metrics: Metrics,
+    /// Held while a task is placed here or queued for a peer.
+    placing: Mutex<()>,
     seq: AtomicU64,
     xfer: AtomicU64,
     stop: CancellationToken,
@@ -237,6 +239,16 @@ fn random_u64() -> u64 {
 fn inbox(node: &str) -> String {
     format!("taskwire.node.{node}")
 }
+
+/// Where a node answers its peers' admin questions (request/reply).
+fn admin_subject(node: &str) -> String {
+    format!("taskwire.admin.{node}")
+}
+
+/// Most tasks a node lists for the cluster table: its own table's default.
+const CLUSTER_TABLE_TASKS: usize = 500;
+/// How long the cluster table waits for each peer's part.
+const TABLE_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn stopped_to_u8(s: Stopped) -> u8 {
     match s {
@@ -390,6 +402,7 @@ impl Cluster {
             groups: Mutex::new(HashMap::new()),
             partials: Mutex::new(Partials::default()),
             metrics: Metrics::default(),
+            placing: Mutex::new(()),
             seq: AtomicU64::new(0),
             xfer: AtomicU64::new(random_u64() >> 1),
             stop: shutdown,
@@ -401,6 +414,12 @@ impl Cluster {
             Err(_) => tracing::error!("cluster: no Tokio runtime to join from; serving alone"),
         }
         c
+    }
+
+    /// Held while a task is placed: "is a worker free?" and queueing the
+    /// task are one step.
+    pub(crate) fn placing(&self) -> std::sync::MutexGuard<'_, ()> {
+        lock(&self.placing)
     }
 
     /// This node's name.
@@ -568,21 +587,25 @@ impl Cluster {
                 progress: task.wants_progress(),
             };
             let sent_at = Instant::now();
+            tracing::debug!(task = task.id, peer = %node, "cluster: offering");
             self.send(&node, &offer).await;
             match tokio::time::timeout(OFFER_TIMEOUT, reply_rx).await {
                 Ok(Ok(OfferReply::Accepted)) => {
+                    tracing::debug!(task = task.id, peer = %node, "cluster: accepted");
                     self.observe_latency(sent_at.elapsed());
                     self.count(&node, true);
                     claim.offer_taken();
                     break (node, guard, done_rx);
                 }
                 Ok(Ok(OfferReply::Refused)) => {
+                    tracing::debug!(task = task.id, peer = %node, "cluster: refused");
                     guard.cancel_on_drop = false;
                     drop(guard);
                     claim.release();
                     claim.offer_refused();
                 }
                 _ => {
+                    tracing::debug!(task = task.id, peer = %node, "cluster: no answer to an offer");
                     // No answer (or the peer was lost): the guard tells the
                     // peer to stop it, should the offer have reached it.
                     drop(guard);
@@ -631,6 +654,78 @@ impl Cluster {
             .iter()
             .map(|(id, s)| (*id, s.node.clone(), s.remote_id))
             .collect()
+    }
+
+    /// This node's tasks as the cluster table lists them: each with its
+    /// node and node-qualified id (`A/17`), and, for a task sent to a peer,
+    /// where it runs (`runsOn: "B/4"`).
+    fn own_tasks(&self) -> Vec<serde_json::Value> {
+        let sent: HashMap<u64, String> = self
+            .sent_tasks()
+            .into_iter()
+            .filter_map(|(id, node, r)| r.map(|r| (id, format!("{node}/{r}"))))
+            .collect();
+        let q = TaskQuery {
+            limit: Some(CLUSTER_TABLE_TASKS),
+            ..TaskQuery::default()
+        };
+        self.parts
+            .observer
+            .tasks(&q)
+            .into_iter()
+            .filter_map(|t| {
+                let id = t.id;
+                let mut v = serde_json::to_value(t).ok()?;
+                v["node"] = serde_json::Value::from(self.node.as_ref());
+                v["qid"] = serde_json::Value::from(format!("{}/{id}", self.node));
+                if let Some(r) = sent.get(&id) {
+                    v["runsOn"] = serde_json::Value::from(r.as_str());
+                }
+                Some(v)
+            })
+            .collect()
+    }
+
+    /// Every node's tasks: this node's and each peer's that answers within
+    /// [`TABLE_TIMEOUT`] (the others are named in `unreachable`).
+    pub(crate) async fn cluster_tasks(&self) -> serde_json::Value {
+        let mut tasks = self.own_tasks();
+        let peers: Vec<Arc<str>> = lock(&self.peers).keys().cloned().collect();
+        let mut unreachable = Vec::new();
+        if let (Some(client), true) = (self.client.get(), self.connected()) {
+            let asks = peers.iter().map(|p| {
+                let client = client.clone();
+                let subject = admin_subject(p);
+                async move {
+                    let r = tokio::time::timeout(
+                        TABLE_TIMEOUT,
+                        client.request(subject, "tasks".into()),
+                    )
+                    .await;
+                    match r {
+                        Ok(Ok(m)) => {
+                            serde_json::from_slice::<Vec<serde_json::Value>>(&m.payload).ok()
+                        }
+                        _ => None,
+                    }
+                }
+            });
+            let answers = futures_util::future::join_all(asks).await;
+            for (p, a) in peers.iter().zip(answers) {
+                match a {
+                    Some(t) => tasks.extend(t),
+                    None => unreachable.push(p.to_string()),
+                }
+            }
+        } else {
+            unreachable.extend(peers.iter().map(|p| p.to_string()));
+        }
+        serde_json::json!({
+            "node": self.node.as_ref(),
+            "natsConnected": self.connected(),
+            "tasks": tasks,
+            "unreachable": unreachable,
+        })
     }
 
     /// The cluster's families for `/metrics` (OpenMetrics text).
@@ -844,20 +939,28 @@ impl Cluster {
                     Msg::Offer { from, rid, .. } => (from.clone(), *rid),
                     _ => return,
                 };
-                let answer = match self.host(msg) {
-                    Some(task) => Msg::Accept {
-                        from: self.node.to_string(),
-                        rid,
-                        task,
-                        spare: self.parts.pool.spare() as u32,
-                    },
-                    None => Msg::Refuse {
-                        from: self.node.to_string(),
-                        rid,
-                        spare: self.parts.pool.spare() as u32,
-                    },
-                };
-                self.send(&from, &answer).await;
+                match self.host(msg) {
+                    Some((task, run)) => {
+                        let accept = Msg::Accept {
+                            from: self.node.to_string(),
+                            rid,
+                            task,
+                            spare: self.parts.pool.spare().saturating_sub(1) as u32,
+                        };
+                        // Accepted first, then started: the origin hears of
+                        // the task before any progress or answer of it.
+                        self.send(&from, &accept).await;
+                        tokio::spawn(run);
+                    }
+                    None => {
+                        let refuse = Msg::Refuse {
+                            from: self.node.to_string(),
+                            rid,
+                            spare: self.parts.pool.spare() as u32,
+                        };
+                        self.send(&from, &refuse).await;
+                    }
+                }
             }
             Msg::Accept {
                 from,
@@ -896,6 +999,11 @@ impl Cluster {
             } => {
                 let s = lock(&self.sent).remove(&rid);
                 if let Some(mut s) = s {
+                    // Should the answer overtake the acceptance, it stands
+                    // for it: the task ran there.
+                    if let Some(r) = s.reply.take() {
+                        let _ = r.send(OfferReply::Accepted);
+                    }
                     if let Some(d) = s.done.take() {
                         let _ = d.send((from_wire(outcome), cpu_ns));
                     }
@@ -925,8 +1033,12 @@ impl Cluster {
 }
 
 impl Cluster {
-    /// Runs an offered task here if a worker is free for it now; its id here.
-    fn host(self: &Arc<Self>, offer: Msg) -> Option<u64> {
+    /// Takes an offered task if a worker is free for it now: its id here,
+    /// and the future that runs it and answers the origin.
+    fn host(
+        self: &Arc<Self>,
+        offer: Msg,
+    ) -> Option<(u64, impl std::future::Future<Output = ()> + Send + 'static)> {
         let Msg::Offer {
             from,
             inc,
@@ -992,10 +1104,20 @@ impl Cluster {
             },
         );
         self.count(&origin, false);
+        // Queued now, so that the next offer sees this worker taken; its
+        // progress waits in `outbox` until the origin has the acceptance.
+        let handle = pool
+            .spawn(
+                group.id,
+                task.stats.clone(),
+                permit,
+                guarded(task.clone(), fut),
+            )
+            .fallible();
         let c = self.clone();
-        tokio::spawn(async move {
+        let run = async move {
             let forward = c.forward_progress(&origin, rid, &task, &outbox);
-            let run = run_hosted(&c.parts.pool, &task, fut, permit);
+            let run = run_hosted(&task, handle);
             tokio::pin!(run);
             tokio::pin!(forward);
             let outcome = tokio::select! {
@@ -1026,8 +1148,8 @@ impl Cluster {
                 spare: c.parts.pool.spare() as u32,
             };
             c.send(&origin, &msg).await;
-        });
-        Some(id)
+        };
+        Some((id, run))
     }
 
     /// Sends the task's progress to its origin as it comes; ends when the
@@ -1097,22 +1219,12 @@ impl Cluster {
     }
 }
 
-/// Runs a hosted task on this node's pool to its outcome, its deadline and
-/// stops applied as for a local task.
+/// Awaits a hosted task's outcome, its deadline and stops applied as for a
+/// local task.
 async fn run_hosted(
-    pool: &ComputePool,
     task: &Arc<TaskShared>,
-    fut: TaskFuture,
-    permit: Permit,
+    mut handle: async_task::FallibleTask<Outcome, Arc<crate::compute::JobMeta>>,
 ) -> Outcome {
-    let mut handle = pool
-        .spawn(
-            task.conn,
-            task.stats.clone(),
-            permit,
-            guarded(task.clone(), fut),
-        )
-        .fallible();
     tokio::select! {
         biased;
         out = &mut handle => out.unwrap_or(Outcome::Lost),
@@ -1165,8 +1277,9 @@ async fn run(c: Arc<Cluster>) {
     let _ = c.client.set(client.clone());
     let beats = client.subscribe(BEAT_SUBJECT).await;
     let msgs = client.subscribe(inbox(&c.node)).await;
-    let (mut beats, mut msgs) = match (beats, msgs) {
-        (Ok(b), Ok(m)) => (b, m),
+    let admin = client.subscribe(admin_subject(&c.node)).await;
+    let (mut beats, mut msgs, mut admin) = match (beats, msgs, admin) {
+        (Ok(b), Ok(m), Ok(a)) => (b, m, a),
         _ => {
             tracing::error!("cluster: cannot subscribe; serving alone");
             return;
@@ -1194,6 +1307,21 @@ async fn run(c: Arc<Cluster>) {
                 let Some(m) = m else { break };
                 if let Ok(b) = serde_json::from_slice::<Beat>(&m.payload) {
                     c.on_beat(b);
+                }
+            }
+            m = admin.next() => {
+                let Some(m) = m else { break };
+                if let Some(reply) = m.reply {
+                    let mut tasks = c.own_tasks();
+                    // One NATS message: halve the list until it fits.
+                    let mut body = serde_json::to_vec(&tasks).unwrap_or_default();
+                    while body.len() > 3 * wire::CHUNK_BYTES && !tasks.is_empty() {
+                        tasks.truncate(tasks.len() / 2);
+                        body = serde_json::to_vec(&tasks).unwrap_or_default();
+                    }
+                    if c.connected() {
+                        let _ = client.publish(reply, body.into()).await;
+                    }
                 }
             }
             m = msgs.next() => {

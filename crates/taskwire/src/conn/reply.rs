@@ -442,16 +442,19 @@ async fn place_and_run(
 ) -> Outcome {
     use crate::compute::{Claim, Claimed};
     let claim = Arc::new(Claim::default());
-    // A local worker is free: the task is this node's (checked before it is
-    // queued, so that it does not count itself).
-    if app.pool.spare() > 0 {
-        claim.take_local();
-    }
     let job = Claimed::new(claim.clone(), guarded(task.clone(), fut));
-    let mut handle = app
-        .pool
-        .spawn(task.conn, task.stats.clone(), None, job)
-        .fallible();
+    let mut handle = {
+        // A local worker is free: the task is this node's. Checked and
+        // queued as one step, so that two tasks do not both see the one
+        // free worker.
+        let _placing = cluster.placing();
+        if app.pool.spare() > 0 {
+            claim.take_local();
+        }
+        app.pool
+            .spawn(task.conn, task.stats.clone(), None, job)
+            .fallible()
+    };
     let remote = cluster.offload(task, &claim, params, task.conn);
     tokio::pin!(remote);
     let mut remote_live = true;

@@ -98,6 +98,7 @@ pub(crate) fn routes(app: &Arc<App>) -> Router<Arc<App>> {
         .route("/admin/sessions/{id}/end", post(end_session))
         .route("/admin/stats", get(stats))
         .route("/admin/cluster", get(cluster))
+        .route("/admin/cluster/tasks", get(cluster_tasks))
         .route("/admin/events", get(events))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(
@@ -235,6 +236,17 @@ async fn cluster(State(app): State<AdminState>) -> Response {
     }
     let _ = &app;
     Json(serde_json::json!({ "node": null, "natsConnected": false, "peers": [] })).into_response()
+}
+
+/// `GET /admin/cluster/tasks`: every node's tasks, each with `node` and a
+/// node-qualified `qid` (`B/17`); without a cluster, this node's alone.
+async fn cluster_tasks(State(app): State<AdminState>) -> Response {
+    #[cfg(feature = "cluster")]
+    if let Some(c) = &app.cluster {
+        return Json(c.cluster_tasks().await).into_response();
+    }
+    let tasks = app.observer.tasks(&TaskQuery::default());
+    Json(serde_json::json!({ "node": null, "tasks": tasks, "unreachable": [] })).into_response()
 }
 
 /// `POST /admin/tasks/{id}/kill`: `id` is a task of this node, or
