@@ -118,6 +118,7 @@ pub(crate) fn new_app(
     };
     let next_task = Arc::new(AtomicU64::new(1));
     let shutdown = CancellationToken::new();
+    let hard_stop = CancellationToken::new();
     #[cfg(feature = "cluster")]
     let cluster = cfg.nats.as_ref().filter(|u| !u.is_empty()).map(|url| {
         crate::cluster::Cluster::start(
@@ -140,6 +141,7 @@ pub(crate) fn new_app(
                 next_task: next_task.clone(),
             },
             shutdown.clone(),
+            hard_stop.clone(),
         )
     });
     Ok(Arc::new(App {
@@ -165,7 +167,7 @@ pub(crate) fn new_app(
         per_ip: Arc::default(),
         http_conns: Arc::default(),
         http_per_ip: Arc::default(),
-        hard_stop: CancellationToken::new(),
+        hard_stop,
         outbound_total: Arc::default(),
         refusal_log: LogLimiter::new(Duration::from_secs(1)),
         sessions: SessionStore::new(Bounds {

@@ -215,7 +215,10 @@ pub(crate) struct Cluster {
     placing: Mutex<()>,
     seq: AtomicU64,
     xfer: AtomicU64,
+    /// The server's shutdown began: no more offers taken.
     stop: CancellationToken,
+    /// The shutdown's grace is over: hosted tasks stop, the node leaves.
+    hard_stop: CancellationToken,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -386,8 +389,15 @@ impl Drop for SentGuard {
 
 impl Cluster {
     /// Joins the cluster (connecting in the background, and again whenever
-    /// the connection is lost) until `shutdown` fires.
-    pub(crate) fn start(set: Settings, parts: Parts, shutdown: CancellationToken) -> Arc<Cluster> {
+    /// the connection is lost). From `shutdown` on it takes no more tasks
+    /// from peers; at `hard_stop` (the end of the shutdown's grace) it stops
+    /// the tasks it runs for peers, answers them, and leaves.
+    pub(crate) fn start(
+        set: Settings,
+        parts: Parts,
+        shutdown: CancellationToken,
+        hard_stop: CancellationToken,
+    ) -> Arc<Cluster> {
         let c = Arc::new(Cluster {
             node: Arc::from(set.node.as_str()),
             inc: random_u64(),
@@ -406,6 +416,7 @@ impl Cluster {
             seq: AtomicU64::new(0),
             xfer: AtomicU64::new(random_u64() >> 1),
             stop: shutdown,
+            hard_stop,
         });
         match tokio::runtime::Handle::try_current() {
             Ok(h) => {
@@ -1125,6 +1136,11 @@ impl Cluster {
                 o = &mut run => o,
                 _ = &mut forward => run.await,
             };
+            // Dropped by this node's pool as it shut down.
+            let outcome = match outcome {
+                Outcome::Lost if c.stop.is_cancelled() => Outcome::Err(Stopped::Shutdown.into()),
+                o => o,
+            };
             outbox.close();
             // The latest progress before the answer, as on one node.
             if task.close_progress() {
@@ -1294,7 +1310,7 @@ async fn run(c: Arc<Cluster>) {
     reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = c.stop.cancelled() => break,
+            _ = c.hard_stop.cancelled() => break,
             _ = tick.tick() => {
                 if c.connected() {
                     if let Ok(b) = serde_json::to_vec(&c.beat()) {
@@ -1333,7 +1349,156 @@ async fn run(c: Arc<Cluster>) {
             }
         }
     }
-    // Shutting down: the peers stop hearing beats and clean up after
-    // `cluster_dead_ms`; a drain lets the last answers out first.
+    // Shutting down: the tasks run for peers stop and are answered (-32005
+    // at their origins) before the node leaves; the peers stop hearing beats
+    // and treat it as lost after `cluster_dead_ms`. A drain lets the last
+    // answers out first.
+    let hosted: Vec<Arc<TaskShared>> = lock(&c.hosted).values().map(|h| h.task.clone()).collect();
+    for t in hosted {
+        t.stop(Stopped::Shutdown);
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while !lock(&c.hosted).is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     let _ = client.drain().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compute::ComputeConfig;
+
+    /// A node that never connects (no runtime to join from): its tables only.
+    fn offline() -> Arc<Cluster> {
+        let pool = ComputePool::new(ComputeConfig {
+            workers: 1,
+            nice: 0,
+            ..ComputeConfig::default()
+        });
+        Cluster::start(
+            Settings {
+                url: "nats://127.0.0.1:1".into(),
+                node: "a".into(),
+                offload_after: Duration::from_millis(10),
+                beat: Duration::from_millis(500),
+                dead_after: Duration::from_secs(3),
+            },
+            Parts {
+                registry: Registry::new(),
+                pool,
+                hooks: Arc::new(()),
+                observer: Arc::new(Observer::new(&[], 1)),
+                states: None,
+                next_task: Arc::new(AtomicU64::new(1)),
+            },
+            CancellationToken::new(),
+            CancellationToken::new(),
+        )
+    }
+
+    fn beat(node: &str, inc: u64) -> Beat {
+        Beat {
+            node: node.into(),
+            inc,
+            seq: 0,
+            spare: 1,
+            workers: 1,
+            queued: 0,
+        }
+    }
+
+    #[test]
+    fn the_peers_table_is_bounded() {
+        let c = offline();
+        for i in 0..MAX_PEERS + 50 {
+            c.on_beat(beat(&format!("n{i}"), 1));
+        }
+        assert_eq!(c.peer_count(), MAX_PEERS);
+        // Its own beats are not a peer's.
+        c.on_beat(beat("a", c.inc));
+        assert_eq!(c.peer_count(), MAX_PEERS);
+    }
+
+    fn sent_to(c: &Cluster, node: &str, rid: u64) -> oneshot::Receiver<(Outcome, u64)> {
+        let (done, rx) = oneshot::channel();
+        let task = TaskShared::new(TaskInit {
+            id: rid,
+            conn: 1,
+            request_id: None,
+            method: Arc::from("spin"),
+            kind: TaskKind::Cpu,
+            timeout_ms: None,
+            progress_token: None,
+            outbound: Arc::new(Outbox::new(1)),
+            caller: None,
+            state: None,
+        });
+        lock(&c.sent).insert(
+            rid,
+            Sent {
+                node: Arc::from(node),
+                task,
+                reply: None,
+                done: Some(done),
+                remote_id: Some(1),
+            },
+        );
+        rx
+    }
+
+    #[test]
+    fn a_lost_peer_s_tasks_are_answered_node_lost_and_the_others_go_on() {
+        let c = offline();
+        c.on_beat(beat("b", 1));
+        c.on_beat(beat("c", 1));
+        let mut on_b = sent_to(&c, "b", 7);
+        let mut on_c = sent_to(&c, "c", 8);
+        // Silence past `cluster_dead_ms` for b only.
+        if let Some(p) = lock(&c.peers).get_mut("b") {
+            p.last = Instant::now() - Duration::from_secs(4);
+        }
+        c.reap();
+        let (o, _) = on_b.try_recv().expect("answered");
+        assert!(is_node_lost(&o));
+        match o {
+            Outcome::Err(TaskError::Failed { data, .. }) => {
+                assert_eq!(data, Some(serde_json::json!({"node": "b"})))
+            }
+            _ => unreachable!(),
+        }
+        assert!(on_c.try_recv().is_err(), "c's task still runs");
+        assert_eq!(c.peer_count(), 1);
+    }
+
+    #[test]
+    fn a_restarted_peer_loses_its_earlier_tasks_at_once() {
+        let c = offline();
+        c.on_beat(beat("b", 1));
+        let mut rx = sent_to(&c, "b", 7);
+        c.on_beat(beat("b", 2));
+        assert!(is_node_lost(&rx.try_recv().expect("answered").0));
+        assert_eq!(c.peer_count(), 1);
+    }
+
+    #[test]
+    fn outcomes_cross_the_wire_unchanged() {
+        let ok = RawValue::from_string(r#"{"n":1}"#.into()).expect("json");
+        for o in [
+            Outcome::Ok(ok),
+            Outcome::Err(TaskError::Stopped(Stopped::DeadlineExceeded)),
+            Outcome::Err(TaskError::Failed {
+                code: -32050,
+                message: "no".into(),
+                data: Some(serde_json::json!([1])),
+            }),
+            Outcome::Crashed("boom".into()),
+        ] {
+            let kind = o.kind();
+            let back = from_wire(to_wire(&o, Some(5)));
+            assert_eq!(back.kind(), kind);
+        }
+    }
 }
