@@ -62,8 +62,9 @@ const MAX_PEERS: usize = 256;
 /// How long a stopped task that never reaches a checkpoint is waited for.
 const STOP_GRACE: Duration = Duration::from_secs(1);
 /// Upper bounds (µs) of the remote dispatch latency histogram's buckets.
-const LATENCY_BUCKETS_US: [u64; 10] = [
-    100, 200, 300, 500, 1_000, 2_000, 5_000, 10_000, 50_000, 250_000,
+const LATENCY_BUCKETS_US: [u64; 20] = [
+    50, 100, 150, 200, 250, 300, 350, 400, 450, 500, 600, 750, 1_000, 2_000, 5_000, 10_000, 50_000,
+    250_000, 1_000_000, 5_000_000,
 ];
 
 /// What a node needs to join a cluster.
@@ -237,6 +238,15 @@ fn random_u64() -> u64 {
             .unwrap_or(1);
     }
     u64::from_le_bytes(b)
+}
+
+/// The NATS URL as logged: credentials in it (`nats://user:pass@host`) are
+/// not.
+fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
+        _ => url.to_string(),
+    }
 }
 
 fn inbox(node: &str) -> String {
@@ -1283,7 +1293,7 @@ async fn run(c: Arc<Cluster>) {
     let client = match opts.connect(c.set.url.as_str()).await {
         Ok(cl) => cl,
         Err(e) => {
-            tracing::error!(error = %e, url = %c.set.url, "cluster: cannot use this NATS address; serving alone");
+            tracing::error!(error = %e, url = %redacted(&c.set.url), "cluster: cannot use this NATS address; serving alone");
             return;
         }
     };
@@ -1301,7 +1311,7 @@ async fn run(c: Arc<Cluster>) {
             return;
         }
     };
-    tracing::info!(node = %c.node, url = %c.set.url, "cluster: joining");
+    tracing::info!(node = %c.node, url = %redacted(&c.set.url), "cluster: joining");
     let mut tick = tokio::time::interval(c.set.beat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Checked more often than beats come, so that a loss is seen within
@@ -1408,6 +1418,15 @@ mod tests {
             workers: 1,
             queued: 0,
         }
+    }
+
+    #[test]
+    fn credentials_in_the_url_are_not_logged() {
+        assert_eq!(
+            redacted("nats://u:secret@10.0.0.1:4222"),
+            "nats://***@10.0.0.1:4222"
+        );
+        assert_eq!(redacted("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
     }
 
     #[test]

@@ -245,9 +245,12 @@ pub(super) fn admit(
     let ctx = Ctx {
         shared: task.clone(),
     };
+    // Only CPU tasks may run on another node. The seam for WebAssembly
+    // tasks (docs/CLUSTER.md): once peers fetch modules by hash, they keep
+    // their params here too.
     let offload = match def.kind {
         TaskKind::Cpu => Offload::keep(app, conn, &req.params),
-        TaskKind::Io => None,
+        _ => None,
     };
     let fut = match (def.call)(ctx, req.params) {
         Ok(f) => f,
