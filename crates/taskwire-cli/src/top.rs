@@ -47,6 +47,46 @@ pub struct TopArgs {
     /// Kill this task id and exit.
     #[arg(long)]
     pub kill: Option<u64>,
+    /// Print the cluster's task table once (every node's tasks, with
+    /// node-qualified ids such as `b/17`) and exit.
+    #[arg(long)]
+    pub cluster: bool,
+    /// Kill task `NODE/ID` of any node of the cluster, and exit.
+    #[arg(long, value_name = "NODE/ID")]
+    pub kill_on: Option<String>,
+}
+
+/// The cluster's task table as text (`GET /admin/cluster/tasks`).
+pub fn render_cluster(v: &Value) -> String {
+    let mut out = format!(
+        "node {} · NATS {}\n",
+        v["node"].as_str().unwrap_or("-"),
+        if v["natsConnected"].as_bool() == Some(true) {
+            "connected"
+        } else {
+            "not connected: serving alone"
+        }
+    );
+    if let Some(u) = v["unreachable"].as_array().filter(|u| !u.is_empty()) {
+        let names: Vec<&str> = u.iter().filter_map(Value::as_str).collect();
+        out.push_str(&format!("unreachable: {}\n", names.join(", ")));
+    }
+    out.push_str(&format!(
+        "{:<12} {:<8} {:<14} {:<9} {:>8} {:<12}\n",
+        "TASK", "NODE", "METHOD", "STATE", "CPU s", "RUNS ON"
+    ));
+    for t in v["tasks"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "{:<12} {:<8} {:<14} {:<9} {:>8.1} {:<12}\n",
+            t["qid"].as_str().unwrap_or("-"),
+            t["node"].as_str().unwrap_or("-"),
+            t["method"].as_str().unwrap_or("-"),
+            t["state"].as_str().unwrap_or("-"),
+            t["cpuMs"].as_f64().unwrap_or(0.0) / 1000.0,
+            t["runsOn"].as_str().unwrap_or(""),
+        ));
+    }
+    out
 }
 
 /// Bytes in a short human unit, for a narrow column.
@@ -569,9 +609,21 @@ impl AdminClient {
         })
     }
 
+    /// Kills task `NODE/ID` of any node of the cluster.
+    pub fn kill_on(&self, qid: &str) -> Result<(), String> {
+        let Some((node, id)) = qid.split_once('/') else {
+            return Err(format!("{qid:?} is not NODE/ID"));
+        };
+        let id: u64 = id.parse().map_err(|_| format!("{qid:?} is not NODE/ID"))?;
+        self.kill_path(&format!("/admin/tasks/{node}/{id}/kill"), qid)
+    }
+
     /// Kills a task; its client gets -32004.
     pub fn kill(&self, id: u64) -> Result<(), String> {
-        let path = format!("/admin/tasks/{id}/kill");
+        self.kill_path(&format!("/admin/tasks/{id}/kill"), &id.to_string())
+    }
+
+    fn kill_path(&self, path: &str, id: &str) -> Result<(), String> {
         let mut req = self.agent.post(format!("{}{path}", self.base));
         if let Some(a) = self.auth() {
             req = req.header("Authorization", a);
@@ -632,6 +684,18 @@ fn run_blocking(args: TopArgs) -> Result<(), String> {
     if let Some(id) = args.kill {
         client.kill(id)?;
         println!("killed task {id}");
+        return Ok(());
+    }
+    if let Some(q) = &args.kill_on {
+        client.kill_on(q)?;
+        println!("killed task {q}");
+        return Ok(());
+    }
+    if args.cluster {
+        print!(
+            "{}",
+            render_cluster(&client.get::<Value>("/admin/cluster/tasks")?)
+        );
         return Ok(());
     }
     let mut model = Model::default();

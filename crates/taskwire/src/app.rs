@@ -48,7 +48,9 @@ pub(crate) struct App {
     /// The admin API's access rule, shared with its handlers.
     pub admin: Arc<AdminAccess>,
     pub shutdown: CancellationToken,
-    pub next_task: AtomicU64,
+    /// Task ids of this node (shared with the cluster, which numbers the
+    /// tasks it runs for peers from the same counter).
+    pub next_task: Arc<AtomicU64>,
     pub next_conn: AtomicU64,
     /// Open WebSockets: in all, and per address group.
     pub(crate) open_conns: Arc<AtomicUsize>,
@@ -66,6 +68,9 @@ pub(crate) struct App {
     pub(crate) refusal_log: LogLimiter,
     /// Every session, attached or detached.
     pub(crate) sessions: Arc<SessionStore>,
+    /// This node's cluster, when `nats` is set.
+    #[cfg(feature = "cluster")]
+    pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// The state shared by every connection, and the compute pool started.
@@ -111,7 +116,37 @@ pub(crate) fn new_app(
     } else {
         Arc::new(())
     };
+    let next_task = Arc::new(AtomicU64::new(1));
+    let shutdown = CancellationToken::new();
+    let hard_stop = CancellationToken::new();
+    #[cfg(feature = "cluster")]
+    let cluster = cfg.nats.as_ref().filter(|u| !u.is_empty()).map(|url| {
+        crate::cluster::Cluster::start(
+            crate::cluster::Settings {
+                url: url.clone(),
+                node: cfg
+                    .node
+                    .clone()
+                    .unwrap_or_else(crate::cluster::default_node_name),
+                offload_after: cfg.cluster_offload,
+                beat: cfg.cluster_beat,
+                dead_after: cfg.cluster_dead_after,
+            },
+            crate::cluster::Parts {
+                registry: registry.clone(),
+                pool: pool.clone(),
+                hooks: hooks.clone(),
+                observer: observer.clone(),
+                states: registry.states(),
+                next_task: next_task.clone(),
+            },
+            shutdown.clone(),
+            hard_stop.clone(),
+        )
+    });
     let app = Arc::new(App {
+        #[cfg(feature = "cluster")]
+        cluster,
         observer,
         hooks,
         admin: Arc::new(AdminAccess {
@@ -124,15 +159,15 @@ pub(crate) fn new_app(
         registry,
         discover,
         pool,
-        shutdown: CancellationToken::new(),
-        next_task: AtomicU64::new(1),
+        shutdown,
+        next_task,
         next_conn: AtomicU64::new(1),
         open_conns: Arc::default(),
         conns_changed: Notify::new(),
         per_ip: Arc::default(),
         http_conns: Arc::default(),
         http_per_ip: Arc::default(),
-        hard_stop: CancellationToken::new(),
+        hard_stop,
         outbound_total: Arc::default(),
         refusal_log: LogLimiter::new(Duration::from_secs(1)),
         sessions: SessionStore::new(Bounds {

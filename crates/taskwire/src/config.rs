@@ -787,6 +787,21 @@ settings! {
     sessions_detached => sessions_detached: usize = Some(10_000), min 1;
     /// Bytes of responses kept by all detached sessions (as `sessions_detached`).
     session_bytes_total => session_bytes_total: Bytes = Some(1 << 30), min 1024;
+    /// NATS server through which this node joins a cluster
+    /// (`nats://HOST:PORT`); without one the node serves alone. Needs the
+    /// library's `cluster` feature (on in the `taskwire` binary).
+    nats => nats: Opt<String> = None, shown "none: the node serves alone";
+    /// This node's name in the cluster: letters, digits, `-` and `_`, unique
+    /// among the nodes (task ids elsewhere read `NAME/ID`).
+    node => node: Opt<String> = None, shown "hostname-pid";
+    /// How long a CPU task waits in the local queue before it may run on a
+    /// peer that announced spare workers.
+    cluster_offload_ms => cluster_offload: Millis = Some(10), min 1;
+    /// How often a node announces itself (its spare workers and queue) to its peers.
+    cluster_beat_ms => cluster_beat: Millis = Some(500), min 10;
+    /// Silence after which a peer is taken as lost: its tasks are answered
+    /// `-32008`, and tasks it sent here are cancelled.
+    cluster_dead_ms => cluster_dead_after: Millis = Some(3_000), min 100;
     /// Offer the demo tasks `spin`, `runaway` and `crash` (a CPU burner, a task
     /// that never ends, a task that panics), for binaries that offer them: any
     /// client may then burn CPU until stopped; for one's own machine only.
@@ -1188,6 +1203,30 @@ impl Config {
             return Err(invalid(
                 "session_window_ms",
                 "must be at most 900000 (15 minutes)",
+            ));
+        }
+        if let Some(n) = &self.node {
+            let ok = !n.is_empty()
+                && n.len() <= 64
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !ok {
+                return Err(invalid(
+                    "node",
+                    "must be 1 to 64 letters, digits, `-` or `_` (it is part of NATS subjects)",
+                ));
+            }
+        }
+        if self.nats.as_deref().is_some_and(|u| !u.is_empty()) && !cfg!(feature = "cluster") {
+            return Err(invalid(
+                "nats",
+                "this build has no cluster support (the library's `cluster` feature)",
+            ));
+        }
+        if self.cluster_dead_after <= self.cluster_beat * 2 {
+            return Err(invalid(
+                "cluster_dead_ms",
+                "must be more than twice cluster_beat_ms (one lost beat is not a lost node)",
             ));
         }
         if self.admin_token.as_deref() == Some("") {

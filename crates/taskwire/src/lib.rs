@@ -55,6 +55,7 @@
 //! | `observe` | the hooks a connection calls; the live table, metrics, `observe::api` |
 //! | `caller` | who is calling: the connect hook, `Caller`, `TokenAuth` |
 //! | `session` | sessions: numbered responses kept across reconnects, tokens, bounds |
+//! | `cluster` | nodes over NATS: heartbeats, peers, offloading CPU tasks, remote runs |
 //! | `app` | `App`: the state every connection shares |
 //! | `conn` | one WebSocket: state, reader, admit, reply, writer |
 //! | `http` | `Server`, router, accept loop, upgrade checks, security, TLS, admin API |
@@ -66,6 +67,8 @@ pub mod alloc;
 mod app;
 pub mod builtin;
 mod caller;
+#[cfg(feature = "cluster")]
+mod cluster;
 mod compute;
 pub mod config;
 mod conn;

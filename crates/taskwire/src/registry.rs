@@ -29,6 +29,9 @@ pub enum RegisterError {
     /// A task is already registered under this name.
     #[error("task {0:?} is registered twice")]
     Duplicate(String),
+    /// No task is registered under this name (to mark it idempotent).
+    #[error("no task {0:?} is registered")]
+    Unknown(String),
     /// The params can never be sent: JSON-RPC params are an object or an
     /// array, and this type's schema allows neither (a number, a string,
     /// `()`), or it is a struct whose schema lists no properties, so its
@@ -69,6 +72,8 @@ pub struct TaskDef {
     pub(crate) params: Value,
     pub(crate) param_structure: &'static str,
     pub(crate) call: Arc<Erased>,
+    /// Whether running it twice is harmless ([`Registry::idempotent`]).
+    pub(crate) idempotent: bool,
 }
 
 impl std::fmt::Debug for TaskDef {
@@ -92,6 +97,10 @@ impl TaskDef {
     /// The one-line summary.
     pub fn summary(&self) -> &str {
         &self.summary
+    }
+    /// Whether it was marked idempotent ([`Registry::idempotent`]).
+    pub fn is_idempotent(&self) -> bool {
+        self.idempotent
     }
     /// The JSON Schema of the params.
     pub fn params_schema(&self) -> &Value {
@@ -243,9 +252,32 @@ impl Registry {
                 params,
                 param_structure,
                 call: Arc::new(call),
+                idempotent: false,
             },
         );
         Ok(self)
+    }
+
+    /// Marks the task `name` as idempotent: running it twice is harmless.
+    /// In a cluster, such a task whose node was lost is run once more (on
+    /// another node or here) instead of being answered `-32008`; no other
+    /// task is ever re-run.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), taskwire::RegisterError> {
+    /// let mut registry = taskwire::Registry::new();
+    /// taskwire::builtin::register(&mut registry)?;
+    /// registry.idempotent("count_primes")?;
+    /// # Ok(()) }
+    /// ```
+    pub fn idempotent(&mut self, name: &str) -> Result<&mut Self, RegisterError> {
+        match self.tasks.get_mut(name) {
+            Some(def) => {
+                def.idempotent = true;
+                Ok(self)
+            }
+            None => Err(RegisterError::Unknown(name.to_string())),
+        }
     }
 
     /// Shares `state` with every task, as [`Ctx::state::<S>()`](Ctx::state):

@@ -10,6 +10,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::http::Extensions;
+use futures_util::FutureExt;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
@@ -459,7 +460,7 @@ impl TaskShared {
             .and_then(|v| serde_json::from_str(v.get()).ok())
     }
 
-    fn set_progress(self: &Arc<Self>, value: Box<RawValue>) {
+    pub(crate) fn set_progress(self: &Arc<Self>, value: Box<RawValue>) {
         let mut slot = lock(&self.progress);
         if slot.closed {
             return;
@@ -534,6 +535,27 @@ impl TaskShared {
         let token = self.progress_token.as_ref()?;
         let value = slot.latest.as_ref()?;
         Some(crate::protocol::progress_text(token, value))
+    }
+
+    /// For a task run for another node: the latest value to forward, if any
+    /// (the same pacing as [`TaskShared::take_progress_text`]).
+    #[cfg(feature = "cluster")]
+    pub(crate) fn take_progress_value(&self) -> Option<Box<RawValue>> {
+        let mut slot = lock(&self.progress);
+        slot.queued = false;
+        if !slot.unsent {
+            return None;
+        }
+        slot.unsent = false;
+        slot.last_sent = Some(Instant::now());
+        self.progress_sent.fetch_add(1, Ordering::Relaxed);
+        slot.latest.clone()
+    }
+
+    /// Whether its client asked for progress.
+    #[cfg(feature = "cluster")]
+    pub(crate) fn wants_progress(&self) -> bool {
+        self.progress_token.is_some()
     }
 
     /// Progress updates that were folded into a later notification.
@@ -825,6 +847,49 @@ impl Future for Checkpoint<'_> {
 
 /// Output of a task once erased: its result as JSON text.
 pub(crate) type TaskOutput = Result<Box<RawValue>, TaskError>;
+
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic".to_string()
+    }
+}
+
+/// The task's future with stop and panic handling: what runs on either executor.
+pub(crate) async fn guarded<F>(task: Arc<TaskShared>, fut: F) -> Outcome
+where
+    F: Future<Output = TaskOutput>,
+{
+    let stop = task.token.clone();
+    tokio::select! {
+        biased;
+        _ = stop.cancelled() => {
+            Outcome::Err(task.stopped().unwrap_or(Stopped::Cancelled).into())
+        }
+        r = std::panic::AssertUnwindSafe(fut).catch_unwind() => match r {
+            Ok(Ok(v)) => Outcome::Ok(v),
+            Ok(Err(e)) => Outcome::Err(e),
+            Err(p) => Outcome::Crashed(panic_message(&*p)),
+        },
+    }
+}
+
+/// Resolves once the task is told to stop, firing the deadline itself.
+pub(crate) async fn stop_signal(task: &TaskShared) -> Stopped {
+    match task.deadline {
+        Some(d) => {
+            tokio::select! {
+                _ = task.token.cancelled() => {}
+                _ = tokio::time::sleep_until(d.into()) => { task.stop(Stopped::DeadlineExceeded); }
+            }
+        }
+        None => task.token.cancelled().await,
+    }
+    task.stopped().unwrap_or(Stopped::Cancelled)
+}
 
 /// How a task ended.
 pub(crate) enum Outcome {

@@ -30,7 +30,11 @@ pub fn register(r: &mut Registry) -> Result<&mut Registry, RegisterError> {
             "count_primes",
             "Counts the primes below `below`, reporting progress.",
             count_primes,
-        )
+        )?
+        // Pure functions of their params: a cluster may run them again
+        // when the node running them is lost.
+        .idempotent("hash_chain")?
+        .idempotent("count_primes")
 }
 
 /// Registers the demo tasks: spin, runaway and crash. They show off the
@@ -42,6 +46,7 @@ pub fn register(r: &mut Registry) -> Result<&mut Registry, RegisterError> {
 /// If one of these names is already taken in `r`.
 pub fn register_demo(r: &mut Registry) -> Result<&mut Registry, RegisterError> {
     r.cpu("spin", "Burns `ms` milliseconds of its own CPU time.", spin)?
+        .idempotent("spin")?
         .cpu(
             "runaway",
             "Burns CPU until cancelled, timed out or killed.",

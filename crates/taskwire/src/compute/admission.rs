@@ -263,7 +263,7 @@ pin_project_lite::pin_project! {
     /// future is dropped, whether it finished or was cancelled; then the job
     /// is marked as ended, so that its worker does not count it as waiting.
     pub(super) struct Permitted<F> {
-        pub(super) _permit: Permit,
+        pub(super) _permit: Option<Permit>,
         #[pin]
         pub(super) fut: F,
         pub(super) _ends: super::stats::EndsJob,

@@ -45,6 +45,8 @@
 //! `queue.rs` (the policy, a pure data structure).
 
 mod admission;
+#[cfg(feature = "cluster")]
+mod claim;
 mod epoch;
 mod queue;
 mod stats;
@@ -53,6 +55,8 @@ mod worker;
 
 use crate::limit::address_group;
 pub(crate) use admission::{Permit, Refusal};
+#[cfg(feature = "cluster")]
+pub(crate) use claim::{Claim, Claimed};
 pub(crate) use epoch::should_yield;
 pub use epoch::thread_cpu_time;
 pub use queue::RunQueue;
@@ -249,19 +253,50 @@ impl ComputePool {
         )
     }
 
+    #[cfg(feature = "cluster")]
+    /// Admits a job that a peer node sent, counted under its origin
+    /// connection's `group_count` and the pool's limit (no client address:
+    /// the origin node counted that).
+    pub(crate) fn admit_remote(&self, group_count: &Arc<AtomicUsize>) -> Result<Permit, Refusal> {
+        self.admit_inner(group_count, None)
+    }
+
+    #[cfg(feature = "cluster")]
+    /// Workers neither running a job nor spoken for by a queued one: what
+    /// this node can offer its peers.
+    pub(crate) fn spare(&self) -> usize {
+        let p = &self.inner;
+        let queued = crate::sync::lock(&p.queue).len();
+        p.workers
+            .saturating_sub(p.busy.load(Ordering::Relaxed))
+            .saturating_sub(queued)
+    }
+
+    #[cfg(feature = "cluster")]
+    /// Charges CPU time that a job of `group` used on another node, so that
+    /// the group's place in the fair order counts it as if it ran here.
+    pub(crate) fn charge_remote(&self, group: u64, stats: &JobStats, cpu_ns: u64) {
+        let p = &self.inner;
+        stats.cpu_ns.fetch_add(cpu_ns, Ordering::Relaxed);
+        crate::sync::lock(&p.queue).charge(group, cpu_ns, p.now_ns());
+    }
+
     /// Runs a future on the pool, charged to `group`. The returned task yields
     /// its output; dropping it cancels the job (at its next yield if running).
+    /// `permit: None` when the caller holds the job's admission itself (a job
+    /// that may run on another node keeps its slots wherever it runs).
     pub(crate) fn spawn<F>(
         &self,
         group: u64,
         stats: Arc<JobStats>,
-        permit: Permit,
+        permit: impl Into<Option<Permit>>,
         fut: F,
     ) -> async_task::Task<F::Output, Arc<JobMeta>>
     where
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
+        let permit: Option<Permit> = permit.into();
         let ends = EndsJob(stats.clone());
         let submitted = self.submissions.fetch_add(1, Ordering::Relaxed);
         let meta = Arc::new(JobMeta {

@@ -361,6 +361,26 @@ impl<T> RunQueue<T> {
         self.forget_idle(now_ns);
     }
 
+    /// Charges `cpu_ns` used elsewhere (on another node) to `group`, if the
+    /// queue keeps state for it; a group it forgot starts afresh anyway.
+    pub fn charge(&mut self, group: u64, cpu_ns: u64, now_ns: u64) {
+        let tau = self.tau_ns;
+        if let Some(g) = self.groups.get_mut(&group) {
+            // The claim is part of the key: out, charge, back in.
+            if g.has_jobs() {
+                self.ready.remove(&g.ready_key());
+            } else if g.running == 0 {
+                self.idle.remove(&g.idle_key());
+            }
+            g.charge(cpu_ns, now_ns, tau);
+            if g.has_jobs() {
+                self.ready.insert(g.ready_key(), group);
+            } else if g.is_idle() {
+                self.idle.insert(g.idle_key(), group);
+            }
+        }
+    }
+
     /// Decayed usage of a group, in ns (for tests and the admin view).
     pub fn usage(&self, group: u64, now_ns: u64) -> f64 {
         self.groups

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use serde_json::value::RawValue;
 
+use super::reply::Offload;
 use super::state::{ConnState, Refused};
 use crate::app::App;
 use crate::compute::Permit;
@@ -32,6 +33,8 @@ pub(super) enum Admission {
         task: Arc<TaskShared>,
         fut: TaskFuture,
         permit: Option<Permit>,
+        /// Its params, kept should another node run it.
+        offload: Option<Offload>,
     },
 }
 
@@ -242,6 +245,13 @@ pub(super) fn admit(
     let ctx = Ctx {
         shared: task.clone(),
     };
+    // Only CPU tasks may run on another node. The seam for WebAssembly
+    // tasks (docs/CLUSTER.md): once peers fetch modules by hash, they keep
+    // their params here too.
+    let offload = match def.kind {
+        TaskKind::Cpu => Offload::keep(app, conn, &req.params),
+        _ => None,
+    };
     let fut = match (def.call)(ctx, req.params) {
         Ok(f) => f,
         Err(err) => return answer(req.id, &err),
@@ -275,5 +285,10 @@ pub(super) fn admit(
             }
         },
     };
-    Admission::Task { task, fut, permit }
+    Admission::Task {
+        task,
+        fut,
+        permit,
+        offload,
+    }
 }

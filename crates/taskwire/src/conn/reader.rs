@@ -238,9 +238,12 @@ impl<'a> Reader<'a> {
     async fn dispatch(&self, r: Result<Request<'_>, Rejected>, dest: Dest, place: Place) {
         match admit::admit(self.app, self.conn, r, self.shutting_down, place) {
             Admission::Answer { text, id } => dest.deliver(self.conn, text, id.as_ref()).await,
-            Admission::Task { task, fut, permit } => {
-                reply::start(self.app, self.conn, task, fut, permit, dest).await
-            }
+            Admission::Task {
+                task,
+                fut,
+                permit,
+                offload,
+            } => reply::start(self.app, self.conn, task, fut, permit, offload, dest).await,
         }
     }
 }

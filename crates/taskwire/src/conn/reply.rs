@@ -8,7 +8,6 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use futures_util::FutureExt;
 use tracing::{Instrument, Level};
 
 use super::state::ConnState;
@@ -18,7 +17,9 @@ use crate::compute::{task_event, JobState, Permit};
 use crate::protocol::{self, codes, ErrorObject, Id};
 use crate::registry::TaskFuture;
 use crate::sync::lock;
-use crate::task::{Outbound, Outcome, Stopped, TaskError, TaskShared};
+use crate::task::{
+    guarded, panic_message, stop_signal, Outbound, Outcome, Stopped, TaskError, TaskShared,
+};
 
 /// Collects the answers of one batch and sends them as one array.
 ///
@@ -314,48 +315,193 @@ fn log_outcome(task: &TaskShared, outcome: &Outcome) {
     }
 }
 
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = p.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "panic".to_string()
-    }
+/// A CPU task that may run on another node: its params as received, their
+/// bytes counted against the connection's outbound budget until it ends.
+pub(super) struct Offload {
+    #[cfg(feature = "cluster")]
+    params: crate::cluster::WireParams,
+    bytes: usize,
+    conn: Arc<ConnState>,
 }
 
-/// The task's future with stop and panic handling: what runs on either executor.
-async fn guarded(task: Arc<TaskShared>, fut: TaskFuture) -> Outcome {
-    let stop = task.token.clone();
-    tokio::select! {
-        biased;
-        _ = stop.cancelled() => {
-            Outcome::Err(task.stopped().unwrap_or(Stopped::Cancelled).into())
+impl Offload {
+    /// Keeps the params of a CPU task, if the server is in a cluster and the
+    /// connection's budget has room (else the task runs here only).
+    #[cfg(feature = "cluster")]
+    pub(super) fn keep(
+        app: &App,
+        conn: &Arc<ConnState>,
+        params: &crate::protocol::Params<'_>,
+    ) -> Option<Offload> {
+        app.cluster.as_ref()?;
+        let params = crate::cluster::keep_params(params);
+        let bytes = params.bytes();
+        if !conn.keep(bytes) {
+            return None;
         }
-        r = AssertUnwindSafe(fut).catch_unwind() => match r {
-            Ok(Ok(v)) => Outcome::Ok(v),
-            Ok(Err(e)) => Outcome::Err(e),
-            Err(p) => Outcome::Crashed(panic_message(&*p)),
-        },
+        Some(Offload {
+            params,
+            bytes,
+            conn: conn.clone(),
+        })
+    }
+
+    /// Without the `cluster` feature a task runs here only.
+    #[cfg(not(feature = "cluster"))]
+    pub(super) fn keep(
+        _: &App,
+        _: &Arc<ConnState>,
+        _: &crate::protocol::Params<'_>,
+    ) -> Option<Offload> {
+        None
     }
 }
 
-/// Resolves once the task is told to stop, firing the deadline itself.
-async fn stop_signal(task: &TaskShared) -> Stopped {
-    match task.deadline {
-        Some(d) => {
+impl Drop for Offload {
+    fn drop(&mut self) {
+        self.conn.kept_bytes.fetch_sub(self.bytes, Ordering::AcqRel);
+        self.conn.give_total(self.bytes);
+    }
+}
+
+/// Waits for a stopped local job to let go of its worker, within `STOP_GRACE`.
+async fn stop_local<T>(
+    task: &TaskShared,
+    handle: async_task::FallibleTask<T, Arc<crate::compute::JobMeta>>,
+    why: Stopped,
+    out: impl FnOnce(T) -> Option<Outcome>,
+) -> Outcome {
+    match tokio::time::timeout(STOP_GRACE, handle.cancel()).await {
+        Ok(Some(o)) => out(o).unwrap_or(Outcome::Err(why.into())),
+        Ok(None) => Outcome::Err(why.into()),
+        Err(_) => {
+            if let Some(l) = task.stats.label() {
+                task_event!(
+                    Level::WARN,
+                    l,
+                    stop = %why,
+                    "task answered as stopped, but it has not reached a checkpoint and still holds a worker"
+                );
+            }
+            Outcome::Err(why.into())
+        }
+    }
+}
+
+/// A CPU task in a cluster: queued here, and offered to a peer if it waits
+/// past `cluster_offload_ms`; whichever side wins its claim runs it. The
+/// permit (the connection's and the pool's slots) is held here for as long
+/// as the task runs, wherever it runs.
+#[cfg(feature = "cluster")]
+async fn supervise_clustered(
+    app: &Arc<App>,
+    cluster: &Arc<crate::cluster::Cluster>,
+    task: &Arc<TaskShared>,
+    fut: TaskFuture,
+    permit: Permit,
+    offload: Offload,
+) -> Outcome {
+    let def = app.registry.get(&task.method);
+    let idempotent = def.is_some_and(|d| d.is_idempotent());
+    let mut outcome = place_and_run(app, cluster, task, fut, &offload.params).await;
+    // An idempotent task whose node was lost runs once more, on another
+    // node or here; nothing else is ever run twice.
+    if idempotent && crate::cluster::is_node_lost(&outcome) && task.stopped().is_none() {
+        let again = def.and_then(|d| {
+            offload.params.call(
+                d,
+                crate::task::Ctx {
+                    shared: task.clone(),
+                },
+            )
+        });
+        if let Some(fut) = again {
+            if let Some(l) = task.stats.label() {
+                task_event!(
+                    Level::INFO,
+                    l,
+                    "its node was lost: running it again (idempotent)"
+                );
+            }
+            outcome = place_and_run(app, cluster, task, fut, &offload.params).await;
+        }
+    }
+    drop(permit);
+    drop(offload);
+    outcome
+}
+
+/// One placement of a clustered task: here, or on the peer that takes it.
+#[cfg(feature = "cluster")]
+async fn place_and_run(
+    app: &Arc<App>,
+    cluster: &Arc<crate::cluster::Cluster>,
+    task: &Arc<TaskShared>,
+    fut: TaskFuture,
+    params: &crate::cluster::WireParams,
+) -> Outcome {
+    use crate::compute::{Claim, Claimed};
+    let claim = Arc::new(Claim::default());
+    let job = Claimed::new(claim.clone(), guarded(task.clone(), fut));
+    let mut handle = {
+        // A local worker is free: the task is this node's. Checked and
+        // queued as one step, so that two tasks do not both see the one
+        // free worker.
+        let _placing = cluster.placing();
+        if app.pool.spare() > 0 {
+            claim.take_local();
+        }
+        app.pool
+            .spawn(task.conn, task.stats.clone(), None, job)
+            .fallible()
+    };
+    let remote = cluster.offload(task, &claim, params, task.conn);
+    tokio::pin!(remote);
+    let mut remote_live = true;
+    {
+        loop {
             tokio::select! {
-                _ = task.token.cancelled() => {}
-                _ = tokio::time::sleep_until(d.into()) => { task.stop(Stopped::DeadlineExceeded); }
+                biased;
+                out = &mut handle => break match out {
+                    Some(Some(o)) => o,
+                    // A peer won the claim: its outcome comes from the offload.
+                    Some(None) if remote_live => (&mut remote).await.unwrap_or(Outcome::Lost),
+                    _ => Outcome::Lost,
+                },
+                out = &mut remote, if remote_live => match out {
+                    Some(o) => break o,
+                    None => remote_live = false,
+                },
+                // While a peer has it (or is being offered it) the offload
+                // carries the stop to the peer and returns its answer.
+                why = stop_signal(task), if !claim.is_remote() || !remote_live => {
+                    if claim.take_local() {
+                        break stop_local(task, handle, why, |o| o).await;
+                    }
+                }
             }
         }
-        None => task.token.cancelled().await,
     }
-    task.stopped().unwrap_or(Stopped::Cancelled)
 }
 
-async fn supervise(app: Arc<App>, reply: Reply, fut: TaskFuture, permit: Option<Permit>) {
+async fn supervise(
+    app: Arc<App>,
+    reply: Reply,
+    fut: TaskFuture,
+    permit: Option<Permit>,
+    offload: Option<Offload>,
+) {
     let task = reply.task.clone();
+    #[cfg(feature = "cluster")]
+    if let (Some(cluster), Some(offload)) = (app.cluster.clone(), offload) {
+        if let Some(permit) = permit {
+            let outcome = supervise_clustered(&app, &cluster, &task, fut, permit, offload).await;
+            reply.finish(outcome).await;
+            return;
+        }
+    }
+    #[cfg(not(feature = "cluster"))]
+    drop(offload);
     let outcome = match permit {
         None => {
             task.stats.set_state(JobState::Running);
@@ -385,26 +531,10 @@ async fn supervise(app: Arc<App>, reply: Reply, fut: TaskFuture, permit: Option<
             tokio::select! {
                 biased;
                 out = &mut handle => out.unwrap_or(Outcome::Lost),
-                why = stop_signal(&task) => {
-                    // A queued job is dropped at once; a running one stops at its
-                    // next checkpoint. Either way the CPU is released before we answer,
-                    // unless the task never reaches a checkpoint.
-                    match tokio::time::timeout(STOP_GRACE, handle.cancel()).await {
-                        Ok(Some(out)) => out,
-                        Ok(None) => Outcome::Err(why.into()),
-                        Err(_) => {
-                            if let Some(l) = task.stats.label() {
-                                task_event!(
-                                    Level::WARN,
-                                    l,
-                                    stop = %why,
-                                    "task answered as stopped, but it has not reached a checkpoint and still holds a worker"
-                                );
-                            }
-                            Outcome::Err(why.into())
-                        }
-                    }
-                }
+                // A queued job is dropped at once; a running one stops at its
+                // next checkpoint. Either way the CPU is released before we answer,
+                // unless the task never reaches a checkpoint.
+                why = stop_signal(&task) => stop_local(&task, handle, why, Some).await,
             }
         }
     };
@@ -420,6 +550,7 @@ pub(super) async fn start(
     task: Arc<TaskShared>,
     mut fut: TaskFuture,
     permit: Option<Permit>,
+    offload: Option<Offload>,
     dest: Dest,
 ) {
     conn.unanswered.fetch_add(1, Ordering::AcqRel);
@@ -440,7 +571,7 @@ pub(super) async fn start(
         }
     }
     let span = tracing::debug_span!("task", id = task.id, method = %task.method);
-    tokio::spawn(supervise(app.clone(), reply, fut, permit).instrument(span));
+    tokio::spawn(supervise(app.clone(), reply, fut, permit, offload).instrument(span));
 }
 
 /// Polls a task once, catching a panic; `None` while it is pending.

@@ -49,6 +49,9 @@ pub(crate) struct AdminState {
     pub outbound_total: Arc<std::sync::atomic::AtomicUsize>,
     /// Sessions, attached and detached.
     pub sessions: Arc<SessionStore>,
+    /// This node's cluster, when it is in one.
+    #[cfg(feature = "cluster")]
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl FromRef<Arc<App>> for AdminState {
@@ -61,6 +64,8 @@ impl FromRef<Arc<App>> for AdminState {
             shutdown: app.shutdown.clone(),
             outbound_total: app.outbound_total.clone(),
             sessions: app.sessions.clone(),
+            #[cfg(feature = "cluster")]
+            cluster: app.cluster.clone(),
         }
     }
 }
@@ -81,11 +86,19 @@ pub(crate) fn routes(app: &Arc<App>) -> Router<Arc<App>> {
         .route("/admin/tasks", get(list_tasks))
         .route("/admin/tasks/{id}", get(one_task))
         .route("/admin/tasks/{id}/kill", post(kill_task))
+        .route(
+            "/admin/tasks/{node}/{id}/kill",
+            post(|state, Path((node, id)): Path<(String, String)>| {
+                kill_task(state, Path(format!("{node}/{id}")))
+            }),
+        )
         .route("/admin/connections", get(list_conns))
         .route("/admin/connections/{id}/close", post(close_conn))
         .route("/admin/sessions", get(list_sessions))
         .route("/admin/sessions/{id}/end", post(end_session))
         .route("/admin/stats", get(stats))
+        .route("/admin/cluster", get(cluster))
+        .route("/admin/cluster/tasks", get(cluster_tasks))
         .route("/admin/events", get(events))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(
@@ -201,7 +214,69 @@ async fn one_task(State(app): State<AdminState>, Path(id): Path<u64>) -> Respons
     }
 }
 
-async fn kill_task(State(app): State<AdminState>, Path(id): Path<u64>) -> Response {
+/// `GET /admin/cluster`: this node, its peers, and where its tasks sent
+/// elsewhere run (`"B/17"`: task 17 of node B).
+async fn cluster(State(app): State<AdminState>) -> Response {
+    #[cfg(feature = "cluster")]
+    if let Some(c) = &app.cluster {
+        let mut v = c.summary();
+        let sent: Vec<_> = c
+            .sent_tasks()
+            .into_iter()
+            .map(|(id, node, remote)| {
+                serde_json::json!({
+                    "id": id,
+                    "node": node.as_ref(),
+                    "remoteId": remote.map(|r| format!("{node}/{r}")),
+                })
+            })
+            .collect();
+        v["sentTasks"] = serde_json::Value::Array(sent);
+        return Json(v).into_response();
+    }
+    let _ = &app;
+    Json(serde_json::json!({ "node": null, "natsConnected": false, "peers": [] })).into_response()
+}
+
+/// `GET /admin/cluster/tasks`: every node's tasks, each with `node` and a
+/// node-qualified `qid` (`B/17`); without a cluster, this node's alone.
+async fn cluster_tasks(State(app): State<AdminState>) -> Response {
+    #[cfg(feature = "cluster")]
+    if let Some(c) = &app.cluster {
+        return Json(c.cluster_tasks().await).into_response();
+    }
+    let tasks = app.observer.tasks(&TaskQuery::default());
+    Json(serde_json::json!({ "node": null, "tasks": tasks, "unreachable": [] })).into_response()
+}
+
+/// `POST /admin/tasks/{id}/kill`: `id` is a task of this node, or
+/// `NODE/ID` for a task of any node of the cluster (sent there, not confirmed).
+async fn kill_task(State(app): State<AdminState>, Path(id): Path<String>) -> Response {
+    let local = match id.split_once('/') {
+        None => id.parse::<u64>().ok(),
+        #[cfg(feature = "cluster")]
+        Some((node, n)) => {
+            let Ok(n) = n.parse::<u64>() else {
+                return not_found("task");
+            };
+            match &app.cluster {
+                Some(c) if c.node() == node => Some(n),
+                Some(c) => {
+                    return if c.kill_on(node, n).await {
+                        Json(Killed { killed: true }).into_response()
+                    } else {
+                        not_found("node")
+                    };
+                }
+                None => None,
+            }
+        }
+        #[cfg(not(feature = "cluster"))]
+        Some(_) => None,
+    };
+    let Some(id) = local else {
+        return not_found("task");
+    };
     if app.observer.kill(id) {
         Json(Killed { killed: true }).into_response()
     } else {
@@ -327,6 +402,11 @@ async fn metrics(State(app): State<AdminState>) -> Response {
     // The sessions' families go before the exposition's final `# EOF`.
     let end = text.rfind("# EOF").unwrap_or(text.len());
     text.insert_str(end, &app.sessions.openmetrics());
+    #[cfg(feature = "cluster")]
+    if let Some(c) = &app.cluster {
+        let end = text.rfind("# EOF").unwrap_or(text.len());
+        text.insert_str(end, &c.openmetrics());
+    }
     (
         [(
             header::CONTENT_TYPE,
