@@ -524,23 +524,21 @@ impl TaskShared {
 
     /// Called by the writer: the notification to send now, if any.
     pub(crate) fn take_progress_text(&self) -> Option<String> {
-        let mut slot = lock(&self.progress);
-        slot.queued = false;
-        if !slot.unsent {
-            return None;
-        }
-        slot.unsent = false;
-        slot.last_sent = Some(Instant::now());
-        self.progress_sent.fetch_add(1, Ordering::Relaxed);
-        let token = self.progress_token.as_ref()?;
-        let value = slot.latest.as_ref()?;
-        Some(crate::protocol::progress_text(token, value))
+        let token = self.progress_token.as_ref();
+        self.take_unsent_progress(|value| Some(crate::protocol::progress_text(token?, value)))
+            .flatten()
     }
 
     /// For a task run for another node: the latest value to forward, if any
     /// (the same pacing as [`TaskShared::take_progress_text`]).
     #[cfg(feature = "cluster")]
     pub(crate) fn take_progress_value(&self) -> Option<Box<RawValue>> {
+        self.take_unsent_progress(|value| value.to_owned())
+    }
+
+    /// Marks the latest progress value sent and hands it to `send`, if one is
+    /// waiting: the one place the pacing's bookkeeping is done.
+    fn take_unsent_progress<T>(&self, send: impl FnOnce(&RawValue) -> T) -> Option<T> {
         let mut slot = lock(&self.progress);
         slot.queued = false;
         if !slot.unsent {
@@ -549,7 +547,7 @@ impl TaskShared {
         slot.unsent = false;
         slot.last_sent = Some(Instant::now());
         self.progress_sent.fetch_add(1, Ordering::Relaxed);
-        slot.latest.clone()
+        slot.latest.as_deref().map(send)
     }
 
     /// Whether its client asked for progress.

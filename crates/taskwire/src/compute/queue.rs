@@ -343,21 +343,10 @@ impl<T> RunQueue<T> {
     /// charged to the group. Pushing it again (if it yielded) is separate.
     pub fn descheduled(&mut self, group: u64, cpu_ns: u64, now_ns: u64) {
         let tau = self.tau_ns;
-        if let Some(g) = self.groups.get_mut(&group) {
-            // The claim is part of the key: out, charge, back in.
-            if g.has_jobs() {
-                self.ready.remove(&g.ready_key());
-            } else if g.running == 0 {
-                self.idle.remove(&g.idle_key());
-            }
+        self.rekey(group, |g| {
             g.charge(cpu_ns, now_ns, tau);
             g.running = g.running.saturating_sub(1);
-            if g.has_jobs() {
-                self.ready.insert(g.ready_key(), group);
-            } else if g.is_idle() {
-                self.idle.insert(g.idle_key(), group);
-            }
-        }
+        });
         self.forget_idle(now_ns);
     }
 
@@ -365,14 +354,19 @@ impl<T> RunQueue<T> {
     /// queue keeps state for it; a group it forgot starts afresh anyway.
     pub fn charge(&mut self, group: u64, cpu_ns: u64, now_ns: u64) {
         let tau = self.tau_ns;
+        self.rekey(group, |g| g.charge(cpu_ns, now_ns, tau));
+    }
+
+    /// Changes a group's claim or usage: both are part of its key in `ready`
+    /// or `idle`, so it comes out, changes, and goes back in.
+    fn rekey(&mut self, group: u64, change: impl FnOnce(&mut Group<T>)) {
         if let Some(g) = self.groups.get_mut(&group) {
-            // The claim is part of the key: out, charge, back in.
             if g.has_jobs() {
                 self.ready.remove(&g.ready_key());
             } else if g.running == 0 {
                 self.idle.remove(&g.idle_key());
             }
-            g.charge(cpu_ns, now_ns, tau);
+            change(g);
             if g.has_jobs() {
                 self.ready.insert(g.ready_key(), group);
             } else if g.is_idle() {
