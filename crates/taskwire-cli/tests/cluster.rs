@@ -193,6 +193,45 @@ fn remote_id(a: &Node, origin_id: u64) -> Option<String> {
         .and_then(|t| t["remoteId"].as_str().map(str::to_string))
 }
 
+/// Waits until A's request `request` has started on A's own worker (not
+/// queued, not sent): requests sent together may otherwise start in either
+/// order, and the one meant to occupy A could be the one sent to B.
+fn until_started_here(a: &Node, request: i64) {
+    until("the request to start on A", || {
+        a.tasks().into_iter().any(|t| {
+            t["requestId"] == request
+                && t["state"] != "queued"
+                && t["id"]
+                    .as_u64()
+                    .is_some_and(|id| remote_id(a, id).is_none())
+        })
+    });
+}
+
+/// Waits until `b` is idle and `a` has heard so in a beat sent since. An
+/// offer made earlier could meet B's worker still finishing the last task and
+/// be refused; with no peer free the task is released to A's own worker,
+/// which starts it within a time slice, and a started task never leaves.
+fn until_idle_seen(a: &Node, b: &Node) {
+    until("B to be idle", || {
+        b.tasks().is_empty() && b.metrics().contains("taskwire_pool_busy_workers 0")
+    });
+    let idle_since = Instant::now();
+    until("A to hear that B is idle", || {
+        a.get("/admin/cluster")["peers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| {
+                p["node"] == b.name
+                    && p["spare"].as_u64().unwrap_or(0) >= 1
+                    && p["lastSeenMs"]
+                        .as_u64()
+                        .is_some_and(|ms| u128::from(ms) + 50 < idle_since.elapsed().as_millis())
+            })
+    });
+}
+
 /// A's task id of the request with this JSON-RPC id.
 fn task_id(n: &Node, request: i64) -> Option<u64> {
     n.tasks()
@@ -215,6 +254,7 @@ async fn a_busy_node_sends_tasks_to_its_peer_and_everything_crosses_the_wire() {
         json!({"jsonrpc":"2.0","id":1,"method":"runaway","params":{}}),
     )
     .await;
+    until_started_here(&a, 1);
     // This one waits on A, and goes to B.
     for i in 0..1 {
         send(
@@ -246,6 +286,7 @@ async fn a_busy_node_sends_tasks_to_its_peer_and_everything_crosses_the_wire() {
     );
 
     // Cancel of a task running on B.
+    until_idle_seen(&a, &b);
     send(
         &mut ws,
         json!({"jsonrpc":"2.0","id":20,"method":"runaway","params":{}}),
@@ -288,6 +329,7 @@ async fn a_busy_node_sends_tasks_to_its_peer_and_everything_crosses_the_wire() {
     assert_eq!(v["error"]["code"], -32800, "{v}");
 
     // A deadline, sent as the time left, ends it on B.
+    until_idle_seen(&a2, &b);
     send(
         &mut ws,
         json!({"jsonrpc":"2.0","id":21,"method":"runaway","params":{"_meta":{"timeoutMs":1500}}}),
@@ -297,6 +339,7 @@ async fn a_busy_node_sends_tasks_to_its_peer_and_everything_crosses_the_wire() {
     assert_eq!(v["error"]["code"], -32002, "{v}");
 
     // An operator on A kills the task on B by its node-qualified id.
+    until_idle_seen(&a2, &b);
     send(
         &mut ws,
         json!({"jsonrpc":"2.0","id":22,"method":"runaway","params":{}}),
@@ -346,6 +389,7 @@ async fn a_lost_node_is_answered_minus_32008_and_a_lost_origin_frees_its_peer() 
         json!({"jsonrpc":"2.0","id":1,"method":"runaway","params":{}}),
     )
     .await;
+    until_started_here(&a, 1);
     send(
         &mut ws,
         json!({"jsonrpc":"2.0","id":2,"method":"runaway","params":{}}),
@@ -454,6 +498,7 @@ async fn an_idempotent_task_whose_node_was_lost_runs_again() {
         json!({"jsonrpc":"2.0","id":1,"method":"runaway","params":{}}),
     )
     .await;
+    until_started_here(&a, 1);
     // `spin` is registered idempotent: a pure function of its params.
     send(
         &mut ws,

@@ -479,7 +479,15 @@ impl Cluster {
         m.latency_sum_us.fetch_add(us, Ordering::Relaxed);
     }
 
+    /// Whether a task could be offered now: NATS is up and a peer is known.
+    pub(crate) fn can_offer(&self) -> bool {
+        self.connected() && !lock(&self.peers).is_empty()
+    }
+
     /// Offers a queued task to peers once it has waited `cluster_offload_ms`.
+    /// The caller holds the claim ([`Claim::hold`]) before queuing the task
+    /// when no local worker is free; this releases it once no peer can take
+    /// the task.
     /// Resolves with its outcome if a peer ran it (the CPU it used is charged
     /// to `group`), with `None` if the task was stopped before anybody took
     /// it, and never if a local worker took it. Dropped while a peer has it:
@@ -491,12 +499,6 @@ impl Cluster {
         params: &WireParams,
         group: u64,
     ) -> Option<Outcome> {
-        // No local worker was free: for `cluster_offload_ms` the task waits
-        // for a peer rather than for a slice here (time slicing would start
-        // it within a slice, and a started task never leaves).
-        if claim.is_free() && self.connected() && !lock(&self.peers).is_empty() {
-            claim.hold();
-        }
         tokio::select! {
             _ = tokio::time::sleep(self.set.offload_after) => {}
             _ = task.token.cancelled() => {

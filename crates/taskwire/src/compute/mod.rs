@@ -266,10 +266,11 @@ impl ComputePool {
     /// this node can offer its peers.
     pub(crate) fn spare(&self) -> usize {
         let p = &self.inner;
-        let queued = crate::sync::lock(&p.queue).len();
+        // Read under the queue lock, where workers change `busy`.
+        let q = crate::sync::lock(&p.queue);
         p.workers
             .saturating_sub(p.busy.load(Ordering::Relaxed))
-            .saturating_sub(queued)
+            .saturating_sub(q.len())
     }
 
     #[cfg(feature = "cluster")]

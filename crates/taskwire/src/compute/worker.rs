@@ -248,6 +248,13 @@ fn worker(pool: Weak<Shared>, slot: Arc<WorkerSlot>) {
     loop {
         let next = {
             let mut rq = lock(&p.queue);
+            // Busy changes under the queue lock, in one step with the job
+            // leaving or re-entering the queue: the pool's spare workers
+            // (queue length and busy count together) never show a worker
+            // free while its job is between the two.
+            if finished.is_some() {
+                p.busy.fetch_sub(1, Ordering::Relaxed);
+            }
             put_back(&mut rq, finished.take(), requeue.take(), p.now_ns());
             loop {
                 if p.shutting_down() {
@@ -261,6 +268,7 @@ fn worker(pool: Weak<Shared>, slot: Arc<WorkerSlot>) {
                     break None;
                 }
                 if let Some(j) = rq.pop(p.now_ns()) {
+                    p.busy.fetch_add(1, Ordering::Relaxed);
                     break Some(j);
                 }
                 rq = wait_timeout(&p.cv, rq, Duration::from_millis(200));
@@ -272,7 +280,6 @@ fn worker(pool: Weak<Shared>, slot: Arc<WorkerSlot>) {
         meta.stats.slices.fetch_add(1, Ordering::Relaxed);
         meta.stats.first_run.get_or_init(Instant::now);
         *lock(&slot.job) = Some(meta.stats.clone());
-        p.busy.fetch_add(1, Ordering::Relaxed);
         // The previous slice's end stands for this one's start: the CPU
         // spent in between (a queue pick) is microseconds, well inside what
         // the watchdog tolerates, and saves a clock read per slice.
@@ -293,7 +300,6 @@ fn worker(pool: Weak<Shared>, slot: Arc<WorkerSlot>) {
 
         epoch::end_slice();
         slot.since_epoch.store(0, Ordering::Release);
-        p.busy.fetch_sub(1, Ordering::Relaxed);
         let now_cpu = epoch::thread_cpu_time();
         let used = now_cpu.saturating_sub(cpu_mark).as_nanos() as u64;
         cpu_mark = now_cpu;
@@ -339,6 +345,40 @@ mod tests {
     use std::pin::Pin;
     use std::sync::mpsc;
     use std::task::{Context, Poll};
+
+    #[cfg(feature = "cluster")]
+    #[test]
+    fn a_worker_between_slices_is_never_spare() {
+        // The cluster hands a task to a peer only when no local worker is
+        // spare; a worker that shows as free between two slices of the same
+        // job would start a second task locally instead.
+        let p = pool(1);
+        let stats = Arc::new(JobStats::default());
+        let (tx, rx) = mpsc::channel();
+        let t = p.spawn(1, stats.clone(), None, async move {
+            let r = burn(300).await;
+            let _ = tx.send(());
+            r
+        });
+        let mut samples = 0u32;
+        while rx.try_recv().is_err() {
+            if stats.slices() > 0 {
+                assert_eq!(
+                    p.spare(),
+                    0,
+                    "after {samples} samples, slice {}",
+                    stats.slices()
+                );
+                samples += 1;
+            }
+            std::hint::spin_loop();
+        }
+        assert!(
+            stats.slices() > 10,
+            "a 300 ms job on 2 ms slices yields often"
+        );
+        drop(t);
+    }
 
     #[test]
     fn runs_jobs_and_accounts_cpu() {

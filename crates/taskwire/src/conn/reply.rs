@@ -450,6 +450,12 @@ async fn place_and_run(
         let _placing = cluster.placing();
         if app.pool.spare() > 0 {
             claim.take_local();
+        } else if cluster.can_offer() {
+            // No local worker is free: for `cluster_offload_ms` the task
+            // waits for a peer rather than for a slice here. Held before it
+            // is queued: a worker's next time slice could otherwise start it
+            // before the offer is made, and a started task never leaves.
+            claim.hold();
         }
         app.pool
             .spawn(task.conn, task.stats.clone(), None, job)
