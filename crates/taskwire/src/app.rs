@@ -16,6 +16,7 @@ use crate::error::Error;
 use crate::limit::{Keyed, LogLimiter};
 use crate::observe::{Hooks, Observer};
 use crate::registry::Registry;
+use crate::wasm::Lane;
 
 /// Who may use the admin API: the settings of [`crate::Config`] it reads.
 #[derive(Clone, Debug, Default)]
@@ -30,6 +31,8 @@ pub(crate) struct App {
     pub cfg: Config,
     pub registry: Registry,
     pub discover: Box<RawValue>,
+    /// The WebAssembly modules installed at run time (tasks of kind `wasm`).
+    pub wasm: Arc<Lane>,
     pub pool: ComputePool,
     /// The live table and metrics, read by the admin API (empty when
     /// observing is off).
@@ -65,6 +68,15 @@ pub(crate) fn new_app(cfg: Config, registry: Registry) -> Result<Arc<App>, Error
     cfg.validate()?;
     let discover = serde_json::value::to_raw_value(&registry.discover())
         .map_err(|e| Error::Io(std::io::Error::other(format!("rpc.discover: {e}"))))?;
+    let wasm = Arc::new(Lane::new(&cfg, &registry));
+    if let Some(dir) = &cfg.wasm_dir {
+        wasm.load_dir(dir).map_err(|reason| {
+            Error::Config(crate::config::ConfigError::Invalid {
+                setting: "wasm_dir",
+                reason,
+            })
+        })?;
+    }
     let pool = ComputePool::new(cfg.compute());
     let observer = Arc::new(Observer::new(
         &registry
@@ -93,6 +105,7 @@ pub(crate) fn new_app(cfg: Config, registry: Registry) -> Result<Arc<App>, Error
         }),
         registry,
         discover,
+        wasm,
         pool,
         shutdown: CancellationToken::new(),
         next_task: AtomicU64::new(1),

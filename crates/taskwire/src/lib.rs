@@ -52,6 +52,7 @@
 //! | `builtin` | the built-in and demo tasks, registered through the public API |
 //! | `config` | `Config`: every setting declared once |
 //! | `error` | [`Error`], the library's one error type |
+//! | `wasm` | the WebAssembly lane: engine, module table, guest interface (feature `wasm`) |
 //! | `observe` | the hooks a connection calls; the live table, metrics, `observe::api` |
 //! | `app` | `App`: the state every connection shares |
 //! | `conn` | one WebSocket: state, reader, admit, reply, writer |
@@ -74,6 +75,7 @@ pub mod protocol;
 mod registry;
 mod sync;
 mod task;
+mod wasm;
 
 pub use config::Config;
 pub use error::{Error, Result};
@@ -89,6 +91,8 @@ pub use task::{Checkpoint, Ctx, Stopped, TaskError, TaskKind};
 #[doc(hidden)]
 pub mod bench_internals {
     pub use crate::compute::{thread_cpu_time, RunQueue};
+    #[cfg(feature = "wasm")]
+    pub use crate::wasm::BenchModule;
 }
 
 #[cfg(test)]

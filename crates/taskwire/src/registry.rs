@@ -36,6 +36,27 @@ impl std::fmt::Debug for TaskDef {
 }
 
 impl TaskDef {
+    /// A task whose params are not a Rust type: the WebAssembly lane's
+    /// modules, which take any JSON and are registered at run time.
+    pub(crate) fn erased<F>(
+        name: Arc<str>,
+        kind: TaskKind,
+        summary: &'static str,
+        schema: Value,
+        call: F,
+    ) -> TaskDef
+    where
+        F: Fn(Ctx, Params<'_>) -> Result<TaskFuture, ErrorObject> + Send + Sync + 'static,
+    {
+        TaskDef {
+            name,
+            kind,
+            summary,
+            schema,
+            call: Arc::new(call),
+        }
+    }
+
     /// The method name.
     pub fn name(&self) -> &str {
         &self.name

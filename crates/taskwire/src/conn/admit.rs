@@ -78,16 +78,28 @@ pub(super) fn admit(
         // The protocol's heartbeat: answered here, whatever tasks exist.
         protocol::PING_METHOD => return constant(req.id, "{}"),
         protocol::DISCOVER_METHOD => {
+            let with_modules = app.wasm.discover();
+            let discover = with_modules.as_deref().unwrap_or(&app.discover);
             let text = req
                 .id
                 .as_ref()
-                .map(|id| protocol::success_text(id, &app.discover));
+                .map(|id| protocol::success_text(id, discover));
             return Admission::Answer { text, id: req.id };
         }
         _ => {}
     }
-    let Some(def) = app.registry.get(&req.method) else {
-        return answer(req.id, &ErrorObject::method_not_found(&req.method));
+    // Native tasks first: a module can never shadow one (installs refuse
+    // their names).
+    let module;
+    let def = match app.registry.get(&req.method) {
+        Some(def) => def,
+        None => match app.wasm.get(&req.method) {
+            Some(m) => {
+                module = m;
+                &module.def
+            }
+            None => return answer(req.id, &ErrorObject::method_not_found(&req.method)),
+        },
     };
     if shutting_down {
         return answer(req.id, &stopped_error(Stopped::Shutdown, None));
@@ -112,7 +124,13 @@ pub(super) fn admit(
     };
     let fut = match (def.call)(ctx, req.params) {
         Ok(f) => f,
-        Err(err) => return answer(req.id, &err),
+        Err(err) => {
+            // The only refusal a call makes: a wasm module's instance slots.
+            if err.code == codes::OVERLOADED {
+                app.hooks.refused(RefusalReason::WasmInstances);
+            }
+            return answer(req.id, &err);
+        }
     };
     // Admission: the connection's in-flight limit, then the pool's queues.
     if let Err(err) = conn.insert(&task) {
@@ -123,7 +141,7 @@ pub(super) fn admit(
     }
     let permit = match def.kind {
         TaskKind::Io => None,
-        TaskKind::Cpu => match app.pool.admit_from(&conn.cpu_admitted, conn.peer.ip()) {
+        TaskKind::Cpu | TaskKind::Wasm => match app.pool.admit_from(&conn.cpu_admitted, conn.peer.ip()) {
             Ok(p) => Some(p),
             Err(refusal) => {
                 conn.remove(&task);

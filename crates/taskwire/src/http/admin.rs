@@ -45,6 +45,8 @@ pub(crate) struct AdminState {
     pub shutdown: CancellationToken,
     /// Bytes of replies queued and batch answers kept, over every connection.
     pub outbound_total: Arc<std::sync::atomic::AtomicUsize>,
+    /// The WebAssembly modules (`/admin/wasm`).
+    pub wasm: Arc<crate::wasm::Lane>,
 }
 
 impl FromRef<Arc<App>> for AdminState {
@@ -56,6 +58,7 @@ impl FromRef<Arc<App>> for AdminState {
             access: app.admin.clone(),
             shutdown: app.shutdown.clone(),
             outbound_total: app.outbound_total.clone(),
+            wasm: app.wasm.clone(),
         }
     }
 }
@@ -81,6 +84,7 @@ pub(crate) fn routes(app: &Arc<App>) -> Router<Arc<App>> {
         .route("/admin/stats", get(stats))
         .route("/admin/events", get(events))
         .route("/metrics", get(metrics))
+        .merge(super::wasm_admin::routes())
         .route_layer(middleware::from_fn_with_state(
             AdminState::from_ref(app),
             authorize,

@@ -104,11 +104,13 @@ pub enum RefusalReason {
     Origin = 14,
     /// The upgrade carried no valid token.
     Unauthorized = 15,
+    /// Every WebAssembly instance slot is taken (`wasm_instances`).
+    WasmInstances = 16,
 }
 
 impl RefusalReason {
     /// Every reason, in discriminant order.
-    pub const ALL: [RefusalReason; 16] = [
+    pub const ALL: [RefusalReason; 17] = [
         RefusalReason::ConnectionInflight,
         RefusalReason::ConnectionQueue,
         RefusalReason::AddressLimit,
@@ -125,6 +127,7 @@ impl RefusalReason {
         RefusalReason::CrossSite,
         RefusalReason::Origin,
         RefusalReason::Unauthorized,
+        RefusalReason::WasmInstances,
     ];
 
     /// The name on the wire and in metrics.
@@ -146,6 +149,7 @@ impl RefusalReason {
             RefusalReason::CrossSite => "cross_site",
             RefusalReason::Origin => "origin",
             RefusalReason::Unauthorized => "unauthorized",
+            RefusalReason::WasmInstances => "wasm_instances",
         }
     }
 }
