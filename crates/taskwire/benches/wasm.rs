@@ -309,7 +309,7 @@ async fn task_id(addr: SocketAddr, method: &str) -> Option<u64> {
     v["tasks"]
         .as_array()?
         .iter()
-        .find(|t| t["method"] == method && t["cpuMs"].as_f64().unwrap_or(0.0) > 0.0)
+        .find(|t| t["method"] == method && t["cpuMs"].as_f64().unwrap_or(0.0) > 0.0 && t["stopping"].is_null())
         .and_then(|t| t["id"].as_u64())
 }
 
