@@ -161,9 +161,17 @@ fn epoch_cost() {
     };
     let scale = if quick() { 10 } else { 1 };
     for (export, n, what) in [
-        ("tight", 2_000_000_000 / scale, "tight loop (add, compare, branch)"),
+        (
+            "tight",
+            2_000_000_000 / scale,
+            "tight loop (add, compare, branch)",
+        ),
         ("chain", 500_000_000 / scale, "hash chain (splitmix64)"),
-        ("memsum", 2_000 / scale, "memory sum (load, add, store over 1 MiB)"),
+        (
+            "memsum",
+            2_000 / scale,
+            "memory sum (load, add, store over 1 MiB)",
+        ),
     ] {
         // Alternate and keep the best of three of each: the machine is shared.
         let mut off = Duration::MAX;
@@ -309,7 +317,11 @@ async fn task_id(addr: SocketAddr, method: &str) -> Option<u64> {
     v["tasks"]
         .as_array()?
         .iter()
-        .find(|t| t["method"] == method && t["cpuMs"].as_f64().unwrap_or(0.0) > 0.0 && t["stopping"].is_null())
+        .find(|t| {
+            t["method"] == method
+                && t["cpuMs"].as_f64().unwrap_or(0.0) > 0.0
+                && t["stopping"].is_null()
+        })
         .and_then(|t| t["id"].as_u64())
 }
 
@@ -488,7 +500,10 @@ fn main() {
         return;
     }
     let started = Instant::now();
-    println!("# WebAssembly lane figures ({} cores)", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    println!(
+        "# WebAssembly lane figures ({} cores)",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
     instantiate_call_drop();
     epoch_cost();
     long_chain();

@@ -197,13 +197,21 @@ async fn the_minimum_module_answers_null_and_discover_lists_it_as_wasm() {
 async fn traps_are_answered_trapped_and_the_connection_lives_on() {
     let server = TestServer::start(small_config()).await;
     let cases = [
-        ("unreach", r#"(module (func (export "run") unreachable))"#, "unreachable"),
+        (
+            "unreach",
+            r#"(module (func (export "run") unreachable))"#,
+            "unreachable",
+        ),
         (
             "oob",
             r#"(module (memory 1) (func (export "run") (drop (i32.load (i32.const 0x7ffffff0)))))"#,
             "out of bounds",
         ),
-        ("deep", r#"(module (func $f (export "run") (call $f)))"#, "stack"),
+        (
+            "deep",
+            r#"(module (func $f (export "run") (call $f)))"#,
+            "stack",
+        ),
     ];
     let mut c = server.client().await;
     for (i, (name, wat, expect)) in cases.into_iter().enumerate() {
@@ -350,7 +358,14 @@ fn repo_root() -> PathBuf {
 fn hash_chain_guest() -> Vec<u8> {
     let dir = repo_root().join("guests/hash_chain");
     let status = std::process::Command::new(env!("CARGO"))
-        .args(["build", "--release", "--quiet", "--target", "wasm32-wasip1", "--manifest-path"])
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "--target",
+            "wasm32-wasip1",
+            "--manifest-path",
+        ])
         .arg(dir.join("Cargo.toml"))
         .status()
         .expect("cargo runs");
@@ -375,11 +390,19 @@ async fn the_rust_guest_gives_the_builtins_digests_with_progress() {
     .enumerate()
     {
         let r = c
-            .call(i as u64, "wasm_hash_chain", json!({"seed": seed, "rounds": rounds}))
+            .call(
+                i as u64,
+                "wasm_hash_chain",
+                json!({"seed": seed, "rounds": rounds}),
+            )
             .await;
         assert_eq!(r["result"]["digest"], digest, "{r}");
         let native = c
-            .call(100 + i as u64, "hash_chain", json!({"seed": seed, "rounds": rounds}))
+            .call(
+                100 + i as u64,
+                "hash_chain",
+                json!({"seed": seed, "rounds": rounds}),
+            )
             .await;
         assert_eq!(native["result"], r["result"]);
     }
@@ -402,7 +425,10 @@ async fn the_rust_guest_gives_the_builtins_digests_with_progress() {
     // The guest's own error.
     let r = c.call(11, "wasm_hash_chain", json!({"seed": 1})).await;
     assert_eq!(code(&r), -32602, "{r}");
-    assert!(r["error"]["message"].as_str().unwrap_or("").contains("rounds"));
+    assert!(r["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .contains("rounds"));
 }
 
 #[tokio::test]
@@ -421,7 +447,11 @@ async fn a_newcomer_runs_beside_64_loops_of_one_connection() {
         .await;
     assert_eq!(r["result"]["digest"], "1880736892155664098");
     let r = newcomer
-        .call(2, "wasm_hash_chain", json!({"seed": 0, "rounds": 1_000_000}))
+        .call(
+            2,
+            "wasm_hash_chain",
+            json!({"seed": 0, "rounds": 1_000_000}),
+        )
         .await;
     assert_eq!(r["result"]["digest"], "1880736892155664098");
     drop(flood);

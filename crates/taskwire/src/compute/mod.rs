@@ -49,8 +49,8 @@ mod worker;
 
 use crate::limit::address_group;
 pub(crate) use admission::{Permit, Refusal};
-pub(crate) use epoch::{add_tick_hook, should_yield, TickHook};
 pub use epoch::thread_cpu_time;
+pub(crate) use epoch::{add_tick_hook, should_yield, TickHook};
 pub use queue::RunQueue;
 pub(crate) use stats::{JobState, JobStats, PoolStats};
 pub(crate) use worker::JobMeta;

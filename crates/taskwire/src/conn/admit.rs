@@ -141,16 +141,18 @@ pub(super) fn admit(
     }
     let permit = match def.kind {
         TaskKind::Io => None,
-        TaskKind::Cpu | TaskKind::Wasm => match app.pool.admit_from(&conn.cpu_admitted, conn.peer.ip()) {
-            Ok(p) => Some(p),
-            Err(refusal) => {
-                conn.remove(&task);
-                let reason = RefusalReason::from(&refusal);
-                app.hooks.refused(reason);
-                let err = ErrorObject::overloaded(reason.label(), refusal.retry_after_ms());
-                return answer(req.id, &err);
+        TaskKind::Cpu | TaskKind::Wasm => {
+            match app.pool.admit_from(&conn.cpu_admitted, conn.peer.ip()) {
+                Ok(p) => Some(p),
+                Err(refusal) => {
+                    conn.remove(&task);
+                    let reason = RefusalReason::from(&refusal);
+                    app.hooks.refused(reason);
+                    let err = ErrorObject::overloaded(reason.label(), refusal.retry_after_ms());
+                    return answer(req.id, &err);
+                }
             }
-        },
+        }
     };
     Admission::Task { task, fut, permit }
 }

@@ -20,15 +20,13 @@ where
     AdminState: axum::extract::FromRef<S>,
     S: Clone + Send + Sync + 'static,
 {
-    Router::new()
-        .route("/admin/wasm", get(list))
-        .route(
-            "/admin/wasm/{name}",
-            axum::routing::put(install)
-                .delete(remove)
-                // A module may be larger than axum's default body limit.
-                .layer(DefaultBodyLimit::max(MAX_MODULE_BYTES)),
-        )
+    Router::new().route("/admin/wasm", get(list)).route(
+        "/admin/wasm/{name}",
+        axum::routing::put(install)
+            .delete(remove)
+            // A module may be larger than axum's default body limit.
+            .layer(DefaultBodyLimit::max(MAX_MODULE_BYTES)),
+    )
 }
 
 /// Options of an install; with none, a replaced module keeps its own.

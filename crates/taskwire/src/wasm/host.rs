@@ -34,7 +34,9 @@ pub(super) enum Halt {
     #[error("{0}")]
     Stopped(Stopped),
     /// A memory limit would have been passed.
-    #[error("memory limit exceeded: growing to {desired} bytes passes the {which} of {limit} bytes")]
+    #[error(
+        "memory limit exceeded: growing to {desired} bytes passes the {which} of {limit} bytes"
+    )]
     Memory {
         limit: u64,
         desired: u64,
@@ -288,7 +290,12 @@ pub(super) fn link(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
     linker.func_wrap(
         W,
         "fd_write",
-        |mut c: Caller<'_, Host>, fd: i32, iovs: i32, n: i32, written: i32| -> wasmtime::Result<i32> {
+        |mut c: Caller<'_, Host>,
+         fd: i32,
+         iovs: i32,
+         n: i32,
+         written: i32|
+         -> wasmtime::Result<i32> {
             if fd != 1 && fd != 2 {
                 return Ok(EBADF);
             }
@@ -363,13 +370,7 @@ fn fill_random(buf: &mut [u8]) {
     let mut done = 0;
     while done < buf.len() {
         // SAFETY: the pointer and length describe the unfilled rest of `buf`.
-        let n = unsafe {
-            libc::getrandom(
-                buf[done..].as_mut_ptr().cast(),
-                buf.len() - done,
-                0,
-            )
-        };
+        let n = unsafe { libc::getrandom(buf[done..].as_mut_ptr().cast(), buf.len() - done, 0) };
         if n <= 0 {
             // No kernel randomness: a guest's hash seeds are not secrets;
             // leave the rest as it is rather than fail the task.

@@ -128,7 +128,9 @@ pub(crate) struct ModuleInfo {
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum InstallError {
     /// Not a usable task name.
-    #[error("invalid module name {0:?}: use 1 to 64 of A-Z a-z 0-9 _ - . (not starting with rpc.)")]
+    #[error(
+        "invalid module name {0:?}: use 1 to 64 of A-Z a-z 0-9 _ - . (not starting with rpc.)"
+    )]
     BadName(String),
     /// A built-in or native task has that name.
     #[error("{0:?} is a built-in or native task: a module cannot replace it")]
@@ -256,8 +258,8 @@ impl Lane {
         if bytes.len() > MAX_MODULE_BYTES {
             return Err(InstallError::TooLarge);
         }
-        let _compile = crate::limit::Slot::acquire(&self.compiles, MAX_COMPILES)
-            .ok_or(InstallError::Busy)?;
+        let _compile =
+            crate::limit::Slot::acquire(&self.compiles, MAX_COMPILES).ok_or(InstallError::Busy)?;
         let previous = lock(&self.modules).get(name).cloned();
         let spec = match (spec, &previous) {
             (Some(s), _) => s,
@@ -362,10 +364,7 @@ impl Lane {
         let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let mut files: Vec<_> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.extension()
-                    .is_some_and(|x| x == "wasm" || x == "wat")
-            })
+            .filter(|p| p.extension().is_some_and(|x| x == "wasm" || x == "wat"))
             .collect();
         files.sort();
         let mut out = vec![];
@@ -383,7 +382,10 @@ impl Lane {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => ModuleSpec::default(),
                 Err(e) => return Err(format!("{}: {e}", toml_path.display())),
             };
-            out.push(self.install(name, &bytes, Some(spec)).map_err(|e| fail(&e))?);
+            out.push(
+                self.install(name, &bytes, Some(spec))
+                    .map_err(|e| fail(&e))?,
+            );
         }
         Ok(out)
     }

@@ -167,7 +167,11 @@ impl Runtime {
         let module = Module::new(&self.engine, bytes).map_err(|e| format!("{e:#}"))?;
         match module.get_export("run") {
             Some(ExternType::Func(f)) if f.params().len() == 0 && f.results().len() == 0 => {}
-            Some(_) => return Err("the export `run` must be a function of no params and no results".into()),
+            Some(_) => {
+                return Err(
+                    "the export `run` must be a function of no params and no results".into(),
+                )
+            }
             None => return Err("the module exports no function `run`".into()),
         }
         let has_initialize = matches!(module.get_export("_initialize"), Some(ExternType::Func(f)) if f.params().len() == 0 && f.results().len() == 0);
@@ -208,7 +212,9 @@ impl Runtime {
                 }
             }
         }
-        let pre = linker.instantiate_pre(&module).map_err(|e| format!("{e:#}"))?;
+        let pre = linker
+            .instantiate_pre(&module)
+            .map_err(|e| format!("{e:#}"))?;
         Ok(Code {
             pre,
             has_initialize,
@@ -340,8 +346,8 @@ impl BenchModule {
     /// the result's JSON text, or the error's message.
     pub fn call(&self, params: &str) -> Result<String, String> {
         let raw = RawValue::from_string(params.to_string()).map_err(|e| e.to_string())?;
-        let fut = (self.def.call)(Ctx::detached("bench"), Params::Raw(&raw))
-            .map_err(|e| e.message)?;
+        let fut =
+            (self.def.call)(Ctx::detached("bench"), Params::Raw(&raw)).map_err(|e| e.message)?;
         block_on(fut)
             .map(|v| v.get().to_string())
             .map_err(|e| e.to_string())
