@@ -218,8 +218,10 @@ fn long_chain() {
 }
 
 async fn start_server() -> (SocketAddr, taskwire::ShutdownHandle) {
-    let mut cfg = Config::default();
-    cfg.addr = "127.0.0.1:0".parse().expect("addr");
+    let cfg = Config {
+        addr: "127.0.0.1:0".parse().expect("addr"),
+        ..Config::default()
+    };
     let mut r = Registry::new();
     taskwire::builtin::register(&mut r);
     let server = Server::bind(cfg, r).await.expect("binds");

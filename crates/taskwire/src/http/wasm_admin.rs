@@ -50,7 +50,7 @@ async fn install(
     Query(q): Query<InstallQuery>,
     body: Bytes,
 ) -> Response {
-    let spec = (q.summary.is_some() || q.memory_limit_bytes.is_some()).then(|| ModuleSpec {
+    let spec = (q.summary.is_some() || q.memory_limit_bytes.is_some()).then_some(ModuleSpec {
         summary: q.summary,
         memory_limit_bytes: q.memory_limit_bytes,
         params: None,
