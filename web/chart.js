@@ -7,8 +7,20 @@
 //   c.push([12.5]);          // one value per series, timestamped now
 //
 // The canvas exposes data-points (samples pushed so far), data-last (the last
-// value of the first series) and data-updated (a counter bumped on every push),
-// which tests read to see that a chart keeps moving.
+// value of the first series), data-updated (a counter bumped on every push),
+// which tests read to see that a chart keeps moving, and data-clipped (points
+// drawn clipped at the top of their scale as last drawn).
+//
+// Two scales: a series with `axis: 'alt'` is drawn against a scale of its own,
+// labelled on the left in the series' colour (the main scale is labelled on
+// the right), so that a rate of refusals does not flatten a rate of successes,
+// nor a queue length a percentage.
+//
+// Spikes: an automatic scale follows the bulk of the values (2.5× their 90th
+// percentile, each point weighted by the time until the next), not the single
+// largest, so that one 270 ms spike does not flatten a line that runs at 2 ms. A point above the scale is drawn at the
+// top with a marker, and the largest clipped value is printed there: the
+// spike is shown and labelled, and everything else stays readable.
 
 const now = () => performance.now();
 
@@ -24,6 +36,8 @@ export class LineChart {
     this.unit = opts.unit ?? '';
     this.format = opts.format ?? ((v) => formatNumber(v));
     this.guide = opts.guide ?? null; // {value, label} dashed horizontal line
+    // The alternative scale, for series with `axis: 'alt'`: {yMax, yMaxFloor, unit}.
+    this.alt = opts.alt ?? null;
     this.data = []; // [t, [v...]]
     this.pushed = 0;
     this._scheduled = false;
@@ -78,23 +92,46 @@ export class LineChart {
     const text = styles.getPropertyValue('--chart-text').trim() || '#6b7280';
     const font = '11px system-ui, -apple-system, "Segoe UI", sans-serif';
 
-    const padL = 8, padR = 48, padT = 22, padB = 18;
+    const padL = this.alt ? 40 : 8, padR = 58, padT = 22, padB = 18;
     const w = Math.max(10, cssW - padL - padR);
     const h = Math.max(10, cssH - padT - padB);
     const tNow = now();
     const t0 = tNow - this.windowMs;
     const visible = this.data.filter(([t]) => t >= t0 - 1000);
 
-    let max = this.yMax;
-    if (max === null) {
-      max = this.yMaxFloor;
-      for (const [, vs] of visible) for (const v of vs) if (Number.isFinite(v) && v > max) max = v;
-      if (this.guide && this.guide.value > max) max = this.guide.value;
-      max = niceCeil(max * 1.1);
-    }
     const min = this.yMin;
+    const onAlt = (si) => Boolean(this.alt) && this.series[si].axis === 'alt';
+    const scaleOf = (fixed, floor, alt) => {
+      if (fixed !== null && fixed !== undefined) return fixed;
+      // [value, weight]: each point weighs the time until the next one, so
+      // that a stretch of slow answers (few points, each seconds long) counts
+      // for the time it lasted, not for its few points.
+      const vals = [];
+      visible.forEach(([t, vs], i) => {
+        const next = i + 1 < visible.length ? visible[i + 1][0] : tNow;
+        const weight = Math.min(5_000, Math.max(1, next - t));
+        vs.forEach((v, si) => { if (onAlt(si) === alt && Number.isFinite(v)) vals.push([v, weight]); });
+      });
+      let top = floor;
+      if (!alt && this.guide && this.guide.value > top) top = this.guide.value;
+      if (vals.length === 0) return niceCeil(top * 1.1);
+      vals.sort((a, b) => a[0] - b[0]);
+      const largest = vals[vals.length - 1][0];
+      // The bulk: the 90th percentile (by time), with room above it. With few
+      // points (a chart just started) every point counts.
+      let bulk = largest;
+      if (vals.length >= 10) {
+        const total = vals.reduce((a, [, w]) => a + w, 0);
+        let acc = 0;
+        for (const [v, w] of vals) { acc += w; if (acc >= total * 0.9) { bulk = v * 2.5; break; } }
+      }
+      return niceCeil(Math.max(top, Math.min(largest, Math.max(bulk, floor))) * 1.1);
+    };
+    const max = scaleOf(this.yMax, this.yMaxFloor, false);
+    const altMax = this.alt ? scaleOf(this.alt.yMax ?? null, this.alt.yMaxFloor ?? 1, true) : null;
     const x = (t) => padL + ((t - t0) / this.windowMs) * w;
     const y = (v) => padT + h - ((v - min) / (max - min || 1)) * h;
+    const yAlt = (v) => padT + h - ((v - min) / ((altMax ?? max) - min || 1)) * h;
 
     // grid + y labels
     ctx.font = font;
@@ -111,6 +148,14 @@ export class LineChart {
       ctx.stroke();
       ctx.fillStyle = text;
       ctx.fillText(this.format(v) + (i === 4 && this.unit ? ` ${this.unit}` : ''), padL + w + 6, yy);
+      if (this.alt) {
+        const altSeries = this.series.find((s) => s.axis === 'alt');
+        const av = min + (((altMax ?? max) - min) * i) / 4;
+        ctx.textAlign = 'right';
+        ctx.fillStyle = altSeries?.color ?? text;
+        ctx.fillText(this.format(av), padL - 6, yy);
+        ctx.textAlign = 'left';
+      }
     }
     // x labels
     ctx.textBaseline = 'alphabetic';
@@ -138,15 +183,30 @@ export class LineChart {
     ctx.beginPath();
     ctx.rect(padL, padT - 2, w, h + 4);
     ctx.clip();
+    let clipped = 0;
+    const peaks = []; // [x, y, value, color] of the largest clipped point per series
     this.series.forEach((s, si) => {
-      const pts = visible.filter(([, vs]) => Number.isFinite(vs[si])).map(([t, vs]) => [x(t), y(Math.min(vs[si], max))]);
+      const top = onAlt(si) ? altMax : max;
+      const ys = onAlt(si) ? yAlt : y;
+      const pts = [];
+      let peak = null;
+      for (const [t, vs] of visible) {
+        const v = vs[si];
+        if (!Number.isFinite(v)) continue;
+        if (v > top) {
+          clipped++;
+          if (!peak || v > peak[2]) peak = [x(t), ys(top), v, s.color];
+        }
+        pts.push([x(t), ys(Math.min(v, top))]);
+      }
+      if (peak) peaks.push(peak);
       if (pts.length === 0) return;
       ctx.lineJoin = 'round';
       if (s.fill) {
         ctx.beginPath();
-        ctx.moveTo(pts[0][0], y(min));
+        ctx.moveTo(pts[0][0], ys(min));
         for (const [px, py] of pts) ctx.lineTo(px, py);
-        ctx.lineTo(pts[pts.length - 1][0], y(min));
+        ctx.lineTo(pts[pts.length - 1][0], ys(min));
         ctx.closePath();
         ctx.fillStyle = withAlpha(s.color, 0.12);
         ctx.fill();
@@ -159,6 +219,21 @@ export class LineChart {
       ctx.stroke();
     });
     ctx.restore();
+    // Clipped points: a marker at the top, and the largest value beside it.
+    for (const [px, py, v, color] of peaks) {
+      ctx.fillStyle = color;
+      ctx.beginPath();
+      ctx.moveTo(px - 4, py + 1);
+      ctx.lineTo(px + 4, py + 1);
+      ctx.lineTo(px, py - 5);
+      ctx.closePath();
+      ctx.fill();
+      ctx.font = font;
+      ctx.textAlign = px > padL + w - 70 ? 'right' : 'left';
+      ctx.textBaseline = 'top';
+      ctx.fillText(`▲ ${this.format(v)}${this.unit ? ` ${this.unit}` : ''}`, px + (ctx.textAlign === 'right' ? -6 : 6), py + 2);
+    }
+    canvas.dataset.clipped = String(clipped);
 
     // legend with the latest values
     ctx.textAlign = 'left';
@@ -167,7 +242,8 @@ export class LineChart {
     const last = visible.length ? visible[visible.length - 1][1] : [];
     this.series.forEach((s, si) => {
       const v = last[si];
-      const label = `${s.label} ${Number.isFinite(v) ? this.format(v) + (this.unit ? ` ${this.unit}` : '') : '–'}`;
+      const unit = s.unit ?? this.unit;
+      const label = `${s.label} ${Number.isFinite(v) ? this.format(v) + (unit ? ` ${unit}` : '') : '–'}`;
       ctx.fillStyle = s.color;
       ctx.fillRect(lx, 7, 10, 3);
       ctx.fillStyle = text;

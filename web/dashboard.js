@@ -1,7 +1,7 @@
 // dashboard.js: the live taskwire dashboard served at `/`.
 //
 // Three WebSocket connections, so that each story is told on its own:
-//   probe   - echoes 5×/s and charts the round trip (responsiveness)
+//   probe   - `$/ping` 5×/s and charts the round trip (responsiveness)
 //   load    - the steady synthetic load at a user-set rate (fairness)
 //   actions - the buttons: N jobs, flood, runaway, crash
 // plus the server's admin stream (/admin/events, Server-Sent Events) for the
@@ -12,14 +12,95 @@ import { LineChart, formatNumber } from './chart.js';
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
-// `?token=T` is sent on the WebSocket (client token) and to the admin API;
-// `?admin_token=A` overrides the latter when the two differ.
-const wsToken = params.get('token') || undefined;
-const token = params.get('admin_token') || wsToken;
-const tokenQs = token ? `?token=${encodeURIComponent(token)}` : '';
-const adminHeaders = token ? { authorization: `Bearer ${token}` } : {};
 
-const COLORS = { blue: '#2563eb', green: '#16a34a', red: '#dc2626', amber: '#d97706', violet: '#7c3aed' };
+// ------------------------------------------------------------------ tokens
+// A token never travels in a URL query the server would log: it is taken once
+// from the page's fragment (`#token=T&admin_token=A`; a `?token=` of an old
+// link too, though that request is already logged), kept in sessionStorage
+// (this tab only) and removed from the address bar. The WebSocket gets it as
+// the `taskwire_token` cookie, scoped to the `ws` path alone (a browser
+// cannot set headers on a WebSocket); the admin API as `Authorization:
+// Bearer` (the admin API takes no cookie: another site's form could use it).
+const KEYS = { token: 'taskwire.token', admin_token: 'taskwire.adminToken' };
+const store = {
+  get(k) { try { return sessionStorage.getItem(k) || undefined; } catch { return undefined; } },
+  set(k, v) { try { if (v) sessionStorage.setItem(k, v); else sessionStorage.removeItem(k); } catch { /* storage off */ } },
+};
+(function takeTokensFromUrl() {
+  const frag = new URLSearchParams(location.hash.slice(1));
+  let changed = false;
+  for (const [key, name] of Object.entries(KEYS)) {
+    const v = frag.get(key) ?? params.get(key);
+    if (v === null) continue;
+    store.set(name, v);
+    frag.delete(key);
+    params.delete(key);
+    changed = true;
+  }
+  if (changed) {
+    const q = params.toString();
+    const f = frag.toString();
+    history.replaceState(null, '', `${location.pathname}${q ? `?${q}` : ''}${f ? `#${f}` : ''}`);
+  }
+})();
+const wsToken = () => store.get(KEYS.token);
+const adminToken = () => store.get(KEYS.admin_token) || wsToken();
+const adminHeaders = () => (adminToken() ? { authorization: `Bearer ${adminToken()}` } : {});
+const wsHttpUrl = new URL('ws', location.href);
+function setWsCookie() {
+  const t = wsToken();
+  const path = wsHttpUrl.pathname;
+  document.cookie = t
+    ? `taskwire_token=${encodeURIComponent(t)}; path=${path}; SameSite=Strict`
+    : `taskwire_token=; path=${path}; max-age=0; SameSite=Strict`;
+}
+setWsCookie();
+
+// Waiting for a token, for the WebSocket (`ws`) or the admin API (`admin`):
+// no retries pile up refusals meanwhile. Resolved when one is entered.
+const waits = {};
+const entered = [];
+function needToken(what) {
+  const el = $('auth');
+  const wasWs = !el.hidden && el.dataset.what === 'ws';
+  el.hidden = false;
+  if (!wasWs) el.dataset.what = what;
+  if (!wasWs) $('auth-msg').textContent = what === 'admin'
+    ? 'admin token missing or refused: the admin API answered 401 (the table and charts need it)'
+    : 'token missing or refused: the server refused the WebSocket upgrade (401)';
+  if (what === 'ws') setConnPill('unauthorized', 'token missing or refused');
+  waits[what] ??= new Promise((resolve) => { entered.push(resolve); });
+  return waits[what];
+}
+$('auth-form').addEventListener('submit', (e) => {
+  e.preventDefault();
+  const t = $('auth-token').value.trim();
+  const a = $('auth-admin-token').value.trim();
+  if (t) store.set(KEYS.token, t);
+  store.set(KEYS.admin_token, a || undefined);
+  $('auth-token').value = '';
+  $('auth-admin-token').value = '';
+  setWsCookie();
+  $('auth').hidden = true;
+  log('token entered: connecting again', 'ok');
+  delete waits.ws;
+  delete waits.admin;
+  for (const resolve of entered.splice(0)) resolve();
+});
+
+/** Why the server refuses a WebSocket upgrade: a browser cannot read the
+ * status of a refused upgrade, so a plain GET of the same URL, which the
+ * server checks the same way, tells it (401 token, 403 origin or host). */
+async function upgradeRefusal() {
+  try {
+    const r = await fetch(wsHttpUrl, { cache: 'no-store' });
+    return r.status;
+  } catch {
+    return 0;
+  }
+}
+
+const COLORS = { blue: '#2563eb', green: '#16a34a', red: '#dc2626', amber: '#d97706', violet: '#7c3aed', slate: '#475569' };
 
 // ------------------------------------------------------------------ charts
 const charts = {
@@ -28,16 +109,21 @@ const charts = {
     unit: '/s', yMaxFloor: 10,
   }),
   latency: new LineChart($('chart-latency'), {
-    series: [{ label: 'round trip', color: COLORS.blue, fill: true }],
+    series: [{ label: '$/ping round trip', color: COLORS.blue, fill: true }],
     unit: 'ms', yMaxFloor: 5,
   }),
+  // Refusals come in bursts of thousands a second: on a scale of their own
+  // (left, red), so that they do not flatten the finished line.
   tps: new LineChart($('chart-tps'), {
-    series: [{ label: 'finished/s', color: COLORS.violet, fill: true }, { label: 'refused/s', color: COLORS.red }],
-    unit: '/s', yMaxFloor: 10,
+    series: [{ label: 'finished/s', color: COLORS.violet, fill: true }, { label: 'refused/s (left scale)', color: COLORS.red, axis: 'alt' }],
+    unit: '/s', yMaxFloor: 10, alt: { yMaxFloor: 10 },
   }),
   pool: new LineChart($('chart-pool'), {
-    series: [{ label: 'utilisation', color: COLORS.amber, fill: true }],
-    unit: '%', yMax: 100,
+    series: [
+      { label: 'utilisation', color: COLORS.amber, fill: true, unit: '%' },
+      { label: 'run queue (left scale)', color: COLORS.slate, axis: 'alt', unit: 'tasks' },
+    ],
+    unit: '%', yMax: 100, alt: { yMaxFloor: 10 },
   }),
 };
 
@@ -66,15 +152,31 @@ const describe = (err) => (err instanceof TaskwireError ? `${err.code} ${err.mes
 const wsUrl = new URL('ws', location.href).toString();
 const conns = {};
 
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
 async function open(name) {
-  for (let delay = 250; ; delay = Math.min(delay * 2, 5000)) {
+  for (let delay = 250; ; delay = Math.min(delay * 2, 30_000)) {
+    if (waits.ws) await waits.ws;
     try {
-      const tw = await Taskwire.connect(wsUrl, { token: wsToken, reconnect: { maxDelayMs: 5000 }, queueLimit: 50 });
+      // The actions connection opens a session: its tasks survive a dropped
+      // connection and their results still arrive (see sessionPill).
+      const tw = await Taskwire.connect(wsUrl, {
+        reconnect: { maxDelayMs: 5000 }, queueLimit: 50, session: name === 'actions',
+      });
       conns[name] = tw;
       return tw;
     } catch (err) {
-      if (name === 'probe') setConnPill('closed', `cannot connect: ${err.message}`);
-      await new Promise((r) => setTimeout(r, delay));
+      const status = waits.ws ? 401 : await upgradeRefusal();
+      if (status === 401) {
+        // Retrying with the same (missing) token only piles up refusals.
+        await needToken('ws');
+        delay = 125;
+        continue;
+      }
+      if (name === 'probe') {
+        setConnPill('closed', status === 403 ? 'refused: origin or host not allowed (403)' : `cannot connect: ${err.message}`);
+      }
+      await sleep(delay);
     }
   }
 }
@@ -88,17 +190,54 @@ function setConnPill(state, title = '') {
     connecting: ['connecting…', 'pill-wait'],
     reconnecting: ['reconnecting…', 'pill-wait'],
     closed: ['disconnected', 'pill-bad'],
+    unauthorized: ['token missing or refused', 'pill-bad'],
   }[state] ?? [state, 'pill-wait'];
   el.textContent = text;
   el.className = `pill ${cls}`;
 }
 
+// The actions connection's session, shown beside the connection pill:
+// "reconnecting…" while it is away, "resumed" once its tasks' results flow again.
+function sessionPill(tw) {
+  const el = document.createElement('span');
+  el.id = 'session-state';
+  el.dataset.testid = 'session-state';
+  $('conn-state').after(el);
+  const show = (state, text, cls) => {
+    el.dataset.state = state;
+    el.textContent = text;
+    el.className = `pill ${cls}`;
+  };
+  show('open', 'session', 'pill-ok');
+  tw.addEventListener('state', (e) => {
+    if (e.detail.state === 'reconnecting') show('reconnecting', 'actions: reconnecting…', 'pill-wait');
+  });
+  tw.addEventListener('session', (e) => {
+    const d = e.detail;
+    if (d.state === 'resumed') {
+      show('resumed', 'actions: resumed', 'pill-ok');
+      log(`actions session resumed: ${d.replayed} results replayed, ${d.running} tasks still running`, 'ok');
+    } else if (d.state === 'expired') {
+      show('expired', 'actions: session expired', 'pill-bad');
+      log('actions session expired: the outcome of the tasks started before the drop is unknown', 'err');
+    }
+  });
+}
+
 function watch(tw, name) {
   tw.addEventListener('state', (e) => {
-    if (name === 'probe') setConnPill(e.detail.state);
+    if (name === 'probe' && !waits.ws) setConnPill(e.detail.state);
   });
-  tw.addEventListener('reconnecting', (e) => {
+  tw.addEventListener('reconnecting', async (e) => {
     if (name === 'probe') log(`connection lost (${e.detail.code}); reconnecting in ${e.detail.delayMs} ms`, 'err');
+    // A token revoked or a server restarted with other tokens: stop this
+    // connection's retries and open it again once a token is entered.
+    if (waits.ws || (await upgradeRefusal()) === 401) {
+      tw.close();
+      await needToken('ws');
+      watch(await open(name), name);
+      if (name === 'probe') setConnPill('open');
+    }
   });
   tw.addEventListener('open', (e) => {
     if (e.detail.reconnected && name === 'probe') log('reconnected', 'ok');
@@ -106,21 +245,30 @@ function watch(tw, name) {
 }
 
 // ------------------------------------------------------------------ responsiveness probe
-const rtts = [];
-function startProbe(tw) {
+// The probe sends `$/ping`, which the connection answers itself: what it
+// measures is the connection's responsiveness (reader, writer, the threads
+// that serve sockets), and being no task it stays out of the server-wide task
+// counts and histograms that the rest of the page shows.
+const RTT_WINDOW_MS = 10_000;
+const rtts = []; // [at, ms], the last 10 s (at most 5 a second)
+const quantile = (sorted, q) => sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil(q * sorted.length) - 1))];
+function startProbe() {
   let outstanding = 0;
   setInterval(() => {
-    if (tw.state !== 'open' || outstanding >= 4) return;
+    const tw = conns.probe;
+    if (!tw || tw.state !== 'open' || outstanding >= 4) return;
     outstanding++;
     const t0 = performance.now();
-    tw.call('echo', { value: t0 }).then(
+    tw.call('$/ping').then(
       () => {
-        const rtt = performance.now() - t0;
-        charts.latency.push([rtt]);
-        rtts.push(rtt);
-        if (rtts.length > 25) rtts.shift();
-        const sorted = [...rtts].sort((a, b) => a - b);
-        $('kpi-rtt').textContent = `${formatNumber(sorted[Math.floor(sorted.length / 2)])} ms`;
+        const now = performance.now();
+        const rtt = now - t0;
+        charts.latency.push([rtt], now);
+        rtts.push([now, rtt]);
+        while (rtts.length && rtts[0][0] < now - RTT_WINDOW_MS) rtts.shift();
+        const sorted = rtts.map((r) => r[1]).sort((a, b) => a - b);
+        $('kpi-rtt').textContent = `${formatNumber(quantile(sorted, 0.5))} ms`;
+        $('kpi-rtt-p99').textContent = `p99 ${formatNumber(quantile(sorted, 0.99))} ms`;
       },
       () => {},
     ).finally(() => { outstanding--; });
@@ -156,15 +304,16 @@ function setLoadRunning(on) {
 }
 $('load-toggle').addEventListener('click', () => setLoadRunning(!load.running));
 
-function startLoad(tw) {
+function startLoad() {
   let last = performance.now();
   setInterval(() => {
     const now = performance.now();
     const dt = (now - last) / 1000;
     last = now;
-    if (!load.running || tw.state !== 'open') return;
+    const tw = conns.load;
+    if (!load.running || !tw || tw.state !== 'open') return;
     load.credit = Math.min(load.credit + load.rate * dt, Math.max(1, load.rate)); // never more than 1 s behind
-    const job = LOAD_JOBS[$('load-kind').value] ?? LOAD_JOBS.spin2;
+    const job = LOAD_JOBS[$('load-kind').value] ?? LOAD_JOBS.hash;
     while (load.credit >= 1 && load.inflight < 5000) {
       load.credit -= 1;
       load.inflight++;
@@ -218,7 +367,8 @@ async function runMany(tw, kind, n, signal) {
   return { outcomes, secs: (performance.now() - t0) / 1000 };
 }
 
-function wireActions(tw) {
+function wireActions() {
+  const tw = new Proxy({}, { get: (_, k) => { const c = conns.actions; const v = c[k]; return typeof v === 'function' ? v.bind(c) : v; } });
   for (const b of document.querySelectorAll('button[data-kind]')) {
     b.addEventListener('click', async () => {
       const kind = b.dataset.kind;
@@ -302,16 +452,23 @@ function onSnapshot(snap) {
     $('uptime').textContent = fmtDuration(stats.uptimeMs);
     $('connections').textContent = String(stats.connections);
     $('workers').textContent = String(stats.pool?.workers ?? '–');
-    $('kpi-running').textContent = String(stats.tasks?.running ?? 0);
-    $('kpi-queued').textContent = String((stats.tasks?.queued ?? 0));
+    // Every live task is in exactly one state; the tiles add up to "live",
+    // which is the table's count (the server counts both in one walk).
+    const n = stats.tasks ?? {};
+    for (const k of ['running', 'queued', 'yielded', 'waiting', 'abandoned']) $(`kpi-${k}`).textContent = String(n[k] ?? 0);
+    $('kpi-abandoned-tile').hidden = !(n.abandoned > 0);
+    $('kpi-live').textContent = String(sum(n));
     const util = Math.round((stats.pool?.utilisation ?? 0) * 100);
     $('kpi-pool').textContent = `${util}%`;
+    $('kpi-pool-queue').textContent = `run queue ${stats.pool?.queued ?? 0}`;
     const f = stats.finished ?? {};
     $('kpi-ok').textContent = formatNumber(f.ok ?? 0);
-    $('kpi-crashed').textContent = formatNumber(f.crashed ?? 0);
-    $('kpi-killed').textContent = formatNumber(f.killed ?? 0);
-    $('kpi-refused').textContent = formatNumber(f.refused ?? 0);
-    charts.pool.push([util], now);
+    for (const k of ['crashed', 'killed', 'refused']) {
+      $(`kpi-${k}`).textContent = formatNumber(f[k] ?? 0);
+      // Red only when something happened: a 0 is good news.
+      $(`kpi-${k}`).closest('.kpi').dataset.nonzero = String((f[k] ?? 0) > 0);
+    }
+    charts.pool.push([util, stats.pool?.queued ?? 0], now);
     if (lastStats) {
       const dt = (now - lastStatsAt) / 1000;
       if (dt > 0.05) {
@@ -341,56 +498,81 @@ function onSnapshot(snap) {
   renderTasks(tasks);
 }
 
-function startAdminStream() {
-  let gotSnapshot = false;
-  let polling = null;
-  const poll = async () => {
-    const get = async (url) => {
-      const r = await fetch(url, { headers: adminHeaders });
-      if (!r.ok) throw new Error(r.status === 401 || r.status === 403 ? `admin: HTTP ${r.status}, add ?token=…` : `admin: HTTP ${r.status}`);
-      return r.json();
-    };
+/** An HTTP status from the admin API. */
+class AdminHttpError extends Error {
+  constructor(status) { super(`admin: HTTP ${status}`); this.status = status; }
+}
+
+/** `admin/events` read with fetch rather than EventSource, so that the admin
+ * token travels in a header, not in the URL's query. Resolves when the
+ * stream ends (the server shuts down). */
+async function streamAdmin() {
+  const r = await fetch('admin/events', { headers: { ...adminHeaders(), accept: 'text/event-stream' }, cache: 'no-store' });
+  if (!r.ok) throw new AdminHttpError(r.status);
+  const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buf = '';
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buf += value.replace(/\r\n/g, '\n');
+    for (let i; (i = buf.indexOf('\n\n')) >= 0;) {
+      const block = buf.slice(0, i);
+      buf = buf.slice(i + 2);
+      let event = 'message';
+      let data = '';
+      for (const line of block.split('\n')) {
+        if (line.startsWith('event:')) event = line.slice(6).trim();
+        else if (line.startsWith('data:')) data += line.slice(5).replace(/^ /, '');
+      }
+      if (event !== 'snapshot' || !data) continue;
+      setAdminPill('open', 'admin stream');
+      try { onSnapshot(JSON.parse(data)); } catch (err) { console.error('bad snapshot', err); }
+    }
+    // A snapshot is bounded by the server (500 tasks); a buffer past this is not one.
+    if (buf.length > 16 << 20) throw new Error('admin: oversized event');
+  }
+}
+
+/** Without the stream (404: an older server), poll the JSON endpoints. */
+async function pollAdmin() {
+  const get = async (url) => {
+    const r = await fetch(url, { headers: adminHeaders(), cache: 'no-store' });
+    if (!r.ok) throw new AdminHttpError(r.status);
+    return r.json();
+  };
+  for (;;) {
+    const [s, t] = await Promise.all([get('admin/stats'), get('admin/tasks?sort=cpu&limit=500')]);
+    setAdminPill('open', 'admin (polling)');
+    onSnapshot({ stats: s, tasks: t.tasks ?? [] });
+    await sleep(500);
+  }
+}
+
+async function startAdminStream() {
+  let poll = false;
+  for (let delay = 500; ; delay = Math.min(delay * 2, 10_000)) {
     try {
-      const [s, t] = await Promise.all([
-        get(`admin/stats${tokenQs}`),
-        get(`admin/tasks?sort=cpu&limit=500${token ? `&token=${encodeURIComponent(token)}` : ''}`),
-      ]);
-      setAdminPill('open', 'admin (polling)');
-      onSnapshot({ stats: s, tasks: t.tasks ?? [] });
+      await (poll ? pollAdmin() : streamAdmin());
+      delay = 250; // the stream ended: the server went away; try again soon
     } catch (err) {
-      setAdminPill('closed', err.message.startsWith('admin:') ? err.message : 'admin unreachable');
+      if (err instanceof AdminHttpError && err.status === 404) { poll = true; continue; }
+      if (err instanceof AdminHttpError && (err.status === 401 || err.status === 403)) {
+        setAdminPill('closed', `admin: HTTP ${err.status}, token missing or refused`);
+        // No retries until a token is entered: each would be refused again.
+        await needToken('admin');
+        delay = 250;
+        continue;
+      }
+      setAdminPill('closed', 'admin unreachable');
     }
-  };
-  const startPolling = () => {
-    if (polling) return;
-    polling = setInterval(poll, 500);
-    poll();
-  };
-  if (typeof EventSource !== 'function') { startPolling(); return; }
-  const es = new EventSource(`admin/events${tokenQs}`);
-  es.addEventListener('open', () => setAdminPill('open', 'admin stream'));
-  es.addEventListener('snapshot', (e) => {
-    gotSnapshot = true;
-    if (polling) { clearInterval(polling); polling = null; }
-    setAdminPill('open', 'admin stream');
-    try { onSnapshot(JSON.parse(e.data)); } catch (err) { console.error('bad snapshot', err); }
-  });
-  es.addEventListener('error', () => {
-    if (es.readyState === EventSource.CLOSED) {
-      setAdminPill('closed', 'admin stream closed');
-      startPolling();
-    } else {
-      setAdminPill('connecting', 'admin stream…');
-    }
-  });
-  // A server without the stream: fall back to polling the JSON endpoints.
-  setTimeout(() => { if (!gotSnapshot) startPolling(); }, 3000);
+    await sleep(delay);
+  }
 }
 
 async function kill(id, button) {
   if (button) { button.disabled = true; button.textContent = 'killing…'; }
   try {
-    const r = await fetch(`admin/tasks/${encodeURIComponent(id)}/kill${tokenQs}`, { method: 'POST', headers: adminHeaders });
+    const r = await fetch(`admin/tasks/${encodeURIComponent(id)}/kill`, { method: 'POST', headers: adminHeaders() });
     if (r.status === 404) log(`task ${id} was already gone`);
     else if (!r.ok) { log(`kill ${id}: HTTP ${r.status}`, 'err'); rearm(button); }
     else log(`killed task ${id}`, 'ok');
@@ -617,6 +799,31 @@ function renderTasks(tasks) {
   $('tasks-empty').hidden = rows.size > 0;
 }
 
+// ------------------------------------------------------------------ what this server offers
+/** Hides every control whose task the server does not have (`data-needs`):
+ * the demo tasks (`spin`, `runaway`, `crash`) exist only on a server started
+ * with `--demo`, and a server embedding taskwire may offer none of the built-ins. */
+async function offerWhatTheServerHas(tw) {
+  let names;
+  try {
+    const d = await tw.call('rpc.discover');
+    names = new Set((d?.methods ?? []).map((m) => m.name));
+  } catch (err) {
+    log(`rpc.discover failed: ${describe(err)}; every button stays`, 'err');
+    return;
+  }
+  for (const el of document.querySelectorAll('[data-needs]')) {
+    const has = el.dataset.needs.split(' ').every((m) => names.has(m));
+    el.hidden = !has;
+    if (el.tagName === 'OPTION') el.disabled = !has;
+  }
+  const kind = $('load-kind');
+  if (kind.selectedOptions[0]?.disabled) kind.value = [...kind.options].find((o) => !o.disabled)?.value ?? '';
+  const demo = ['spin', 'runaway', 'crash'].every((m) => names.has(m));
+  document.documentElement.dataset.demo = String(demo);
+  $('demo-hint').hidden = demo;
+}
+
 // ------------------------------------------------------------------ start
 setConnPill('connecting');
 startAdminStream();
@@ -626,10 +833,12 @@ const [probe, loadConn, actions] = await Promise.all([open('probe'), open('load'
 watch(probe, 'probe');
 watch(loadConn, 'load');
 watch(actions, 'actions');
+sessionPill(actions);
 setConnPill(probe.state);
-startProbe(probe);
-startLoad(loadConn);
-wireActions(actions);
+await offerWhatTheServerHas(actions);
+startProbe();
+startLoad();
+wireActions();
 if (params.get('load')) setLoadRunning(true);
 log('connected: probe, load and actions connections are open', 'ok');
 

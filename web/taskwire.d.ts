@@ -55,6 +55,17 @@ export interface ReconnectOptions {
   maxRetries?: number;
 }
 
+export interface SessionOptions {
+  /** Ask for a shorter window than the server's (ms). */
+  windowMs?: number;
+  /** Keep the token in `sessionStorage` (or `storage`) so that a page reload resumes too. Off by default: see docs/CLIENT.md. */
+  persist?: boolean;
+  /** Where to keep it when `persist` is on. Default `globalThis.sessionStorage`. */
+  storage?: Pick<Storage, 'getItem' | 'setItem' | 'removeItem'>;
+  /** The storage key. Default `"taskwire.session " + url`. */
+  key?: string;
+}
+
 export interface ConnectOptions {
   /** Sent as the `?token=` query parameter (browsers cannot set WebSocket headers). */
   token?: string;
@@ -68,6 +79,8 @@ export interface ConnectOptions {
   queueLimit?: number;
   /** Give up on one opening attempt after this long. Default 10000. */
   connectTimeoutMs?: number;
+  /** Open a session: after a drop that was not this client's close(), reconnect, resume, and settle every pending call with its real outcome, exactly once. Default off. */
+  session?: boolean | SessionOptions;
   /** Send `$/ping` every this many ms; no frame at all (any answer counts, even an error) for a whole interval after a ping closes the socket (code 4000) and reconnects. 0 disables. Default 30000. */
   heartbeatMs?: number;
 }
@@ -101,6 +114,10 @@ export interface TaskwireEventMap {
   state: CustomEvent<{ state: ConnectionState; previous: ConnectionState }>;
   /** A server notification other than `$/progress`. */
   notification: CustomEvent<{ method: string; params: any }>;
+  /** A session opened, was resumed after a drop, or was gone when the client came back (pending calls then rejected with -32020). */
+  session: CustomEvent<{ state: 'open' | 'resumed' | 'expired'; session?: string; replayed?: number; running?: number; resent?: number }>;
+  /** A kept answer arrived for which no call waits (a persisted session after a page reload). */
+  replayed: CustomEvent<{ response: { id: number | string; result?: any; error?: { code: number; message: string; data?: any } } }>;
   /** An error not tied to a call: an id-null error response, an unparsable frame, a throwing onProgress. */
   error: CustomEvent<{ error?: unknown; response?: unknown; data?: unknown }>;
 }
@@ -118,6 +135,8 @@ export declare class Taskwire extends EventTarget {
   readonly inflight: number;
   /** Frames waiting for the connection to come back. */
   readonly queued: number;
+  /** The session's id while one is open (option `session`), else null. */
+  readonly session: string | null;
 
   call<T = any>(method: string, params?: Record<string, unknown>, options?: CallOptions): Promise<T>;
   /** No id, no answer. Throws NOT_CONNECTED if closed or the queue is full. */

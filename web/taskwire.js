@@ -8,6 +8,10 @@
 //     timeoutMs: 30_000,                  // server-side deadline => -32002
 //   });
 //
+// With `{ session: true }` the client opens a session (PROTOCOL.md, "Sessions"):
+// after a drop that was not its own close() it reconnects, resumes, and every
+// pending call settles with its real result, exactly once.
+//
 // One WebSocket (subprotocol `taskwire.v1`) speaking JSON-RPC 2.0 as described
 // in PROTOCOL.md. No dependencies, no build step. See docs/CLIENT.md.
 
@@ -63,6 +67,11 @@ export class TaskwireError extends Error {
 const SUBPROTOCOL = 'taskwire.v1';
 /** The protocol's heartbeat method (PROTOCOL.md): answered `{}` by the connection itself. */
 const PING_METHOD = '$/ping';
+/** Ids of this client's `$/session.*` requests: their answers are not numbered. */
+const SESSION_ID = '$s';
+/** Acknowledge at least every this many numbered responses, and every second. */
+const ACK_EVERY = 64;
+const ACK_INTERVAL_MS = 1000;
 const OPEN = 1;
 
 const DEFAULT_RECONNECT = Object.freeze({
@@ -136,7 +145,39 @@ export class Taskwire extends EventTarget {
     this._connectTimeoutMs = options.connectTimeoutMs ?? 10_000;
     this._heartbeatMs = options.heartbeatMs ?? 30_000;
 
-    this._nextId = 1;
+    // Sessions: `true`, or `{ persist, storage, key, windowMs }`.
+    const so = options.session;
+    this._sessionOpts = so ? (so === true ? {} : { ...so }) : null;
+    /** The session: { token, id } once open; null without one. */
+    this._session = null;
+    /** Numbered responses received in this session, and the count last acknowledged. */
+    this._seq = 0;
+    this._acked = 0;
+    this._ackTimer = null;
+    /** While resuming: replayed frames still to come before re-sending. */
+    this._resume = null;
+    this._storage = null;
+    this._storageKey = null;
+    if (this._sessionOpts?.persist) {
+      this._storage = this._sessionOpts.storage ?? globalThis.sessionStorage ?? null;
+      this._storageKey = this._sessionOpts.key ?? `taskwire.session ${this.url}`;
+      const saved = this._load();
+      if (saved) { this._session = { token: saved.token, id: saved.id }; this._seq = saved.seq; this._acked = saved.seq; }
+    }
+
+    // A session that is not persisted dies with the page (nothing could ever
+    // resume it): end it on the server as the page goes, instead of leaving
+    // its tasks running for the window. Not for a page kept in the
+    // back/forward cache, which may come back and resume.
+    if (this._sessionOpts && !this._storage && typeof document !== 'undefined'
+      && typeof globalThis.addEventListener === 'function') {
+      this._onPageHide = (e) => { if (!e.persisted) this.close(1000, 'page closed'); };
+      globalThis.addEventListener('pagehide', this._onPageHide);
+    }
+
+    // Ids stay unique across a page reload when a session outlives the page:
+    // they continue from the clock instead of 1 (below 2^53 for centuries).
+    this._nextId = this._storage ? Date.now() * 1000 : 1;
     /** id -> entry for every call not yet settled (sent or queued) */
     this._pending = new Map();
     /** progress token -> entry */
@@ -169,6 +210,8 @@ export class Taskwire extends EventTarget {
   get inflight() { return this._pending.size; }
   /** Number of frames queued while disconnected. */
   get queued() { return this._queue.length; }
+  /** The session's id while one is open (option `session`), else null. */
+  get session() { return this._session?.id ?? null; }
 
   /**
    * Call a method; resolves with its result or rejects with a TaskwireError.
@@ -231,6 +274,9 @@ export class Taskwire extends EventTarget {
     if (this._state === 'closed') return;
     this._closedByUser = true;
     clearTimeout(this._retryTimer);
+    if (this._onPageHide) globalThis.removeEventListener('pagehide', this._onPageHide);
+    // A close 1000 ends the session on the server: forget it here too.
+    if (code === 1000) { this._session = null; this._save(); }
     const ws = this._ws;
     this._teardownSocket(code, reason, true);
     if (ws && ws.readyState <= OPEN) {
@@ -386,6 +432,31 @@ export class Taskwire extends EventTarget {
   _onOpen(ws) {
     if (this._ws !== ws) return;
     clearTimeout(this._connectTimer);
+    if (this._sessionOpts && this._session) {
+      // The resume must be the connection's first request; everything else
+      // waits for its answer and the replay (see _resumed).
+      this._everOpened = true;
+      this._resume = { ws, left: -1 };
+      this._sendRaw({ jsonrpc: '2.0', id: `${SESSION_ID}r`, method: '$/session.resume',
+        params: { token: this._session.token, seq: this._seq } });
+      this._resolveFirst();
+      return;
+    }
+    if (this._sessionOpts) this._openSession();
+    this._ready(ws);
+  }
+
+  /** Asks for a session; answers counted from it on. */
+  _openSession() {
+    const params = {};
+    if (this._sessionOpts.windowMs !== undefined) params.windowMs = this._sessionOpts.windowMs;
+    this._seq = 0;
+    this._acked = 0;
+    this._sendRaw({ jsonrpc: '2.0', id: `${SESSION_ID}o`, method: '$/session.open', params });
+  }
+
+  /** The connection is usable: state open, queue flushed. */
+  _ready(ws) {
     const reconnected = this._everOpened;
     this._everOpened = true;
     this._attempt = 0;
@@ -407,8 +478,91 @@ export class Taskwire extends EventTarget {
       this.dispatchEvent(makeEvent('error', { error: err, data: ev.data }));
       return;
     }
+    if (this._session && isNumbered(msg)) this._counted();
     if (Array.isArray(msg)) for (const m of msg) this._handle(m);
     else this._handle(msg);
+    if (this._resume && this._resume.left === 0) this._resumed();
+  }
+
+  /** One more numbered response: acknowledge now and then; count the replay. */
+  _counted() {
+    this._seq += 1;
+    if (this._resume && this._resume.left > 0) this._resume.left -= 1;
+    this._save();
+    if (this._seq - this._acked >= ACK_EVERY) this._ack();
+    else if (!this._ackTimer) this._ackTimer = setTimeout(() => { this._ackTimer = null; this._ack(); }, ACK_INTERVAL_MS);
+  }
+
+  _ack() {
+    if (this._seq === this._acked || !this._session) return;
+    if (this._sendRaw({ jsonrpc: '2.0', method: '$/session.ack', params: { seq: this._seq } })) this._acked = this._seq;
+  }
+
+  /** The answer to `$/session.open` or `$/session.resume`. */
+  _sessionAnswer(msg) {
+    if (msg.id === `${SESSION_ID}o`) {
+      if (msg.error) {
+        // A server without sessions: go on without one.
+        this._session = null;
+        this.dispatchEvent(makeEvent('error', { response: msg }));
+      } else {
+        this._session = { token: msg.result.token, id: msg.result.session };
+        this.dispatchEvent(makeEvent('session', { state: 'open', session: msg.result.session }));
+      }
+      this._save();
+      return;
+    }
+    if (!this._resume) return;
+    if (msg.error) {
+      // The session is gone (expired, ended, a restart): the outcome of every
+      // call sent before the drop is unknown. Open a new one and go on.
+      const err = new TaskwireError(ErrorCode.NO_SUCH_SESSION,
+        'session expired: the outcome of this call is unknown (it may or may not have run)', { session: msg.error });
+      for (const e of [...this._pending.values()].filter((x) => x.sent)) this._settle(e, err);
+      const ws = this._resume.ws;
+      this._resume = null;
+      this._session = null;
+      this._save();
+      this.dispatchEvent(makeEvent('session', { state: 'expired' }));
+      this._openSession();
+      this._ready(ws);
+      return;
+    }
+    this._session = { token: msg.result.token, id: msg.result.session };
+    this._save();
+    this._resume.inflight = new Set(msg.result.inflight ?? []);
+    this._resume.replay = msg.result.replay ?? 0;
+    this._resume.left = this._resume.replay;
+  }
+
+  /** The replay is in: re-send what the server never received, then go on. */
+  _resumed() {
+    const { ws, inflight, replay } = this._resume;
+    this._resume = null;
+    const resend = [...this._pending.values()].filter((e) => e.sent && !inflight.has(e.id));
+    for (const e of resend) this._sendRaw(e.request);
+    this.dispatchEvent(makeEvent('session', { state: 'resumed', session: this._session?.id,
+      replayed: replay, running: inflight.size, resent: resend.length }));
+    this._ready(ws);
+  }
+
+  _load() {
+    try {
+      const v = this._storage?.getItem(this._storageKey);
+      const o = v ? JSON.parse(v) : null;
+      return o && typeof o.token === 'string' && Number.isSafeInteger(o.seq) ? o : null;
+    } catch { return null; }
+  }
+
+  _save() {
+    if (!this._storage) return;
+    try {
+      if (this._session) {
+        this._storage.setItem(this._storageKey, JSON.stringify({ token: this._session.token, id: this._session.id, seq: this._seq }));
+      } else {
+        this._storage.removeItem(this._storageKey);
+      }
+    } catch { /* storage full or denied: the session lives for this page only */ }
   }
 
   _handle(msg) {
@@ -416,7 +570,16 @@ export class Taskwire extends EventTarget {
     if ('id' in msg && ('result' in msg || 'error' in msg) && !('method' in msg)) {
       // A heartbeat answer, `{}` or an error alike: _onMessage already noted that the peer is alive.
       if (typeof msg.id === 'string' && msg.id.startsWith('$hb')) return;
+      if (typeof msg.id === 'string' && msg.id.startsWith(SESSION_ID) && this._sessionOpts) {
+        this._sessionAnswer(msg);
+        return;
+      }
       const entry = msg.id === null ? undefined : this._pending.get(msg.id);
+      if (!entry && msg.id !== null && this._session) {
+        // A kept answer whose call is gone (the page was reloaded).
+        this.dispatchEvent(makeEvent('replayed', { response: msg }));
+        return;
+      }
       if (!entry) {
         // id null: the server could not tie the error to a request.
         this.dispatchEvent(makeEvent('error', { response: msg }));
@@ -450,6 +613,11 @@ export class Taskwire extends EventTarget {
     this._stopHeartbeat();
     if (ws) ws._twDetach?.();
     this._ws = null;
+    clearTimeout(this._ackTimer);
+    this._ackTimer = null;
+    this._resume = null;
+    // With a session (and a reconnect to come), sent calls wait for the resume.
+    if (this._session && !byUser && this._reconnect) return ws;
     // Every sent call is lost with the socket: reject at once, never hang.
     const lost = [...this._pending.values()].filter((e) => e.sent);
     const err = byUser
@@ -479,6 +647,9 @@ export class Taskwire extends EventTarget {
     const rc = this._reconnect;
     if (!rc || this._attempt >= rc.maxRetries) {
       if (!hadOpened) this.dispatchEvent(makeEvent('close', { code, reason, wasClean, gaveUp: true }));
+      const lost = new TaskwireError(ErrorCode.CONNECTION_LOST, 'connection lost: reconnect gave up; the outcome is unknown',
+        { closeCode: code, reason });
+      for (const e of [...this._pending.values()].filter((x) => x.sent)) this._settle(e, lost);
       this._closedByUser = true;
       this._rejectQueued('not connected: reconnect ' + (rc ? 'gave up' : 'disabled'));
       this._setState('closed');
@@ -527,6 +698,15 @@ export class Taskwire extends EventTarget {
     clearInterval(this._heartbeatTimer);
     this._heartbeatTimer = null;
   }
+}
+
+/** Whether a frame is numbered in a session: a response to a request with an id
+ *  (or a batch's array), other than a `$/session.*` answer. */
+function isNumbered(msg) {
+  if (Array.isArray(msg)) return true;
+  if (msg === null || typeof msg !== 'object' || 'method' in msg) return false;
+  if (msg.id === null || msg.id === undefined) return false;
+  return !(typeof msg.id === 'string' && msg.id.startsWith(SESSION_ID));
 }
 
 export default Taskwire;

@@ -44,6 +44,33 @@ test('the dashboard loads from the server, connects, and draws live charts', { t
   const conns = await page.textContent('#connections');
   assert.ok(Number(conns) >= 3, `the page's three connections are counted: ${conns}`);
   await screenshot(page, '01-dashboard');
+
+  // Scales: one spike is clipped and marked, not the scale of everything; a
+  // series on the alternative scale is not flattened by (nor flattens) the
+  // main one; a long stretch of slow values is the bulk, not a spike.
+  const clipped = await page.evaluate(() => {
+    const Chart = window.taskwireDashboard.charts.latency.constructor;
+    const make = () => {
+      const canvas = document.createElement('canvas');
+      document.body.append(canvas);
+      return new Chart(canvas, {
+        series: [{ label: 'a', color: '#2563eb' }, { label: 'b', color: '#dc2626', axis: 'alt' }],
+        unit: 'ms', yMaxFloor: 1, alt: { yMaxFloor: 1 },
+      });
+    };
+    const start = performance.now() - 30_000;
+    const spiky = make();
+    for (let i = 0; i < 100; i++) spiky.push([2 + (i % 3) * 0.1, 5000], start + i * 200);
+    spiky.push([270, 5000], start + 100 * 200);
+    for (let i = 101; i < 140; i++) spiky.push([2, 5000], start + i * 200);
+    spiky.draw();
+    const slow = make();
+    for (let i = 0; i < 20; i++) slow.push([2, 1], start + i * 200);
+    for (let i = 0; i < 12; i++) slow.push([4000, 1], start + 5_000 + i * 2_000);
+    slow.draw();
+    return [Number(spiky.canvas.dataset.clipped), Number(slow.canvas.dataset.clipped)];
+  });
+  assert.deepEqual(clipped, [1, 0]);
   assert.deepEqual(errors, []);
 });
 
@@ -111,7 +138,9 @@ test('flood the server: the latency chart keeps updating, the steady load keeps 
   const lastRtt = Number(await page.$eval('#chart-latency', (c) => c.dataset.last));
   assert.ok(Number.isFinite(lastRtt) && lastRtt >= 0);
 
-  await page.click('#btn-stop-flood');
+  // On a busy machine the flood may have ended by now (its tasks are answered): cancel
+  // only what is left.
+  if (await page.isEnabled('#btn-stop-flood')) await page.click('#btn-stop-flood', { timeout: 5_000 }).catch(() => {});
   await page.waitForSelector('li[data-testid="log-entry"]:has-text("flood done")', { timeout: 30_000 });
   await page.click('#load-toggle');
   await eventually(async () => Number(await page.textContent('#task-count')) < 20, { timeoutMs: 30_000, message: 'flood drained' });
@@ -143,5 +172,82 @@ test('start N jobs of each built-in kind; count_primes shows progress', { timeou
   }
   const line = await page.textContent('li[data-testid="log-entry"]:has-text("2× count_primes:")');
   assert.match(line, /2× count_primes: (2 ok|2 killed|1 ok, 1 killed|1 killed, 1 ok)/);
+  assert.deepEqual(errors, []);
+});
+
+test('under a small flood the state tiles add up to the live count and the table', { timeout: 90_000 }, async (t) => {
+  const { page, errors } = await openDashboard(t);
+  await page.fill('#n-jobs', '1'); // 100 × spin 100 ms: most of them yielded or queued at any moment
+  await page.click('#btn-flood');
+  await eventually(async () => Number(await page.textContent('#task-count')) >= 20, { timeoutMs: 20_000, message: 'flood tasks in the table' });
+  let yielded = 0;
+  for (let i = 0; i < 10; i++) {
+    // One read of every tile and the table: all written by the same snapshot.
+    const v = await page.evaluate(() => {
+      const n = (id) => Number(document.getElementById(id).textContent);
+      return {
+        live: n('kpi-live'), table: n('task-count'), running: n('kpi-running'), queued: n('kpi-queued'),
+        yielded: n('kpi-yielded'), waiting: n('kpi-waiting'), abandoned: n('kpi-abandoned'),
+      };
+    });
+    assert.equal(v.running + v.queued + v.yielded + v.waiting + v.abandoned, v.live, JSON.stringify(v));
+    assert.equal(v.live, v.table, JSON.stringify(v)); // fewer than 500: the table lists every task
+    yielded = Math.max(yielded, v.yielded);
+    await new Promise((r) => setTimeout(r, 300));
+  }
+  assert.ok(yielded > 0, 'a flood of 100 ms tasks on 2 ms slices shows yielded tasks');
+  // The probe is no task: its pings are not in the finished counts (the page runs no other task now).
+  await page.click('#btn-stop-flood');
+  await page.waitForSelector('li[data-testid="log-entry"]:has-text("flood done")', { timeout: 60_000 });
+  assert.match(await page.textContent('#kpi-rtt-p99'), /^p99 [\d.]+ ms$/);
+  // Red only above zero (other tests on this server may have crashed or killed some).
+  for (const id of ['kpi-crashed', 'kpi-killed', 'kpi-refused']) {
+    const [text, nonzero] = await page.$eval(`#${id}`, (b) => [b.textContent, b.closest('.kpi').dataset.nonzero]);
+    assert.equal(nonzero, String(text !== '0'), `${id}: ${text}`);
+  }
+  await screenshot(page, '09-tiles');
+  assert.deepEqual(errors, []);
+});
+
+test('the demo buttons follow rpc.discover', { timeout: 60_000 }, async (t) => {
+  // This server's own answer first: the buttons show exactly when it lists the demo tasks.
+  const { page, errors } = await openDashboard(t);
+  const listed = await page.evaluate(async () => {
+    const d = await window.taskwireDashboard.conns.actions.call('rpc.discover');
+    return ['spin', 'runaway', 'crash'].every((m) => d.methods.some((x) => x.name === m));
+  });
+  assert.equal(await page.getAttribute('html', 'data-demo'), String(listed));
+  assert.equal(await page.isVisible('#btn-runaway'), listed);
+
+  // A server without its demo tasks (as the binary is without --demo): its
+  // rpc.discover answer, with them taken out, is what the page sees.
+  const context = await browser.newContext();
+  t.after(() => context.close());
+  const p2 = await context.newPage();
+  await p2.routeWebSocket(/\/ws$/, (ws) => {
+    const server = ws.connectToServer();
+    server.onMessage((msg) => {
+      try {
+        const v = JSON.parse(msg);
+        if (v?.result?.methods) {
+          v.result.methods = v.result.methods.filter((m) => !['spin', 'runaway', 'crash'].includes(m.name));
+          ws.send(JSON.stringify(v));
+          return;
+        }
+      } catch { /* not JSON: pass it on */ }
+      ws.send(msg);
+    });
+  });
+  await p2.goto(`${srv.httpUrl}/`, { timeout: 15_000 });
+  await p2.waitForSelector('html[data-ready="true"]', { timeout: 15_000 });
+  assert.equal(await p2.getAttribute('html', 'data-demo'), 'false');
+  for (const sel of ['#btn-runaway', '#btn-crash', '#btn-flood', '[data-testid="start-spin"]']) {
+    assert.equal(await p2.isVisible(sel), false, sel);
+  }
+  for (const sel of ['[data-testid="start-echo"]', '[data-testid="start-hash_chain"]', '#demo-hint']) {
+    assert.equal(await p2.isVisible(sel), true, sel);
+  }
+  assert.equal(await p2.$eval('#load-kind', (s) => s.value), 'hash');
+  await screenshot(p2, '10-no-demo');
   assert.deepEqual(errors, []);
 });

@@ -55,3 +55,35 @@ test('with the client token only, the page works and says the admin stream is cl
   // The probe still runs: the WebSocket takes the client token.
   await page.waitForFunction(() => Number(document.getElementById('chart-latency').dataset.points ?? 0) >= 3, null, { timeout: 15_000 });
 });
+
+test('without a token the page says so, does not pile up refusals, and connects once one is entered', { timeout: 90_000 }, async (t) => {
+  const context = await browser.newContext();
+  t.after(() => context.close());
+  const page = await context.newPage();
+  const wsUrls = [];
+  page.on('websocket', (ws) => wsUrls.push(ws.url()));
+  await page.goto(`${srv.httpUrl}/`, { timeout: 15_000 });
+  await page.waitForSelector('#conn-state[data-state="unauthorized"]', { timeout: 15_000 });
+  await page.waitForSelector('[data-testid="auth"]:not([hidden])', { timeout: 15_000 });
+  assert.match(await page.textContent('[data-testid="auth-msg"]'), /token missing or refused/);
+  assert.match(await page.textContent('#conn-state'), /token missing or refused/);
+  // Waiting for the token: no new attempts (one per connection at most before the page knew).
+  // The three connections start together; on a loaded machine the last one's first attempt
+  // can be reported just after the page shows the message, so let them settle first.
+  await new Promise((r) => setTimeout(r, 1000));
+  const tried = wsUrls.length;
+  await new Promise((r) => setTimeout(r, 3000));
+  assert.equal(wsUrls.length, tried, 'no retries while the token is missing');
+  assert.ok(tried <= 3, `${tried} attempts`);
+  await screenshot(page, '11-token-missing');
+
+  await page.fill('[data-testid="auth-token"]', CLIENT);
+  await page.fill('[data-testid="auth-admin-token"]', TOKEN);
+  await page.click('[data-testid="auth-submit"]');
+  await page.waitForSelector('html[data-ready="true"]', { timeout: 15_000 });
+  await page.waitForSelector('#conn-state[data-state="open"]', { timeout: 15_000 });
+  await page.waitForSelector('#admin-state[data-state="open"]', { timeout: 15_000 });
+  // The token is in no URL: neither the page's nor the WebSocket's.
+  for (const u of [page.url(), ...wsUrls]) assert.ok(!u.includes(CLIENT) && !u.includes(TOKEN), u);
+  assert.equal(await page.evaluate(() => sessionStorage.getItem('taskwire.token')), CLIENT);
+});

@@ -30,12 +30,15 @@ export function serverCommand() {
 
 /**
  * Start a server. Resolves with { port, httpUrl, wsUrl, stop(), proc, stderr() }.
- * @param {{port?: number, extraArgs?: string[], timeoutMs?: number}} [opts]
+ * The demo tasks (spin, runaway, crash) are on unless `demo: false`: the tests
+ * use them, and the server offers them only with `--demo`.
+ * @param {{port?: number, extraArgs?: string[], timeoutMs?: number, demo?: boolean}} [opts]
  */
 export function startServer(opts = {}) {
-  const { cmd, args } = serverCommand();
+  const { cmd, args, mock } = serverCommand();
   const addr = `127.0.0.1:${opts.port ?? 0}`;
-  return spawnServer(cmd, [...args, 'serve', '--addr', addr, ...(opts.extraArgs ?? [])], opts);
+  const demo = opts.demo !== false && !mock ? ['--demo'] : [];
+  return spawnServer(cmd, [...args, 'serve', '--addr', addr, ...demo, ...(opts.extraArgs ?? [])], opts);
 }
 
 /**

@@ -18,6 +18,10 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 pub enum Target {
     /// The real server: `taskwire serve`.
     Taskwire,
+    /// The same binary with least attained service throughout within a
+    /// connection (`--las-threshold-ms` far beyond any task): the policy before
+    /// the threshold, as a same-binary baseline.
+    TaskwireLas,
     /// `baseline-raw-echo`: echoes every frame, the round-trip ceiling.
     RawEcho,
     /// `baseline-textbook`: spawn per request, mpsc writer, `spawn_blocking`.
@@ -31,6 +35,7 @@ impl Target {
     pub fn name(self) -> &'static str {
         match self {
             Target::Taskwire => "taskwire",
+            Target::TaskwireLas => "taskwire-las",
             Target::RawEcho => "baseline-raw-echo",
             Target::Textbook => "baseline-textbook",
             Target::Naive => "baseline-naive",
@@ -44,16 +49,33 @@ impl Target {
 
     /// Whether it has `runaway` (the baselines do not: they get a long `spin`).
     pub fn has_runaway(self) -> bool {
-        matches!(self, Target::Taskwire)
+        self.is_taskwire()
+    }
+
+    /// Whether it is the `taskwire` binary (whatever its flags).
+    pub fn is_taskwire(self) -> bool {
+        matches!(self, Target::Taskwire | Target::TaskwireLas)
     }
 
     fn binary(self) -> &'static str {
-        self.name()
+        if self.is_taskwire() {
+            "taskwire"
+        } else {
+            self.name()
+        }
     }
 
     fn args(self) -> &'static [&'static str] {
         match self {
             Target::Taskwire => &["serve", "--addr", "127.0.0.1:0"],
+            // ~31 years of CPU: no task ever reaches it.
+            Target::TaskwireLas => &[
+                "serve",
+                "--addr",
+                "127.0.0.1:0",
+                "--las-threshold-ms",
+                "1000000000000",
+            ],
             _ => &["--addr", "127.0.0.1:0"],
         }
     }
@@ -109,7 +131,7 @@ pub enum StderrTo {
 /// 10 s): flags come and go between versions, and the bench measures any version.
 pub async fn accepts_flag(path: &Path, target: Target, flag: &str) -> bool {
     let mut cmd = Command::new(path);
-    if target == Target::Taskwire {
+    if target.is_taskwire() {
         cmd.arg("serve");
     }
     cmd.arg("--help")
@@ -164,7 +186,14 @@ impl ServerProcess {
             StderrTo::Inherit => Stdio::inherit(),
             StderrTo::File(file) => Stdio::from(std::fs::File::create(file)?),
         };
-        let mut child = Command::new(&path)
+        let mut command = Command::new(&path);
+        if target.is_taskwire() {
+            // The scenarios run `spin`, `runaway` and `crash`, which the server
+            // offers only on request. By variable rather than `--demo`: a
+            // server from before that setting ignores it and still starts.
+            command.env("TASKWIRE_DEMO", "true");
+        }
+        let mut child = command
             .args(target.args())
             .args(extra_args)
             .stdin(Stdio::null())

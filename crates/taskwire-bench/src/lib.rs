@@ -63,6 +63,10 @@ pub enum Scenario {
     /// A queued flood of 200 `spin` 50 ms from one connection, a burst of 10 from
     /// another: the burst's completion time relative to the burst alone.
     Fairness,
+    /// One connection sends 255 `spin` 100 ms at once, then a `spin` 10 ms: when
+    /// the first, the median and the last results come, and the short one;
+    /// against the same binary with least attained service throughout.
+    Stream,
     /// Time from `$/cancelRequest` to the `-32800` reply, and from closing the
     /// connection to the server's CPU going idle.
     Cancel,
@@ -87,6 +91,7 @@ impl Scenario {
             Scenario::Throughput => "throughput",
             Scenario::Flood => "flood",
             Scenario::Fairness => "fairness",
+            Scenario::Stream => "stream",
             Scenario::Cancel => "cancel",
             Scenario::Connections => "connections",
             Scenario::Soak => "soak",
@@ -96,10 +101,11 @@ impl Scenario {
     }
 
     /// Every scenario, in the order reports and `BENCHMARKS.md` list them.
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::Throughput,
         Scenario::Flood,
         Scenario::Fairness,
+        Scenario::Stream,
         Scenario::Cancel,
         Scenario::Connections,
         Scenario::Soak,
@@ -116,7 +122,9 @@ pub struct BenchArgs {
     pub scenario: Scenario,
 
     /// Measure an already running server at this `ws://127.0.0.x:PORT/ws` URL
-    /// instead of starting servers (only loopback addresses are accepted).
+    /// instead of starting servers (only loopback addresses are accepted). A
+    /// taskwire server needs its demo tasks (`taskwire serve --demo`): the
+    /// scenarios use `spin`, `runaway` and `crash`.
     #[arg(long)]
     pub url: Option<String>,
 

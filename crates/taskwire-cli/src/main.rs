@@ -54,16 +54,41 @@ impl ServeArgs {
     }
 }
 
+/// Colour only for a person at a terminal: a log file or a collector keeps
+/// escape codes as garbage. `NO_COLOR` (any non-empty value) turns it off
+/// everywhere, as <https://no-color.org> asks.
+fn log_in_colour(stderr_is_terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
 fn init_logging(filter: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(log_in_colour(
+            std::io::stderr().is_terminal(),
+            std::env::var_os("NO_COLOR"),
+        ))
         .init();
-    // A crashing task is an expected event with its own error code: log it as
+    // A crashing task is an expected event with its own error code: the
+    // library logs it where it answers `-32003`, naming the task, so the hook
+    // only notes where it panicked (at debug). Any other panic is logged as
     // one line instead of the default hook's backtrace banner.
     std::panic::set_hook(Box::new(|info| {
+        if let Some(task) = taskwire::current_task() {
+            tracing::debug!(
+                task = task.task,
+                conn = task.conn,
+                request = %task.request_text(),
+                method = %task.method_text(),
+                at = %info.location().map(|l| l.to_string()).unwrap_or_default(),
+                "task panicked"
+            );
+            return;
+        }
         let thread = std::thread::current();
         // The message may be a client's (the `crash` task panics with it):
         // escaped and cut, so it cannot forge a line or flood the log.
@@ -91,7 +116,11 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         ("ws", "http")
     };
     let mut registry = Registry::new();
-    taskwire::builtin::register(&mut registry);
+    taskwire::builtin::register(&mut registry).map_err(|e| e.to_string())?;
+    if config.demo {
+        taskwire::builtin::register_demo(&mut registry).map_err(|e| e.to_string())?;
+    }
+    let mut summary = config.startup_summary();
     // The error names the setting or the address.
     let server = Server::bind(config, registry)
         .await
@@ -100,6 +129,16 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     // The one line on stdout: scripts and tests read the port from it.
     println!("listening on {addr}");
     tracing::info!(%addr, "taskwire serving: {ws}://{addr}/ws, dashboard {http}://{addr}/");
+    // The bound address, not the configured one: port 0 names the port picked.
+    summary.addr = addr;
+    // What the server exposes, before any client arrives: an operator reads
+    // the log, not the configuration layers, to learn what is open.
+    for line in summary.lines() {
+        tracing::info!("{line}");
+    }
+    for warning in summary.warnings() {
+        tracing::warn!("{warning}");
+    }
     server
         .run(taskwire::shutdown_signal())
         .await
@@ -176,6 +215,21 @@ mod tests {
         );
         assert_eq!(cfg.log, "info");
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn colour_only_at_a_terminal_without_no_color() {
+        assert!(log_in_colour(true, None));
+        assert!(log_in_colour(true, Some("".into())));
+        assert!(!log_in_colour(true, Some("1".into())));
+        assert!(!log_in_colour(false, None));
+    }
+
+    #[test]
+    fn demo_is_a_setting() {
+        assert!(!serve_args(&[]).load().unwrap().demo);
+        assert!(serve_args(&["--demo"]).load().unwrap().demo);
+        assert!(!serve_args(&["--demo", "false"]).load().unwrap().demo);
     }
 
     #[test]

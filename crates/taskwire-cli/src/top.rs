@@ -4,6 +4,7 @@
 //! The model (what is shown, what a key does) is kept apart from the drawing
 //! and from the HTTP calls, so that each is tested on its own.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind};
@@ -19,9 +20,21 @@ use taskwire::observe::api::{ConnInfo, ConnList, Stats, TaskInfo, TaskList};
 /// Arguments of `taskwire top`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct TopArgs {
-    /// Base URL of the server's HTTP side (plain HTTP; the admin API).
+    /// The server: its HTTP side (`http://HOST:PORT`, `https://…` for TLS) or
+    /// its WebSocket URL (`ws://HOST:PORT/ws`, `wss://…`); top reads the admin API.
     #[arg(long, env = "TASKWIRE_URL", default_value = "http://127.0.0.1:7878")]
     pub url: String,
+    /// For `https://`: trust the certificates in this PEM file (a private CA,
+    /// or the server's own self-signed certificate, which must not be marked
+    /// as a CA: `openssl req -x509 … -addext basicConstraints=critical,CA:FALSE`)
+    /// instead of the public roots.
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
+    pub ca_file: Option<PathBuf>,
+    /// For `https://`: accept any certificate, as curl's `--insecure`. The
+    /// traffic is encrypted but the server unauthenticated: the admin token
+    /// goes to whoever answers. Prefer `--ca-file`.
+    #[arg(long)]
+    pub insecure: bool,
     /// Admin token, if the server requires one.
     #[arg(long, env = "TASKWIRE_ADMIN_TOKEN")]
     pub token: Option<String>,
@@ -70,6 +83,8 @@ pub struct Snapshot {
     pub conns: Vec<ConnInfo>,
     /// `/admin/stats`.
     pub stats: Stats,
+    /// `/admin/sessions`' counts (null from a server without sessions).
+    pub sessions: Value,
 }
 
 /// How the task table is ordered.
@@ -180,11 +195,26 @@ fn progress_text(v: &Value) -> String {
     }
 }
 
-fn summary(stats: &Stats) -> String {
+/// The sessions' part of the summary line: open, detached, bytes kept.
+fn sessions_text(counts: &Value) -> String {
+    let n = |k: &str| counts.get(k).and_then(Value::as_u64).unwrap_or(0);
+    if counts.is_null() {
+        return String::new();
+    }
+    format!(
+        "  sessions: {} ({} detached, {} kept)",
+        n("open"),
+        n("detachedNow"),
+        bytes_text(n("detachedBytes"))
+    )
+}
+
+fn summary(snap: &Snapshot) -> String {
+    let stats = &snap.stats;
     let p = &stats.pool;
     let t = &stats.tasks;
     format!(
-        "connections {}  tasks: {} running, {} queued, {} yielded  pool: {}/{} busy, {:.0}% used, {} not yielding (ever)",
+        "connections {}  tasks: {} running, {} queued, {} yielded  pool: {}/{} busy, {:.0}% used, {} not yielding (ever){}",
         stats.connections,
         t.running,
         t.queued,
@@ -193,6 +223,7 @@ fn summary(stats: &Stats) -> String {
         p.workers,
         p.utilisation * 100.0,
         p.non_yielding_total,
+        sessions_text(&snap.sessions),
     )
 }
 
@@ -206,7 +237,7 @@ pub fn draw(frame: &mut Frame<'_>, m: &Model) {
     ])
     .areas(frame.area());
     frame.render_widget(
-        Paragraph::new(summary(&m.snap.stats)).style(Style::default().add_modifier(Modifier::BOLD)),
+        Paragraph::new(summary(&m.snap)).style(Style::default().add_modifier(Modifier::BOLD)),
         head,
     );
     let rows = m.snap.tasks.iter().map(|t| {
@@ -286,7 +317,93 @@ pub fn draw(frame: &mut Frame<'_>, m: &Model) {
     frame.render_widget(Paragraph::new(m.status.as_str()), foot);
 }
 
-/// The admin API, over plain HTTP.
+/// Which certificates an `https://` server may present.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Trust {
+    /// One signed by a public root (Mozilla's list, built in).
+    PublicRoots,
+    /// One that chains to a certificate in this PEM file.
+    CaFile(PathBuf),
+    /// Any: no verification.
+    Insecure,
+}
+
+impl Trust {
+    /// From `--ca-file` and `--insecure` (clap keeps them exclusive).
+    pub fn from_args(args: &TopArgs) -> Trust {
+        match (&args.ca_file, args.insecure) {
+            (_, true) => Trust::Insecure,
+            (Some(file), false) => Trust::CaFile(file.clone()),
+            (None, false) => Trust::PublicRoots,
+        }
+    }
+
+    fn tls_config(&self) -> Result<ureq::tls::TlsConfig, String> {
+        use ureq::tls::{PemItem, RootCerts, TlsConfig};
+        let builder = TlsConfig::builder();
+        Ok(match self {
+            Trust::PublicRoots => builder.build(),
+            Trust::Insecure => builder.disable_verification(true).build(),
+            Trust::CaFile(path) => {
+                let read_err =
+                    |e: &dyn std::fmt::Display| format!("--ca-file {}: {e}", path.display());
+                let pem = std::fs::read(path).map_err(|e| read_err(&e))?;
+                let mut certs = Vec::new();
+                for item in ureq::tls::parse_pem(&pem) {
+                    if let PemItem::Certificate(c) = item.map_err(|e| read_err(&e))? {
+                        certs.push(c);
+                    }
+                }
+                if certs.is_empty() {
+                    return Err(read_err(&"no PEM certificate in the file"));
+                }
+                builder
+                    .root_certs(RootCerts::new_with_certs(&certs))
+                    .build()
+            }
+        })
+    }
+}
+
+/// The admin API's base URL from what the user gave: the HTTP side as it is,
+/// a WebSocket URL turned into it (`ws` → `http`, `wss` → `https`, without
+/// `/ws`), a bare `host:port` as `http://`.
+pub fn base_url(url: &str) -> Result<String, String> {
+    let url = url.trim().trim_end_matches('/');
+    let (scheme, rest) = url.split_once("://").unwrap_or(("http", url));
+    let scheme = match scheme.to_ascii_lowercase().as_str() {
+        "http" | "ws" => "http",
+        "https" | "wss" => "https",
+        other => {
+            return Err(format!(
+                "--url: unsupported scheme {other:?} (http, https, ws, wss)"
+            ))
+        }
+    };
+    let rest = rest.strip_suffix("/ws").unwrap_or(rest);
+    if rest.is_empty() {
+        return Err("--url: no host".to_string());
+    }
+    Ok(format!("{scheme}://{rest}"))
+}
+
+/// A transport error as a line for the operator, with the fix when it is a
+/// known one.
+fn call_error(what: &str, e: ureq::Error) -> String {
+    let text = e.to_string();
+    let hint = if text.contains("CaUsedAsEndEntity") {
+        " (the server's certificate is marked as a CA: make it with \
+         basicConstraints CA:FALSE, or trust the CA that signed it)"
+    } else if text.contains("UnknownIssuer") {
+        " (not signed by a trusted root: --ca-file FILE trusts a private CA \
+         or a self-signed certificate)"
+    } else {
+        ""
+    };
+    format!("{what}: {text}{hint}")
+}
+
+/// The admin API, over HTTP or HTTPS.
 pub struct AdminClient {
     base: String,
     token: Option<String>,
@@ -294,18 +411,17 @@ pub struct AdminClient {
 }
 
 impl AdminClient {
-    /// A client for the server at `base` (`http://host:port`).
-    pub fn new(base: &str, token: Option<String>) -> AdminClient {
+    /// A client for the server at `url` (see [`base_url`]), trusting `trust`
+    /// for `https://`.
+    pub fn new(url: &str, token: Option<String>, trust: &Trust) -> Result<AdminClient, String> {
+        let base = base_url(url)?;
         let agent = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_secs(5)))
             .http_status_as_error(false)
+            .tls_config(trust.tls_config()?)
             .build()
             .into();
-        AdminClient {
-            base: base.trim_end_matches('/').to_string(),
-            token,
-            agent,
-        }
+        Ok(AdminClient { base, token, agent })
     }
 
     fn auth(&self) -> Option<String> {
@@ -317,7 +433,9 @@ impl AdminClient {
         if let Some(a) = self.auth() {
             req = req.header("Authorization", a);
         }
-        let mut resp = req.call().map_err(|e| format!("GET {path}: {e}"))?;
+        let mut resp = req
+            .call()
+            .map_err(|e| call_error(&format!("GET {path}"), e))?;
         let status = resp.status();
         if !status.is_success() {
             let body = resp.body_mut().read_to_string().unwrap_or_default();
@@ -333,10 +451,16 @@ impl AdminClient {
         let tasks: TaskList = self.get("/admin/tasks?sort=cpu&limit=200")?;
         let conns: ConnList = self.get("/admin/connections")?;
         let stats: Stats = self.get("/admin/stats")?;
+        // A server without sessions answers 404: the line just leaves them out.
+        let sessions = self
+            .get::<Value>("/admin/sessions")
+            .map(|v| v["counts"].clone())
+            .unwrap_or(Value::Null);
         Ok(Snapshot {
             tasks: tasks.tasks,
             conns: conns.connections,
             stats,
+            sessions,
         })
     }
 
@@ -347,7 +471,9 @@ impl AdminClient {
         if let Some(a) = self.auth() {
             req = req.header("Authorization", a);
         }
-        let resp = req.send_empty().map_err(|e| format!("POST {path}: {e}"))?;
+        let resp = req
+            .send_empty()
+            .map_err(|e| call_error(&format!("POST {path}"), e))?;
         match resp.status().as_u16() {
             200 => Ok(()),
             404 => Err(format!("task {id} is gone")),
@@ -358,7 +484,7 @@ impl AdminClient {
 
 /// Renders a snapshot as plain text (for `--once`).
 pub fn render_text(m: &Model) -> String {
-    let mut out = summary(&m.snap.stats);
+    let mut out = summary(&m.snap);
     out.push('\n');
     out.push_str(&format!(
         "{:>7} {:>5} {:<14} {:<4} {:<9} {:>8} {:>8} {:>7} {:>5}\n",
@@ -386,7 +512,7 @@ pub fn render_text(m: &Model) -> String {
 }
 
 fn run_blocking(args: TopArgs) -> Result<(), String> {
-    let client = AdminClient::new(&args.url, args.token.clone());
+    let client = AdminClient::new(&args.url, args.token.clone(), &Trust::from_args(&args))?;
     if let Some(id) = args.kill {
         client.kill(id)?;
         println!("killed task {id}");
@@ -461,6 +587,7 @@ mod tests {
         TaskInfo {
             id,
             conn: 1,
+            caller: None,
             request_id: Value::from(id),
             method: format!("m{id}"),
             kind: TaskKind::Cpu,
@@ -487,7 +614,18 @@ mod tests {
                 },
                 ..Stats::default()
             },
+            sessions: serde_json::json!({"open": 2, "detachedNow": 1, "detachedBytes": 2048}),
         }
+    }
+
+    #[test]
+    fn the_summary_shows_sessions() {
+        let mut m = Model::default();
+        m.apply(snap());
+        let text = render_text(&m);
+        assert!(text.contains("sessions: 2 (1 detached, 2K kept)"), "{text}");
+        m.snap.sessions = Value::Null;
+        assert!(!render_text(&m).contains("sessions"));
     }
 
     #[test]
@@ -509,6 +647,21 @@ mod tests {
         });
         assert_eq!(m.selected_task().map(|t| t.id), Some(9));
         assert_eq!(m.on_key(KeyCode::Char('q')), Action::Quit);
+    }
+
+    #[test]
+    fn urls_of_either_side_lead_to_the_admin_api() {
+        let ok = |u: &str| base_url(u).unwrap();
+        assert_eq!(ok("http://127.0.0.1:7878/"), "http://127.0.0.1:7878");
+        assert_eq!(ok("ws://127.0.0.1:7878/ws"), "http://127.0.0.1:7878");
+        assert_eq!(
+            ok("wss://tasks.example:443/ws"),
+            "https://tasks.example:443"
+        );
+        assert_eq!(ok("HTTPS://h:1"), "https://h:1");
+        assert_eq!(ok("127.0.0.1:7878"), "http://127.0.0.1:7878");
+        assert!(base_url("ftp://h").is_err());
+        assert!(base_url("ws:///ws").is_err());
     }
 
     #[test]
@@ -549,7 +702,8 @@ mod tests {
             ..Config::default()
         };
         let mut registry = Registry::new();
-        taskwire::builtin::register(&mut registry);
+        taskwire::builtin::register(&mut registry).unwrap();
+        taskwire::builtin::register_demo(&mut registry).unwrap();
         let server = Server::bind(cfg, registry).await.unwrap();
         let addr = server.local_addr().unwrap();
         let stop = server.shutdown_handle();
@@ -564,7 +718,7 @@ mod tests {
         .unwrap();
         let base = format!("http://{addr}");
         let found = tokio::task::spawn_blocking(move || {
-            let client = AdminClient::new(&base, None);
+            let client = AdminClient::new(&base, None, &Trust::PublicRoots).unwrap();
             let mut m = Model::default();
             for _ in 0..200 {
                 m.apply(client.snapshot().unwrap());

@@ -7,7 +7,9 @@
 //! frames built by hand), so that it can do what no client library lets it:
 //! send broken frames, never read, flood pings.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -43,23 +45,15 @@ impl Server {
 
     fn start_with(flags: &[&str], stderr: Stdio) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_taskwire"))
-            .args(["serve", "--addr", "127.0.0.1:0", "--workers", "1"])
+            // `--demo`: the attacks use `crash` (a panic message a client controls).
+            .args(["serve", "--addr", "127.0.0.1:0", "--workers", "1", "--demo"])
             .args(flags)
             .env_remove("RUST_LOG")
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
             .expect("the taskwire binary starts");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("a first line");
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+        let (addr, _) = common::listening_addr(&mut child);
         Server { child, addr }
     }
 
@@ -511,7 +505,7 @@ fn client_text_cannot_forge_log_lines() {
     drop(server);
     let text = std::fs::read_to_string(&log).unwrap();
     let _ = std::fs::remove_file(&log);
-    assert!(text.contains("panic: boom"), "{text}");
+    assert!(text.contains("task crashed: boom"), "{text}");
     for line in text.lines() {
         assert!(!line.starts_with("2026-11-26T00:00:00"), "forged: {line}");
         assert!(line.len() < 4096, "a line of {} bytes", line.len());

@@ -4,7 +4,8 @@
 //! shutdown with clients that hold things open, Host and cross-site checks,
 //! framing headers, trusted proxies. Only 127.0.0.0/8 is ever contacted.
 
-use std::io::{BufRead, BufReader, Read};
+mod common;
+
 use std::net::{IpAddr, SocketAddr};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -52,29 +53,8 @@ impl Proc {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start taskwire");
-        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut line = String::new();
-        out.read_line(&mut line).expect("the listening line");
-        let addr: SocketAddr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .parse()
-            .expect("an address");
-        let log = Arc::new(Mutex::new(String::new()));
-        let mut err = child.stderr.take().expect("stderr");
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = err.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                if let Ok(mut l) = sink.lock() {
-                    l.push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            }
-        });
+        let (addr, _stdout) = common::listening_addr(&mut child);
+        let log = common::capture_stderr(&mut child);
         Proc { child, addr, log }
     }
 

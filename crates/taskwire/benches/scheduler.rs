@@ -22,6 +22,9 @@ use taskwire::builtin::splitmix64;
 const MS: u64 = 1_000_000;
 /// Time constant of usage decay: the pool's default (1 s).
 const TAU_NS: u64 = 1_000 * MS;
+/// CPU time past which a job is long: the pool's default (10 ms). Every job
+/// here is charged ~2 ms per decision, so both classes are exercised.
+const THRESHOLD_NS: u64 = 10 * MS;
 /// Simulated clock step per decision: 2 ms slices on 16 workers.
 const STEP_NS: u64 = 2 * MS / 16;
 /// Each measurement runs for this long (or `MAX_DECISIONS`), after a warm-up.
@@ -37,7 +40,7 @@ trait Queue {
 
 impl Queue for RunQueue<u64> {
     fn push(&mut self, group: u64, attained: u64, now: u64) {
-        RunQueue::push(self, group, attained, attained, now)
+        RunQueue::push(self, group, attained, 0, attained, now)
     }
     fn pop(&mut self, now: u64) -> Option<(u64, u64)> {
         RunQueue::pop(self, now)
@@ -49,7 +52,7 @@ impl Queue for RunQueue<u64> {
 
 impl Queue for ScanQueue<u64> {
     fn push(&mut self, group: u64, attained: u64, now: u64) {
-        ScanQueue::push(self, group, attained, attained, now)
+        ScanQueue::push(self, group, attained, 0, attained, now)
     }
     fn pop(&mut self, now: u64) -> Option<(u64, u64)> {
         ScanQueue::pop(self, now)
@@ -106,8 +109,12 @@ fn main() {
     );
     let sizes: [(u64, u64); 5] = [(10, 1), (100, 1), (1_000, 1), (10_000, 1), (1, 10_000)];
     for (groups, jobs) in sizes {
-        let scan = per_decision(&mut ScanQueue::new(TAU_NS, Arith::Exp), groups, jobs);
-        let ordered = per_decision(&mut RunQueue::new(TAU_NS), groups, jobs);
+        let scan = per_decision(
+            &mut ScanQueue::new(TAU_NS, THRESHOLD_NS, Arith::Exp),
+            groups,
+            jobs,
+        );
+        let ordered = per_decision(&mut RunQueue::new(TAU_NS, THRESHOLD_NS), groups, jobs);
         let label = format!("{groups} connections x {jobs} job(s)");
         println!(
             "{label:<34} {scan:>14.1} {ordered:>14.1} {:>8.1}x",

@@ -19,7 +19,7 @@ struct CollatzParams {
     below: u64,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 struct CollatzResult {
     longest_start: u64,
@@ -31,9 +31,7 @@ struct CollatzResult {
 /// preempted (so it cannot hog a core) and where it learns it was cancelled.
 async fn collatz(ctx: Ctx, p: CollatzParams) -> Result<CollatzResult, TaskError> {
     if p.below > 100_000_000 {
-        return Err(TaskError::InvalidParams(
-            "`below` must be at most 10^8".into(),
-        ));
+        return Err(TaskError::invalid_params("`below` must be at most 10^8"));
     }
     let mut best = CollatzResult {
         longest_start: 1,
@@ -62,12 +60,12 @@ async fn collatz(ctx: Ctx, p: CollatzParams) -> Result<CollatzResult, TaskError>
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut registry = Registry::new();
-    taskwire::builtin::register(&mut registry);
+    taskwire::builtin::register(&mut registry)?;
     registry.cpu(
         "collatz",
         "The longest Collatz chain below `below`.",
         collatz,
-    );
+    )?;
 
     let config = Config {
         addr: "127.0.0.1:0".parse()?,

@@ -30,7 +30,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ..Config::default()
     };
     let mut registry = Registry::new();
-    taskwire::builtin::register(&mut registry);
+    taskwire::builtin::register(&mut registry)?;
     let tw = Server::build(config, registry)?;
 
     let app = Router::new()

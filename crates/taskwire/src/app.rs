@@ -6,10 +6,12 @@ use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::http::Extensions;
 use serde_json::value::RawValue;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::caller::{DynConnectHook, TokenAuth};
 use crate::compute::ComputePool;
 use crate::config::Config;
 use crate::error::Error;
@@ -17,6 +19,7 @@ use crate::limit::{Keyed, LogLimiter};
 use crate::observe::{Hooks, Observer};
 use crate::registry::Registry;
 use crate::wasm::Lane;
+use crate::session::{Bounds, SessionStore};
 
 /// Who may use the admin API: the settings of [`crate::Config`] it reads.
 #[derive(Clone, Debug, Default)]
@@ -30,6 +33,11 @@ pub(crate) struct AdminAccess {
 pub(crate) struct App {
     pub cfg: Config,
     pub registry: Registry,
+    /// The registry's shared state, handed to every task (`None`: none).
+    pub states: Option<Arc<Extensions>>,
+    /// Who may connect and who they are: the application's hook,
+    /// [`TokenAuth`] for configured tokens, or none (anonymous).
+    pub(crate) connect_hook: Option<Arc<dyn DynConnectHook>>,
     pub discover: Box<RawValue>,
     /// The WebAssembly modules installed at run time (tasks of kind `wasm`).
     pub wasm: Arc<Lane>,
@@ -49,8 +57,6 @@ pub(crate) struct App {
     pub(crate) open_conns: Arc<AtomicUsize>,
     pub(crate) conns_changed: Notify,
     pub(crate) per_ip: Arc<Keyed<IpAddr>>,
-    /// Open connections per configured client token, by index.
-    pub(crate) token_conns: Vec<Arc<AtomicUsize>>,
     /// Connections not upgraded to WebSocket: in all, and per address group.
     pub(crate) http_conns: Arc<AtomicUsize>,
     pub(crate) http_per_ip: Arc<Keyed<IpAddr>>,
@@ -61,11 +67,33 @@ pub(crate) struct App {
     pub outbound_total: Arc<AtomicUsize>,
     /// Refusals and accept errors are logged at most once a second.
     pub(crate) refusal_log: LogLimiter,
+    /// Every session, attached or detached.
+    pub(crate) sessions: Arc<SessionStore>,
 }
 
 /// The state shared by every connection, and the compute pool started.
-pub(crate) fn new_app(cfg: Config, registry: Registry) -> Result<Arc<App>, Error> {
+/// `hook`: the application's connect hook; with none, configured tokens
+/// become [`TokenAuth`]. Both at once is a configuration error: which should
+/// name the caller would be a guess (a hook can call a `TokenAuth` itself).
+pub(crate) fn new_app(
+    cfg: Config,
+    registry: Registry,
+    hook: Option<Arc<dyn DynConnectHook>>,
+) -> Result<Arc<App>, Error> {
     cfg.validate()?;
+    let connect_hook = match hook {
+        Some(_) if !cfg.auth_tokens.is_empty() => {
+            return Err(Error::Config(crate::config::ConfigError::Invalid {
+                setting: "tokens",
+                reason: "a connect hook is set, and it decides who may connect: \
+                         hold a taskwire::TokenAuth in the hook to accept tokens too"
+                    .into(),
+            }))
+        }
+        Some(h) => Some(h),
+        None if cfg.auth_tokens.is_empty() => None,
+        None => Some(Arc::new(TokenAuth::new(cfg.auth_tokens.clone())) as Arc<dyn DynConnectHook>),
+    };
     let discover = serde_json::value::to_raw_value(&registry.discover())
         .map_err(|e| Error::Io(std::io::Error::other(format!("rpc.discover: {e}"))))?;
     let wasm = Arc::new(Lane::new(&cfg, &registry));
@@ -82,7 +110,7 @@ pub(crate) fn new_app(cfg: Config, registry: Registry) -> Result<Arc<App>, Error
         &registry
             .tasks()
             .iter()
-            .map(|t| t.name())
+            .map(|t| (t.name(), t.kind()))
             .collect::<Vec<_>>(),
         {
             let c = cfg.compute();
@@ -103,6 +131,8 @@ pub(crate) fn new_app(cfg: Config, registry: Registry) -> Result<Arc<App>, Error
             allowed_hosts: cfg.allowed_hosts.clone(),
             allowed_origins: cfg.allowed_origins.clone(),
         }),
+        states: registry.states(),
+        connect_hook,
         registry,
         discover,
         wasm,
@@ -113,12 +143,20 @@ pub(crate) fn new_app(cfg: Config, registry: Registry) -> Result<Arc<App>, Error
         open_conns: Arc::default(),
         conns_changed: Notify::new(),
         per_ip: Arc::default(),
-        token_conns: cfg.auth_tokens.iter().map(|_| Arc::default()).collect(),
         http_conns: Arc::default(),
         http_per_ip: Arc::default(),
         hard_stop: CancellationToken::new(),
         outbound_total: Arc::default(),
         refusal_log: LogLimiter::new(Duration::from_secs(1)),
+        sessions: SessionStore::new(Bounds {
+            window: cfg.session_window,
+            buffer_bytes: cfg.session_buffer_bytes,
+            buffer_responses: cfg.session_buffer_responses,
+            detached_per_ip: cfg.sessions_detached_per_ip,
+            bytes_per_ip: cfg.session_bytes_per_ip,
+            detached_total: cfg.sessions_detached,
+            bytes_total: cfg.session_bytes_total,
+        }),
         cfg,
     }))
 }

@@ -232,6 +232,8 @@ pub trait Kind {
     const UNIT: &'static str = "";
     /// Whether a flag may be repeated and a variable is comma-separated.
     const LIST: bool = false;
+    /// Whether the flag alone means `true` (`--demo` as `--demo true`).
+    const SWITCH: bool = false;
     /// Parses one flag or variable value.
     fn parse(text: &str) -> Result<Self::Raw, String>;
     /// The raw value as the README shows it.
@@ -270,7 +272,22 @@ macro_rules! plain_kind {
         }
     )*};
 }
-plain_kind!(bool, i32, String, SocketAddr);
+plain_kind!(i32, String, SocketAddr);
+
+impl Kind for bool {
+    type Raw = bool;
+    type Value = bool;
+    const SWITCH: bool = true;
+    fn parse(text: &str) -> Result<bool, String> {
+        parsed(text)
+    }
+    fn show(raw: &bool) -> String {
+        raw.to_string()
+    }
+    fn value(raw: Option<bool>, key: &'static str) -> Result<bool, ConfigError> {
+        required(raw, key)
+    }
+}
 
 macro_rules! number_kind {
     ($($t:ty),*) => {$(
@@ -504,6 +521,8 @@ pub struct Spec {
     pub default: String,
     /// Whether the flag repeats and the variable is comma-separated.
     pub list: bool,
+    /// Whether the flag alone means `true`.
+    pub switch: bool,
 }
 
 fn doc_line(lines: &[&str]) -> String {
@@ -564,6 +583,14 @@ macro_rules! settings {
                 Settings { $( $key: self.$key.or(lower.$key), )* }
             }
 
+            /// Whether this layer sets the setting with this file key.
+            fn is_set(&self, key: &str) -> bool {
+                match key {
+                    $( stringify!($key) => self.$key.is_some(), )*
+                    _ => false,
+                }
+            }
+
             /// The declared defaults, as a layer.
             pub fn defaults() -> Settings {
                 Settings { $( $key: $default, )* }
@@ -621,6 +648,7 @@ macro_rules! settings {
                     }
                 },
                 list: <$kind as Kind>::LIST,
+                switch: <$kind as Kind>::SWITCH,
             }, )* ]
         }
     };
@@ -715,8 +743,14 @@ settings! {
     workers => workers: Opt<usize> = None, shown "available cores", min 1;
     /// Time slice of CPU tasks.
     slice_us => slice: Micros = Some(2_000), min 100;
-    /// A CPU task running this long past its slice without a checkpoint is
-    /// flagged and its worker replaced.
+    /// CPU time after which a task no longer counts as short: a connection's
+    /// short tasks run least attained service first (they finish first), then
+    /// its longer ones oldest first (a batch of long tasks streams its results
+    /// instead of finishing all together near the end). A huge value keeps
+    /// least attained service throughout.
+    las_threshold_ms => las_threshold: Millis = Some(10), min 1;
+    /// A CPU task burning this much CPU past its slice without a checkpoint
+    /// is flagged and its worker replaced (CPU time: contention never flags).
     non_yield_ms => non_yield_after: Millis = Some(100), min 1;
     /// Most CPU tasks admitted and unfinished, over all connections.
     queue_limit => queue_limit: usize = Some(10_000), min 1;
@@ -733,6 +767,26 @@ settings! {
     /// Niceness of compute workers (0 leaves it alone), so connection threads
     /// win the CPU when both want it.
     nice => nice: i32 = Some(10);
+    /// How long a detached session waits for its client to resume (at most 15
+    /// minutes; a client may ask for less); then its tasks are cancelled and its
+    /// responses freed.
+    session_window_ms => session_window: Millis = Some(120_000), min 1;
+    /// Bytes of unacknowledged responses a session keeps; beyond it a detached
+    /// session's response is replaced by `-32021`, an attached client is closed (1008).
+    session_buffer_bytes => session_buffer_bytes: Bytes = Some(4 << 20), min 1024;
+    /// Unacknowledged responses a session keeps (as `session_buffer_bytes`).
+    session_buffer_responses => session_buffer_responses: usize = Some(1024), min 1;
+    /// Detached sessions per client address (IPv6: per /64); at the bound the
+    /// address's oldest detached session ends early.
+    sessions_detached_per_ip => sessions_detached_per_ip: usize = Some(256), min 1;
+    /// Bytes of responses kept by one address's detached sessions (as
+    /// `sessions_detached_per_ip`).
+    session_bytes_per_ip => session_bytes_per_ip: Bytes = Some(64 << 20), min 1024;
+    /// Detached sessions in all; at the bound the oldest detached session of
+    /// the address holding the most ends early.
+    sessions_detached => sessions_detached: usize = Some(10_000), min 1;
+    /// Bytes of responses kept by all detached sessions (as `sessions_detached`).
+    session_bytes_total => session_bytes_total: Bytes = Some(1 << 30), min 1024;
     /// Directory of WebAssembly modules registered at start: every `NAME.wasm`
     /// or `NAME.wat` as task `NAME`, with an optional `NAME.toml` (docs/WASM.md).
     wasm_dir => wasm_dir: Opt<PathBuf> = None, shown "none";
@@ -748,6 +802,10 @@ settings! {
     wasm_instances => wasm_instances: usize = Some(256), min 1;
     /// Installed WebAssembly modules at most (the admin API refuses more).
     wasm_max_modules => wasm_max_modules: usize = Some(64), min 1;
+    /// Offer the demo tasks `spin`, `runaway` and `crash` (a CPU burner, a task
+    /// that never ends, a task that panics), for binaries that offer them: any
+    /// client may then burn CPU until stopped; for one's own machine only.
+    demo => demo: bool = Some(false);
     /// Log filter, `RUST_LOG` syntax (e.g. `info,taskwire=debug`), for binaries that log.
     log => log: String = Some("info".to_string()), env "RUST_LOG";
 }
@@ -836,6 +894,186 @@ impl Settings {
     }
 }
 
+/// Where a layer of settings came from, to name it in an error.
+#[derive(Clone, Debug)]
+enum Origin {
+    #[cfg_attr(not(feature = "cli"), allow(dead_code))]
+    Flags,
+    Env,
+    File(PathBuf),
+}
+
+/// The file named by `TASKWIRE_CONFIG`, if set and not empty.
+fn config_file_from_env() -> Option<PathBuf> {
+    std::env::var_os("TASKWIRE_CONFIG")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+/// Merges `layers` (the highest first) over the defaults and validates the
+/// result. A value that parses but cannot be run with is traced to the layer
+/// that set it, so that the message names the flag, the variable or the file
+/// the operator has to fix (the setting alone would leave them guessing which).
+fn merge_layers(layers: Vec<(Settings, Origin)>) -> Result<Config, ConfigError> {
+    let merged = layers
+        .iter()
+        .rev()
+        .fold(Settings::default(), |lower, (layer, _)| {
+            layer.clone().or(lower)
+        });
+    merged.into_config().map_err(|e| match e {
+        ConfigError::Invalid { setting, reason } => {
+            let key = setting.split('.').next().unwrap_or(setting);
+            let spec = specs().into_iter().find(|s| s.key == key);
+            let from =
+                layers
+                    .iter()
+                    .find(|(layer, _)| layer.is_set(key))
+                    .and_then(|(_, origin)| {
+                        let spec = spec.as_ref()?;
+                        Some(match origin {
+                            Origin::Flags => format!("--{}", spec.flag),
+                            Origin::Env => spec.env.clone(),
+                            Origin::File(path) => path.display().to_string(),
+                        })
+                    });
+            let reason = match from {
+                Some(from) => format!("{reason} (set by {from})"),
+                None => reason,
+            };
+            ConfigError::Invalid { setting, reason }
+        }
+        other => other,
+    })
+}
+
+/// The layers of the `taskwire` binary without its flags, for a program that
+/// parses no command line (or not with clap): `TASKWIRE_*` variables over the
+/// TOML file `file` (else the one `TASKWIRE_CONFIG` names, if any) over the
+/// defaults, validated. Every error names the variable, the file key or the
+/// setting at fault. With clap, flatten [`Flags`] (feature `cli`) instead.
+///
+/// ```no_run
+/// let config = taskwire::config::load(None)?;
+/// # Ok::<(), taskwire::config::ConfigError>(())
+/// ```
+pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+    let mut layers = vec![(Settings::from_env()?, Origin::Env)];
+    if let Some(path) = file.map(Path::to_path_buf).or_else(config_file_from_env) {
+        layers.push((Settings::load(&path)?, Origin::File(path)));
+    }
+    merge_layers(layers)
+}
+
+/// How clients are let onto `/ws`, as the start-up log tells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Authentication {
+    /// No check: any client that passes the Origin check may connect.
+    None,
+    /// The configuration's static tokens (how many; never the tokens).
+    Tokens(usize),
+    /// A connect hook of the application decides.
+    ConnectHook,
+}
+
+/// What a server with a given configuration exposes and its main limits, for
+/// the start-up log: what an operator must see at a glance before the server
+/// faces clients. It holds no secret. [`Config::startup_summary`] makes one.
+#[derive(Clone, Debug)]
+pub struct StartupSummary {
+    /// Who may open `/ws`; an application with a connect hook sets
+    /// [`Authentication::ConnectHook`].
+    pub authentication: Authentication,
+    /// Whether `/admin` and `/metrics` take a bearer token (else loopback peers only).
+    pub admin_token: bool,
+    /// Whether the server speaks TLS.
+    pub tls: bool,
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// Whether the demo tasks are offered.
+    pub demo: bool,
+    /// Open connections, in all and per client address.
+    pub connections: (usize, Option<usize>),
+    /// Requests in flight per connection.
+    pub inflight: usize,
+    /// CPU tasks admitted: in all, per connection, per client address.
+    pub cpu_queue: (usize, usize, usize),
+    /// Largest WebSocket message, in bytes.
+    pub frame_bytes: usize,
+    /// The memory budget in effect, in bytes.
+    pub memory_budget: u64,
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1u32 << 20))
+}
+
+impl StartupSummary {
+    /// One line per topic: authentication, admin access, TLS, limits, demo tasks.
+    pub fn lines(&self) -> Vec<String> {
+        let auth = match self.authentication {
+            Authentication::None => {
+                "authentication: none (any client that passes the Origin check opens /ws)"
+                    .to_string()
+            }
+            Authentication::Tokens(n) => format!("authentication: {n} static token(s) on /ws"),
+            Authentication::ConnectHook => "authentication: a connect hook on /ws".to_string(),
+        };
+        let admin = if self.admin_token {
+            "admin API and /metrics: bearer token (admin_token), from any address"
+        } else {
+            "admin API and /metrics: loopback peers only (no admin_token)"
+        };
+        let tls = if self.tls {
+            "TLS: on (wss://, https://)"
+        } else {
+            "TLS: off (plain ws://, http://)"
+        };
+        let per_ip = self
+            .connections
+            .1
+            .map_or("no limit".to_string(), |n| n.to_string());
+        let limits = format!(
+            "limits: connections {} (per address {per_ip}), in flight per connection {}, \
+             CPU tasks {} (per connection {}, per address {}), frame {}, memory budget {}",
+            self.connections.0,
+            self.inflight,
+            self.cpu_queue.0,
+            self.cpu_queue.1,
+            self.cpu_queue.2,
+            mib(self.frame_bytes as u64),
+            mib(self.memory_budget),
+        );
+        let demo = if self.demo {
+            "demo tasks (spin, runaway, crash): on"
+        } else {
+            "demo tasks (spin, runaway, crash): off (--demo offers them)"
+        };
+        vec![
+            auth,
+            admin.to_string(),
+            tls.to_string(),
+            limits,
+            demo.to_string(),
+        ]
+    }
+
+    /// What the operator should not leave as it is: the demo tasks offered on
+    /// an address that is not loopback.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.demo && !self.addr.ip().is_loopback() {
+            out.push(format!(
+                "the demo tasks are on and the server listens on {}, not loopback: \
+                 any client that reaches it can burn CPU (runaway) and fill the log (crash); \
+                 turn off `demo` on a server others can reach",
+                self.addr
+            ));
+        }
+        out
+    }
+}
+
 /// Characters a client token may hold: safe in a header, a query string and a
 /// cookie without any escaping.
 fn token_char(c: char) -> bool {
@@ -880,6 +1118,33 @@ impl Config {
         })
     }
 
+    /// What a server with this configuration exposes and its main limits,
+    /// for the start-up log (the `taskwire` binary logs its
+    /// [`lines`](StartupSummary::lines) and
+    /// [`warnings`](StartupSummary::warnings)).
+    pub fn startup_summary(&self) -> StartupSummary {
+        StartupSummary {
+            authentication: if self.auth_tokens.is_empty() {
+                Authentication::None
+            } else {
+                Authentication::Tokens(self.auth_tokens.len())
+            },
+            admin_token: self.admin_token.is_some(),
+            tls: self.tls().is_some(),
+            addr: self.addr,
+            demo: self.demo,
+            connections: (self.max_connections, self.max_connections_per_ip),
+            inflight: self.max_inflight_per_connection,
+            cpu_queue: (
+                self.queue_limit,
+                self.connection_cpu_limit,
+                self.address_cpu_limit,
+            ),
+            frame_bytes: self.max_frame_bytes,
+            memory_budget: self.compute().memory_budget,
+        }
+    }
+
     /// The server-wide request rate limit, if any.
     pub fn rate_limit(&self) -> Option<RateLimit> {
         let per_second = self.rate_limit_per_sec?;
@@ -912,6 +1177,7 @@ impl Config {
             memory_budget: self
                 .memory_budget_bytes
                 .map_or(d.memory_budget, |b| b as u64),
+            las_threshold: self.las_threshold,
             nice: self.nice,
             ..d
         }
@@ -948,6 +1214,12 @@ impl Config {
         if self.wasm_instances > 100_000 {
             // Each slot reserves a memory's worth of address space up front.
             return Err(invalid("wasm_instances", "must be at most 100000"));
+        }
+        if self.session_window > std::time::Duration::from_secs(15 * 60) {
+            return Err(invalid(
+                "session_window_ms",
+                "must be at most 900000 (15 minutes)",
+            ));
         }
         if self.admin_token.as_deref() == Some("") {
             return Err(invalid(
@@ -1094,23 +1366,21 @@ mod flags {
 
         /// The file named by `--config` (or `TASKWIRE_CONFIG`), if any.
         pub fn config_file(&self) -> Option<PathBuf> {
-            self.config.clone().or_else(|| {
-                std::env::var_os("TASKWIRE_CONFIG")
-                    .filter(|v| !v.is_empty())
-                    .map(PathBuf::from)
-            })
+            self.config.clone().or_else(config_file_from_env)
         }
 
-        /// Flags over the environment over the file over the defaults, validated.
+        /// Flags over the environment over the file over the defaults,
+        /// validated. Every error names what to fix: the flag, the variable,
+        /// the file and key, or the setting and where its value came from.
         pub fn load(&self) -> Result<Config, ConfigError> {
-            let file = match self.config_file() {
-                Some(path) => Settings::load(&path)?,
-                None => Settings::default(),
-            };
-            self.settings()?
-                .or(Settings::from_env()?)
-                .or(file)
-                .into_config()
+            let mut layers = vec![
+                (self.settings()?, Origin::Flags),
+                (Settings::from_env()?, Origin::Env),
+            ];
+            if let Some(path) = self.config_file() {
+                layers.push((Settings::load(&path)?, Origin::File(path)));
+            }
+            merge_layers(layers)
         }
     }
 
@@ -1154,21 +1424,28 @@ mod flags {
                 } else {
                     s.unit.to_ascii_uppercase()
                 };
-                cmd = cmd.arg(
-                    Arg::new(s.key)
-                        .long(s.flag)
-                        .value_name(value_name)
-                        .allow_negative_numbers(true)
-                        .action(if s.list {
-                            ArgAction::Append
-                        } else {
-                            ArgAction::Set
-                        })
-                        .help(format!(
-                            "{}{unit} [default: {}] [env: {}]",
-                            s.doc, s.default, s.env
-                        )),
-                );
+                let mut arg = Arg::new(s.key)
+                    .long(s.flag)
+                    .value_name(value_name)
+                    .allow_negative_numbers(true)
+                    .action(if s.list {
+                        ArgAction::Append
+                    } else {
+                        ArgAction::Set
+                    })
+                    .help(format!(
+                        "{}{unit} [default: {}] [env: {}]",
+                        s.doc, s.default, s.env
+                    ));
+                if s.switch {
+                    // `--demo` alone switches it on; `--demo false` still
+                    // overrides a `true` from the file or the environment.
+                    arg = arg
+                        .value_name("BOOL")
+                        .num_args(0..=1)
+                        .default_missing_value("true");
+                }
+                cmd = cmd.arg(arg);
             }
             cmd
         }
@@ -1266,6 +1543,57 @@ mod tests {
         assert_eq!(s.log.as_deref(), Some("debug"));
         let e = Settings::from_lookup(vars(&[("TASKWIRE_MAX_INFLIGHT", "many")])).unwrap_err();
         assert!(e.to_string().contains("TASKWIRE_MAX_INFLIGHT"), "{e}");
+    }
+
+    #[test]
+    fn an_invalid_value_names_the_layer_that_set_it() {
+        let env = Settings::from_lookup(|name| {
+            (name == "TASKWIRE_MAX_BATCH").then(|| std::ffi::OsString::from("0"))
+        })
+        .unwrap();
+        let file = Settings::from_toml("max_batch = 5\nqueue_limit = 0\n").unwrap();
+        let e = merge_layers(vec![
+            (env.clone(), Origin::Env),
+            (file.clone(), Origin::File("/etc/t.toml".into())),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("`max_batch`"), "{e}");
+        assert!(e.contains("TASKWIRE_MAX_BATCH"), "{e}");
+        let flags = Settings {
+            max_batch: Some(3),
+            ..Settings::default()
+        };
+        let e = merge_layers(vec![
+            (flags, Origin::Flags),
+            (env, Origin::Env),
+            (file, Origin::File("/etc/t.toml".into())),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("`queue_limit`"), "{e}");
+        assert!(e.contains("/etc/t.toml"), "{e}");
+    }
+
+    #[test]
+    fn startup_summary_tells_exposure_without_secrets() {
+        let cfg = Settings::from_toml(
+            "addr = \"0.0.0.0:0\"\ndemo = true\nadmin_token = \"admin-secret-0123456789\"\n\
+             [[tokens]]\ntoken = \"client-secret-0123456789\"\n",
+        )
+        .and_then(Settings::into_config)
+        .unwrap();
+        let s = cfg.startup_summary();
+        let text = format!("{:?}{}{}", s, s.lines().join("\n"), s.warnings().join("\n"));
+        assert!(!text.contains("secret"), "{text}");
+        assert!(text.contains("1 static token"), "{text}");
+        assert!(text.contains("bearer token"), "{text}");
+        assert!(text.contains("TLS: off"), "{text}");
+        assert_eq!(s.warnings().len(), 1, "demo on a public address");
+        let local = Config::default().startup_summary();
+        assert!(local.warnings().is_empty());
+        assert!(local.lines().join("\n").contains("loopback peers only"));
+        assert!(local.lines().join("\n").contains("authentication: none"));
     }
 
     #[test]
@@ -1395,6 +1723,9 @@ mod tests {
         assert_eq!(s.allowed_origins.map(|o| o.len()), Some(3));
         assert_eq!(s.nice, Some(-5));
         assert_eq!(s.slice_us, Some(500));
+        let cli = Cli::try_parse_from(["t", "--demo", "--require-origin", "false"]).unwrap();
+        let s = cli.settings.settings().unwrap();
+        assert_eq!((s.demo, s.require_origin), (Some(true), Some(false)));
         let cli = Cli::try_parse_from(["t", "--max-inflight", "many"]).unwrap();
         let e = cli.settings.settings().unwrap_err().to_string();
         assert!(e.contains("--max-inflight"), "{e}");

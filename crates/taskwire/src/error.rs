@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 
 use crate::config::ConfigError;
+use crate::registry::RegisterError;
 
 /// Why a [`Server`](crate::Server) could not be built, bound or run.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +26,10 @@ pub enum Error {
     /// setting and the file.
     #[error("TLS: {0}")]
     Tls(ConfigError),
+    /// A task could not be registered (so that `registry.io(..)?` works in
+    /// a function that returns this type).
+    #[error(transparent)]
+    Register(#[from] RegisterError),
     /// Any other I/O failure while serving.
     #[error(transparent)]
     Io(#[from] std::io::Error),

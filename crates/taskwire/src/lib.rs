@@ -27,8 +27,8 @@
 //!
 //! # async fn run() -> Result<(), taskwire::Error> {
 //! let mut registry = Registry::new();
-//! taskwire::builtin::register(&mut registry);
-//! registry.cpu("fib", "The n-th Fibonacci number, wrapping", fib);
+//! taskwire::builtin::register(&mut registry)?;
+//! registry.cpu("fib", "The n-th Fibonacci number, wrapping", fib)?;
 //! let server = Server::bind(Config::default(), registry).await?;
 //! server.run(taskwire::shutdown_signal()).await
 //! # }
@@ -54,6 +54,8 @@
 //! | `error` | [`Error`], the library's one error type |
 //! | `wasm` | the WebAssembly lane: engine, module table, guest interface (feature `wasm`) |
 //! | `observe` | the hooks a connection calls; the live table, metrics, `observe::api` |
+//! | `caller` | who is calling: the connect hook, `Caller`, `TokenAuth` |
+//! | `session` | sessions: numbered responses kept across reconnects, tokens, bounds |
 //! | `app` | `App`: the state every connection shares |
 //! | `conn` | one WebSocket: state, reader, admit, reply, writer |
 //! | `http` | `Server`, router, accept loop, upgrade checks, security, TLS, admin API |
@@ -64,6 +66,7 @@
 pub mod alloc;
 mod app;
 pub mod builtin;
+mod caller;
 mod compute;
 pub mod config;
 mod conn;
@@ -73,16 +76,23 @@ mod limit;
 pub mod observe;
 pub mod protocol;
 mod registry;
+mod session;
 mod sync;
 mod task;
 mod wasm;
 
+/// The typed map of a [`Caller`]'s extensions (`http::Extensions`).
+pub use axum::http::Extensions;
+pub use caller::{
+    Caller, ConnectFn, ConnectHook, ConnectRequest, Refusal, TokenAuth, MAX_CALLER_ID,
+};
+pub use compute::{current_task, TaskLabel};
 pub use config::Config;
 pub use error::{Error, Result};
-pub use http::{shutdown_signal, Server, ShutdownHandle};
+pub use http::{shutdown_signal, Server, ServerBuilder, ShutdownHandle};
 pub use observe::OutcomeKind;
-pub use registry::{Registry, TaskDef};
-pub use task::{Checkpoint, Ctx, Stopped, TaskError, TaskKind};
+pub use registry::{RegisterError, Registry, TaskDef};
+pub use task::{Checkpoint, Ctx, Stopped, TaskError, TaskKind, TaskResultExt};
 
 /// Internals that `benches/` measures directly (the run queue against its
 /// reference, the thread CPU clock a checkpoint reads). Not part of the API:
@@ -93,6 +103,12 @@ pub mod bench_internals {
     pub use crate::compute::{thread_cpu_time, RunQueue};
     #[cfg(feature = "wasm")]
     pub use crate::wasm::BenchModule;
+}
+
+/// The session frames' parsing, for the fuzz target. Not part of the API.
+#[doc(hidden)]
+pub mod fuzz_internals {
+    pub use crate::session::frames;
 }
 
 #[cfg(test)]

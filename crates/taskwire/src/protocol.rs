@@ -273,16 +273,98 @@ pub enum Params<'a> {
     Raw(&'a RawValue),
     /// The params object after `_meta` was removed, as JSON text.
     Owned(Box<RawValue>),
+    /// Params by position: the array exactly as received. A task whose
+    /// params are a struct sees it mapped onto its fields by
+    /// [`Params::into_named`]; any other task sees the array itself.
+    Array(&'a RawValue),
 }
 
-impl Params<'_> {
+/// One field of a task's params, in declaration order: where a params array
+/// puts its elements.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamField {
+    /// The field's name in the params object.
+    pub name: String,
+    /// Whether the task needs it (it has no default).
+    pub required: bool,
+}
+
+impl<'a> Params<'a> {
     /// Deserializes the params into a task's own type.
     pub fn deserialize<T: serde::de::DeserializeOwned>(self) -> Result<T, serde_json::Error> {
         match self {
             Params::None => serde_json::from_str("{}"),
-            Params::Raw(raw) => serde_json::from_str(raw.get()),
+            Params::Raw(raw) | Params::Array(raw) => serde_json::from_str(raw.get()),
             Params::Owned(raw) => serde_json::from_str(raw.get()),
         }
+    }
+
+    /// Params by position turned into the params object: element `i` becomes
+    /// the member named `fields[i].name`. Other params are returned as they
+    /// are.
+    ///
+    /// More elements than fields, or fewer than the required fields, are a
+    /// `-32602` that names the field. A `null` in the place of a field that
+    /// is not required leaves it out (so that the field gets its default):
+    /// a positional client has no other way to skip a field before the
+    /// last. The elements are copied as text, never parsed into numbers, so
+    /// every value reaches the task exactly as sent.
+    ///
+    /// ```
+    /// use taskwire::protocol::{parse_frame, Frame, ParamField};
+    /// let fields = [
+    ///     ParamField { name: "seed".into(), required: true },
+    ///     ParamField { name: "rounds".into(), required: true },
+    /// ];
+    /// let text = r#"{"jsonrpc":"2.0","id":1,"method":"hash_chain","params":[1, 10]}"#;
+    /// let Frame::Single(Ok(req)) = parse_frame(text) else { unreachable!() };
+    /// let named: serde_json::Value = req.params.into_named(&fields).unwrap().deserialize().unwrap();
+    /// assert_eq!(named, serde_json::json!({"seed": 1, "rounds": 10}));
+    /// ```
+    pub fn into_named(self, fields: &[ParamField]) -> Result<Params<'a>, ErrorObject> {
+        let Params::Array(raw) = self else {
+            return Ok(self);
+        };
+        let mut de = serde_json::Deserializer::from_str(raw.get());
+        // One more than the fields, to tell "too many" apart; the rest of a
+        // long array is counted, never kept.
+        let (items, n) = serde::Deserializer::deserialize_seq(
+            &mut de,
+            BoundedSeq {
+                max: fields.len() + 1,
+            },
+        )
+        .map_err(ErrorObject::invalid_params)?;
+        if n > fields.len() {
+            let names: Vec<&str> = fields.iter().map(|f| f.name.as_str()).collect();
+            return Err(ErrorObject::invalid_params(format_args!(
+                "{n} params by position, but this task takes at most {} ({})",
+                fields.len(),
+                names.join(", ")
+            )));
+        }
+        if let Some((i, missing)) = fields.iter().enumerate().skip(n).find(|(_, f)| f.required) {
+            return Err(ErrorObject::invalid_params(format_args!(
+                "missing field `{}` (position {i} of the params array)",
+                missing.name
+            )));
+        }
+        let mut out = String::with_capacity(raw.get().len() + 16 * n + 2);
+        out.push('{');
+        for (field, value) in fields.iter().zip(items) {
+            if !field.required && value.get().trim() == "null" {
+                continue;
+            }
+            if out.len() > 1 {
+                out.push(',');
+            }
+            out.push_str(&serde_json::to_string(&field.name).map_err(ErrorObject::invalid_params)?);
+            out.push(':');
+            out.push_str(value.get());
+        }
+        out.push('}');
+        let named = RawValue::from_string(out).map_err(ErrorObject::invalid_params)?;
+        Ok(Params::Owned(named))
     }
 }
 
@@ -479,8 +561,15 @@ fn split_params(raw: Option<&RawValue>) -> Result<(Params<'_>, Meta), ErrorObjec
     if text.starts_with("null") {
         return Ok((Params::None, Meta::default()));
     }
+    if text.starts_with('[') {
+        // By position: `_meta` exists only in the object form, so there is
+        // nothing to take out.
+        return Ok((Params::Array(raw), Meta::default()));
+    }
     if !text.starts_with('{') {
-        return Err(ErrorObject::invalid_params("params must be an object"));
+        return Err(ErrorObject::invalid_params(
+            "params must be an object or an array",
+        ));
     }
     // Fast path: most requests carry no `_meta`, and their params go to the
     // task untouched, without building a `Value` tree.
@@ -621,18 +710,25 @@ pub fn progress_text(token: &RawValue, value: &RawValue) -> String {
     out
 }
 
-/// The id a `$/cancelRequest` names, if its params are well-formed.
+/// The id a `$/cancelRequest` names, if its params are well-formed
+/// (`{"id": ..}` or `[id]`).
 pub fn cancel_target(params: Params<'_>) -> Option<Id> {
     #[derive(Deserialize)]
     struct CancelParams<'a> {
         #[serde(borrow)]
         id: &'a RawValue,
     }
-    match params {
+    let field = [ParamField {
+        name: "id".into(),
+        required: true,
+    }];
+    match params.into_named(&field).ok()? {
         Params::None => None,
-        Params::Raw(raw) => serde_json::from_str::<CancelParams<'_>>(raw.get())
-            .ok()
-            .and_then(|p| Id::from_json(p.id.get())),
+        Params::Raw(raw) | Params::Array(raw) => {
+            serde_json::from_str::<CancelParams<'_>>(raw.get())
+                .ok()
+                .and_then(|p| Id::from_json(p.id.get()))
+        }
         Params::Owned(raw) => serde_json::from_str::<CancelParams<'_>>(raw.get())
             .ok()
             .and_then(|p| Id::from_json(p.id.get())),
@@ -694,7 +790,7 @@ mod tests {
         assert_eq!((e.id, e.notification), (None, false));
         let e = single(r#"{"jsonrpc":"2.0","id":1,"method":5}"#).unwrap_err();
         assert_eq!(e.error.code, codes::INVALID_REQUEST);
-        let e = single(r#"{"jsonrpc":"2.0","id":1,"method":"echo","params":[1]}"#).unwrap_err();
+        let e = single(r#"{"jsonrpc":"2.0","id":1,"method":"echo","params":"x"}"#).unwrap_err();
         assert_eq!(e.error.code, codes::INVALID_PARAMS);
         let e = single(r#"5"#).unwrap_err();
         assert_eq!(e.error.code, codes::INVALID_REQUEST);
@@ -810,5 +906,84 @@ mod tests {
         let r =
             single(r#"{"jsonrpc":"2.0","method":"$/cancelRequest","params":{"id":"x"}}"#).unwrap();
         assert_eq!(cancel_target(r.params), Some(Id::Str("x".into())));
+        let r = single(r#"{"jsonrpc":"2.0","method":"$/cancelRequest","params":[7]}"#).unwrap();
+        assert_eq!(cancel_target(r.params), Some(Id::Int(7)));
+    }
+
+    fn field(name: &str, required: bool) -> ParamField {
+        ParamField {
+            name: name.into(),
+            required,
+        }
+    }
+
+    fn named(params: &str, fields: &[ParamField]) -> Result<String, ErrorObject> {
+        let text = format!(r#"{{"jsonrpc":"2.0","id":1,"method":"m","params":{params}}}"#);
+        let r = single(&text).map_err(|r| r.error)?;
+        match r.params.into_named(fields)? {
+            Params::Owned(raw) => Ok(raw.get().to_string()),
+            Params::Raw(raw) | Params::Array(raw) => Ok(raw.get().to_string()),
+            Params::None => Ok(String::new()),
+        }
+    }
+
+    #[test]
+    fn params_by_position_map_onto_fields_in_order() {
+        let fields = [
+            field("zeta", true),
+            field("alpha", true),
+            field("opt", false),
+        ];
+        assert_eq!(
+            named("[1, [2, 3]]", &fields).unwrap(),
+            r#"{"zeta":1,"alpha":[2, 3]}"#
+        );
+        // Numbers are copied as text, never rounded through f64.
+        assert_eq!(
+            named(
+                "[123456789012345678901234567890, 1.0000000000000000001, 7]",
+                &fields
+            )
+            .unwrap(),
+            r#"{"zeta":123456789012345678901234567890,"alpha":1.0000000000000000001,"opt":7}"#
+        );
+        // `null` skips a field that is not required, and only such a field.
+        assert_eq!(
+            named("[null, 2, null]", &fields).unwrap(),
+            r#"{"zeta":null,"alpha":2}"#
+        );
+        // The object form goes through untouched.
+        assert_eq!(named(r#"{"b":1}"#, &fields).unwrap(), r#"{"b":1}"#);
+        // `_meta` is a value like any other in the array form.
+        assert_eq!(
+            named(r#"[{"_meta":{"timeoutMs":0}}, 1]"#, &fields).unwrap(),
+            r#"{"zeta":{"_meta":{"timeoutMs":0}},"alpha":1}"#
+        );
+        assert_eq!(named("[]", &[]).unwrap(), "{}");
+    }
+
+    #[test]
+    fn params_by_position_name_the_field_they_miss() {
+        let fields = [
+            field("zeta", true),
+            field("alpha", true),
+            field("opt", false),
+        ];
+        let e = named("[1]", &fields).unwrap_err();
+        assert_eq!(e.code, codes::INVALID_PARAMS);
+        assert!(e.message.contains("`alpha`"), "{}", e.message);
+        let e = named("[1, 2, 3, 4]", &fields).unwrap_err();
+        assert_eq!(e.code, codes::INVALID_PARAMS);
+        assert!(e.message.contains("zeta, alpha, opt"), "{}", e.message);
+        // A long array is counted, not kept, and still refused.
+        let long = format!("[{}]", ["0"; 100_000].join(","));
+        let e = named(&long, &fields).unwrap_err();
+        assert!(
+            e.message.starts_with("invalid params: 100000 params"),
+            "{}",
+            e.message
+        );
+        let e = named("[1]", &[]).unwrap_err();
+        assert_eq!(e.code, codes::INVALID_PARAMS);
     }
 }

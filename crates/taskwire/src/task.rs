@@ -1,19 +1,21 @@
 //! What a task sees: its [`Ctx`] (cancellation, deadline, progress,
-//! checkpoints) and the [`TaskError`] it returns.
+//! checkpoints, who is calling, shared state) and the [`TaskError`] it returns.
 
+use std::fmt::Write as _;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use axum::http::Extensions;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::compute::{self, JobStats};
+use crate::compute::{self, JobStats, TaskLabel};
 use crate::protocol::{codes, ErrorObject, Id};
 use crate::sync::{lock, Outbox};
 
@@ -102,18 +104,36 @@ impl Stopped {
 
 /// The error a task returns.
 ///
-/// A task reports its own failures with [`TaskError::InvalidParams`] or
-/// [`TaskError::Failed`]; `?` on [`Ctx::checkpoint`] turns a stop into
-/// [`TaskError::Stopped`], which the server answers with the right code.
-#[derive(Debug, thiserror::Error)]
+/// `?` turns any error into one: an error type of your own, `std::io::Error`,
+/// `serde_json::Error`, anything that implements `std::error::Error + Send +
+/// Sync + 'static` is answered `-32603` with its message, its sources
+/// appended after `": "` (as anyhow's `{:#}` prints a chain). `?` on
+/// [`Ctx::checkpoint`] gives a stop its own code (`-32800`, `-32002`,
+/// `-32004`, `-32005`). Choose another code with [`TaskError::with_code`] or
+/// [`TaskResultExt::code`]:
+///
+/// ```
+/// use taskwire::{Ctx, TaskError, TaskResultExt};
+///
+/// async fn read_config(ctx: Ctx, path: String) -> Result<usize, TaskError> {
+///     ctx.checkpoint().await?; // a stop keeps its code
+///     let text = std::fs::read_to_string(&path).code(-32050)?; // an application code
+///     let value: serde_json::Value = serde_json::from_str(&text)?; // -32603
+///     Ok(value.as_object().map_or(0, |o| o.len()))
+/// }
+/// ```
+///
+/// `TaskError` does not implement `std::error::Error` itself (as
+/// `anyhow::Error` does not): that is what lets one `From` take every error
+/// type. A panic in a task is not a `TaskError`: it is answered `-32003`.
+#[derive(Debug)]
 pub enum TaskError {
     /// The params do not fit the task (`-32602`); name the field.
-    #[error("invalid params: {0}")]
     InvalidParams(String),
-    /// The task failed with an application error of its own.
-    #[error("{message}")]
+    /// The task failed with an error of its own.
     Failed {
-        /// An application code (use codes outside the protocol's reserved ranges).
+        /// An application code (use codes outside the protocol's reserved
+        /// ranges), or `-32603` for an error converted by `?`.
         code: i32,
         /// What went wrong.
         message: String,
@@ -121,11 +141,64 @@ pub enum TaskError {
         data: Option<Value>,
     },
     /// The server failed (`-32603`).
-    #[error("internal error: {0}")]
     Internal(String),
     /// The task stopped because it was told to.
-    #[error(transparent)]
-    Stopped(#[from] Stopped),
+    Stopped(Stopped),
+}
+
+impl std::fmt::Display for TaskError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TaskError::InvalidParams(m) => write!(f, "invalid params: {m}"),
+            TaskError::Failed { message, .. } => f.write_str(message),
+            TaskError::Internal(m) => write!(f, "internal error: {m}"),
+            TaskError::Stopped(s) => write!(f, "{s}"),
+        }
+    }
+}
+
+/// Every error converts, so `?` works in a task on any of them. A [`Stopped`]
+/// is found by downcasting, so the stop keeps its own code.
+impl<E> From<E> for TaskError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    fn from(e: E) -> Self {
+        if let Some(s) = (&e as &dyn std::any::Any).downcast_ref::<Stopped>() {
+            return TaskError::Stopped(*s);
+        }
+        TaskError::Failed {
+            code: codes::INTERNAL_ERROR,
+            message: error_chain(&e),
+            data: None,
+        }
+    }
+}
+
+/// Most bytes of an error message built from an error chain: a message may
+/// quote client input, and it goes back in one frame.
+const MAX_CHAIN_BYTES: usize = 4096;
+
+/// An error and its sources joined with `": "`, as anyhow's `{:#}` does.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        if out.len() > MAX_CHAIN_BYTES {
+            break;
+        }
+        let _ = write!(out, ": {s}");
+        source = s.source();
+    }
+    if out.len() > MAX_CHAIN_BYTES {
+        let mut end = MAX_CHAIN_BYTES;
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
+        out.push('…');
+    }
+    out
 }
 
 impl TaskError {
@@ -135,6 +208,71 @@ impl TaskError {
             code,
             message: message.into(),
             data: None,
+        }
+    }
+
+    /// A boxed error, as many libraries return: `Box<dyn Error + Send +
+    /// Sync>` is not itself an `Error`, so `?` cannot take it (use
+    /// `.map_err(TaskError::from_boxed)?`). Answered as `?` answers an error.
+    pub fn from_boxed(e: Box<dyn std::error::Error + Send + Sync + 'static>) -> Self {
+        if let Some(s) = e.downcast_ref::<Stopped>() {
+            return TaskError::Stopped(*s);
+        }
+        TaskError::Failed {
+            code: codes::INTERNAL_ERROR,
+            message: error_chain(&*e),
+            data: None,
+        }
+    }
+
+    /// `-32602`: the params do not fit (name the field in `message`).
+    pub fn invalid_params(message: impl Into<String>) -> Self {
+        TaskError::InvalidParams(message.into())
+    }
+
+    /// The same error answered with `code` instead. A stop keeps its own
+    /// code: the client tells a cancel or a deadline by it.
+    pub fn with_code(self, code: i32) -> Self {
+        match self {
+            TaskError::Stopped(s) => TaskError::Stopped(s),
+            TaskError::Failed { message, data, .. } => TaskError::Failed {
+                code,
+                message,
+                data,
+            },
+            other => TaskError::Failed {
+                code,
+                message: other.to_string(),
+                data: None,
+            },
+        }
+    }
+
+    /// The same error with `data` for the client. A stop keeps the data
+    /// the protocol gives it.
+    pub fn with_data(self, data: Value) -> Self {
+        match self {
+            TaskError::Stopped(s) => TaskError::Stopped(s),
+            TaskError::Failed { code, message, .. } => TaskError::Failed {
+                code,
+                message,
+                data: Some(data),
+            },
+            other => TaskError::Failed {
+                code: other.code(),
+                message: other.to_string(),
+                data: Some(data),
+            },
+        }
+    }
+
+    /// The code the client is answered with.
+    pub fn code(&self) -> i32 {
+        match self {
+            TaskError::InvalidParams(_) => codes::INVALID_PARAMS,
+            TaskError::Failed { code, .. } => *code,
+            TaskError::Internal(_) => codes::INTERNAL_ERROR,
+            TaskError::Stopped(s) => s.code(),
         }
     }
 
@@ -158,6 +296,30 @@ impl TaskError {
     }
 }
 
+/// `.code(n)` on a `Result` whose error converts into a [`TaskError`]: the
+/// error is answered with code `n` (a stop keeps its own code).
+///
+/// ```
+/// use taskwire::{TaskError, TaskResultExt};
+///
+/// fn parse(text: &str) -> Result<u64, TaskError> {
+///     text.parse::<u64>().code(-32050)
+/// }
+/// let e = parse("x").unwrap_err();
+/// assert_eq!(e.code(), -32050);
+/// assert_eq!(e.to_string(), "invalid digit found in string");
+/// ```
+pub trait TaskResultExt<T> {
+    /// The error, if any, answered with `code`.
+    fn code(self, code: i32) -> Result<T, TaskError>;
+}
+
+impl<T, E: Into<TaskError>> TaskResultExt<T> for Result<T, E> {
+    fn code(self, code: i32) -> Result<T, TaskError> {
+        self.map_err(|e| e.into().with_code(code))
+    }
+}
+
 pub(crate) fn stopped_error(s: Stopped, timeout_ms: Option<u64>) -> ErrorObject {
     match s {
         Stopped::DeadlineExceeded => ErrorObject::with_data(
@@ -172,6 +334,26 @@ pub(crate) fn stopped_error(s: Stopped, timeout_ms: Option<u64>) -> ErrorObject 
 /// Progress notifications of one task are sent at most this often; faster
 /// updates are coalesced, keeping the latest.
 pub(crate) const PROGRESS_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Who is calling, as the connect hook said: one per connection, shared by
+/// every task it starts (an anonymous connection has none at all).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct CallerInfo {
+    /// The identity (a user id, a subject), if the hook named one.
+    pub id: Option<Box<str>>,
+    /// The typed values the hook attached.
+    pub extensions: Extensions,
+}
+
+impl CallerInfo {
+    /// The identity of a connection's caller, `None` when anonymous.
+    pub(crate) fn id_of(caller: &Option<Arc<CallerInfo>>) -> Option<&str> {
+        caller.as_ref().and_then(|c| c.id.as_deref())
+    }
+}
+
+/// The values [`Ctx::extensions`] shows a task of an anonymous connection.
+static NO_EXTENSIONS: LazyLock<Extensions> = LazyLock::new(Extensions::new);
 
 /// What goes to a connection's writer.
 pub(crate) enum Outbound {
@@ -188,6 +370,9 @@ pub(crate) struct ProgressSlot {
     queued: bool,
     closed: bool,
     last_sent: Option<Instant>,
+    /// Where notifications go: the connection's writer, or that of the
+    /// connection that resumed the task's session.
+    outbound: Option<Arc<Outbox<Outbound>>>,
 }
 
 /// Everything the server knows about one running task. Shared by the task's
@@ -204,11 +389,14 @@ pub(crate) struct TaskShared {
     stop: AtomicU8,
     pub token: CancellationToken,
     pub stats: Arc<JobStats>,
+    /// Who started it: shared with its connection, `None` when anonymous.
+    pub caller: Option<Arc<CallerInfo>>,
+    /// The registry's shared state (`None` when it has none).
+    state: Option<Arc<Extensions>>,
     progress_token: Option<Box<RawValue>>,
     progress: Mutex<ProgressSlot>,
     progress_calls: AtomicU64,
     progress_sent: AtomicU64,
-    outbound: Arc<Outbox<Outbound>>,
 }
 
 pub(crate) struct TaskInit {
@@ -220,11 +408,20 @@ pub(crate) struct TaskInit {
     pub timeout_ms: Option<u64>,
     pub progress_token: Option<Box<RawValue>>,
     pub outbound: Arc<Outbox<Outbound>>,
+    pub caller: Option<Arc<CallerInfo>>,
+    pub state: Option<Arc<Extensions>>,
 }
 
 impl TaskShared {
     pub(crate) fn new(init: TaskInit) -> Arc<TaskShared> {
         let created = Instant::now();
+        let label = TaskLabel::new(
+            init.id,
+            init.conn,
+            init.request_id.as_ref(),
+            init.method.clone(),
+            CallerInfo::id_of(&init.caller),
+        );
         Arc::new(TaskShared {
             id: init.id,
             conn: init.conn,
@@ -238,12 +435,16 @@ impl TaskShared {
                 .map(|ms| created + Duration::from_millis(ms)),
             stop: AtomicU8::new(0),
             token: CancellationToken::new(),
-            stats: Arc::new(JobStats::for_task(init.id, init.method)),
+            stats: Arc::new(JobStats::for_task(label)),
+            caller: init.caller,
+            state: init.state,
             progress_token: init.progress_token,
-            progress: Mutex::new(ProgressSlot::default()),
+            progress: Mutex::new(ProgressSlot {
+                outbound: Some(init.outbound),
+                ..ProgressSlot::default()
+            }),
             progress_calls: AtomicU64::new(0),
             progress_sent: AtomicU64::new(0),
-            outbound: init.outbound,
         })
     }
 
@@ -287,12 +488,46 @@ impl TaskShared {
             .last_sent
             .is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL);
         if due
-            && self
+            && slot
                 .outbound
-                .try_push(Outbound::Progress(self.clone()))
-                .is_ok()
+                .as_ref()
+                .is_some_and(|o| o.try_push(Outbound::Progress(self.clone())).is_ok())
         {
             slot.queued = true;
+        }
+    }
+
+    /// The task's session was resumed on another connection: its progress
+    /// goes there now. A notification queued on the old connection was
+    /// dropped with its queue, so the latest value is queued again.
+    pub(crate) fn retarget(self: &Arc<Self>, outbound: Arc<Outbox<Outbound>>) {
+        let mut slot = lock(&self.progress);
+        slot.outbound = Some(outbound);
+        slot.queued = false;
+        if slot.unsent && !slot.closed && self.progress_token.is_some() {
+            let pushed = slot
+                .outbound
+                .as_ref()
+                .is_some_and(|o| o.try_push(Outbound::Progress(self.clone())).is_ok());
+            slot.queued = pushed;
+        }
+    }
+
+    /// Queues the final progress notification, if one is due, on the task's
+    /// current connection (without waiting: a session's client that does not
+    /// read is bounded by its buffer, not by this queue).
+    pub(crate) fn flush_progress(self: &Arc<Self>) {
+        if !self.close_progress() {
+            return;
+        }
+        let slot = lock(&self.progress);
+        let pushed = slot
+            .outbound
+            .as_ref()
+            .is_some_and(|o| o.try_push(Outbound::Progress(self.clone())).is_ok());
+        drop(slot);
+        if !pushed {
+            lock(&self.progress).queued = false;
         }
     }
 
@@ -346,6 +581,7 @@ impl std::fmt::Debug for Ctx {
         f.debug_struct("Ctx")
             .field("task", &self.shared.id)
             .field("method", &self.shared.method)
+            .field("caller", &self.caller())
             .finish()
     }
 }
@@ -375,8 +611,119 @@ impl Ctx {
                 timeout_ms: None,
                 progress_token: None,
                 outbound,
+                caller: None,
+                state: None,
             }),
         }
+    }
+
+    /// The parts of a fresh detached context the `with_*` setters fill in.
+    fn detached_parts(&mut self) -> &mut TaskShared {
+        // Only `detached` hands out a context nobody else holds yet; a clone
+        // would share it, and a server's context belongs to its connection.
+        Arc::get_mut(&mut self.shared)
+            .expect("Ctx::with_caller, with_extension and with_state apply to a fresh Ctx::detached, before it is cloned")
+    }
+
+    /// A detached context that acts for `id`, as a connect hook's
+    /// [`Caller`](crate::Caller) would make it: for unit tests.
+    ///
+    /// ```
+    /// # use taskwire::Ctx;
+    /// #[derive(Clone)]
+    /// struct Plan(&'static str);
+    ///
+    /// let ctx = Ctx::detached("greet").with_caller("alice").with_extension(Plan("pro"));
+    /// assert_eq!(ctx.caller(), Some("alice"));
+    /// assert_eq!(ctx.extension::<Plan>().map(|p| p.0), Some("pro"));
+    /// ```
+    ///
+    /// # Panics
+    /// On a context that was cloned, or that a server made: set these on a
+    /// fresh [`Ctx::detached`].
+    pub fn with_caller(mut self, id: impl Into<String>) -> Ctx {
+        let caller = self
+            .detached_parts()
+            .caller
+            .get_or_insert_with(Arc::default);
+        Arc::make_mut(caller).id = Some(id.into().into_boxed_str());
+        self
+    }
+
+    /// A detached context whose caller carries `value` among its extensions
+    /// (see [`Ctx::extension`]); for unit tests.
+    ///
+    /// # Panics
+    /// As [`Ctx::with_caller`].
+    pub fn with_extension<T: Clone + Send + Sync + 'static>(mut self, value: T) -> Ctx {
+        let caller = self
+            .detached_parts()
+            .caller
+            .get_or_insert_with(Arc::default);
+        Arc::make_mut(caller).extensions.insert(value);
+        self
+    }
+
+    /// A detached context that sees `state` as a server's tasks see what
+    /// [`Registry::with_state`](crate::Registry::with_state) holds; for unit tests.
+    ///
+    /// ```
+    /// # use std::sync::atomic::{AtomicU64, Ordering};
+    /// # use taskwire::Ctx;
+    /// #[derive(Default)]
+    /// struct Hits(AtomicU64);
+    ///
+    /// let ctx = Ctx::detached("hit").with_state(Hits::default());
+    /// ctx.state::<Hits>().unwrap().0.fetch_add(1, Ordering::Relaxed);
+    /// assert_eq!(ctx.state::<Hits>().unwrap().0.load(Ordering::Relaxed), 1);
+    /// ```
+    ///
+    /// # Panics
+    /// As [`Ctx::with_caller`].
+    pub fn with_state<S: Send + Sync + 'static>(mut self, state: S) -> Ctx {
+        let states = self.detached_parts().state.get_or_insert_with(Arc::default);
+        Arc::make_mut(states).insert(Arc::new(state));
+        self
+    }
+
+    /// Who is calling: the identity the connect hook gave this task's
+    /// connection (a user id, a subject; `token#<n>` for the `n`-th
+    /// configured token, from 0), or `None` for an anonymous connection.
+    pub fn caller(&self) -> Option<&str> {
+        self.shared.caller.as_ref()?.id.as_deref()
+    }
+
+    /// The typed values the connect hook attached to this task's connection
+    /// (empty for an anonymous one).
+    pub fn extensions(&self) -> &Extensions {
+        match &self.shared.caller {
+            Some(c) => &c.extensions,
+            None => &NO_EXTENSIONS,
+        }
+    }
+
+    /// One value the connect hook attached, by type.
+    pub fn extension<T: Send + Sync + 'static>(&self) -> Option<&T> {
+        self.extensions().get::<T>()
+    }
+
+    /// The registry's shared state of type `S`
+    /// ([`Registry::with_state`](crate::Registry::with_state)).
+    ///
+    /// A missing type is a programming error, answered as an internal error
+    /// (`-32603`) that names the type; use `?`.
+    pub fn state<S: Send + Sync + 'static>(&self) -> Result<Arc<S>, TaskError> {
+        self.shared
+            .state
+            .as_ref()
+            .and_then(|s| s.get::<Arc<S>>())
+            .cloned()
+            .ok_or_else(|| {
+                TaskError::Internal(format!(
+                    "no shared state of type {}: add it with Registry::with_state",
+                    std::any::type_name::<S>()
+                ))
+            })
     }
 
     /// Tells the task to stop, as a cancel, deadline or kill would. The first
@@ -580,6 +927,67 @@ mod outcome_tests {
             let json = serde_json::to_value(k).unwrap();
             assert_eq!(json, k.label(), "serde name and label agree");
         }
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn any_error_converts_with_its_sources() {
+        fn io() -> Result<(), TaskError> {
+            Err(std::io::Error::other("disk on fire"))?;
+            Ok(())
+        }
+        let e = io().unwrap_err();
+        assert_eq!(e.code(), codes::INTERNAL_ERROR);
+        assert_eq!(e.to_error_object(None).message, "disk on fire");
+        let e = TaskError::from(Outer(std::io::Error::other("inner")));
+        assert_eq!(e.to_string(), "outer: inner");
+        let boxed: Box<dyn std::error::Error + Send + Sync> = Box::new(Stopped::Shutdown);
+        assert_eq!(TaskError::from_boxed(boxed).code(), codes::SHUTTING_DOWN);
+        let boxed: Box<dyn std::error::Error + Send + Sync> = "plain".into();
+        assert_eq!(TaskError::from_boxed(boxed).to_string(), "plain");
+        let e = TaskError::from(Outer(std::io::Error::other("x".repeat(10_000))));
+        assert!(e.to_string().len() <= MAX_CHAIN_BYTES + '…'.len_utf8());
+    }
+
+    #[test]
+    fn a_stop_keeps_its_code() {
+        fn stop() -> Result<(), TaskError> {
+            Err(Stopped::Killed)?;
+            Ok(())
+        }
+        let e = stop().unwrap_err();
+        assert!(matches!(e, TaskError::Stopped(Stopped::Killed)));
+        assert_eq!(e.code(), codes::KILLED);
+        // Neither a chosen code nor data overrides the stop's own.
+        let e = Err::<(), _>(Stopped::DeadlineExceeded)
+            .code(-32050)
+            .unwrap_err();
+        assert_eq!(e.code(), codes::DEADLINE_EXCEEDED);
+        let e = TaskError::Stopped(Stopped::Cancelled).with_data(Value::Null);
+        assert_eq!(e.code(), codes::CANCELLED);
+    }
+
+    #[test]
+    fn a_chosen_code_and_data() {
+        let e = "x".parse::<u64>().code(-32050).unwrap_err();
+        let o = e.to_error_object(None);
+        assert_eq!(
+            (o.code, o.message.as_str()),
+            (-32050, "invalid digit found in string")
+        );
+        let o = TaskError::invalid_params("`n` too large")
+            .with_data(serde_json::json!({"max": 93}))
+            .to_error_object(None);
+        assert_eq!(o.code, codes::INVALID_PARAMS);
+        assert_eq!(o.message, "invalid params: `n` too large");
+        assert_eq!(o.data, Some(serde_json::json!({"max": 93})));
+        let o = TaskError::failed(-32051, "no")
+            .with_code(-32052)
+            .to_error_object(None);
+        assert_eq!((o.code, o.message.as_str()), (-32052, "no"));
     }
 
     #[test]

@@ -5,7 +5,7 @@ use taskwire::{Config, Error, Registry, Server};
 
 fn registry() -> Registry {
     let mut r = Registry::new();
-    taskwire::builtin::register(&mut r);
+    taskwire::builtin::register(&mut r).expect("the built-ins register");
     r
 }
 

@@ -68,12 +68,10 @@ async fn stuck(_ctx: Ctx, _p: Nothing) -> Result<u64, TaskError> {
 
 fn registry() -> Registry {
     let mut r = common::builtins();
-    r.io("hold_io", "Holds `mib` MiB on a timer.", hold_io);
-    r.cpu("hold", "Holds `mib` MiB until stopped.", hold).cpu(
-        "stuck",
-        "Burns CPU without checkpoints.",
-        stuck,
-    );
+    r.io("hold_io", "Holds `mib` MiB on a timer.", hold_io)
+        .and_then(|r| r.cpu("hold", "Holds `mib` MiB until stopped.", hold))
+        .and_then(|r| r.cpu("stuck", "Burns CPU without checkpoints.", stuck))
+        .expect("register");
     r
 }
 

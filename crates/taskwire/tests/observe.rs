@@ -134,7 +134,9 @@ async fn metrics_count_a_known_sequence() {
         .keys()
         .any(|(n, _)| n == "taskwire_progress_coalesced_total"));
     assert!(m.keys().any(|(n, _)| n == "taskwire_outbound_queue_depth"));
-    assert!(m.keys().any(|(n, _)| n == "taskwire_pool_utilisation"));
+    assert!(m
+        .keys()
+        .any(|(n, _)| n == "taskwire_pool_utilisation_ratio"));
     assert_eq!(metric(&m, "taskwire_runtime_workers", &[]), 2.0);
     assert!(metric(&m, "taskwire_runtime_alive_tasks", &[]) >= 2.0);
     assert!(m
@@ -308,6 +310,14 @@ async fn the_event_stream_sends_snapshots() {
             if let Some(data) = line.strip_prefix("data: ") {
                 let v: serde_json::Value = serde_json::from_str(data).unwrap();
                 assert!(v["stats"]["pool"]["workers"].as_u64().unwrap() >= 1);
+                // The counts and the table come from one walk: they add up.
+                let counted: u64 = v["stats"]["tasks"]
+                    .as_object()
+                    .unwrap()
+                    .values()
+                    .map(|n| n.as_u64().unwrap())
+                    .sum();
+                assert_eq!(counted, v["tasks"].as_array().unwrap().len() as u64, "{v}");
                 snapshots += 1;
                 saw_runaway |= v["tasks"]
                     .as_array()
@@ -338,6 +348,201 @@ async fn dashboard_files_are_served() {
     assert_eq!(status, 200);
     assert!(body.contains("export"));
     assert_eq!(http(s.addr, "GET", "/nope.js", None).await.0, 404);
+}
+
+/// Every series as Prometheus names it: units in names, counters `_total`, a
+/// ratio `_ratio`; the standard `process_*` series and `taskwire_build_info`;
+/// no series that can never leave 0 (the pool's histograms of an I/O method);
+/// and the page's heartbeat (`$/ping`) is no task: it is counted nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metric_names_follow_prometheus_conventions() {
+    let s = TestServer::start(config()).await;
+    let mut c = s.client().await;
+    // A CPU task, so that its histograms have a sample.
+    assert!(c
+        .call(1, "hash_chain", json!({"seed": 1, "rounds": 1000}))
+        .await["result"]
+        .is_object());
+    let text = || async {
+        let (status, text) = http(s.addr, "GET", "/metrics", None).await;
+        assert_eq!(status, 200);
+        text
+    };
+    let before = text().await;
+    let m = parse_metrics(&before);
+
+    // Every TYPE line: a counter's samples end in `_total`, and no gauge's
+    // name pretends to be one.
+    let mut types = HashMap::new();
+    for line in before.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("# TYPE name kind");
+            types.insert(name.to_string(), kind.to_string());
+        }
+    }
+    for (name, kind) in &types {
+        assert!(
+            name.starts_with("taskwire_") || name.starts_with("process_"),
+            "{name} has the server's prefix or the standard process_ one"
+        );
+        if kind == "gauge" {
+            assert!(
+                !name.ends_with("_total"),
+                "{name}: a gauge named as a counter"
+            );
+        }
+    }
+    for ((name, _), _) in m.iter() {
+        let family = types
+            .keys()
+            .filter(|t| name.starts_with(t.as_str()))
+            .max_by_key(|t| t.len())
+            .unwrap_or_else(|| panic!("{name} has a TYPE line"));
+        if types[family] == "counter" {
+            assert!(
+                name.ends_with("_total") || name.ends_with("_created"),
+                "counter sample {name} ends in _total"
+            );
+        }
+    }
+    for (name, kind) in [
+        ("taskwire_pool_utilisation_ratio", "gauge"),
+        ("taskwire_pool_queue_depth", "gauge"),
+        ("taskwire_pool_non_yielding_tasks", "counter"),
+        ("taskwire_pool_cpu_seconds", "counter"),
+        ("taskwire_memory_trims", "counter"),
+        ("taskwire_tasks_finished", "counter"),
+        ("taskwire_admission_refusals", "counter"),
+        ("taskwire_task_run_seconds", "histogram"),
+        ("taskwire_build", "info"),
+    ] {
+        assert_eq!(types.get(name).map(String::as_str), Some(kind), "{name}");
+    }
+    for old in [
+        "taskwire_pool_utilisation",
+        "taskwire_pool_queued",
+        "taskwire_pool_non_yielding",
+    ] {
+        assert!(!types.contains_key(old), "{old} is gone");
+    }
+    let ratio = metric(&m, "taskwire_pool_utilisation_ratio", &[]);
+    assert!((0.0..=1.0).contains(&ratio), "a ratio: {ratio}");
+    assert!(metric(&m, "taskwire_pool_cpu_seconds_total", &[]) > 0.0);
+
+    // The build, as an info series.
+    assert_eq!(
+        metric(
+            &m,
+            "taskwire_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        1.0
+    );
+
+    // The standard process series, from /proc.
+    if cfg!(target_os = "linux") {
+        assert!(metric(&m, "process_resident_memory_bytes", &[]) > 1e6);
+        assert!(metric(&m, "process_virtual_memory_bytes", &[]) > 1e6);
+        // In clock ticks (10 ms): present, possibly still 0 in a quiet process.
+        assert!(m.contains_key(&("process_cpu_seconds_total".to_string(), vec![])));
+        assert!(metric(&m, "process_open_fds", &[]) >= 3.0);
+        let max = metric(&m, "process_max_fds", &[]);
+        assert!(max >= metric(&m, "process_open_fds", &[]), "{max}");
+        let start = metric(&m, "process_start_time_seconds", &[]);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        // Started in the last day, not in the future (generous: clocks and
+        // the kernel's tick rounding).
+        assert!(
+            start > now - 86_400.0 && start < now + 5.0,
+            "{start} vs {now}"
+        );
+    }
+
+    // The pool's histograms exist for CPU methods only: an I/O task never
+    // waits for a worker nor uses one.
+    let series = |name: &str, method: &str| {
+        m.keys()
+            .any(|(n, l)| n == name && l.iter().any(|(k, v)| k == "method" && v == method))
+    };
+    assert!(series("taskwire_task_cpu_seconds_count", "hash_chain"));
+    assert!(series(
+        "taskwire_task_queue_wait_seconds_count",
+        "count_primes"
+    ));
+    for io in ["echo", "sleep"] {
+        assert!(!series("taskwire_task_cpu_seconds_count", io), "{io}");
+        assert!(
+            !series("taskwire_task_queue_wait_seconds_count", io),
+            "{io}"
+        );
+        assert!(series("taskwire_task_run_seconds_count", io), "{io}");
+    }
+    // The counting allocator is not installed in this test binary: its
+    // figure would read 0 for ever.
+    if !taskwire::alloc::installed() {
+        assert!(!types.contains_key("taskwire_memory_allocated_bytes"));
+    }
+
+    // The dashboard's probe: `$/ping`, answered by the connection, not a task.
+    let finished = |m: &Series| -> f64 {
+        m.iter()
+            .filter(|((n, _), _)| n == "taskwire_tasks_finished_total")
+            .map(|(_, v)| v)
+            .sum()
+    };
+    let runs = |m: &Series| -> f64 {
+        m.iter()
+            .filter(|((n, _), _)| n == "taskwire_task_run_seconds_count")
+            .map(|(_, v)| v)
+            .sum()
+    };
+    let stats = admin_json(s.addr, "GET", "/admin/stats").await;
+    for i in 0..20 {
+        let r = c.call(100 + i, "$/ping", json!({})).await;
+        assert_eq!(r["result"], json!({}), "{r}");
+    }
+    let after = parse_metrics(&text().await);
+    assert_eq!(finished(&after), finished(&m));
+    assert_eq!(runs(&after), runs(&m));
+    let stats2 = admin_json(s.addr, "GET", "/admin/stats").await;
+    assert_eq!(stats["finished"], stats2["finished"]);
+    s.stop().await.unwrap();
+}
+
+/// A page cannot read the status of a refused WebSocket upgrade: a plain
+/// GET of `/ws` answers the same checks, so the dashboard can say "token
+/// missing or refused" rather than only "disconnected".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_get_of_ws_answers_the_upgrade_checks() {
+    let token = "dashboard-token-0123456789";
+    let cfg = Config {
+        auth_tokens: vec![taskwire::config::AuthToken {
+            token: token.into(),
+            max_connections: None,
+            max_inflight: None,
+            rate_limit: None,
+        }],
+        ..config()
+    };
+    let s = TestServer::start(cfg).await;
+    assert_eq!(http(s.addr, "GET", "/ws", None).await.0, 401);
+    assert_eq!(
+        http(s.addr, "GET", "/ws", Some("wrong-token-0123456789"))
+            .await
+            .0,
+        401
+    );
+    let (status, _) = http(s.addr, "GET", "/ws", Some(token)).await;
+    assert!(
+        status != 401 && (400..500).contains(&status),
+        "admitted, but not an upgrade: {status}"
+    );
+    let (status, _) = http(s.addr, "GET", &format!("/ws?token={token}"), None).await;
+    assert!(status != 401, "{status}");
+    s.stop().await.unwrap();
 }
 
 /// The admin JSON is defined once, in `taskwire::observe::api`: what a real

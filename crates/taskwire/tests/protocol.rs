@@ -24,7 +24,8 @@ async fn every_error_code_of_the_table() {
             m.insert(vec![1u8], 1);
             Ok::<_, TaskError>(m)
         },
-    );
+    )
+    .expect("register");
     let cfg = Config {
         max_inflight_per_connection: 3,
         ..config()
@@ -508,7 +509,8 @@ async fn io_task_panics_are_isolated_on_every_poll() {
             }
             Ok::<u8, TaskError>(0)
         },
-    );
+    )
+    .expect("register");
     reg.io(
         "panic_later",
         "panics after a timer",
@@ -519,7 +521,8 @@ async fn io_task_panics_are_isolated_on_every_poll() {
             }
             Ok::<u8, TaskError>(0)
         },
-    );
+    )
+    .expect("register");
     let s = TestServer::with_registry(config(), reg).await;
     let mut c = s.client().await;
     let m = c.call(1, "panic_now", json!({})).await;

@@ -7,6 +7,7 @@ mod fairness;
 mod flood;
 pub mod hostile;
 mod soak;
+mod stream;
 mod throughput;
 
 use std::path::PathBuf;
@@ -107,6 +108,7 @@ fn default_targets(scenario: Scenario) -> &'static [Target] {
     match scenario {
         Scenario::Throughput | Scenario::Connections => &[Taskwire, RawEcho, Textbook],
         Scenario::Flood | Scenario::Fairness | Scenario::Cancel => &[Taskwire, Textbook, Naive],
+        Scenario::Stream => &[Taskwire, TaskwireLas, Textbook],
         Scenario::Soak | Scenario::Tiny => &[Taskwire, Textbook],
         Scenario::Hostile => &[Taskwire],
     }
@@ -140,6 +142,7 @@ pub async fn run(plan: Plan) -> Result<Report, BenchError> {
         Scenario::Throughput | Scenario::Tiny => throughput::Settings::new(&plan).to_json(),
         Scenario::Flood => flood::Settings::new(&plan).to_json(),
         Scenario::Fairness => fairness::Settings::new(&plan).to_json(),
+        Scenario::Stream => stream::Settings::new(&plan).to_json(),
         Scenario::Cancel => cancel::Settings::new(&plan).to_json(),
         Scenario::Connections => connections::Settings::new(&plan).to_json(),
         Scenario::Soak => soak::Settings::new(&plan).to_json(),
@@ -220,6 +223,7 @@ pub async fn run(plan: Plan) -> Result<Report, BenchError> {
         Scenario::Tiny => throughput::finish_tiny(&mut report),
         Scenario::Flood => flood::finish(&mut report),
         Scenario::Fairness => fairness::finish(&mut report),
+        Scenario::Stream => stream::finish(&mut report),
         Scenario::Cancel => cancel::finish(&mut report),
         Scenario::Connections => connections::finish(&plan, &mut report),
         Scenario::Soak => soak::finish(&mut report),
@@ -250,6 +254,7 @@ async fn measure_or_fail(plan: &Plan, subject: &Subject) -> TargetReport {
         }
         Scenario::Flood => flood::measure(&flood::Settings::new(plan), subject).await,
         Scenario::Fairness => fairness::measure(&fairness::Settings::new(plan), subject).await,
+        Scenario::Stream => stream::measure(&stream::Settings::new(plan), subject).await,
         Scenario::Cancel => cancel::measure(&cancel::Settings::new(plan), subject).await,
         Scenario::Connections => {
             connections::measure(&connections::Settings::new(plan), subject).await

@@ -1,36 +1,68 @@
 //! The built-in tasks of protocol v1, registered through the same public API
-//! as a user's own tasks.
+//! as a user's own tasks: [`register`] the ones safe for any client,
+//! [`register_demo`] the demo ones (a CPU burner, a task that never ends, a
+//! task that panics), for trying the server on one's own machine.
 
 use std::time::Duration;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::compute::thread_cpu_time;
-use crate::{Ctx, Registry, TaskError};
+use crate::{Ctx, RegisterError, Registry, TaskError};
 
-/// Registers echo, sleep, hash_chain, count_primes, spin, runaway and crash.
-pub fn register(r: &mut Registry) {
-    r.io("echo", "Returns its `value` unchanged.", echo)
-        .io("sleep", "Waits `ms` milliseconds on a timer.", sleep)
+/// Registers the tasks of protocol v1 that are safe to offer to anyone:
+/// echo, sleep, hash_chain, count_primes (each bounded by its params).
+///
+/// # Errors
+/// If one of these names is already taken in `r`.
+pub fn register(r: &mut Registry) -> Result<&mut Registry, RegisterError> {
+    r.io("echo", "Returns its `value` unchanged.", echo)?
+        .io("sleep", "Waits `ms` milliseconds on a timer.", sleep)?
         .cpu(
             "hash_chain",
             "Applies splitmix64 `rounds` times to `seed`; returns the decimal digest.",
             hash_chain,
-        )
+        )?
         .cpu(
             "count_primes",
             "Counts the primes below `below`, reporting progress.",
             count_primes,
         )
-        .cpu("spin", "Burns `ms` milliseconds of its own CPU time.", spin)
+}
+
+/// Registers the demo tasks: spin, runaway and crash. They show off the
+/// scheduler, kill and crash isolation, and they hand any client a way to burn
+/// CPU until stopped or to fill the log with panics: offer them only where the
+/// clients are your own (the `taskwire` binary does so only with `--demo`).
+///
+/// # Errors
+/// If one of these names is already taken in `r`.
+pub fn register_demo(r: &mut Registry) -> Result<&mut Registry, RegisterError> {
+    r.cpu("spin", "Burns `ms` milliseconds of its own CPU time.", spin)?
         .cpu(
             "runaway",
             "Burns CPU until cancelled, timed out or killed.",
             runaway,
-        )
-        .cpu("crash", "Panics with `message`.", crash);
+        )?
+        .cpu("crash", "Panics with `message`.", crash)
+}
+
+/// The result of a task that never returns (`runaway`, `crash`): its
+/// schema admits no value.
+#[derive(Debug, Serialize)]
+pub enum Never {}
+
+impl JsonSchema for Never {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Never".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::Schema::from(false)
+    }
 }
 
 const MAX_MS: u64 = 3_600_000;
@@ -41,12 +73,21 @@ const MAX_BELOW: u64 = 10_000_000_000;
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EchoParams {
-    /// Any JSON value.
-    pub value: Value,
+    /// Any JSON value: it comes back exactly as sent.
+    // Kept as its text, never parsed into numbers: a `Value` would round an
+    // integer outside i64/u64 or a decimal with more digits than an f64
+    // holds, and echo promises the value unchanged.
+    #[schemars(with = "Value")]
+    pub value: Box<RawValue>,
 }
 
-async fn echo(_ctx: Ctx, p: EchoParams) -> Result<Value, TaskError> {
-    Ok(p.value)
+/// What `echo` returns: the value it was sent, exactly.
+#[derive(Debug, Serialize, JsonSchema)]
+#[serde(transparent)]
+pub struct Echoed(#[schemars(with = "Value")] pub Box<RawValue>);
+
+async fn echo(_ctx: Ctx, p: EchoParams) -> Result<Echoed, TaskError> {
+    Ok(Echoed(p.value))
 }
 
 /// Params of `sleep` and `spin`.
@@ -67,9 +108,11 @@ fn check_ms(ms: u64) -> Result<u64, TaskError> {
     Ok(ms)
 }
 
-#[derive(Serialize)]
+/// What `sleep` returns.
+#[derive(Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 struct Slept {
+    /// The milliseconds slept.
     slept_ms: u64,
 }
 
@@ -98,8 +141,12 @@ pub fn splitmix64(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-#[derive(Serialize)]
+/// What `hash_chain` returns.
+#[derive(Serialize, JsonSchema)]
 struct Digest {
+    /// The final value in decimal: a string, because a JSON number above
+    /// 2^53 loses digits in JavaScript.
+    #[schemars(pattern(r"^[0-9]{1,20}$"))]
     digest: String,
 }
 
@@ -138,8 +185,11 @@ pub struct CountPrimesParams {
     pub below: u64,
 }
 
-#[derive(Serialize)]
+/// What `count_primes` returns.
+#[derive(Serialize, JsonSchema)]
 struct Count {
+    /// The number of primes below `below` (at most about 4.6 × 10^8, exact
+    /// in JavaScript).
     count: u64,
 }
 
@@ -213,9 +263,11 @@ async fn count_primes(ctx: Ctx, p: CountPrimesParams) -> Result<Count, TaskError
     Ok(Count { count })
 }
 
-#[derive(Serialize)]
+/// What `spin` returns.
+#[derive(Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 struct Spun {
+    /// The milliseconds of CPU time burnt.
     spun_ms: u64,
 }
 
@@ -249,7 +301,7 @@ async fn spin(ctx: Ctx, p: MsParams) -> Result<Spun, TaskError> {
 #[serde(deny_unknown_fields)]
 pub struct NoParams {}
 
-async fn runaway(ctx: Ctx, _p: NoParams) -> Result<Value, TaskError> {
+async fn runaway(ctx: Ctx, _p: NoParams) -> Result<Never, TaskError> {
     let mut x = 1;
     loop {
         x = burn_chunk(x);
@@ -265,7 +317,7 @@ pub struct CrashParams {
     pub message: String,
 }
 
-async fn crash(_ctx: Ctx, p: CrashParams) -> Result<Value, TaskError> {
+async fn crash(_ctx: Ctx, p: CrashParams) -> Result<Never, TaskError> {
     panic!("{}", p.message);
 }
 

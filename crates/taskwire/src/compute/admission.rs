@@ -260,11 +260,13 @@ impl Admission {
 
 pin_project_lite::pin_project! {
     /// A job's future with its admission: the permit is released when the
-    /// future is dropped, whether it finished or was cancelled.
+    /// future is dropped, whether it finished or was cancelled; then the job
+    /// is marked as ended, so that its worker does not count it as waiting.
     pub(super) struct Permitted<F> {
         pub(super) _permit: Permit,
         #[pin]
         pub(super) fut: F,
+        pub(super) _ends: super::stats::EndsJob,
     }
 }
 

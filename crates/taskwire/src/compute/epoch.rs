@@ -5,7 +5,8 @@
 //! thread-local ([`begin_slice`]); [`should_yield`] compares the two. The
 //! ticker sleeps while no worker runs a slice, so an idle server does not wake
 //! 4 000 times a second. The thread's CPU clock ([`thread_cpu_time`]) is the
-//! other clock of the pool, read once per slice by the worker to charge it.
+//! other clock of the pool, read once per slice by the worker to charge it,
+//! and by the watchdog, through [`cpu_time_of`], for workers inside a slice.
 //!
 //! This file depends on no other part of the pool.
 
@@ -143,4 +144,27 @@ pub fn thread_cpu_time() -> Duration {
         return Duration::ZERO;
     }
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// The calling thread's CPU clock, for another thread to read with
+/// [`cpu_time_of`]; `None` if the system does not give one.
+pub(super) fn this_thread_clock() -> Option<libc::clockid_t> {
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: `pthread_self` is always a valid handle for the calling thread
+    // and `clock` a valid out-pointer.
+    let rc = unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) };
+    (rc == 0).then_some(clock)
+}
+
+/// The CPU time of the thread whose clock is `clock` (~220 ns here); `None`
+/// once that thread has exited.
+pub(super) fn cpu_time_of(clock: libc::clockid_t) -> Option<Duration> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer; a clock id of a thread that has
+    // exited makes the call fail with EINVAL, nothing worse.
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
+    (rc == 0).then(|| Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
 }

@@ -18,7 +18,8 @@
 //!    queue under its group, with the CPU time it has attained so far.
 //! 3. **Pick** (`queue.rs`): an idle worker pops the next job under the queue
 //!    lock: the group with the least recently attained CPU service, then its
-//!    job with the least attained service, aged by its wait.
+//!    job with the least attained service, aged by its wait, while that is
+//!    below `las_threshold`; among its jobs past it, the first submitted.
 //! 4. **Slice** (`worker.rs`, `epoch.rs`): the worker notes the epoch at which
 //!    the slice ends and polls the job. Each [`checkpoint`](crate::Ctx::checkpoint)
 //!    asks [`should_yield`] (one atomic load against the ticker's epoch, no
@@ -28,10 +29,13 @@
 //!    clock once, charges the time to the job and its group, and, since the
 //!    job was woken while it ran, pushes it back itself, ordered by the
 //!    service it has attained as of that charge. A job waiting for something
-//!    else (a timer, a channel) is pushed back by whoever wakes it.
-//! 6. **Watch** (`watchdog.rs`): meanwhile a job that runs far past its slice
-//!    without a checkpoint is flagged, and a replacement worker takes its
-//!    place; the largest jobs are flagged while over the memory budget.
+//!    else (a Tokio timer, channel or socket: every worker enters the Tokio
+//!    runtime the pool was started in) leaves the pool, counted as waiting;
+//!    whoever wakes it pushes it back, under the same policy.
+//! 6. **Watch** (`watchdog.rs`): meanwhile a job whose worker thread burns
+//!    far more CPU than its slice without a checkpoint is flagged, and a
+//!    replacement worker takes its place; the largest jobs are flagged while
+//!    over the memory budget.
 //! 7. **Answer**: the future completes (or the task handle is dropped, which
 //!    cancels it at its next yield); dropping it releases the permit's slots,
 //!    and the task handle hands the output to the connection, which answers.
@@ -52,17 +56,20 @@ pub(crate) use admission::{Permit, Refusal};
 pub use epoch::thread_cpu_time;
 pub(crate) use epoch::{add_tick_hook, should_yield, TickHook};
 pub use queue::RunQueue;
+pub(crate) use stats::task_event;
+pub use stats::{current_task, TaskLabel};
 pub(crate) use stats::{JobState, JobStats, PoolStats};
 pub(crate) use worker::JobMeta;
 
 use std::future::Future;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread;
 use std::time::Duration;
 
 use admission::{Admission, Permitted};
+use stats::EndsJob;
 use worker::Shared;
 
 /// Settings of the compute pool.
@@ -72,8 +79,10 @@ pub struct ComputeConfig {
     pub workers: usize,
     /// How long a task runs before it yields at a checkpoint (default 2 ms).
     pub slice: Duration,
-    /// How long past its slice a task may run without a checkpoint before it is
-    /// flagged as not yielding and a replacement worker is started (default 100 ms).
+    /// How much CPU time past its slice a task may burn without a checkpoint
+    /// before it is flagged as not yielding and a replacement worker is
+    /// started (default 100 ms). CPU time, not wall time: a task that
+    /// checkpoints is never flagged, however contended the machine.
     pub non_yield_after: Duration,
     /// Most extra workers started to replace stuck ones (default: `workers`).
     pub max_extra_workers: usize,
@@ -95,6 +104,11 @@ pub struct ComputeConfig {
     pub memory_budget: u64,
     /// Time constant of the decay of a connection's recent CPU usage (default 1 s).
     pub usage_decay: Duration,
+    /// CPU time below which a connection's tasks go least attained service
+    /// first, and past which its oldest goes first (default 10 ms; see
+    /// `docs/SCHEDULING.md`). `Duration::MAX` keeps least attained service
+    /// throughout.
+    pub las_threshold: Duration,
     /// OS niceness of worker threads (Linux), so that connection threads win the
     /// CPU when both want it (default 10; 0 leaves it alone).
     pub nice: i32,
@@ -115,6 +129,7 @@ impl Default for ComputeConfig {
             address_cpu_limit: 2_560,
             memory_budget: default_memory_budget(),
             usage_decay: Duration::from_secs(1),
+            las_threshold: Duration::from_millis(10),
             nice: 10,
         }
     }
@@ -133,6 +148,9 @@ pub(crate) fn default_memory_budget() -> u64 {
 pub(crate) struct ComputePool {
     cfg: Arc<ComputeConfig>,
     inner: Arc<Shared>,
+    /// Numbers jobs as they are spawned: the first submitted of a
+    /// connection's long jobs runs first.
+    submissions: Arc<AtomicU64>,
     _guard: Arc<ShutdownOnDrop>,
 }
 
@@ -170,12 +188,16 @@ impl ComputePool {
             cfg.slice,
             cfg.non_yield_after,
             cfg.usage_decay,
+            cfg.las_threshold,
             cfg.memory_budget,
             Admission::new(
                 cfg.per_connection_limit,
                 cfg.address_cpu_limit,
                 cfg.queue_limit,
             ),
+            // Outside a runtime (a unit test, an embedding that builds the
+            // pool first) CPU tasks still run; only Tokio resources fail.
+            tokio::runtime::Handle::try_current().ok(),
         ));
         epoch::start_ticker();
         for _ in 0..cfg.workers {
@@ -186,6 +208,7 @@ impl ComputePool {
         ComputePool {
             cfg: Arc::new(cfg),
             inner,
+            submissions: Arc::new(AtomicU64::new(0)),
             _guard: guard,
         }
     }
@@ -239,13 +262,20 @@ impl ComputePool {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        let meta = Arc::new(JobMeta { group, stats });
+        let ends = EndsJob(stats.clone());
+        let submitted = self.submissions.fetch_add(1, Ordering::Relaxed);
+        let meta = Arc::new(JobMeta {
+            group,
+            submitted,
+            stats,
+        });
         let weak = Arc::downgrade(&self.inner);
         let schedule = move |job, info| worker::schedule(&weak, job, info);
         let (job, task) = async_task::Builder::new().metadata(meta).spawn(
             move |_| Permitted {
                 _permit: permit,
                 fut,
+                _ends: ends,
             },
             async_task::WithInfo(schedule),
         );
@@ -262,6 +292,8 @@ impl ComputePool {
             live_workers: p.live.load(Ordering::Relaxed),
             busy: p.busy.load(Ordering::Relaxed),
             queued,
+            yielded: p.counts.yielded.load(Ordering::Relaxed),
+            waiting: p.counts.waiting.load(Ordering::Relaxed),
             admitted: p.admission.admitted(),
             utilisation: f64::from_bits(p.utilisation.load(Ordering::Relaxed)),
             non_yielding_total: p.non_yielding_total.load(Ordering::Relaxed),

@@ -19,6 +19,13 @@
 //!   rounding decides (and where `u·e^-x` underflows to 0 after hundreds of
 //!   time constants, where `Exp` calls unequal usages equal).
 //!
+//! The two classes of a connection's jobs (short below the threshold, long at
+//! or past it; see `queue.rs`) are scanned the same way: the short job with the
+//! least aged service, the long job submitted first, and the long one only if
+//! its class, aged as one job that has used the threshold and waited since the
+//! class last ran, is ahead of the short one (in `Exp`, in whole 64 ns of wait
+//! credit, like a short job).
+//!
 //! One change from the original in both modes: groups that tie on usage and on
 //! their round-robin stamp (only groups never picked yet, stamp 0) were taken
 //! in `HashMap` iteration order, which is random; here, and in [`RunQueue`],
@@ -45,6 +52,9 @@ const FORGET_BELOW_NS: f64 = 1_000.0;
 struct Entry<T> {
     attained_ns: u64,
     enqueued_ns: u64,
+    submitted: u64,
+    /// At or past the threshold when pushed.
+    long: bool,
     seq: u64,
     item: T,
 }
@@ -55,6 +65,8 @@ struct Group<T> {
     last_pick: u64,
     created: u64,
     running: usize,
+    /// When the long class last ran or, if later, last became non-empty.
+    long_served_ns: u64,
     jobs: Vec<Entry<T>>,
 }
 
@@ -82,6 +94,7 @@ impl<T> Group<T> {
 pub struct ScanQueue<T> {
     groups: HashMap<u64, Group<T>>,
     tau_ns: f64,
+    threshold_ns: u64,
     arith: Arith,
     picks: u64,
     seq: u64,
@@ -89,11 +102,13 @@ pub struct ScanQueue<T> {
 }
 
 impl<T> ScanQueue<T> {
-    /// An empty queue whose group usage decays with time constant `tau_ns`.
-    pub fn new(tau_ns: u64, arith: Arith) -> Self {
+    /// An empty queue whose group usage decays with time constant `tau_ns`,
+    /// and whose jobs are long once they have used `threshold_ns`.
+    pub fn new(tau_ns: u64, threshold_ns: u64, arith: Arith) -> Self {
         ScanQueue {
             groups: HashMap::new(),
             tau_ns: tau_ns.max(1) as f64,
+            threshold_ns,
             arith,
             picks: 0,
             seq: 0,
@@ -116,8 +131,9 @@ impl<T> ScanQueue<T> {
         self.groups.len()
     }
 
-    /// Makes a job runnable. `attained_ns` is the CPU it has used so far.
-    pub fn push(&mut self, group: u64, attained_ns: u64, item: T, now_ns: u64) {
+    /// Makes a job runnable. `attained_ns` is the CPU it has used so far,
+    /// `submitted` its submission stamp.
+    pub fn push(&mut self, group: u64, attained_ns: u64, submitted: u64, item: T, now_ns: u64) {
         self.seq += 1;
         let seq = self.seq;
         let g = self.groups.entry(group).or_insert_with(|| Group {
@@ -126,11 +142,18 @@ impl<T> ScanQueue<T> {
             last_pick: 0,
             created: seq,
             running: 0,
+            long_served_ns: now_ns,
             jobs: Vec::new(),
         });
+        let long = attained_ns >= self.threshold_ns;
+        if long && !g.jobs.iter().any(|e| e.long) {
+            g.long_served_ns = g.long_served_ns.max(now_ns);
+        }
         g.jobs.push(Entry {
             attained_ns,
             enqueued_ns: now_ns,
+            submitted,
+            long,
             seq,
             item,
         });
@@ -166,24 +189,45 @@ impl<T> ScanQueue<T> {
         self.picks += 1;
         let picks = self.picks;
         let g = self.groups.get_mut(&id)?;
-        let idx = g
+        let aged = |attained: u64, since: u64| match arith {
+            Arith::Exp => {
+                let waited = now_ns.saturating_sub(since) / AGING_DIVISOR;
+                attained as i128 - waited as i128
+            }
+            Arith::Log => {
+                attained as i128 * AGING_DIVISOR as i128 - (now_ns as i128 - since as i128)
+            }
+        };
+        let short = g
             .jobs
             .iter()
             .enumerate()
-            .min_by_key(|(_, e)| match arith {
-                Arith::Exp => {
-                    let waited = now_ns.saturating_sub(e.enqueued_ns) / AGING_DIVISOR;
-                    (e.attained_ns as i128 - waited as i128, e.seq)
+            .filter(|(_, e)| !e.long)
+            .min_by_key(|(_, e)| (aged(e.attained_ns, e.enqueued_ns), e.seq))
+            .map(|(i, e)| (i, aged(e.attained_ns, e.enqueued_ns)));
+        let long = g
+            .jobs
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.long)
+            .min_by_key(|(_, e)| (e.submitted, e.seq))
+            .map(|(i, _)| i);
+        let idx = match (short, long) {
+            (Some((s, key)), Some(l)) => {
+                if key > aged(self.threshold_ns, g.long_served_ns) {
+                    g.long_served_ns = now_ns;
+                    l
+                } else {
+                    s
                 }
-                Arith::Log => {
-                    let waited = now_ns as i128 - e.enqueued_ns as i128;
-                    (
-                        e.attained_ns as i128 * AGING_DIVISOR as i128 - waited,
-                        e.seq,
-                    )
-                }
-            })
-            .map(|(i, _)| i)?;
+            }
+            (Some((s, _)), None) => s,
+            (None, Some(l)) => {
+                g.long_served_ns = now_ns;
+                l
+            }
+            (None, None) => return None,
+        };
         let entry = g.jobs.swap_remove(idx);
         g.last_pick = picks;
         g.running += 1;
@@ -207,6 +251,11 @@ impl<T> ScanQueue<T> {
             .get(&group)
             .map(|g| g.decayed(now_ns, self.tau_ns))
             .unwrap_or(0.0)
+    }
+
+    /// When the long class of `group` last ran (0 for an unknown group).
+    pub fn long_served(&self, group: u64) -> u64 {
+        self.groups.get(&group).map_or(0, |g| g.long_served_ns)
     }
 
     fn forget_idle(&mut self, now_ns: u64) {

@@ -1,7 +1,10 @@
 //! The watchdog: one thread per pool, waking every 10 ms, that
-//! - flags a job that runs far past its slice without a checkpoint and starts
-//!   a replacement worker for it (up to `max_extra_workers`), so that one
-//!   non-cooperative task does not take a core away from everybody else;
+//! - flags a job that burns far more CPU than its slice without a checkpoint
+//!   and starts a replacement worker for it (up to `max_extra_workers`), so
+//!   that one non-cooperative task does not take a core away from everybody
+//!   else. It measures the worker thread's CPU clock, not the wall clock: a
+//!   task that checkpoints but shares a core under contention has used
+//!   little CPU however long its slice lasted, and is never flagged;
 //! - averages the busy workers into the pool's utilisation, and the jobs
 //!   ended into the completion rate behind the retry hints;
 //! - samples the process's memory every 100 ms, sets the budget flag that
@@ -17,7 +20,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::admission::{RateMark, MEMORY_SAMPLE_MS};
+use tracing::Level;
+
 use super::epoch;
+use super::stats::task_event;
 use super::worker::{start_worker, Shared, WorkerSlot};
 use crate::sync::lock;
 
@@ -75,20 +81,40 @@ fn watchdog(pool: Weak<Shared>) {
     }
 }
 
-/// Flags jobs running past `non_yield_ticks` and starts a replacement worker
-/// for each worker they hold, once, while under `max_extra_workers`.
+/// CPU time, in ns, that the worker of `slot` has burnt in its current
+/// slice; `None` when it is not inside a slice.
+fn slice_cpu_ns(slot: &WorkerSlot) -> Option<u64> {
+    let since = slot.since_epoch.load(Ordering::Acquire);
+    if since == 0 {
+        return None;
+    }
+    let start = slot.cpu_start_ns.load(Ordering::Relaxed);
+    let now = epoch::cpu_time_of(*slot.clock.get()?)?.as_nanos() as u64;
+    // The same slice still: between two slices the figure means nothing.
+    (slot.since_epoch.load(Ordering::Acquire) == since).then(|| now.saturating_sub(start))
+}
+
+/// Flags jobs that burnt more than `non_yield_cpu_ns` in one slice and
+/// starts a replacement worker for each worker they hold, once, while under
+/// `max_extra_workers`.
 fn replace_stuck_workers(p: &Arc<Shared>) {
-    let now = epoch::now();
     let slots: Vec<Arc<WorkerSlot>> = lock(&p.slots).clone();
     for slot in slots {
-        let since = slot.since_epoch.load(Ordering::Relaxed);
-        if since == 0 || now.saturating_sub(since) < p.non_yield_ticks {
+        let Some(used) = slice_cpu_ns(&slot) else {
+            continue;
+        };
+        if used < p.non_yield_cpu_ns {
             continue;
         }
         if let Some(stats) = lock(&slot.job).as_ref() {
             if !stats.not_yielding.swap(true, Ordering::Relaxed) {
                 p.non_yielding_total.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!("a CPU task has run past its slice without a checkpoint");
+                let ms = used / 1_000_000;
+                let what = "a CPU task has burnt CPU in one slice without a checkpoint";
+                match stats.label() {
+                    Some(l) => task_event!(Level::WARN, l, cpu_ms = ms, "{what}"),
+                    None => tracing::warn!(cpu_ms = ms, "{what}"),
+                }
             }
         }
         if slot.replaced.load(Ordering::Acquire) {

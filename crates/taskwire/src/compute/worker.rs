@@ -13,7 +13,7 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,7 @@ use async_task::ScheduleInfo;
 use super::admission::Admission;
 use super::epoch;
 use super::queue::RunQueue;
-use super::stats::{JobState, JobStats, MemoryFigures};
+use super::stats::{JobStats, MemoryFigures, StateCounts};
 use crate::sync::{lock, wait_timeout};
 
 pub(super) type Job = async_task::Runnable<Arc<JobMeta>>;
@@ -31,6 +31,8 @@ pub(super) type Job = async_task::Runnable<Arc<JobMeta>>;
 #[derive(Debug)]
 pub(crate) struct JobMeta {
     pub(super) group: u64,
+    /// Increases with submission: the order of the group's long jobs.
+    pub(super) submitted: u64,
     pub(super) stats: Arc<JobStats>,
 }
 
@@ -44,6 +46,12 @@ thread_local! {
 pub(super) struct WorkerSlot {
     /// Epoch at which the current slice started; 0 when idle.
     pub since_epoch: AtomicU64,
+    /// The worker thread's CPU clock, which the watchdog reads (set by the
+    /// thread when it starts; unset if the system would not give it).
+    pub clock: OnceLock<libc::clockid_t>,
+    /// The thread's CPU time, in ns, when the current slice began (written
+    /// before `since_epoch`).
+    pub cpu_start_ns: AtomicU64,
     /// Whether a replacement was already started for the job running now.
     pub replaced: AtomicBool,
     /// The job on this worker, for flagging.
@@ -59,8 +67,16 @@ pub(super) struct Shared {
     /// OS niceness of worker threads (0: left alone).
     pub nice: i32,
     pub slice_ticks: u64,
-    /// Ticks past a slice's start after which a job not yielding is stuck.
-    pub non_yield_ticks: u64,
+    /// CPU time a job may burn in one slice without reaching a checkpoint
+    /// (the slice plus `non_yield_after`) before it is flagged as stuck.
+    pub non_yield_cpu_ns: u64,
+    /// The Tokio runtime the pool was started in: every worker enters it, so
+    /// that a CPU task can await Tokio timers, channels and sockets. `None`
+    /// when the pool was started outside a runtime (a Tokio resource then
+    /// panics, and the task is answered as crashed).
+    pub runtime: Option<tokio::runtime::Handle>,
+    /// Jobs queued again after running, and jobs waiting off the pool.
+    pub counts: StateCounts,
     pub memory_budget: u64,
     pub queue: Mutex<RunQueue<Job>>,
     /// Signalled when a job is queued and at shutdown.
@@ -93,17 +109,24 @@ impl Shared {
         slice: Duration,
         non_yield_after: Duration,
         usage_decay: Duration,
+        las_threshold: Duration,
         memory_budget: u64,
         admission: Admission,
+        runtime: Option<tokio::runtime::Handle>,
     ) -> Shared {
         Shared {
             workers,
             max_extra_workers,
             nice,
             slice_ticks: epoch::ticks(slice),
-            non_yield_ticks: epoch::ticks(slice + non_yield_after),
+            non_yield_cpu_ns: (slice + non_yield_after).as_nanos() as u64,
+            runtime,
+            counts: StateCounts::default(),
             memory_budget,
-            queue: Mutex::new(RunQueue::new(usage_decay.as_nanos() as u64)),
+            queue: Mutex::new(RunQueue::new(
+                usage_decay.as_nanos() as u64,
+                u64::try_from(las_threshold.as_nanos()).unwrap_or(u64::MAX),
+            )),
             cv: Condvar::new(),
             start: Instant::now(),
             admission,
@@ -152,9 +175,13 @@ pub(super) fn schedule(pool: &Weak<Shared>, job: Job, info: ScheduleInfo) {
         return;
     };
     let now = p.now_ns();
-    let group = job.metadata().group;
-    let attained = job.metadata().stats.cpu_ns.load(Ordering::Relaxed);
-    lock(&p.queue).push(group, attained, job, now);
+    let (group, submitted) = (job.metadata().group, job.metadata().submitted);
+    let stats = &job.metadata().stats;
+    let attained = stats.cpu_ns.load(Ordering::Relaxed);
+    // Woken after it waited (or cancelled while waiting): queued again under
+    // the same policy, its attained service as charged so far.
+    stats.woken(&p.counts);
+    lock(&p.queue).push(group, attained, submitted, job, now);
     p.cv.notify_one();
 }
 
@@ -162,6 +189,8 @@ pub(super) fn schedule(pool: &Weak<Shared>, job: Job, info: ScheduleInfo) {
 pub(super) fn start_worker(inner: &Arc<Shared>) {
     let slot = Arc::new(WorkerSlot {
         since_epoch: AtomicU64::new(0),
+        clock: OnceLock::new(),
+        cpu_start_ns: AtomicU64::new(0),
         replaced: AtomicBool::new(false),
         job: Mutex::new(None),
     });
@@ -196,13 +225,22 @@ fn put_back(rq: &mut RunQueue<Job>, finished: Option<(u64, u64)>, requeue: Optio
     }
     if let Some(job) = requeue {
         let m = job.metadata().clone();
-        rq.push(m.group, m.stats.cpu_ns.load(Ordering::Relaxed), job, now);
+        let attained = m.stats.cpu_ns.load(Ordering::Relaxed);
+        rq.push(m.group, attained, m.submitted, job, now);
     }
 }
 
 fn worker(pool: Weak<Shared>, slot: Arc<WorkerSlot>) {
     let Some(p) = pool.upgrade() else { return };
     set_nice(p.nice);
+    if let Some(clock) = epoch::this_thread_clock() {
+        let _ = slot.clock.set(clock);
+    }
+    // Held for the thread's life: Tokio's timers, channels and sockets find
+    // their runtime from here. A job that awaits one returns Pending and
+    // leaves the worker; the runtime's driver wakes it, which queues it again.
+    let runtime = p.runtime.clone();
+    let _runtime = runtime.as_ref().map(|h| h.enter());
     let mut cpu_mark = epoch::thread_cpu_time();
     let mut finished: Option<(u64, u64)> = None; // (group, cpu ns) of the last slice
     let mut requeue: Option<Job> = None;
@@ -230,25 +268,31 @@ fn worker(pool: Weak<Shared>, slot: Arc<WorkerSlot>) {
         };
         let Some((group, job)) = next else { break };
         let meta = job.metadata().clone();
-        meta.stats.set_state(JobState::Running);
+        let slice = meta.stats.begin_slice(&p.counts);
         meta.stats.slices.fetch_add(1, Ordering::Relaxed);
         meta.stats.first_run.get_or_init(Instant::now);
         *lock(&slot.job) = Some(meta.stats.clone());
         p.busy.fetch_add(1, Ordering::Relaxed);
+        // The previous slice's end stands for this one's start: the CPU
+        // spent in between (a queue pick) is microseconds, well inside what
+        // the watchdog tolerates, and saves a clock read per slice.
+        slot.cpu_start_ns
+            .store(cpu_mark.as_nanos() as u64, Ordering::Relaxed);
         let began = epoch::begin_slice(p.slice_ticks);
-        slot.since_epoch.store(began, Ordering::Relaxed);
+        slot.since_epoch.store(began, Ordering::Release);
 
         // Panics are caught inside the task wrapper; this guard keeps the
         // worker alive should a future's drop glue panic all the same. What the
-        // job allocates or frees meanwhile is its own.
+        // job allocates or frees meanwhile is its own, and a panic hook finds
+        // the task's name on this thread.
         {
-            let _mem = crate::alloc::Attributed::new(&meta.stats.memory);
+            let _entered = meta.stats.enter();
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run()));
         }
         p.memory.after_slice(&meta.stats);
 
         epoch::end_slice();
-        slot.since_epoch.store(0, Ordering::Relaxed);
+        slot.since_epoch.store(0, Ordering::Release);
         p.busy.fetch_sub(1, Ordering::Relaxed);
         let now_cpu = epoch::thread_cpu_time();
         let used = now_cpu.saturating_sub(cpu_mark).as_nanos() as u64;
@@ -258,11 +302,13 @@ fn worker(pool: Weak<Shared>, slot: Arc<WorkerSlot>) {
         *lock(&slot.job) = None;
         finished = Some((group, used));
         requeue = YIELDED.with(|y| y.take());
-        meta.stats.set_state(if requeue.is_some() {
-            JobState::Yielded
+        if requeue.is_some() {
+            meta.stats.requeued(&p.counts);
         } else {
-            JobState::Waiting
-        });
+            // Ended, or waiting for a wake from outside the pool; if that
+            // wake came already, the job is queued and stays so.
+            meta.stats.parked(slice, &p.counts);
+        }
         if slot.replaced.swap(false, Ordering::AcqRel) {
             // This worker was stuck and has been replaced: the pool is now one
             // over strength, and the next worker to look for a job retires.
@@ -287,7 +333,7 @@ fn worker(pool: Weak<Shared>, slot: Arc<WorkerSlot>) {
 #[cfg(test)]
 mod tests {
     use super::super::testing::{burn, pool};
-    use super::super::{ComputeConfig, ComputePool};
+    use super::super::{ComputeConfig, ComputePool, JobState};
     use super::*;
     use std::future::Future;
     use std::pin::Pin;
@@ -310,7 +356,7 @@ mod tests {
         // The future (and its permit) is dropped inside the last slice; the
         // worker charges that slice after it, then leaves the Running state.
         for _ in 0..2000 {
-            if stats.state() != JobState::Running {
+            if stats.state() != JobState::Running && stats.cpu_time() >= Duration::from_millis(20) {
                 break;
             }
             thread::sleep(Duration::from_millis(1));
@@ -359,6 +405,124 @@ mod tests {
         rx.recv_timeout(Duration::from_secs(20))
             .expect("the worker requeued the job");
         assert!(stats.slices() >= 2);
+    }
+
+    /// Polls `f` until it holds, up to 10 s.
+    fn eventually(mut f: impl FnMut() -> bool) -> bool {
+        (0..2000).any(|_| {
+            if f() {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(5));
+            false
+        })
+    }
+
+    #[test]
+    fn a_waiting_job_leaves_the_pool_and_is_counted_until_woken() {
+        let p = pool(1);
+        let g = Arc::new(AtomicUsize::new(0));
+        let stats = Arc::new(JobStats::default());
+        let (wake, woken) = tokio::sync::oneshot::channel::<u64>();
+        let (tx, rx) = mpsc::channel();
+        let _t = p.spawn(1, stats.clone(), p.admit(&g).unwrap(), async move {
+            let _ = tx.send(woken.await.unwrap_or(0));
+        });
+        assert!(eventually(|| p.stats().waiting == 1), "{:?}", p.stats());
+        assert_eq!(stats.state(), JobState::Waiting);
+        // Its worker is free meanwhile.
+        let (tx2, rx2) = mpsc::channel();
+        let _other = p.spawn(
+            2,
+            Arc::new(JobStats::default()),
+            p.admit(&g).unwrap(),
+            async move {
+                let _ = tx2.send(());
+            },
+        );
+        rx2.recv_timeout(Duration::from_secs(20)).unwrap();
+        wake.send(5).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(20)).unwrap(), 5);
+        assert!(eventually(|| {
+            let s = p.stats();
+            s.waiting == 0 && s.yielded == 0 && s.busy == 0
+        }));
+        assert_ne!(
+            stats.state(),
+            JobState::Running,
+            "an ended job is not running"
+        );
+    }
+
+    #[test]
+    fn yielded_jobs_are_counted_while_queued() {
+        let p = pool(1);
+        let g = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks: Vec<_> = (0..2)
+            .map(|i| {
+                let stop = stop.clone();
+                p.spawn(
+                    i,
+                    Arc::new(JobStats::default()),
+                    p.admit(&g).unwrap(),
+                    async move {
+                        while !stop.load(Ordering::Relaxed) {
+                            burn(1).await;
+                        }
+                    },
+                )
+            })
+            .collect();
+        // Two jobs taking turns on one worker: one of them is always queued
+        // after a yield once both have run.
+        let seen = eventually(|| p.stats().yielded == 1);
+        stop.store(true, Ordering::Relaxed);
+        assert!(seen, "{:?}", p.stats());
+        drop(tasks);
+        assert!(eventually(
+            || p.stats().yielded == 0 && p.stats().waiting == 0
+        ));
+    }
+
+    #[test]
+    fn workers_enter_the_runtime_the_pool_was_started_in() {
+        async fn try_sleep() -> bool {
+            // Without a runtime, `sleep` would panic ("there is no reactor
+            // running"): a task is then answered as crashed.
+            if tokio::runtime::Handle::try_current().is_err() {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            true
+        }
+        fn run(p: &ComputePool) -> bool {
+            let g = Arc::new(AtomicUsize::new(0));
+            let (tx, rx) = mpsc::channel();
+            let _t = p.spawn(
+                1,
+                Arc::new(JobStats::default()),
+                p.admit(&g).unwrap(),
+                async move {
+                    let _ = tx.send(try_sleep().await);
+                },
+            );
+            rx.recv_timeout(Duration::from_secs(20)).unwrap()
+        }
+        assert!(
+            !run(&pool(1)),
+            "started outside a runtime, the workers have none"
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let inside = rt.block_on(async {
+            let p = pool(1);
+            // The driver runs on this thread: wait for the job without blocking it.
+            tokio::task::spawn_blocking(move || run(&p)).await.unwrap()
+        });
+        assert!(inside, "started in a runtime, the workers enter it");
     }
 
     #[test]

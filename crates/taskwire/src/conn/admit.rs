@@ -11,12 +11,13 @@ use std::sync::Arc;
 
 use serde_json::value::RawValue;
 
-use super::state::ConnState;
+use super::state::{ConnState, Refused};
 use crate::app::App;
 use crate::compute::Permit;
 use crate::observe::RefusalReason;
 use crate::protocol::{self, codes, ErrorObject, Id, Rejected, Request};
 use crate::registry::TaskFuture;
+use crate::session::{frames, Attachment, Session};
 use crate::task::{stopped_error, Ctx, Stopped, TaskInit, TaskKind, TaskShared};
 
 /// What became of one request.
@@ -49,13 +50,131 @@ fn constant(id: Option<Id>, result: &str) -> Admission {
     Admission::Answer { text, id }
 }
 
+/// Where a request stands in its connection: session methods care.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Place {
+    /// The connection's first frame, a single request.
+    First,
+    /// A later single request.
+    Single,
+    /// An element of a batch.
+    InBatch,
+}
+
+/// `{"jsonrpc":"2.0","id":<id>,"result":null}`.
+fn null_result(id: &Id) -> String {
+    let mut out = String::from(r#"{"jsonrpc":"2.0","id":"#);
+    id.write_json(&mut out);
+    out.push_str(r#","result":null}"#);
+    out
+}
+
+/// A `$/session.*` request's answer is not numbered: it is queued here, at
+/// once, and the request counts as answered with nothing more to deliver.
+fn unnumbered(id: Option<Id>) -> Admission {
+    Admission::Answer { text: None, id }
+}
+
+fn refuse_unnumbered(conn: &ConnState, id: Option<Id>, err: &ErrorObject) -> Admission {
+    if let Some(i) = &id {
+        conn.try_send(protocol::error_text(Some(i), err));
+    }
+    unnumbered(id)
+}
+
+fn open_session(
+    app: &Arc<App>,
+    conn: &Arc<ConnState>,
+    req: Request<'_>,
+    place: Place,
+) -> Admission {
+    if place == Place::InBatch {
+        let err = ErrorObject::invalid_request("$/session.open cannot be part of a batch");
+        return answer(req.id, &err);
+    }
+    if conn.session().is_some() {
+        let err = ErrorObject::invalid_request("this connection already has a session");
+        return refuse_unnumbered(conn, req.id, &err);
+    }
+    let params = match frames::parse_open(&req.params) {
+        Ok(p) => p,
+        Err(err) => return refuse_unnumbered(conn, req.id, &err),
+    };
+    let install = |s: &Arc<Session>| {
+        let _ = conn.session.set(s.clone());
+    };
+    let attachment: Arc<dyn Attachment> = conn.clone();
+    if let Err(err) = app.sessions.open(
+        (conn.owner.clone(), conn.peer.ip()),
+        params.window_ms,
+        conn.table().clone(),
+        attachment,
+        req.id.as_ref(),
+        &install,
+    ) {
+        return refuse_unnumbered(conn, req.id, &err);
+    }
+    tracing::debug!("session opened");
+    unnumbered(req.id)
+}
+
+fn resume_session(
+    app: &Arc<App>,
+    conn: &Arc<ConnState>,
+    req: Request<'_>,
+    place: Place,
+) -> Admission {
+    if place == Place::InBatch {
+        let err = ErrorObject::invalid_request("$/session.resume cannot be part of a batch");
+        return answer(req.id, &err);
+    }
+    if place != Place::First || conn.session().is_some() {
+        let err = ErrorObject::invalid_request(
+            "$/session.resume must be the first request of a connection without a session",
+        );
+        return refuse_unnumbered(conn, req.id, &err);
+    }
+    let params = match frames::parse_resume(&req.params) {
+        Ok(Some(p)) => p,
+        Ok(None) => return refuse_unnumbered(conn, req.id, &no_such_session()),
+        Err(err) => return refuse_unnumbered(conn, req.id, &err),
+    };
+    let install = |s: &Arc<Session>| {
+        // The first request: the connection has no table of its own yet.
+        let _ = conn.inflight.set(s.table.clone());
+        let _ = conn.session.set(s.clone());
+    };
+    let attachment: Arc<dyn Attachment> = conn.clone();
+    match app
+        .sessions
+        .resume(&params, &conn.owner, attachment, req.id.as_ref(), &install)
+    {
+        Ok(resumed) => {
+            for t in resumed.tasks {
+                t.retarget(conn.tx.clone());
+            }
+            tracing::debug!(session = resumed.session.id, "session resumed");
+            unnumbered(req.id)
+        }
+        Err(_) => refuse_unnumbered(conn, req.id, &no_such_session()),
+    }
+}
+
+fn no_such_session() -> ErrorObject {
+    ErrorObject::new(
+        codes::NO_SUCH_SESSION,
+        "no such session: unknown, expired, already resumed, or other credentials",
+    )
+}
+
 /// Admits one request of the connection (`shutting_down`: the server is
 /// shutting down, new tasks are refused `-32005`).
 pub(super) fn admit(
     app: &Arc<App>,
-    conn: &ConnState,
+    conn: &Arc<ConnState>,
     r: Result<Request<'_>, Rejected>,
     shutting_down: bool,
+    place: Place,
 ) -> Admission {
     let req = match r {
         Ok(req) => req,
@@ -77,6 +196,17 @@ pub(super) fn admit(
         }
         // The protocol's heartbeat: answered here, whatever tasks exist.
         protocol::PING_METHOD => return constant(req.id, "{}"),
+        frames::OPEN_METHOD => return open_session(app, conn, req, place),
+        frames::RESUME_METHOD => return resume_session(app, conn, req, place),
+        frames::ACK_METHOD => {
+            if let (Some(s), Some(n)) = (conn.session(), frames::parse_ack(&req.params)) {
+                s.ack(n);
+            }
+            if let Some(id) = &req.id {
+                conn.try_send(null_result(id));
+            }
+            return unnumbered(req.id);
+        }
         protocol::DISCOVER_METHOD => {
             let with_modules = app.wasm.discover();
             let discover = with_modules.as_deref().unwrap_or(&app.discover);
@@ -118,6 +248,8 @@ pub(super) fn admit(
         timeout_ms: Some(timeout_ms),
         progress_token: req.meta.progress_token,
         outbound: conn.tx.clone(),
+        caller: conn.caller.clone(),
+        state: app.states.clone(),
     });
     let ctx = Ctx {
         shared: task.clone(),
@@ -133,11 +265,20 @@ pub(super) fn admit(
         }
     };
     // Admission: the connection's in-flight limit, then the pool's queues.
-    if let Err(err) = conn.insert(&task) {
-        if err.code == codes::OVERLOADED {
-            app.hooks.refused(RefusalReason::ConnectionInflight);
+    match conn.insert(&task) {
+        Ok(()) => {}
+        Err(Refused::Superseded) => {
+            return Admission::Answer {
+                text: None,
+                id: None,
+            }
         }
-        return answer(req.id, &err);
+        Err(Refused::Answer(err)) => {
+            if err.code == codes::OVERLOADED {
+                app.hooks.refused(RefusalReason::ConnectionInflight);
+            }
+            return answer(req.id, &err);
+        }
     }
     let permit = match def.kind {
         TaskKind::Io => None,

@@ -20,8 +20,8 @@ mod view;
 mod writer;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::ws::WebSocket;
@@ -33,9 +33,9 @@ use tracing::Instrument;
 pub(crate) use state::{ConnLimits, ConnState};
 
 use crate::app::App;
-use crate::task::Stopped;
+use crate::session::Owner;
+use crate::task::{CallerInfo, Stopped};
 use reader::Reader;
-use state::Inflight;
 
 /// How long a closed connection goes on reading (and dropping) what its peer
 /// sends, so that its close frame is read before the socket goes.
@@ -46,21 +46,35 @@ const CLOSE_LINGER: Duration = Duration::from_millis(500);
 const STOP_GRACE: Duration = Duration::from_secs(1);
 
 /// Serves one upgraded WebSocket until it closes.
-pub(crate) async fn serve(app: Arc<App>, socket: WebSocket, peer: SocketAddr, limits: ConnLimits) {
+pub(crate) async fn serve(
+    app: Arc<App>,
+    socket: WebSocket,
+    peer: SocketAddr,
+    limits: ConnLimits,
+    caller: Option<Arc<CallerInfo>>,
+    owner: Owner,
+) {
     let id = app.next_conn.fetch_add(1, Ordering::Relaxed);
     // Debug level: an enabled span costs every connection ~0.5 KiB in the
     // subscriber's registry, 7% of an idle connection; `--log taskwire=debug`
-    // turns it on with the connection's other debug lines.
-    let span = tracing::debug_span!("conn", id, %peer);
+    // turns it on with the connection's other debug lines. The caller is
+    // written with `?`, escaped: a hook may echo what a client sent.
+    let who = CallerInfo::id_of(&caller);
+    let span = tracing::debug_span!("conn", id, %peer, caller = who.map(tracing::field::debug));
     async move {
         let tx = Arc::new(crate::sync::Outbox::new(app.cfg.outbound_queue));
         let conn = Arc::new(ConnState {
             id,
             peer,
+            caller,
             opened_at: SystemTime::now(),
             opened: Instant::now(),
             tx,
-            inflight: Mutex::new(Inflight::default()),
+            inflight: OnceLock::new(),
+            session: OnceLock::new(),
+            sessions: app.sessions.clone(),
+            owner,
+            closed_normally: AtomicBool::new(false),
             cpu_admitted: Arc::new(AtomicUsize::new(0)),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
@@ -88,8 +102,25 @@ pub(crate) async fn serve(app: Arc<App>, socket: WebSocket, peer: SocketAddr, li
             writer::writer(app.clone(), conn.clone(), sink).instrument(tracing::Span::current()),
         );
         Reader::new(&app, &conn, limits.rate).run(&mut stream).await;
-        // Links: when the connection goes, its work goes.
-        conn.stop_all(Stopped::Disconnected);
+        // Links: when the connection goes, its work goes, unless a session
+        // keeps it: any end but the client's close 1000 detaches the session
+        // (whose tasks and answers then wait for a resume).
+        let detached = match conn.session() {
+            Some(s) if !conn.closed_normally.load(Ordering::Acquire) => {
+                app.sessions.detach(s, conn.id);
+                true
+            }
+            Some(s) => {
+                if s.attached_to(conn.id) {
+                    app.sessions.end(s.id, Stopped::Disconnected);
+                }
+                false
+            }
+            None => {
+                conn.stop_all(Stopped::Disconnected);
+                false
+            }
+        };
         conn.closing.cancel();
         let _ = writer.await;
         // The close frame is sent: read (and drop) what the peer still sends
@@ -108,8 +139,12 @@ pub(crate) async fn serve(app: Arc<App>, socket: WebSocket, peer: SocketAddr, li
         // Stay in the live table (and hold the connection's slot) until every
         // task has settled, so that what a closed connection still costs stays
         // visible; bounded, as a task that never yields is answered after STOP_GRACE.
-        let _ = tokio::time::timeout(STOP_GRACE + Duration::from_millis(500), conn.all_answered())
-            .await;
+        // A detached session's tasks are no longer this connection's.
+        if !detached {
+            let _ =
+                tokio::time::timeout(STOP_GRACE + Duration::from_millis(500), conn.all_answered())
+                    .await;
+        }
         app.hooks.conn_closed(conn.id);
         tracing::debug!("connection closed");
     }

@@ -11,7 +11,7 @@ use axum::extract::ws::{close_code, Message, WebSocket};
 use futures_util::stream::SplitStream;
 use futures_util::StreamExt;
 
-use super::admit::{self, Admission};
+use super::admit::{self, Admission, Place};
 use super::reply::{self, Batch, Dest};
 use super::state::ConnState;
 use super::STOP_GRACE;
@@ -121,7 +121,14 @@ impl<'a> Reader<'a> {
                     }
                 }
                 Message::Pong(_) => conn.missed_pongs.store(0, Ordering::Relaxed),
-                Message::Close(_) => return,
+                Message::Close(frame) => {
+                    // Only a client's own normal close ends its session;
+                    // every other end detaches it.
+                    if frame.is_some_and(|f| f.code == close_code::NORMAL) {
+                        conn.closed_normally.store(true, Ordering::Release);
+                    }
+                    return;
+                }
             }
         }
     }
@@ -181,7 +188,12 @@ impl<'a> Reader<'a> {
                         return;
                     }
                 }
-                self.dispatch(r, Dest::Direct).await
+                let place = if conn.messages_in.load(Ordering::Relaxed) == 1 {
+                    Place::First
+                } else {
+                    Place::Single
+                };
+                self.dispatch(r, Dest::Direct, place).await
             }
             Frame::Batch(items) => {
                 let need: Vec<bool> = items.iter().map(|r| !rate_exempt(r)).collect();
@@ -214,7 +226,7 @@ impl<'a> Reader<'a> {
                             let text = (!silent).then(|| protocol::error_text(id.as_ref(), &err));
                             dest.deliver(conn, text, id.as_ref()).await;
                         }
-                        _ => self.dispatch(r, dest).await,
+                        _ => self.dispatch(r, dest, Place::InBatch).await,
                     }
                 }
             }
@@ -223,8 +235,8 @@ impl<'a> Reader<'a> {
 
     /// Admits one request and either answers it or starts its task: the one
     /// place where a request leaves the reader.
-    async fn dispatch(&self, r: Result<Request<'_>, Rejected>, dest: Dest) {
-        match admit::admit(self.app, self.conn, r, self.shutting_down) {
+    async fn dispatch(&self, r: Result<Request<'_>, Rejected>, dest: Dest, place: Place) {
+        match admit::admit(self.app, self.conn, r, self.shutting_down, place) {
             Admission::Answer { text, id } => dest.deliver(self.conn, text, id.as_ref()).await,
             Admission::Task { task, fut, permit } => {
                 reply::start(self.app, self.conn, task, fut, permit, dest).await
@@ -253,7 +265,10 @@ fn close_for(e: axum::Error) -> Option<(u16, &'static str)> {
     }
 }
 
-/// A cancel only ever frees resources: the rate limit does not count it.
+/// A cancel or a session's acknowledgement only ever frees resources: the
+/// rate limit does not count it (a throttled client must still be able to
+/// free its session's buffer).
 fn rate_exempt(r: &Result<Request<'_>, Rejected>) -> bool {
-    matches!(r, Ok(req) if req.method == protocol::CANCEL_METHOD)
+    matches!(r, Ok(req) if req.method == protocol::CANCEL_METHOD
+        || (req.method == crate::session::frames::ACK_METHOD && req.id.is_none()))
 }

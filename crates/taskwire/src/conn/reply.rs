@@ -9,12 +9,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures_util::FutureExt;
-use tracing::Instrument;
+use tracing::{Instrument, Level};
 
 use super::state::ConnState;
 use super::STOP_GRACE;
 use crate::app::App;
-use crate::compute::{JobState, Permit};
+use crate::compute::{task_event, JobState, Permit};
 use crate::protocol::{self, codes, ErrorObject, Id};
 use crate::registry::TaskFuture;
 use crate::sync::lock;
@@ -32,6 +32,10 @@ pub(super) struct Batch {
     remaining: AtomicUsize,
     /// Bytes of the answers kept so far.
     kept: AtomicUsize,
+    /// In a session, the elements' tasks: they leave the session's table
+    /// when the array is kept, not one by one (a resume in between would see
+    /// an element neither in flight nor answered).
+    done: Mutex<Vec<Arc<TaskShared>>>,
 }
 
 impl Batch {
@@ -41,7 +45,16 @@ impl Batch {
             slots: Mutex::new(vec![None; len]),
             remaining: AtomicUsize::new(len),
             kept: AtomicUsize::new(0),
+            done: Mutex::new(Vec::new()),
         })
+    }
+
+    /// In a session, keeps an element's task in the table until the array is
+    /// kept (see `done`).
+    fn hold(&self, conn: &ConnState, task: Option<&Arc<TaskShared>>) {
+        if let (Some(t), Some(_)) = (task, conn.session()) {
+            lock(&self.done).push(t.clone());
+        }
     }
 
     /// Keeps one element's answer; returns the array text when it was the
@@ -114,34 +127,85 @@ pub(super) enum Dest {
 
 impl Dest {
     pub(super) async fn deliver(&self, conn: &ConnState, text: Option<String>, id: Option<&Id>) {
+        self.deliver_for(conn, text, id, None).await
+    }
+
+    /// Delivers the answer of `done` (taken out of a session's table as its
+    /// answer is kept; see [`Reply::settle`]).
+    async fn deliver_for(
+        &self,
+        conn: &ConnState,
+        text: Option<String>,
+        id: Option<&Id>,
+        done: Option<&Arc<TaskShared>>,
+    ) {
         match self {
             Dest::Direct => {
+                let mut text = text.map(|t| conn.fit(t, id));
+                let done = done.map(std::slice::from_ref).unwrap_or(&[]);
+                if conn.respond_in_session(&mut text, id, done) {
+                    return;
+                }
                 if let Some(t) = text {
-                    conn.send(conn.fit(t, id)).await;
+                    conn.send(t).await;
                 }
             }
             Dest::Batch(b, i) => {
+                b.hold(conn, done);
                 if let Some(all) = b.fill(conn, *i, text, id) {
-                    conn.push(Outbound::Text(all)).await;
+                    if let Some(all) = batch_in_session(conn, b, all) {
+                        conn.push(Outbound::Text(all)).await;
+                    }
                 }
             }
         }
     }
 
-    fn try_deliver(&self, conn: &ConnState, text: Option<String>, id: Option<&Id>) {
+    fn try_deliver(
+        &self,
+        conn: &ConnState,
+        text: Option<String>,
+        id: Option<&Id>,
+        done: Option<&Arc<TaskShared>>,
+    ) {
         match self {
             Dest::Direct => {
+                let mut text = text.map(|t| conn.fit(t, id));
+                if conn.respond_in_session(
+                    &mut text,
+                    id,
+                    done.map(std::slice::from_ref).unwrap_or(&[]),
+                ) {
+                    return;
+                }
                 if let Some(t) = text {
-                    conn.try_send(conn.fit(t, id));
+                    conn.try_send(t);
                 }
             }
             Dest::Batch(b, i) => {
+                b.hold(conn, done);
                 if let Some(all) = b.fill(conn, *i, text, id) {
-                    conn.try_push(all);
+                    if let Some(all) = batch_in_session(conn, b, all) {
+                        conn.try_push(all);
+                    }
                 }
             }
         }
     }
+}
+
+/// A batch's answer on a connection with a session goes through the session
+/// as one numbered frame (its bytes, counted as queued by the batch, are
+/// counted again when the session queues it); without one it comes back.
+fn batch_in_session(conn: &ConnState, batch: &Batch, all: String) -> Option<String> {
+    if conn.session().is_none() {
+        return Some(all);
+    }
+    conn.forget_bytes(all.len());
+    let mut text = Some(all);
+    let done = std::mem::take(&mut *lock(&batch.done));
+    conn.respond_in_session(&mut text, None, &done);
+    None
 }
 
 /// The answer to one request: sent exactly once, on every path. [`Reply::finish`]
@@ -158,7 +222,11 @@ impl Reply {
     /// Takes the task out of the tables and renders its answer.
     fn settle(&mut self, outcome: &Outcome) -> Option<String> {
         self.done = true;
-        self.conn.remove(&self.task);
+        // In a session, an answer takes its task out of the table as it is
+        // kept (the session's lock makes the two one step for a resume).
+        if self.conn.session().is_none() {
+            self.conn.remove(&self.task);
+        }
         // A task lost because the server is going away is answered as
         // stopped by the shutdown: count it as it is answered.
         let shutdown = Outcome::Err(TaskError::Stopped(Stopped::Shutdown));
@@ -167,6 +235,7 @@ impl Reply {
             o => o,
         };
         self.app.hooks.task_finished(&self.task, outcome.kind());
+        log_outcome(&self.task, outcome);
         let id = self.task.request_id.as_ref()?;
         let t = &self.task;
         Some(match outcome {
@@ -184,15 +253,20 @@ impl Reply {
     }
 
     pub(super) async fn finish(mut self, outcome: Outcome) {
-        // The latest progress must reach the client before the response.
-        if self.task.close_progress() {
+        // The latest progress must reach the client before the response: in
+        // a session, on whichever connection is attached now.
+        if self.conn.session().is_some() {
+            self.task.flush_progress();
+        } else if self.task.close_progress() {
             self.conn
                 .send_outbound(Outbound::Progress(self.task.clone()))
                 .await;
         }
         let text = self.settle(&outcome);
         let id = self.task.request_id.as_ref();
-        self.dest.deliver(&self.conn, text, id).await;
+        self.dest
+            .deliver_for(&self.conn, text, id, Some(&self.task))
+            .await;
         self.conn.answered_one();
     }
 }
@@ -203,9 +277,40 @@ impl Drop for Reply {
             return;
         }
         let text = self.settle(&Outcome::Lost);
-        self.dest
-            .try_deliver(&self.conn, text, self.task.request_id.as_ref());
+        self.dest.try_deliver(
+            &self.conn,
+            text,
+            self.task.request_id.as_ref(),
+            Some(&self.task),
+        );
         self.conn.answered_one();
+    }
+}
+
+/// Logs the outcomes an operator wants to hear of, naming the task. A crash
+/// is logged here, where it is certain (a panic caught and turned into
+/// `-32003`), rather than by a panic hook, which would also see panics
+/// caught and recovered elsewhere; a hook can tell a task's panic by
+/// [`crate::current_task`] and stay quiet. A kill is logged where the
+/// operator asks for it.
+fn log_outcome(task: &TaskShared, outcome: &Outcome) {
+    let Some(l) = task.stats.label() else {
+        return;
+    };
+    match outcome {
+        Outcome::Crashed(msg) => {
+            task_event!(Level::WARN, l, "task crashed: {}", protocol::log_text(msg));
+        }
+        Outcome::Err(TaskError::Stopped(Stopped::DeadlineExceeded)) => {
+            task_event!(
+                Level::INFO,
+                l,
+                timeout_ms = task.timeout_ms,
+                "task timed out"
+            );
+        }
+        Outcome::Lost => task_event!(Level::WARN, l, "task lost"),
+        _ => {}
     }
 }
 
@@ -258,7 +363,7 @@ async fn supervise(app: Arc<App>, reply: Reply, fut: TaskFuture, permit: Option<
             // each poll allocates and frees counts for the task.
             let mut run = std::pin::pin!(guarded(task.clone(), fut));
             let attributed = std::future::poll_fn(|cx| {
-                let _mem = task.stats.attribute();
+                let _entered = task.stats.enter();
                 std::future::Future::poll(run.as_mut(), cx)
             });
             tokio::select! {
@@ -286,7 +391,18 @@ async fn supervise(app: Arc<App>, reply: Reply, fut: TaskFuture, permit: Option<
                     // unless the task never reaches a checkpoint.
                     match tokio::time::timeout(STOP_GRACE, handle.cancel()).await {
                         Ok(Some(out)) => out,
-                        _ => Outcome::Err(why.into()),
+                        Ok(None) => Outcome::Err(why.into()),
+                        Err(_) => {
+                            if let Some(l) = task.stats.label() {
+                                task_event!(
+                                    Level::WARN,
+                                    l,
+                                    stop = %why,
+                                    "task answered as stopped, but it has not reached a checkpoint and still holds a worker"
+                                );
+                            }
+                            Outcome::Err(why.into())
+                        }
                     }
                 }
             }
@@ -330,7 +446,7 @@ pub(super) async fn start(
 /// Polls a task once, catching a panic; `None` while it is pending.
 fn poll_once(fut: &mut TaskFuture, task: &TaskShared) -> Option<Outcome> {
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    let _mem = task.stats.attribute();
+    let _entered = task.stats.enter();
     match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(&mut cx))) {
         Ok(std::task::Poll::Pending) => None,
         Ok(std::task::Poll::Ready(Ok(v))) => Some(Outcome::Ok(v)),

@@ -3,10 +3,9 @@
 //! the reader, the writer, the tasks and the admin view touch lives here; the
 //! reader keeps its own rate limits and shutdown flag.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::ws::close_code;
@@ -15,30 +14,47 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::RateLimit;
 use crate::protocol::{self, codes, ErrorObject, Id};
+use crate::session::{Attachment, Inflight, Owner, Responded, Session, SessionStore};
 use crate::sync::{lock, Outbox, PushError};
-use crate::task::{Outbound, Stopped, TaskShared};
+use crate::task::{CallerInfo, Outbound, Stopped, TaskShared};
 
-/// The limits of one connection: the server's, or those of the token it presented.
+/// The limits of one connection: the server's, or those its connect hook
+/// gave (a token's own limits, for one).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct ConnLimits {
     pub max_inflight: usize,
     pub rate: Option<RateLimit>,
 }
 
-#[derive(Default)]
-pub(super) struct Inflight {
-    pub(super) tasks: HashMap<u64, Arc<TaskShared>>,
-    pub(super) ids: HashMap<Id, u64>,
+/// Why a task was not entered in the in-flight table.
+pub(super) enum Refused {
+    /// Answered with this error.
+    Answer(ErrorObject),
+    /// The connection's session was resumed on another connection while this
+    /// one still read: the request is dropped unanswered, as if the cut had
+    /// come before it (the client re-sends it on the new connection).
+    Superseded,
 }
 
 /// The state of one connection, shared by its reader, writer, tasks and the admin view.
 pub(crate) struct ConnState {
     pub id: u64,
     pub peer: SocketAddr,
+    /// Who is calling, shared with every task it starts (`None`: anonymous).
+    pub caller: Option<Arc<CallerInfo>>,
     pub opened_at: SystemTime,
     pub opened: Instant,
     pub(super) tx: Arc<Outbox<Outbound>>,
-    pub(super) inflight: Mutex<Inflight>,
+    /// The tasks in flight: made at the first task (an idle connection holds
+    /// no table), or taken over from the session this connection resumes.
+    pub(super) inflight: OnceLock<Arc<Mutex<Inflight>>>,
+    /// The session this connection opened or resumed.
+    pub(super) session: OnceLock<Arc<Session>>,
+    pub(super) sessions: Arc<SessionStore>,
+    /// Who the upgrade said the client is: a resume must match it.
+    pub(super) owner: Owner,
+    /// The client closed with 1000: its session ends instead of detaching.
+    pub(super) closed_normally: AtomicBool,
     pub cpu_admitted: Arc<AtomicUsize>,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
@@ -78,16 +94,63 @@ impl ConnState {
     }
 
     pub(crate) fn inflight_len(&self) -> usize {
-        lock(&self.inflight).tasks.len()
+        self.inflight.get().map_or(0, |t| lock(t).tasks.len())
     }
 
     /// The tasks of this connection (for the admin view).
     pub(crate) fn tasks(&self) -> Vec<Arc<TaskShared>> {
-        lock(&self.inflight).tasks.values().cloned().collect()
+        self.inflight
+            .get()
+            .map(|t| lock(t).tasks.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     pub(crate) fn task(&self, id: u64) -> Option<Arc<TaskShared>> {
-        lock(&self.inflight).tasks.get(&id).cloned()
+        self.inflight
+            .get()
+            .and_then(|t| lock(t).tasks.get(&id).cloned())
+    }
+
+    /// The in-flight table, made on first use.
+    pub(super) fn table(&self) -> &Arc<Mutex<Inflight>> {
+        self.inflight.get_or_init(Arc::default)
+    }
+
+    /// The session, if this connection opened or resumed one.
+    pub(super) fn session(&self) -> Option<&Arc<Session>> {
+        self.session.get()
+    }
+
+    /// A numbered response: through the session when there is one (which
+    /// keeps it until acknowledged, and sends it to whichever connection is
+    /// attached now); `false` when there is no session.
+    ///
+    /// `done`: the tasks this answers, which leave the session's table as
+    /// its answer enters the session's buffer (see [`Session::respond`]).
+    pub(super) fn respond_in_session(
+        &self,
+        text: &mut Option<String>,
+        id: Option<&Id>,
+        done: &[Arc<TaskShared>],
+    ) -> bool {
+        let Some(session) = self.session.get() else {
+            return false;
+        };
+        match text.take() {
+            Some(t) => {
+                if let Responded::KeptDetached =
+                    session.respond(t, id, &self.sessions.dropped, done)
+                {
+                    self.sessions.account(session);
+                }
+            }
+            None => {
+                for task in done {
+                    session.forget_task(task);
+                }
+            }
+        }
+        true
     }
 
     /// Asks the connection to close with this code (first reason wins).
@@ -98,28 +161,31 @@ impl ConnState {
 
     /// The in-flight task answering the request with this id.
     pub(super) fn task_by_request(&self, id: &Id) -> Option<Arc<TaskShared>> {
-        let m = lock(&self.inflight);
+        let m = lock(self.inflight.get()?);
         m.ids.get(id).and_then(|t| m.tasks.get(t)).cloned()
     }
 
     /// Enters a task in the in-flight table: refused for a duplicate id, or
     /// when the tasks and the batch elements held reach the in-flight limit.
-    pub(super) fn insert(&self, task: &Arc<TaskShared>) -> Result<(), ErrorObject> {
-        let mut m = lock(&self.inflight);
+    pub(super) fn insert(&self, task: &Arc<TaskShared>) -> Result<(), Refused> {
+        let mut m = lock(self.table());
+        if m.writer != 0 && m.writer != self.id {
+            return Err(Refused::Superseded);
+        }
         if task
             .request_id
             .as_ref()
             .is_some_and(|rid| m.ids.contains_key(rid))
         {
-            return Err(ErrorObject::invalid_request(
+            return Err(Refused::Answer(ErrorObject::invalid_request(
                 "duplicate id: a request with this id is still in flight",
-            ));
+            )));
         }
         if m.tasks.len() + self.held.load(Ordering::Acquire) >= self.max_inflight {
-            return Err(ErrorObject::overloaded(
+            return Err(Refused::Answer(ErrorObject::overloaded(
                 crate::observe::RefusalReason::ConnectionInflight.label(),
                 100,
-            ));
+            )));
         }
         m.tasks.insert(task.id, task.clone());
         if let Some(rid) = &task.request_id {
@@ -129,7 +195,10 @@ impl ConnState {
     }
 
     pub(super) fn remove(&self, task: &TaskShared) {
-        let mut m = lock(&self.inflight);
+        let Some(table) = self.inflight.get() else {
+            return;
+        };
+        let mut m = lock(table);
         m.tasks.remove(&task.id);
         if let Some(rid) = &task.request_id {
             if m.ids.get(rid) == Some(&task.id) {
@@ -232,7 +301,7 @@ impl ConnState {
         self.forget_bytes(outbound_len(msg));
     }
 
-    fn forget_bytes(&self, n: usize) {
+    pub(super) fn forget_bytes(&self, n: usize) {
         if n > 0 {
             self.queued_bytes.fetch_sub(n, Ordering::AcqRel);
             self.give_total(n);
@@ -346,6 +415,20 @@ impl ConnState {
                 "internal error: answer dropped: too large",
             ),
         )
+    }
+}
+
+impl Attachment for ConnState {
+    fn conn_id(&self) -> u64 {
+        self.id
+    }
+
+    fn push_text(&self, text: String) {
+        self.try_send(text);
+    }
+
+    fn close(&self, code: u16, reason: &'static str) {
+        self.close_with(code, reason);
     }
 }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::ConnState;
 use crate::observe::{ConnInfo, ConnView};
-use crate::task::TaskShared;
+use crate::task::{CallerInfo, TaskShared};
 
 impl ConnView for ConnState {
     fn id(&self) -> u64 {
@@ -16,6 +16,7 @@ impl ConnView for ConnState {
         ConnInfo {
             id: self.id,
             peer: self.peer.to_string(),
+            caller: CallerInfo::id_of(&self.caller).map(str::to_owned),
             opened_at_ms: self
                 .opened_at
                 .duration_since(std::time::UNIX_EPOCH)

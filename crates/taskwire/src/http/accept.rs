@@ -21,6 +21,7 @@ use super::security;
 use super::upgrade::Refusal;
 use crate::app::App;
 use crate::limit::{Keyed, KeyedSlot, Slot};
+use crate::observe::RefusalReason;
 
 /// The answers to a connection refused before HTTP is spoken: written with
 /// one non-blocking write, best effort, then the socket is closed.
@@ -44,7 +45,7 @@ pub(super) fn accept_one(
         Ok(s) => s,
         Err(refusal) => {
             app.hooks.refused(refusal.reason());
-            log_refusal(app, refusal, peer);
+            log_refusal(app, refusal.reason(), peer);
             if tls.is_none() {
                 let _ = tcp.try_write(match refusal {
                     Refusal::HttpPerIp => REFUSED_PER_IP,
@@ -68,11 +69,11 @@ pub(super) fn accept_one(
 
 /// One warn line per second at most, with the count of those suppressed: a
 /// flood must not flood the log too.
-pub(super) fn log_refusal(app: &App, refusal: Refusal, peer: SocketAddr) {
+pub(super) fn log_refusal(app: &App, reason: RefusalReason, peer: SocketAddr) {
     if let Some(suppressed) = app.refusal_log.allow(Instant::now()) {
         tracing::warn!(
             %peer,
-            reason = refusal.reason().label(),
+            reason = reason.label(),
             suppressed,
             "refused a connection"
         );

@@ -31,6 +31,8 @@ use crate::observe::api::{
 };
 use crate::observe::metrics::{Live, RuntimeStats};
 use crate::observe::{count_states, Hooks, Observer, TaskQuery};
+use crate::session::{SessionCounts, SessionInfo, SessionStore};
+use crate::task::Stopped;
 
 /// What the admin handlers may reach: the observer, the pool's figures and
 /// the access rule, not the whole server (its connections' limits, its
@@ -47,6 +49,8 @@ pub(crate) struct AdminState {
     pub outbound_total: Arc<std::sync::atomic::AtomicUsize>,
     /// The WebAssembly modules (`/admin/wasm`).
     pub wasm: Arc<crate::wasm::Lane>,
+    /// Sessions, attached and detached.
+    pub sessions: Arc<SessionStore>,
 }
 
 impl FromRef<Arc<App>> for AdminState {
@@ -59,6 +63,7 @@ impl FromRef<Arc<App>> for AdminState {
             shutdown: app.shutdown.clone(),
             outbound_total: app.outbound_total.clone(),
             wasm: app.wasm.clone(),
+            sessions: app.sessions.clone(),
         }
     }
 }
@@ -81,6 +86,8 @@ pub(crate) fn routes(app: &Arc<App>) -> Router<Arc<App>> {
         .route("/admin/tasks/{id}/kill", post(kill_task))
         .route("/admin/connections", get(list_conns))
         .route("/admin/connections/{id}/close", post(close_conn))
+        .route("/admin/sessions", get(list_sessions))
+        .route("/admin/sessions/{id}/end", post(end_session))
         .route("/admin/stats", get(stats))
         .route("/admin/events", get(events))
         .route("/metrics", get(metrics))
@@ -228,6 +235,31 @@ async fn close_conn(State(app): State<AdminState>, Path(id): Path<u64>) -> Respo
     }
 }
 
+/// `GET /admin/sessions`: every session and the store's counters.
+#[derive(serde::Serialize)]
+struct SessionList {
+    sessions: Vec<SessionInfo>,
+    counts: SessionCounts,
+}
+
+async fn list_sessions(State(app): State<AdminState>) -> Json<SessionList> {
+    Json(SessionList {
+        sessions: app.sessions.list(),
+        counts: app.sessions.counts(),
+    })
+}
+
+/// `POST /admin/sessions/{id}/end`: its tasks are killed, its responses
+/// freed, its connection (if any) closed; a resume gets `-32020`.
+async fn end_session(State(app): State<AdminState>, Path(id): Path<u64>) -> Response {
+    if app.sessions.end(id, Stopped::Killed) {
+        tracing::info!(session = id, "session ended by an operator");
+        Json(Closed { closed: true }).into_response()
+    } else {
+        not_found("session")
+    }
+}
+
 fn live(app: &AdminState) -> Live {
     let conns = app.observer.connections();
     let tasks: Vec<_> = conns.iter().flat_map(|c| c.tasks()).collect();
@@ -295,7 +327,10 @@ async fn stats(State(app): State<AdminState>) -> Json<Stats> {
 }
 
 async fn metrics(State(app): State<AdminState>) -> Response {
-    let text = app.observer.metrics.render(&live(&app));
+    let mut text = app.observer.metrics.render(&live(&app));
+    // The sessions' families go before the exposition's final `# EOF`.
+    let end = text.rfind("# EOF").unwrap_or(text.len());
+    text.insert_str(end, &app.sessions.openmetrics());
     (
         [(
             header::CONTENT_TYPE,
@@ -326,10 +361,11 @@ async fn events(
             limit: Some(limit),
             ..TaskQuery::default()
         };
-        let data = Snapshot {
-            stats: stats_now(&app),
-            tasks: app.observer.tasks(&q),
-        };
+        let (tasks, counts) = app.observer.tasks_counted(&q);
+        // The counts of the same walk as the table, so that they add up.
+        let mut stats = stats_now(&app);
+        stats.tasks = counts;
+        let data = Snapshot { stats, tasks };
         let ev = Event::default()
             .event("snapshot")
             .json_data(&data)

@@ -6,7 +6,8 @@
 //! - `accept.rs`: the own accept loop (request-head timeout, the bounds
 //!   before the upgrade, the TLS handshake).
 //! - `upgrade.rs`: the `/ws` handler and the checks before the upgrade.
-//! - `security.rs`: origin, Host, tokens, trusted proxies, cross-site rules.
+//! - `security.rs`: origin, Host, trusted proxies, cross-site rules (the
+//!   tokens are a connect hook, `caller::TokenAuth`).
 //! - `admin.rs`: the admin API and the dashboard's files.
 //! - `tls.rs`: the rustls acceptor.
 
@@ -34,6 +35,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::{new_app, App};
+use crate::caller::{ConnectHook, DynConnectHook};
 use crate::config::Config;
 use crate::error::Error;
 use crate::registry::Registry;
@@ -71,11 +73,78 @@ impl ShutdownHandle {
     }
 }
 
+/// A [`Server`] with more than a configuration and a registry: made by
+/// [`Server::builder`], finished by [`ServerBuilder::bind`] or
+/// [`ServerBuilder::build`] as the `Server` functions of the same names.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use taskwire::{Caller, Config, ConnectRequest, Refusal, Registry, Server};
+///
+/// async fn who(req: &ConnectRequest) -> Result<Caller, Refusal> {
+///     let user = req.header("x-user").ok_or(Refusal::unauthorized("who are you?"))?;
+///     Ok(Caller::new(user))
+/// }
+///
+/// let server = Server::builder(Config::default(), Registry::new())
+///     .connect_hook(who)
+///     .bind()
+///     .await?;
+/// # Ok(())
+/// # }
+/// ```
+pub struct ServerBuilder {
+    cfg: Config,
+    registry: Registry,
+    hook: Option<Arc<dyn DynConnectHook>>,
+}
+
+impl std::fmt::Debug for ServerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerBuilder")
+            .field("addr", &self.cfg.addr)
+            .field("connect_hook", &self.hook.is_some())
+            .finish()
+    }
+}
+
+impl ServerBuilder {
+    /// Decides who may connect, and who they are, before each WebSocket
+    /// upgrade ([`ConnectHook`]). It replaces the `tokens` setting's check:
+    /// setting both is an [`Error::Config`] (hold a
+    /// [`TokenAuth`](crate::TokenAuth) in the hook to accept tokens as well).
+    pub fn connect_hook(mut self, hook: impl ConnectHook) -> ServerBuilder {
+        self.hook = Some(Arc::new(hook));
+        self
+    }
+
+    /// As [`Server::bind`].
+    pub async fn bind(self) -> Result<Server, Error> {
+        Server::bind_with(self.cfg, self.registry, self.hook).await
+    }
+
+    /// As [`Server::build`].
+    pub fn build(self) -> Result<Server, Error> {
+        Server::build_with(self.cfg, self.registry, self.hook)
+    }
+}
+
 /// Why a request reached taskwire's router without a client address.
 const NO_CONNECT_INFO: &str = "taskwire needs the client address: serve the app with \
 `app.into_make_service_with_connect_info::<std::net::SocketAddr>()`";
 
 impl Server {
+    /// A server with options beyond the configuration, such as a
+    /// [`ConnectHook`]; finish it with [`ServerBuilder::bind`] or
+    /// [`ServerBuilder::build`].
+    pub fn builder(cfg: Config, registry: Registry) -> ServerBuilder {
+        ServerBuilder {
+            cfg,
+            registry,
+            hook: None,
+        }
+    }
+
     /// Starts the compute pool and prepares the routes, without a listener:
     /// for mounting taskwire in an application's own axum router.
     ///
@@ -89,7 +158,7 @@ impl Server {
     /// // Binds nothing; decides whether the Host check against DNS rebinding applies.
     /// let config = Config { addr: listener.local_addr()?, ..Config::default() };
     /// let mut registry = Registry::new();
-    /// taskwire::builtin::register(&mut registry);
+    /// taskwire::builtin::register(&mut registry)?;
     /// let tw = Server::build(config, registry)?;
     /// let app = Router::new()
     ///     .route("/hello", get(|| async { "hello" }))
@@ -111,6 +180,14 @@ impl Server {
     /// An invalid configuration ([`Config::validate`]) is an
     /// [`Error::Config`] naming the setting.
     pub fn build(cfg: Config, registry: Registry) -> Result<Server, Error> {
+        Server::build_with(cfg, registry, None)
+    }
+
+    fn build_with(
+        cfg: Config,
+        registry: Registry,
+        hook: Option<Arc<dyn DynConnectHook>>,
+    ) -> Result<Server, Error> {
         if cfg.tls_cert.is_some() || cfg.tls_key.is_some() {
             return Err(Error::Config(crate::config::ConfigError::Invalid {
                 setting: "tls_cert",
@@ -120,7 +197,7 @@ impl Server {
             }));
         }
         Ok(Server {
-            app: new_app(cfg, registry)?,
+            app: new_app(cfg, registry, hook)?,
             listener: None,
             tls: None,
         })
@@ -132,7 +209,7 @@ impl Server {
     /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
     /// use taskwire::{Config, Registry, Server};
     /// let mut registry = Registry::new();
-    /// taskwire::builtin::register(&mut registry);
+    /// taskwire::builtin::register(&mut registry)?;
     /// let server = Server::bind(Config::default(), registry).await?;
     /// println!("listening on {}", server.local_addr()?);
     /// server.run(taskwire::shutdown_signal()).await?;
@@ -145,6 +222,14 @@ impl Server {
     /// naming the setting; a listener that cannot be bound is an
     /// [`Error::Bind`] naming the address.
     pub async fn bind(cfg: Config, registry: Registry) -> Result<Server, Error> {
+        Server::bind_with(cfg, registry, None).await
+    }
+
+    async fn bind_with(
+        cfg: Config,
+        registry: Registry,
+        hook: Option<Arc<dyn DynConnectHook>>,
+    ) -> Result<Server, Error> {
         cfg.validate()?;
         let tls = match &cfg.tls() {
             Some(t) => Some(tls::acceptor(t).map_err(Error::Tls)?),
@@ -153,7 +238,7 @@ impl Server {
         // Bound before the pool starts: a port in use costs no threads.
         let listener = bind(cfg.addr).await?;
         Ok(Server {
-            app: new_app(cfg, registry)?,
+            app: new_app(cfg, registry, hook)?,
             listener: Some(listener),
             tls,
         })
@@ -296,6 +381,9 @@ async fn finish(app: &Arc<App>) {
             "shutdown deadline passed: dropping the connections still open"
         );
     }
+    // Connections closed by the shutdown detached their sessions: end them,
+    // so that their tasks stop before the pool does.
+    app.sessions.shutdown();
     app.hard_stop.cancel();
     app.pool.shutdown();
 }

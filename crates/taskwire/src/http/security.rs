@@ -1,5 +1,6 @@
-//! What is checked before a WebSocket upgrade (origin, token, connection
-//! counts), what guards the HTTP doors around it (Host, cross-site requests,
+//! What is checked before a WebSocket upgrade (origin; the tokens are the
+//! connect hook `caller::TokenAuth`, whose helpers the admin API shares from
+//! here), what guards the HTTP doors around it (Host, cross-site requests,
 //! the client address behind a trusted proxy) and the per-connection request
 //! rate. Pure functions and small counters, no I/O, so each rule has a unit
 //! test. The connection counts themselves are the crate's counting slots
@@ -10,21 +11,8 @@ use std::str::FromStr;
 
 use axum::http::{header, HeaderMap, Uri};
 
-use crate::config::{AuthToken, IpRange};
-
-/// The cookie a browser page can use to carry its token (a browser cannot set
-/// headers on a WebSocket).
-pub(crate) const TOKEN_COOKIE: &str = "taskwire_token";
-
-/// Compares without an early exit, so response timing does not leak how much
-/// of a guessed token was right.
-pub(crate) fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
-}
+pub(crate) use crate::caller::{bearer_or_query_tokens, same};
+use crate::config::IpRange;
 
 /// Lower-cases and drops the scheme's default port, so that `https://A.com:443`
 /// and a `Host: a.com` compare equal.
@@ -72,58 +60,6 @@ pub(crate) fn origin_allowed(
         "http"
     };
     normalize_authority(&scheme, authority) == normalize_authority(host_scheme, host)
-}
-
-/// The tokens a request presents explicitly: `Authorization: Bearer` and the
-/// `token` query parameter. The admin API takes only these: a cookie is sent
-/// by the browser on its own, which would let another site's form act with it.
-pub(crate) fn bearer_or_query_tokens<'a>(
-    headers: &'a HeaderMap,
-    query: Option<&'a str>,
-) -> Vec<&'a str> {
-    let mut out = Vec::new();
-    for v in headers.get_all(header::AUTHORIZATION) {
-        if let Some(t) = v.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")) {
-            out.push(t.trim());
-        }
-    }
-    if let Some(q) = query {
-        out.extend(q.split('&').filter_map(|kv| kv.strip_prefix("token=")));
-    }
-    out
-}
-
-/// Every token a request presents: `Authorization: Bearer`, the `token` query
-/// parameter, the `taskwire_token` cookie. Each is checked, so a stale cookie
-/// does not hide a valid header.
-pub(crate) fn presented_tokens<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Vec<&'a str> {
-    let mut out = bearer_or_query_tokens(headers, query);
-    for v in headers.get_all(header::COOKIE) {
-        let Ok(v) = v.to_str() else { continue };
-        for c in v.split(';') {
-            if let Some((name, value)) = c.trim().split_once('=') {
-                if name == TOKEN_COOKIE {
-                    out.push(value.trim_matches('"'));
-                }
-            }
-        }
-    }
-    out
-}
-
-/// The index of the configured token that one of `presented` matches.
-pub(crate) fn find_token(tokens: &[AuthToken], presented: &[&str]) -> Option<usize> {
-    // Compare against every configured token, without stopping at the first
-    // match, so timing says nothing about which token (or how many) exist.
-    let mut found = None;
-    for p in presented {
-        for (i, t) in tokens.iter().enumerate() {
-            if same(p, &t.token) && found.is_none() {
-                found = Some(i);
-            }
-        }
-    }
-    found
 }
 
 /// Loopback, counting an IPv4-mapped IPv6 loopback (`::ffff:127.0.0.1`, what a
@@ -279,6 +215,8 @@ pub(crate) fn request_host<'a>(headers: &'a HeaderMap, uri: &'a Uri) -> Option<&
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::caller::{find_token, presented_tokens};
+    use crate::config::AuthToken;
     use crate::limit::address_group;
     use std::time::{Duration, Instant};
 

@@ -1,22 +1,29 @@
-//! `/ws`: the checks before a WebSocket upgrade (Host, Origin, token, the
-//! bounds on open connections, shutdown) and the upgrade itself, which hands
-//! the socket to `conn`.
+//! `/ws`: the checks before a WebSocket upgrade (Host, Origin, the connect
+//! hook, the bounds on open connections, shutdown) and the upgrade itself,
+//! which hands the socket to `conn`.
 
 use std::net::{IpAddr, SocketAddr};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Instant;
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, State};
-use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use futures_util::FutureExt;
 
 use super::accept::log_refusal;
 use super::security::{self, request_host};
 use crate::app::App;
+use crate::caller::{self, Caller, ConnectRequest};
 use crate::conn::ConnLimits;
 use crate::limit::{Keyed, KeyedSlot, Slot};
 use crate::observe::RefusalReason;
 use crate::protocol::SUBPROTOCOL;
+use crate::session;
+use crate::task::CallerInfo;
 
 /// Replies gathered before a write to the socket (flushed at every batch end).
 const WRITE_BUFFER: usize = 32 << 10;
@@ -57,7 +64,8 @@ impl Drop for ConnSlot {
 struct Slots {
     _conn: ConnSlot,
     _ip: Option<KeyedSlot<IpAddr, ()>>,
-    _token: Option<Slot>,
+    /// What the connect hook holds for the connection (a token's slot).
+    _held: caller::Held,
 }
 
 /// Why an upgrade was refused, before it happened.
@@ -65,9 +73,7 @@ struct Slots {
 pub(super) enum Refusal {
     Host,
     Origin,
-    Unauthorized,
     PerIp,
-    PerToken,
     Full,
     HttpPerIp,
     HttpFull,
@@ -79,9 +85,7 @@ impl Refusal {
         match self {
             Refusal::Host => RefusalReason::Host,
             Refusal::Origin => RefusalReason::Origin,
-            Refusal::Unauthorized => RefusalReason::Unauthorized,
             Refusal::PerIp => RefusalReason::ConnectionsPerIp,
-            Refusal::PerToken => RefusalReason::ConnectionsPerToken,
             Refusal::Full => RefusalReason::Connections,
             Refusal::HttpPerIp => RefusalReason::HttpConnectionsPerIp,
             Refusal::HttpFull => RefusalReason::HttpConnections,
@@ -94,14 +98,9 @@ impl IntoResponse for Refusal {
         let (status, text) = match self {
             Refusal::Host => (StatusCode::FORBIDDEN, "host not allowed"),
             Refusal::Origin => (StatusCode::FORBIDDEN, "origin not allowed"),
-            Refusal::Unauthorized => (StatusCode::UNAUTHORIZED, "a valid token is required"),
             Refusal::PerIp => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "too many connections from this address",
-            ),
-            Refusal::PerToken => (
-                StatusCode::TOO_MANY_REQUESTS,
-                "too many connections with this token",
             ),
             Refusal::Full | Refusal::HttpFull => {
                 (StatusCode::SERVICE_UNAVAILABLE, "too many connections")
@@ -111,26 +110,24 @@ impl IntoResponse for Refusal {
                 "too many connections from this address",
             ),
         };
-        let mut r = (status, text).into_response();
-        if self == Refusal::Unauthorized {
-            r.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                axum::http::HeaderValue::from_static("Bearer"),
-            );
-        }
-        r
+        (status, text).into_response()
     }
 }
 
-/// The checks before an upgrade, cheapest and most telling first: host, on a
-/// loopback listener (403), origin (403), token (401), per-IP and per-token
-/// connections (429), then the server's total (503).
-fn admit_upgrade(
-    app: &Arc<App>,
-    peer: SocketAddr,
-    headers: &HeaderMap,
-    uri: &Uri,
-) -> Result<(Slots, ConnLimits), Refusal> {
+/// The answer to an upgrade the connect hook refused.
+fn hook_refusal(r: &caller::Refusal) -> Response {
+    let mut resp = (r.status(), r.message().to_owned()).into_response();
+    if r.status() == StatusCode::UNAUTHORIZED {
+        // RFC 9110: a 401 names the scheme it wants.
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    resp
+}
+
+/// The checks before the connect hook, cheapest and most telling first:
+/// host, on a loopback listener (403), then origin (403).
+fn check_request(app: &App, headers: &HeaderMap, uri: &Uri) -> Result<(), Refusal> {
     let cfg = &app.cfg;
     let text = |name| headers.get(name).and_then(|v| v.to_str().ok());
     // A server on loopback is meant for this machine: a page elsewhere that
@@ -148,15 +145,54 @@ fn admit_upgrade(
     ) {
         return Err(Refusal::Origin);
     }
-    let token = if cfg.auth_tokens.is_empty() {
-        None
-    } else {
-        let presented = security::presented_tokens(headers, uri.query());
-        match security::find_token(&cfg.auth_tokens, &presented) {
-            Some(i) => Some(i),
-            None => return Err(Refusal::Unauthorized),
-        }
+    Ok(())
+}
+
+/// Runs the connect hook, bounded: past `request_head_timeout` (what a client
+/// gets to send its request head, so the slowest an upgrade may be answered)
+/// the upgrade is refused 503, at shutdown 503, and a hook that panics
+/// refuses it 500, without taking the connection's task down with it.
+async fn run_hook(app: &App, req: &ConnectRequest) -> Result<Caller, caller::Refusal> {
+    let Some(hook) = &app.connect_hook else {
+        return Ok(Caller::anonymous());
     };
+    let failed = |status, message, log: &str| {
+        if let Some(suppressed) = app.refusal_log.allow(Instant::now()) {
+            tracing::error!(peer = %req.peer(), suppressed, "connect hook {log}");
+        }
+        Err(caller::Refusal::new(status, message))
+    };
+    let run = AssertUnwindSafe(hook.connect_boxed(req)).catch_unwind();
+    tokio::select! {
+        r = tokio::time::timeout(app.cfg.request_head_timeout, run) => match r {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_panic)) => failed(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "connect hook failed",
+                "panicked",
+            ),
+            Err(_) => failed(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "connect hook timed out",
+                "timed out (request_head_timeout)",
+            ),
+        },
+        _ = app.shutdown.cancelled() => Err(caller::Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting down",
+        )
+        .counted_as(RefusalReason::ShuttingDown)),
+    }
+}
+
+/// The bounds after the hook: per-IP connections (429), then the server's
+/// total (503). The caller's own limits replace the server's.
+fn count_connection(
+    app: &Arc<App>,
+    peer: SocketAddr,
+    caller: Caller,
+) -> Result<(Slots, ConnLimits, Option<Arc<CallerInfo>>), Refusal> {
+    let cfg = &app.cfg;
     let ip = match cfg.max_connections_per_ip {
         None => None,
         Some(max) => match Keyed::acquire(&app.per_ip, crate::limit::address_group(peer.ip()), max)
@@ -165,35 +201,27 @@ fn admit_upgrade(
             None => return Err(Refusal::PerIp),
         },
     };
-    let spec = token.and_then(|i| Some((cfg.auth_tokens.get(i)?, app.token_conns.get(i)?)));
-    let token_slot = match spec {
-        Some((t, count)) => match t.max_connections {
-            None => None,
-            Some(max) => match Slot::acquire(count, max) {
-                Some(s) => Some(s),
-                None => return Err(Refusal::PerToken),
-            },
-        },
-        None => None,
-    };
     let Some(conn) = ConnSlot::acquire(app) else {
         return Err(Refusal::Full);
     };
-    let t = spec.map(|(t, _)| t);
+    let (info, own, held) = caller.into_parts();
     let limits = ConnLimits {
-        max_inflight: t
-            .and_then(|t| t.max_inflight)
-            .unwrap_or(cfg.max_inflight_per_connection),
-        rate: t.and_then(|t| t.rate_limit).or(cfg.rate_limit()),
+        max_inflight: own.max_inflight.unwrap_or(cfg.max_inflight_per_connection),
+        rate: own.rate.or(cfg.rate_limit()),
     };
-    Ok((
-        Slots {
-            _conn: conn,
-            _ip: ip,
-            _token: token_slot,
-        },
-        limits,
-    ))
+    let slots = Slots {
+        _conn: conn,
+        _ip: ip,
+        _held: held,
+    };
+    Ok((slots, limits, info))
+}
+
+/// Counts and logs a refusal, and answers it.
+fn refuse(app: &App, reason: RefusalReason, peer: SocketAddr, resp: Response) -> Response {
+    app.hooks.refused(reason);
+    log_refusal(app, reason, peer);
+    resp
 }
 
 pub(super) async fn ws_handler(
@@ -201,18 +229,41 @@ pub(super) async fn ws_handler(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     uri: Uri,
-    ws: WebSocketUpgrade,
+    // Not extracted outright: a plain GET (not an upgrade) is checked as an
+    // upgrade would be, so a page, which cannot read the status of a refused
+    // WebSocket upgrade, can learn from a `fetch` of this URL why it was
+    // refused (401: token missing or refused; 403: origin or host).
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     if app.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
     }
-    let (slots, limits) = match admit_upgrade(&app, peer, &headers, &uri) {
+    if let Err(r) = check_request(&app, &headers, &uri) {
+        return refuse(&app, r.reason(), peer, r.into_response());
+    }
+    let origin = headers
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let req = ConnectRequest::new(peer, headers, uri);
+    let caller = match run_hook(&app, &req).await {
+        Ok(c) => c,
+        Err(r) => return refuse(&app, r.reason(), peer, hook_refusal(&r)),
+    };
+    if app.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    }
+    let (slots, limits, caller) = match count_connection(&app, peer, caller) {
         Ok(x) => x,
-        Err(refusal) => {
-            app.hooks.refused(refusal.reason());
-            log_refusal(&app, refusal, peer);
-            return refusal.into_response();
-        }
+        Err(r) => return refuse(&app, r.reason(), peer, r.into_response()),
+    };
+    // What a resume must present again: the same identity and Origin.
+    let owner = session::owner_key(CallerInfo::id_of(&caller), origin.as_deref());
+    let ws = match ws {
+        Ok(ws) => ws,
+        // Admitted, but not an upgrade: axum's own answer (400, 426, ...);
+        // the slots just taken are released.
+        Err(not_an_upgrade) => return not_an_upgrade.into_response(),
     };
     let max = app.cfg.max_frame_bytes;
     // The write buffer's cap: what the writer feeds (one flush's worth plus
@@ -238,7 +289,7 @@ pub(super) async fn ws_handler(
             // Past the shutdown deadline, a WebSocket that has not closed
             // (its client does not read) is dropped.
             tokio::select! {
-                _ = crate::conn::serve(app, socket, peer, limits) => {}
+                _ = crate::conn::serve(app, socket, peer, limits, caller, owner) => {}
                 _ = hard.cancelled() => {}
             }
         })

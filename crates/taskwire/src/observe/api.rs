@@ -104,13 +104,15 @@ pub enum RefusalReason {
     Origin = 14,
     /// The upgrade carried no valid token.
     Unauthorized = 15,
+    /// The application's connect hook refused the upgrade (or failed).
+    ConnectHook = 16,
     /// Every WebAssembly instance slot is taken (`wasm_instances`).
-    WasmInstances = 16,
+    WasmInstances = 17,
 }
 
 impl RefusalReason {
     /// Every reason, in discriminant order.
-    pub const ALL: [RefusalReason; 17] = [
+    pub const ALL: [RefusalReason; 18] = [
         RefusalReason::ConnectionInflight,
         RefusalReason::ConnectionQueue,
         RefusalReason::AddressLimit,
@@ -127,6 +129,7 @@ impl RefusalReason {
         RefusalReason::CrossSite,
         RefusalReason::Origin,
         RefusalReason::Unauthorized,
+        RefusalReason::ConnectHook,
         RefusalReason::WasmInstances,
     ];
 
@@ -149,6 +152,7 @@ impl RefusalReason {
             RefusalReason::CrossSite => "cross_site",
             RefusalReason::Origin => "origin",
             RefusalReason::Unauthorized => "unauthorized",
+            RefusalReason::ConnectHook => "connect_hook",
             RefusalReason::WasmInstances => "wasm_instances",
         }
     }
@@ -175,6 +179,9 @@ pub struct TaskInfo {
     pub id: u64,
     /// The connection that started it.
     pub conn: u64,
+    /// Who started it: its connection's caller (`null` when anonymous).
+    #[serde(default)]
+    pub caller: Option<String>,
     /// The JSON-RPC id of its request (`null` for a notification).
     pub request_id: Value,
     /// Its method.
@@ -209,6 +216,10 @@ pub struct ConnInfo {
     pub id: u64,
     /// The peer's address.
     pub peer: String,
+    /// Who is calling, as the connect hook named it (`token#<n>` for a
+    /// configured token); `null` when anonymous.
+    #[serde(default)]
+    pub caller: Option<String>,
     /// When it opened, in ms since the Unix epoch.
     pub opened_at_ms: u64,
     /// How long it has been open, in ms.

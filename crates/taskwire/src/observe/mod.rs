@@ -8,6 +8,7 @@
 
 pub mod api;
 pub(crate) mod metrics;
+mod process;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -19,7 +20,7 @@ pub use api::{ConnInfo, OutcomeKind, RefusalReason, TaskInfo, TaskState};
 
 use crate::compute::JobState;
 use crate::sync::lock;
-use crate::task::{Stopped, TaskKind, TaskShared};
+use crate::task::{CallerInfo, Stopped, TaskKind, TaskShared};
 
 /// What the live table needs of a connection. A trait rather than the
 /// connection's own type, so that `observe` sits below `conn` in the module
@@ -94,9 +95,10 @@ pub(crate) struct Observer {
 }
 
 impl Observer {
-    /// `max_threads`: the most compute worker threads there can be
-    /// (configured plus replacements), which bounds the abandoned tasks.
-    pub(crate) fn new(methods: &[&str], max_threads: usize) -> Observer {
+    /// `methods`: every registered task and its kind. `max_threads`: the
+    /// most compute worker threads there can be (configured plus
+    /// replacements), which bounds the abandoned tasks.
+    pub(crate) fn new(methods: &[(&str, TaskKind)], max_threads: usize) -> Observer {
         Observer {
             conns: Mutex::new(HashMap::new()),
             abandoned: Mutex::new(HashMap::new()),
@@ -147,7 +149,14 @@ impl Observer {
         match self.find_task(id) {
             Some(t) => {
                 t.stop(Stopped::Killed);
-                tracing::info!(task = id, method = %t.method, "task killed by an operator");
+                match t.stats.label() {
+                    Some(l) => crate::compute::task_event!(
+                        tracing::Level::INFO,
+                        l,
+                        "task killed by an operator"
+                    ),
+                    None => tracing::info!(task = id, "task killed by an operator"),
+                }
                 true
             }
             None => false,
@@ -159,6 +168,14 @@ impl Observer {
     }
 
     pub(crate) fn tasks(&self, q: &TaskQuery) -> Vec<TaskInfo> {
+        self.tasks_counted(q).0
+    }
+
+    /// The tasks as [`Observer::tasks`] lists them, and the counts by state
+    /// of every task that matched, before the listing's limit: one walk, so
+    /// that a snapshot's counts and its table agree (a dashboard's tiles add
+    /// up to its table's count).
+    pub(crate) fn tasks_counted(&self, q: &TaskQuery) -> (Vec<TaskInfo>, api::TaskCounts) {
         let conns = match q.conn {
             Some(id) => self.connection(id).into_iter().collect(),
             None => self.connections(),
@@ -176,12 +193,16 @@ impl Observer {
             .filter(|t| q.state.as_deref().is_none_or(|s| s == t.state.label()))
             .filter(|t| q.method.as_deref().is_none_or(|m| m == t.method))
             .collect();
+        let mut counts = api::TaskCounts::default();
+        for t in &out {
+            counts.add(t.state, 1);
+        }
         match q.sort.as_deref() {
             Some("age") => out.sort_by_key(|t| std::cmp::Reverse(t.age_ms)),
             _ => out.sort_by(|a, b| b.cpu_ms.total_cmp(&a.cpu_ms)),
         }
         out.truncate(q.limit.unwrap_or(500).min(10_000));
-        out
+        (out, counts)
     }
 }
 
@@ -224,6 +245,7 @@ pub(crate) fn task_info(t: &TaskShared) -> TaskInfo {
     TaskInfo {
         id: t.id,
         conn: t.conn,
+        caller: CallerInfo::id_of(&t.caller).map(str::to_owned),
         request_id: t
             .request_id
             .as_ref()

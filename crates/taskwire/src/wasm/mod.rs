@@ -287,9 +287,14 @@ impl Lane {
             .map(|p| p.running.clone())
             .unwrap_or_default();
         let name_arc: Arc<str> = name.into();
+        let summary = spec
+            .summary
+            .clone()
+            .unwrap_or_else(|| "a WebAssembly module".to_string());
         let (def, code) = runtime
             .task(
                 name_arc.clone(),
+                summary.as_str().into(),
                 bytes,
                 code,
                 memory_limit,
@@ -303,10 +308,7 @@ impl Lane {
             size: bytes.len(),
             installed_at_ms: unix_ms(),
             memory_limit_bytes: memory_limit,
-            summary: spec
-                .summary
-                .clone()
-                .unwrap_or_else(|| "a WebAssembly module".to_string()),
+            summary,
             running: 0,
         };
         let installed = Arc::new(Installed {

@@ -125,6 +125,7 @@ impl Runtime {
     pub(super) fn task(
         &self,
         name: Arc<str>,
+        summary: Arc<str>,
         bytes: &[u8],
         code: Option<Code>,
         memory_limit: u64,
@@ -140,14 +141,14 @@ impl Runtime {
         let def = TaskDef::erased(
             name,
             TaskKind::Wasm,
-            "a WebAssembly module",
+            summary,
             schema,
             move |ctx: Ctx, params: Params<'_>| -> Result<TaskFuture, ErrorObject> {
                 let slot = Slot::acquire(&shared.instances, shared.instance_limit)
                     .ok_or_else(|| ErrorObject::overloaded("wasm_instances", RETRY_AFTER_MS))?;
                 let input = match params {
                     Params::None => b"{}".to_vec(),
-                    Params::Raw(raw) => raw.get().as_bytes().to_vec(),
+                    Params::Raw(raw) | Params::Array(raw) => raw.get().as_bytes().to_vec(),
                     Params::Owned(raw) => raw.get().as_bytes().to_vec(),
                 };
                 running.fetch_add(1, Ordering::Relaxed);
@@ -329,6 +330,7 @@ impl BenchModule {
             max_modules: 1,
         })?;
         let (def, _) = runtime.task(
+            "bench".into(),
             "bench".into(),
             module,
             None,

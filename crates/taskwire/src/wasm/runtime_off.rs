@@ -24,6 +24,7 @@ impl Runtime {
     pub(super) fn task(
         &self,
         _name: Arc<str>,
+        _summary: Arc<str>,
         _bytes: &[u8],
         _code: Option<Code>,
         _memory_limit: u64,

@@ -9,6 +9,8 @@ use serde_json::{json, Value};
 use taskwire::{Config, Registry, Server, ShutdownHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -60,10 +62,11 @@ impl Drop for TestServer {
     }
 }
 
-/// A registry with every built-in task.
+/// A registry with every built-in task, the demo ones included.
 pub fn builtins() -> Registry {
     let mut r = Registry::new();
-    taskwire::builtin::register(&mut r);
+    taskwire::builtin::register(&mut r).expect("the built-ins register");
+    taskwire::builtin::register_demo(&mut r).expect("the demo tasks register");
     r
 }
 
@@ -306,5 +309,41 @@ impl Rng {
 
     pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
         &items[self.below(items.len() as u64) as usize]
+    }
+}
+
+/// A WebSocket upgrade of `path` with these extra headers: the client, or the refusal's status and body.
+pub async fn upgrade_with(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Client, (u16, String)> {
+    let mut req = format!("ws://{addr}{path}").into_client_request().unwrap();
+    for (k, v) in headers {
+        let name =
+            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap();
+        req.headers_mut()
+            .append(name, HeaderValue::from_str(v).unwrap());
+    }
+    match tokio_tungstenite::connect_async(req).await {
+        Ok((ws, _)) => Ok(Client {
+            ws,
+            seen: Vec::new(),
+        }),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            let body = resp
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).to_string())
+                .unwrap_or_default();
+            let challenge = resp
+                .headers()
+                .get("www-authenticate")
+                .and_then(|v| v.to_str().ok())
+                .map(|v| format!(" [{v}]"))
+                .unwrap_or_default();
+            Err((resp.status().as_u16(), format!("{body}{challenge}")))
+        }
+        Err(e) => panic!("unexpected handshake error: {e}"),
     }
 }
