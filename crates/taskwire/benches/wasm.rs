@@ -223,7 +223,9 @@ async fn start_server() -> (SocketAddr, taskwire::ShutdownHandle) {
         ..Config::default()
     };
     let mut r = Registry::new();
-    taskwire::builtin::register(&mut r);
+    taskwire::builtin::register(&mut r).expect("built-ins register");
+    // `spin`: the newcomer's native 10 ms task.
+    taskwire::builtin::register_demo(&mut r).expect("demo tasks register");
     let server = Server::bind(cfg, r).await.expect("binds");
     let addr = server.local_addr().expect("addr");
     let handle = server.shutdown_handle();
@@ -233,12 +235,16 @@ async fn start_server() -> (SocketAddr, taskwire::ShutdownHandle) {
 
 async fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.expect("connect");
-    let head = format!(
+    // One write, sent at once: Nagle's algorithm would hold a second small
+    // segment until the first is acknowledged (up to a delayed ACK, ~40 ms).
+    s.set_nodelay(true).expect("nodelay");
+    let mut request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
-    );
-    s.write_all(head.as_bytes()).await.expect("write");
-    s.write_all(body).await.expect("write");
+    )
+    .into_bytes();
+    request.extend_from_slice(body);
+    s.write_all(&request).await.expect("write");
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await.expect("read");
     let text = String::from_utf8_lossy(&buf).to_string();
@@ -260,7 +266,10 @@ async fn install(addr: SocketAddr, name: &str, module: &[u8]) {
 }
 
 async fn connect(addr: SocketAddr) -> Ws {
-    tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+    // TCP_NODELAY: a `$/cancelRequest` sent right after its request must
+    // not wait behind it for the server's delayed ACK (Nagle's algorithm),
+    // which is what a 40 ms cancel latency measured.
+    tokio_tungstenite::connect_async_with_config(format!("ws://{addr}/ws"), None, true)
         .await
         .expect("connects")
         .0

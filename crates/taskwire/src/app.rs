@@ -18,8 +18,8 @@ use crate::error::Error;
 use crate::limit::{Keyed, LogLimiter};
 use crate::observe::{Hooks, Observer};
 use crate::registry::Registry;
-use crate::wasm::Lane;
 use crate::session::{Bounds, SessionStore};
+use crate::wasm::Lane;
 
 /// Who may use the admin API: the settings of [`crate::Config`] it reads.
 #[derive(Clone, Debug, Default)]

@@ -118,6 +118,45 @@ async fn assert_no_worker_lost(addr: SocketAddr) {
     );
 }
 
+/// CPU time of the compute workers (threads named `taskwire-cpu`), from
+/// /proc: what a guest still looping would keep burning.
+fn workers_cpu() -> std::time::Duration {
+    let mut ticks = 0u64;
+    if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
+        for t in dir.flatten() {
+            let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+                continue;
+            };
+            let Some((head, rest)) = stat.rsplit_once(')') else {
+                continue;
+            };
+            if !head.contains("taskwire-cpu") {
+                continue;
+            }
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            ticks += f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+                + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    // USER_HZ is 100 on every Linux the project supports.
+    std::time::Duration::from_millis(ticks * 10)
+}
+
+/// Right after a stop the workers are idle: over a second they use less
+/// than a quarter of it (a guest still looping would use all of it), the
+/// pool has nothing running, and no worker was lost.
+async fn assert_idle_after_stop(addr: SocketAddr, what: &str) {
+    let before = workers_cpu();
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let used = workers_cpu().saturating_sub(before);
+    assert!(
+        used < std::time::Duration::from_millis(250),
+        "after {what} the workers used {used:?} of CPU in a second"
+    );
+    assert_pool_idle(addr).await;
+    assert_no_worker_lost(addr).await;
+}
+
 fn small_config() -> taskwire::Config {
     let mut cfg = config();
     cfg.workers = Some(2);
@@ -139,12 +178,14 @@ async fn a_loop_that_never_yields_is_cancelled_killed_timed_out_and_dropped() {
     c.send(json!({"jsonrpc":"2.0","method":"$/cancelRequest","params":{"id":1}}))
         .await;
     assert_eq!(code(&c.response(1).await), -32800);
+    assert_idle_after_stop(server.addr, "$/cancelRequest").await;
 
     // An operator's kill.
     c.request(2, "forever", json!({})).await;
     let id = wait_running(server.addr, "forever").await;
     admin_json(server.addr, "POST", &format!("/admin/tasks/{id}/kill")).await;
     assert_eq!(code(&c.response(2).await), -32004);
+    assert_idle_after_stop(server.addr, "an admin kill").await;
 
     // Its deadline.
     let r = c
@@ -152,6 +193,7 @@ async fn a_loop_that_never_yields_is_cancelled_killed_timed_out_and_dropped() {
         .await;
     assert_eq!(code(&r), -32002, "{r}");
     assert_eq!(r["error"]["data"]["timeoutMs"], 300);
+    assert_idle_after_stop(server.addr, "its deadline").await;
 
     // A disconnect.
     let mut other = server.client().await;
@@ -162,12 +204,28 @@ async fn a_loop_that_never_yields_is_cancelled_killed_timed_out_and_dropped() {
         eventually(|| async { running(server.addr, "forever").await.is_empty() }).await,
         "the disconnected client's task ended"
     );
-
-    // The CPU is idle again and every worker is still the pool's.
-    assert_pool_idle(server.addr).await;
-    assert_no_worker_lost(server.addr).await;
+    assert_idle_after_stop(server.addr, "a disconnect").await;
     // The connection lives on.
     assert_eq!(c.call(5, "echo", json!({"value": 1})).await["result"], 1);
+
+    // A module installed at run time has its per-method series like a
+    // registered task: every outcome above is counted under its name.
+    let (status, text) = http_body(server.addr, "GET", "/metrics", b"").await;
+    assert_eq!(status, 200);
+    for outcome in ["cancelled", "killed", "timeout"] {
+        let series =
+            format!("taskwire_tasks_finished_total{{method=\"forever\",outcome=\"{outcome}\"}} ");
+        let count = text
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        assert!(count.unwrap_or(0.0) >= 1.0, "no `{series}` in\n{text}");
+    }
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("taskwire_task_cpu_seconds_count{method=\"forever\"}")),
+        "{text}"
+    );
 }
 
 #[tokio::test]
