@@ -326,6 +326,11 @@ async fn a_budget_over_all_wasm_tasks_holds() {
     let mut c = server.client().await;
     c.request(1, "hold", json!({})).await;
     wait_running(server.addr, "hold").await;
+    // The task table (dashboard, `taskwire top`) shows it as a wasm task
+    // holding its linear memory.
+    let row = running(server.addr, "hold").await.pop().expect("listed");
+    assert_eq!(row["kind"], "wasm", "{row}");
+    assert!(row["memoryBytes"].as_u64().unwrap_or(0) >= 3 << 20, "{row}");
     let r = c.call(2, "hold", json!({})).await;
     assert_eq!(code(&r), -32010, "{r}");
     assert_eq!(r["error"]["data"]["limitBytes"], 5 << 20);
@@ -351,6 +356,27 @@ async fn modules_are_replaced_and_removed_while_their_tasks_run() {
     assert_ne!(v1["sha256"], v2["sha256"]);
     // New calls get the new code at once, while the old task still runs.
     assert_eq!(c.call(2, "swap", json!({})).await["result"], "v2");
+    // The installed code is found by its hash (the old one is no longer
+    // installed).
+    let v2_sha = v2["sha256"].as_str().expect("sha256");
+    let (status, body) = http_body(
+        server.addr,
+        "GET",
+        &format!("/admin/wasm/sha256/{v2_sha}"),
+        b"",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(body, tagged("v2", 0));
+    let v1_sha = v1["sha256"].as_str().expect("sha256");
+    let (status, _) = http_body(
+        server.addr,
+        "GET",
+        &format!("/admin/wasm/sha256/{v1_sha}"),
+        b"",
+    )
+    .await;
+    assert_eq!(status, 404);
     let (status, _) = http(server.addr, "DELETE", "/admin/wasm/swap", None).await;
     assert_eq!(status, 200);
     assert_eq!(code(&c.call(3, "swap", json!({})).await), -32601);

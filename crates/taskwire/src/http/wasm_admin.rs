@@ -1,6 +1,8 @@
 //! The admin API of the WebAssembly lane: `GET /admin/wasm`,
 //! `PUT /admin/wasm/{name}` (the module's bytes, binary or text) and
-//! `DELETE /admin/wasm/{name}`, behind the same guard as the rest of `/admin`.
+//! `DELETE /admin/wasm/{name}`, and `GET /admin/wasm/sha256/{hex}` (an
+//! installed module's bytes by their hash), behind the same guard as the rest
+//! of `/admin`.
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -20,13 +22,39 @@ where
     AdminState: axum::extract::FromRef<S>,
     S: Clone + Send + Sync + 'static,
 {
-    Router::new().route("/admin/wasm", get(list)).route(
-        "/admin/wasm/{name}",
-        axum::routing::put(install)
-            .delete(remove)
-            // A module may be larger than axum's default body limit.
-            .layer(DefaultBodyLimit::max(MAX_MODULE_BYTES)),
-    )
+    Router::new()
+        .route("/admin/wasm", get(list))
+        .route("/admin/wasm/sha256/{hex}", get(by_sha256))
+        .route(
+            "/admin/wasm/{name}",
+            axum::routing::put(install)
+                .delete(remove)
+                // A module may be larger than axum's default body limit.
+                .layer(DefaultBodyLimit::max(MAX_MODULE_BYTES)),
+        )
+}
+
+/// The bytes of the installed module with this SHA-256, as installed (binary
+/// or text), its name in `x-taskwire-module`: how another node fetches code
+/// it heard of by hash, to run the same code under the same name.
+async fn by_sha256(State(app): State<AdminState>, Path(hex): Path<String>) -> Response {
+    match app.wasm.by_sha256(&hex) {
+        Some((info, bytes)) => (
+            [
+                (
+                    axum::http::header::CONTENT_TYPE,
+                    "application/octet-stream".to_string(),
+                ),
+                (
+                    axum::http::HeaderName::from_static("x-taskwire-module"),
+                    info.name,
+                ),
+            ],
+            Bytes::from_owner(bytes),
+        )
+            .into_response(),
+        None => error(StatusCode::NOT_FOUND, "no installed module has this sha256"),
+    }
 }
 
 /// Options of an install; with none, a replaced module keeps its own.

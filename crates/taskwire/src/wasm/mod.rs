@@ -153,11 +153,22 @@ pub(crate) enum InstallError {
     Unavailable(String),
 }
 
+/// How a module's task describes itself in `rpc.discover`.
+pub(crate) struct About {
+    pub name: Arc<str>,
+    pub summary: Arc<str>,
+    /// The JSON Schema of its params.
+    pub schema: Value,
+}
+
 /// One installed module: what the table and `rpc.discover` show.
 pub(crate) struct Installed {
     pub info: ModuleInfo,
     pub def: TaskDef,
     code: runtime::Code,
+    /// The module as installed: what another node is sent to install the
+    /// same code (bounded: `wasm_max_modules` modules of at most 16 MiB).
+    bytes: Arc<[u8]>,
     spec: ModuleSpec,
     schema: Value,
     /// Tasks of this name admitted (shared by every version).
@@ -291,16 +302,13 @@ impl Lane {
             .summary
             .clone()
             .unwrap_or_else(|| "a WebAssembly module".to_string());
+        let about = About {
+            name: name_arc.clone(),
+            summary: summary.as_str().into(),
+            schema: schema.clone(),
+        };
         let (def, code) = runtime
-            .task(
-                name_arc.clone(),
-                summary.as_str().into(),
-                bytes,
-                code,
-                memory_limit,
-                schema.clone(),
-                running.clone(),
-            )
+            .task(about, bytes, code, memory_limit, running.clone())
             .map_err(InstallError::Invalid)?;
         let info = ModuleInfo {
             name: name.to_string(),
@@ -315,6 +323,7 @@ impl Lane {
             info: info.clone(),
             def,
             code,
+            bytes: bytes.into(),
             spec,
             schema,
             running,
@@ -347,6 +356,17 @@ impl Lane {
             tracing::info!(module = name, "wasm module removed");
         }
         removed
+    }
+
+    /// The bytes and description of an installed module whose bytes have
+    /// this SHA-256 (lowercase hex, as [`ModuleInfo::sha256`]): how a node
+    /// that heard of a module by its hash gets the code to install it under
+    /// the same name, so that the same name runs the same code everywhere.
+    pub(crate) fn by_sha256(&self, sha256: &str) -> Option<(ModuleInfo, Arc<[u8]>)> {
+        lock(&self.modules)
+            .values()
+            .find(|m| m.info.sha256.eq_ignore_ascii_case(sha256))
+            .map(|m| (m.info.clone(), m.bytes.clone()))
     }
 
     /// Every installed module, by name.
@@ -451,5 +471,20 @@ mod tests {
         assert_eq!(s.memory_limit_bytes, Some(1 << 20));
         assert_eq!(s.schema().unwrap()["type"], "object");
         assert!(ModuleSpec::from_toml("memory = 1").is_err());
+    }
+
+    #[cfg(feature = "wasm")]
+    #[test]
+    fn a_module_is_found_by_its_sha256() {
+        let lane = Lane::new(&Config::default(), &Registry::new());
+        let wat = br#"(module (func (export "run")))"#;
+        let info = lane.install("empty", wat, None).unwrap();
+        assert_eq!(info.sha256.len(), 64);
+        let (found, bytes) = lane.by_sha256(&info.sha256.to_uppercase()).unwrap();
+        assert_eq!(found.name, "empty");
+        assert_eq!(&bytes[..], &wat[..]);
+        assert!(lane.by_sha256(&"0".repeat(64)).is_none());
+        assert!(lane.remove("empty"));
+        assert!(lane.by_sha256(&info.sha256).is_none());
     }
 }

@@ -14,7 +14,7 @@ use wasmtime::{
 };
 
 use super::host::{self, Budget, Halt, Host};
-use super::Limits;
+use super::{About, Limits};
 use crate::compute::{add_tick_hook, should_yield, TickHook};
 use crate::limit::Slot;
 use crate::protocol::{codes, ErrorObject, Params};
@@ -124,12 +124,10 @@ impl Runtime {
     /// Compiles `bytes` (or reuses `code` of the same bytes) into a task.
     pub(super) fn task(
         &self,
-        name: Arc<str>,
-        summary: Arc<str>,
+        about: About,
         bytes: &[u8],
         code: Option<Code>,
         memory_limit: u64,
-        schema: Value,
         running: Arc<AtomicUsize>,
     ) -> Result<(TaskDef, Code), String> {
         let code = match code {
@@ -139,10 +137,10 @@ impl Runtime {
         let shared = self.shared.clone();
         let engine_code = code.clone();
         let def = TaskDef::erased(
-            name,
+            about.name,
             TaskKind::Wasm,
-            summary,
-            schema,
+            about.summary,
+            about.schema,
             move |ctx: Ctx, params: Params<'_>| -> Result<TaskFuture, ErrorObject> {
                 let slot = Slot::acquire(&shared.instances, shared.instance_limit)
                     .ok_or_else(|| ErrorObject::overloaded("wasm_instances", RETRY_AFTER_MS))?;
@@ -329,15 +327,12 @@ impl BenchModule {
             instances: 16,
             max_modules: 1,
         })?;
-        let (def, _) = runtime.task(
-            "bench".into(),
-            "bench".into(),
-            module,
-            None,
-            64 << 20,
-            Value::Null,
-            Arc::default(),
-        )?;
+        let about = About {
+            name: "bench".into(),
+            summary: "bench".into(),
+            schema: Value::Null,
+        };
+        let (def, _) = runtime.task(about, module, None, 64 << 20, Arc::default())?;
         Ok(BenchModule {
             _runtime: runtime,
             def,

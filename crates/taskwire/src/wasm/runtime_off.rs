@@ -4,9 +4,7 @@
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
-use serde_json::Value;
-
-use super::Limits;
+use super::{About, Limits};
 use crate::registry::TaskDef;
 
 /// Compiled code: nothing to hold without an engine.
@@ -23,12 +21,10 @@ impl Runtime {
 
     pub(super) fn task(
         &self,
-        _name: Arc<str>,
-        _summary: Arc<str>,
+        _about: About,
         _bytes: &[u8],
         _code: Option<Code>,
         _memory_limit: u64,
-        _schema: Value,
         _running: Arc<AtomicUsize>,
     ) -> Result<(TaskDef, Code), String> {
         Err("this build has no WebAssembly lane (cargo feature `wasm`)".into())
