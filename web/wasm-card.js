@@ -9,16 +9,19 @@
 import { Taskwire, TaskwireError } from './taskwire.js';
 
 const $ = (id) => document.getElementById(id);
-const params = new URLSearchParams(location.search);
-const wsToken = params.get('token') || undefined;
-const token = params.get('admin_token') || wsToken;
-const tokenQs = token ? `?token=${encodeURIComponent(token)}` : '';
-const adminHeaders = token ? { authorization: `Bearer ${token}` } : {};
+// The tokens as dashboard.js keeps them (taken from the page's fragment into
+// this tab's sessionStorage): the admin API gets `Authorization: Bearer`, the
+// WebSocket the `taskwire_token` cookie dashboard.js sets for the `ws` path.
+const stored = (k) => { try { return sessionStorage.getItem(k) || undefined; } catch { return undefined; } };
+const adminHeaders = () => {
+  const token = stored('taskwire.adminToken') || stored('taskwire.token');
+  return token ? { authorization: `Bearer ${token}` } : {};
+};
 const REFRESH_MS = 2000;
 
 let conn;
 async function connection() {
-  conn ??= await Taskwire.connect(new URL('ws', location.href).toString(), { token: wsToken, reconnect: { maxDelayMs: 5000 } });
+  conn ??= await Taskwire.connect(new URL('ws', location.href).toString(), { reconnect: { maxDelayMs: 5000 } });
   return conn;
 }
 
@@ -59,7 +62,7 @@ async function run(name) {
 }
 
 async function remove(name) {
-  const r = await fetch(`admin/wasm/${encodeURIComponent(name)}${tokenQs}`, { method: 'DELETE', headers: adminHeaders });
+  const r = await fetch(`admin/wasm/${encodeURIComponent(name)}`, { method: 'DELETE', headers: adminHeaders() });
   say(r.ok ? `${name} removed` : `remove ${name}: HTTP ${r.status}`, !r.ok);
   refresh();
 }
@@ -84,8 +87,8 @@ function render(modules) {
 
 async function refresh() {
   try {
-    const r = await fetch(`admin/wasm${tokenQs}`, { headers: adminHeaders });
-    if (!r.ok) throw new Error(r.status === 401 || r.status === 403 ? `admin: HTTP ${r.status}, add ?token=…` : `HTTP ${r.status}`);
+    const r = await fetch('admin/wasm', { headers: adminHeaders(), cache: 'no-store' });
+    if (!r.ok) throw new Error(r.status === 401 || r.status === 403 ? `admin: HTTP ${r.status}, open the page with #admin_token=…` : `HTTP ${r.status}`);
     render((await r.json()).modules);
   } catch (err) {
     say(`modules: ${err.message}`, true);
@@ -98,8 +101,8 @@ async function install(ev) {
   if (!file) return say('pick a .wasm or .wat file first', true);
   const name = $('wasm-name').value.trim() || file.name.replace(/\.(wasm|wat)$/, '');
   say(`installing ${name}…`);
-  const r = await fetch(`admin/wasm/${encodeURIComponent(name)}${tokenQs}`, {
-    method: 'PUT', headers: { ...adminHeaders, 'content-type': 'application/wasm' }, body: await file.arrayBuffer(),
+  const r = await fetch(`admin/wasm/${encodeURIComponent(name)}`, {
+    method: 'PUT', headers: { ...adminHeaders(), 'content-type': 'application/wasm' }, body: await file.arrayBuffer(),
   });
   const body = await r.json().catch(() => ({}));
   if (r.ok) say(`${name} installed (sha256 ${short(body.sha256)}…): new calls run it, running ones finish on the old code`);
