@@ -70,7 +70,11 @@ test('a stuck wasm task is found and killed, a fixed module installed from the p
   assert.equal(outcome.ok, false);
   assert.ok(outcome.e instanceof TaskwireError);
   assert.equal(outcome.e.code, -32004);
-  await page.waitForSelector(`tr[data-testid="task-row"][data-task-id="${id}"]`, { state: 'detached', timeout: 15_000 });
+  // The row stays in place, marked ended, while the pointer rests on the
+  // table (nothing slides under it); then it goes.
+  await page.waitForSelector(`tr[data-testid="task-row"][data-task-id="${id}"][data-state="ended"]`, { timeout: 15_000 });
+  await page.mouse.move(0, 0);
+  await page.waitForSelector(`tr[data-testid="task-row"][data-task-id="${id}"]`, { state: 'detached', timeout: 30_000 });
   await screenshot(page, 'wasm-01-stuck-killed');
 
   // The fix is installed from the file picker: no restart.
