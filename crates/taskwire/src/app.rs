@@ -19,6 +19,7 @@ use crate::limit::{Keyed, LogLimiter};
 use crate::observe::{Hooks, Observer};
 use crate::registry::Registry;
 use crate::session::{Bounds, SessionStore};
+use crate::wasm::Lane;
 
 /// Who may use the admin API: the settings of [`crate::Config`] it reads.
 #[derive(Clone, Debug, Default)]
@@ -38,6 +39,8 @@ pub(crate) struct App {
     /// [`TokenAuth`] for configured tokens, or none (anonymous).
     pub(crate) connect_hook: Option<Arc<dyn DynConnectHook>>,
     pub discover: Box<RawValue>,
+    /// The WebAssembly modules installed at run time (tasks of kind `wasm`).
+    pub wasm: Arc<Lane>,
     pub pool: ComputePool,
     /// The live table and metrics, read by the admin API (empty when
     /// observing is off).
@@ -98,6 +101,15 @@ pub(crate) fn new_app(
     };
     let discover = serde_json::value::to_raw_value(&registry.discover())
         .map_err(|e| Error::Io(std::io::Error::other(format!("rpc.discover: {e}"))))?;
+    let wasm = Arc::new(Lane::new(&cfg, &registry));
+    if let Some(dir) = &cfg.wasm_dir {
+        wasm.load_dir(dir).map_err(|reason| {
+            Error::Config(crate::config::ConfigError::Invalid {
+                setting: "wasm_dir",
+                reason,
+            })
+        })?;
+    }
     let pool = ComputePool::new(cfg.compute());
     let observer = Arc::new(Observer::new(
         &registry
@@ -158,6 +170,7 @@ pub(crate) fn new_app(
         connect_hook,
         registry,
         discover,
+        wasm,
         pool,
         shutdown,
         next_task,

@@ -802,6 +802,21 @@ settings! {
     /// Silence after which a peer is taken as lost: its tasks are answered
     /// `-32008`, and tasks it sent here are cancelled.
     cluster_dead_ms => cluster_dead_after: Millis = Some(3_000), min 100;
+    /// Directory of WebAssembly modules registered at start: every `NAME.wasm`
+    /// or `NAME.wat` as task `NAME`, with an optional `NAME.toml` (docs/WASM.md).
+    wasm_dir => wasm_dir: Opt<PathBuf> = None, shown "none";
+    /// Linear memory one WebAssembly task may have; past it the task is
+    /// answered `-32010`. A module's `NAME.toml` may set less. Also the size
+    /// of each pooled memory slot (address space reserved per instance slot).
+    wasm_memory_limit_bytes => wasm_memory_limit: Bytes = Some(64 << 20), min 65536;
+    /// Linear memory of all WebAssembly tasks together; a task whose growth
+    /// would pass it is answered `-32010`.
+    wasm_memory_budget_bytes => wasm_memory_budget: Bytes = Some(1 << 30), min 65536;
+    /// WebAssembly tasks admitted and unfinished at once (the pooling
+    /// allocator's instance slots); more get `-32001 wasm_instances`.
+    wasm_instances => wasm_instances: usize = Some(256), min 1;
+    /// Installed WebAssembly modules at most (the admin API refuses more).
+    wasm_max_modules => wasm_max_modules: usize = Some(64), min 1;
     /// Offer the demo tasks `spin`, `runaway` and `crash` (a CPU burner, a task
     /// that never ends, a task that panics), for binaries that offer them: any
     /// client may then burn CPU until stopped; for one's own machine only.
@@ -1198,6 +1213,22 @@ impl Config {
                 "outbound_bytes_total",
                 "must be at least outbound_bytes (one connection's queue must fit)",
             ));
+        }
+        if self.wasm_memory_limit > 4 << 30 {
+            return Err(invalid(
+                "wasm_memory_limit_bytes",
+                "must be at most 4 GiB (a 32-bit WebAssembly memory)",
+            ));
+        }
+        if self.wasm_memory_budget < self.wasm_memory_limit {
+            return Err(invalid(
+                "wasm_memory_budget_bytes",
+                "must be at least wasm_memory_limit_bytes (one task at its limit must fit)",
+            ));
+        }
+        if self.wasm_instances > 100_000 {
+            // Each slot reserves a memory's worth of address space up front.
+            return Err(invalid("wasm_instances", "must be at most 100000"));
         }
         if self.session_window > std::time::Duration::from_secs(15 * 60) {
             return Err(invalid(

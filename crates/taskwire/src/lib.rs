@@ -52,6 +52,7 @@
 //! | `builtin` | the built-in and demo tasks, registered through the public API |
 //! | `config` | `Config`: every setting declared once |
 //! | `error` | [`Error`], the library's one error type |
+//! | `wasm` | the WebAssembly lane: engine, module table, guest interface (feature `wasm`) |
 //! | `observe` | the hooks a connection calls; the live table, metrics, `observe::api` |
 //! | `caller` | who is calling: the connect hook, `Caller`, `TokenAuth` |
 //! | `session` | sessions: numbered responses kept across reconnects, tokens, bounds |
@@ -81,6 +82,7 @@ mod registry;
 mod session;
 mod sync;
 mod task;
+mod wasm;
 
 /// The typed map of a [`Caller`]'s extensions (`http::Extensions`).
 pub use axum::http::Extensions;
@@ -102,6 +104,8 @@ pub use task::{Checkpoint, Ctx, Stopped, TaskError, TaskKind, TaskResultExt};
 #[doc(hidden)]
 pub mod bench_internals {
     pub use crate::compute::{thread_cpu_time, RunQueue};
+    #[cfg(feature = "wasm")]
+    pub use crate::wasm::BenchModule;
 }
 
 /// The session frames' parsing, for the fuzz target. Not part of the API.

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 /// The lowest first; the same order as the table in `lib.rs`.
 const ORDER: &[&str] = &[
     "alloc", "sync", "limit", "protocol", "compute", "task", "registry", "builtin", "config",
-    "error", "observe", "caller", "session", "cluster", "app", "conn", "http",
+    "error", "wasm", "observe", "caller", "session", "cluster", "app", "conn", "http",
 ];
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {

@@ -86,6 +86,33 @@ impl std::fmt::Debug for TaskDef {
 }
 
 impl TaskDef {
+    /// A task whose params are not a Rust type: the WebAssembly lane's
+    /// modules, which take any JSON and are registered at run time.
+    pub(crate) fn erased<F>(
+        name: Arc<str>,
+        kind: TaskKind,
+        summary: Arc<str>,
+        schema: Value,
+        call: F,
+    ) -> TaskDef
+    where
+        F: Fn(Ctx, Params<'_>) -> Result<TaskFuture, ErrorObject> + Send + Sync + 'static,
+    {
+        // The guest reads its params as JSON text, an object or an array
+        // alike, and may answer any JSON.
+        let (params, param_structure) = describe_params(&Shape::Whole, &schema);
+        TaskDef {
+            name,
+            kind,
+            summary,
+            schema,
+            result_schema: Value::Bool(true),
+            params,
+            param_structure,
+            call: Arc::new(call),
+        }
+    }
+
     /// The method name.
     pub fn name(&self) -> &str {
         &self.name

@@ -28,15 +28,25 @@ pub enum TaskKind {
     Io,
     /// Burns CPU; runs on the compute pool, time-sliced at checkpoints.
     Cpu,
+    /// A WebAssembly module's `run`: on the compute pool like a CPU task, but
+    /// sliced and stopped at epoch deadlines, with no checkpoints of its own.
+    Wasm,
 }
 
 impl TaskKind {
-    /// `"io"` or `"cpu"`.
+    /// `"io"`, `"cpu"` or `"wasm"`.
     pub fn as_str(self) -> &'static str {
         match self {
             TaskKind::Io => "io",
             TaskKind::Cpu => "cpu",
+            TaskKind::Wasm => "wasm",
         }
+    }
+
+    /// Whether tasks of this kind run on the compute pool (and take its
+    /// admission permit).
+    pub fn on_pool(self) -> bool {
+        matches!(self, TaskKind::Cpu | TaskKind::Wasm)
     }
 }
 

@@ -381,7 +381,7 @@ impl Sampler {
                     let Ok(now) = rss_kib(pid) else { break };
                     rss = rss.max(now);
                     // Counting thousands of descriptors is slower: every 250 ms.
-                    if fds && n % 5 == 0 {
+                    if fds && n.is_multiple_of(5) {
                         fd = fd.max(fd_count(pid).unwrap_or(0));
                     }
                     n += 1;

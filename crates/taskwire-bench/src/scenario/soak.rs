@@ -92,13 +92,13 @@ async fn drive(client: RpcClient, shared: Shared, stop_at: Instant) -> Result<u6
         tick.tick().await;
         k += 1;
         let mut sends: Vec<(&str, &serde_json::Value, bool)> = vec![("echo", &echo, true)];
-        if k % 50 == 0 {
+        if k.is_multiple_of(50) {
             sends.push(("spin", &spin, false));
         }
-        if k % 125 == 0 {
+        if k.is_multiple_of(125) {
             sends.push(("hash_chain", &hash, false));
         }
-        if k % 250 == 0 {
+        if k.is_multiple_of(250) {
             sends.push(("sleep", &sleep, false));
         }
         for (method, params, is_echo) in sends {

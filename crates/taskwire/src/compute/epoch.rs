@@ -12,7 +12,7 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock, Weak};
 use std::thread::{self, Thread};
 use std::time::Duration;
 
@@ -22,6 +22,19 @@ static EPOCH: AtomicU64 = AtomicU64::new(1);
 /// Workers in a slice now, over all pools: the ticker sleeps at zero.
 static BUSY_WORKERS: AtomicUsize = AtomicUsize::new(0);
 static TICKER: OnceLock<Thread> = OnceLock::new();
+
+/// Something else that keeps time by the pool's epoch: the WebAssembly lane's
+/// engines, whose own epoch must advance with this one so that a guest that
+/// never checkpoints still reaches a deadline check at every tick.
+pub(crate) trait TickHook: Send + Sync {
+    /// Called by the ticker at every tick, on its thread: must be a few
+    /// atomic operations at most.
+    fn tick(&self);
+}
+
+/// Hooks held weakly: a server that goes away drops its engine, and the
+/// ticker forgets it at its next tick.
+static HOOKS: Mutex<Vec<Weak<dyn TickHook>>> = Mutex::new(Vec::new());
 
 thread_local! {
     /// Epoch at which this thread's current slice ends; `u64::MAX` off the pool.
@@ -45,6 +58,7 @@ fn ticker() -> &'static Thread {
                     thread::sleep(TICK);
                 }
                 EPOCH.fetch_add(1, Ordering::Relaxed);
+                run_hooks();
             });
         match spawned {
             Ok(h) => h.thread().clone(),
@@ -53,6 +67,27 @@ fn ticker() -> &'static Thread {
             Err(_) => thread::current(),
         }
     })
+}
+
+/// Calls every live hook; forgets the dead ones.
+fn run_hooks() {
+    let mut hooks = crate::sync::lock(&HOOKS);
+    if hooks.is_empty() {
+        return;
+    }
+    hooks.retain(|h| match h.upgrade() {
+        Some(h) => {
+            h.tick();
+            true
+        }
+        None => false,
+    });
+}
+
+/// Adds a hook the ticker calls at every tick while it holds.
+pub(crate) fn add_tick_hook(hook: Weak<dyn TickHook>) {
+    crate::sync::lock(&HOOKS).push(hook);
+    ticker();
 }
 
 /// The epoch now.

@@ -57,8 +57,8 @@ use crate::limit::address_group;
 pub(crate) use admission::{Permit, Refusal};
 #[cfg(feature = "cluster")]
 pub(crate) use claim::{Claim, Claimed};
-pub(crate) use epoch::should_yield;
 pub use epoch::thread_cpu_time;
+pub(crate) use epoch::{add_tick_hook, should_yield, TickHook};
 pub use queue::RunQueue;
 pub(crate) use stats::task_event;
 pub use stats::{current_task, TaskLabel};

@@ -249,6 +249,14 @@ impl JobStats {
     pub(crate) fn label(&self) -> Option<&TaskLabel> {
         self.label.as_deref()
     }
+
+    /// Counts memory the job holds outside the global allocator (a
+    /// WebAssembly task's linear memory, mapped by the engine), so that the
+    /// task table and the memory budget's flagging see it.
+    pub(crate) fn add_memory(&self, delta: i64) {
+        self.memory.fetch_add(delta, Ordering::Relaxed);
+    }
+
     /// Memory the job holds: bytes it allocated minus bytes it freed while it
     /// ran. 0 unless [`crate::alloc::CountingAlloc`] is the global allocator.
     pub(crate) fn memory_bytes(&self) -> u64 {

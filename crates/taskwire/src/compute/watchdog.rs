@@ -200,7 +200,8 @@ fn sample_memory(p: &Shared, w: &mut MemoryWatch) {
         w.peak.saturating_sub(used) >= TRIM_MIN_BYTES / 4
             && retained >= TRIM_MIN_BYTES.max(used / 4)
     } else {
-        w.samples % 10 == 0 && alloc::allocator_free_bytes().is_some_and(|f| f >= TRIM_MIN_BYTES)
+        w.samples.is_multiple_of(10)
+            && alloc::allocator_free_bytes().is_some_and(|f| f >= TRIM_MIN_BYTES)
     };
     if worth {
         alloc::trim();

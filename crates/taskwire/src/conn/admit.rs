@@ -211,16 +211,28 @@ pub(super) fn admit(
             return unnumbered(req.id);
         }
         protocol::DISCOVER_METHOD => {
+            let with_modules = app.wasm.discover();
+            let discover = with_modules.as_deref().unwrap_or(&app.discover);
             let text = req
                 .id
                 .as_ref()
-                .map(|id| protocol::success_text(id, &app.discover));
+                .map(|id| protocol::success_text(id, discover));
             return Admission::Answer { text, id: req.id };
         }
         _ => {}
     }
-    let Some(def) = app.registry.get(&req.method) else {
-        return answer(req.id, &ErrorObject::method_not_found(&req.method));
+    // Native tasks first: a module can never shadow one (installs refuse
+    // their names).
+    let module;
+    let def = match app.registry.get(&req.method) {
+        Some(def) => def,
+        None => match app.wasm.get(&req.method) {
+            Some(m) => {
+                module = m;
+                &module.def
+            }
+            None => return answer(req.id, &ErrorObject::method_not_found(&req.method)),
+        },
     };
     if shutting_down {
         return answer(req.id, &stopped_error(Stopped::Shutdown, None));
@@ -254,7 +266,13 @@ pub(super) fn admit(
     };
     let fut = match (def.call)(ctx, req.params) {
         Ok(f) => f,
-        Err(err) => return answer(req.id, &err),
+        Err(err) => {
+            // The only refusal a call makes: a wasm module's instance slots.
+            if err.code == codes::OVERLOADED {
+                app.hooks.refused(RefusalReason::WasmInstances);
+            }
+            return answer(req.id, &err);
+        }
     };
     // Admission: the connection's in-flight limit, then the pool's queues.
     match conn.insert(&task) {
@@ -274,16 +292,18 @@ pub(super) fn admit(
     }
     let permit = match def.kind {
         TaskKind::Io => None,
-        TaskKind::Cpu => match app.pool.admit_from(conn.charge().1, conn.peer.ip()) {
-            Ok(p) => Some(p),
-            Err(refusal) => {
-                conn.remove(&task);
-                let reason = RefusalReason::from(&refusal);
-                app.hooks.refused(reason);
-                let err = ErrorObject::overloaded(reason.label(), refusal.retry_after_ms());
-                return answer(req.id, &err);
+        TaskKind::Cpu | TaskKind::Wasm => {
+            match app.pool.admit_from(conn.charge().1, conn.peer.ip()) {
+                Ok(p) => Some(p),
+                Err(refusal) => {
+                    conn.remove(&task);
+                    let reason = RefusalReason::from(&refusal);
+                    app.hooks.refused(reason);
+                    let err = ErrorObject::overloaded(reason.label(), refusal.retry_after_ms());
+                    return answer(req.id, &err);
+                }
             }
-        },
+        }
     };
     Admission::Task {
         task,

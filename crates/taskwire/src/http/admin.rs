@@ -47,6 +47,8 @@ pub(crate) struct AdminState {
     pub shutdown: CancellationToken,
     /// Bytes of replies queued and batch answers kept, over every connection.
     pub outbound_total: Arc<std::sync::atomic::AtomicUsize>,
+    /// The WebAssembly modules (`/admin/wasm`).
+    pub wasm: Arc<crate::wasm::Lane>,
     /// Sessions, attached and detached.
     pub sessions: Arc<SessionStore>,
     /// This node's cluster, when it is in one.
@@ -63,6 +65,7 @@ impl FromRef<Arc<App>> for AdminState {
             access: app.admin.clone(),
             shutdown: app.shutdown.clone(),
             outbound_total: app.outbound_total.clone(),
+            wasm: app.wasm.clone(),
             sessions: app.sessions.clone(),
             #[cfg(feature = "cluster")]
             cluster: app.cluster.clone(),
@@ -101,6 +104,7 @@ pub(crate) fn routes(app: &Arc<App>) -> Router<Arc<App>> {
         .route("/admin/cluster/tasks", get(cluster_tasks))
         .route("/admin/events", get(events))
         .route("/metrics", get(metrics))
+        .merge(super::wasm_admin::routes())
         .route_layer(middleware::from_fn_with_state(
             AdminState::from_ref(app),
             authorize,

@@ -16,6 +16,7 @@ mod admin;
 pub(crate) mod security;
 mod tls;
 mod upgrade;
+mod wasm_admin;
 
 use std::future::Future;
 use std::io;

@@ -106,11 +106,13 @@ pub enum RefusalReason {
     Unauthorized = 15,
     /// The application's connect hook refused the upgrade (or failed).
     ConnectHook = 16,
+    /// Every WebAssembly instance slot is taken (`wasm_instances`).
+    WasmInstances = 17,
 }
 
 impl RefusalReason {
     /// Every reason, in discriminant order.
-    pub const ALL: [RefusalReason; 17] = [
+    pub const ALL: [RefusalReason; 18] = [
         RefusalReason::ConnectionInflight,
         RefusalReason::ConnectionQueue,
         RefusalReason::AddressLimit,
@@ -128,6 +130,7 @@ impl RefusalReason {
         RefusalReason::Origin,
         RefusalReason::Unauthorized,
         RefusalReason::ConnectHook,
+        RefusalReason::WasmInstances,
     ];
 
     /// The name on the wire and in metrics.
@@ -150,6 +153,7 @@ impl RefusalReason {
             RefusalReason::Origin => "origin",
             RefusalReason::Unauthorized => "unauthorized",
             RefusalReason::ConnectHook => "connect_hook",
+            RefusalReason::WasmInstances => "wasm_instances",
         }
     }
 }

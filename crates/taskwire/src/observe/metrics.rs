@@ -8,6 +8,7 @@
 //! empty series reads as "measured, nothing happened", which would be false.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -81,9 +82,54 @@ fn set_total_f64(c: &Counter<f64, AtomicU64>, total: f64) {
     }
 }
 
+/// Methods that get their series when they first finish rather than at
+/// start (WebAssembly modules, installed at run time), at most this many: a
+/// module installed, run and removed over and over under new names must not
+/// grow the exposition without end. Past it such a method counts in the
+/// totals only.
+pub(crate) const LATE_METHODS_MAX: usize = 256;
+
+/// The per-method families, kept to make a late method's series.
+struct MethodFamilies {
+    finished: Family<MethodOutcome, Counter>,
+    queue_wait: Histograms,
+    run_time: Histograms,
+    cpu_time: Histograms,
+}
+
+impl MethodFamilies {
+    fn method(&self, method: &str, kind: TaskKind) -> MethodMetrics {
+        let label = MethodLabel {
+            method: method.to_string(),
+        };
+        let finished = OutcomeKind::ALL.map(|k| {
+            self.finished
+                .get_or_create(&MethodOutcome {
+                    method: method.to_string(),
+                    outcome: k.label().to_string(),
+                })
+                .clone()
+        });
+        let pool = (kind != TaskKind::Io).then(|| {
+            (
+                self.queue_wait.get_or_create(&label).clone(),
+                self.cpu_time.get_or_create(&label).clone(),
+            )
+        });
+        MethodMetrics {
+            finished,
+            run_time: self.run_time.get_or_create(&label).clone(),
+            pool,
+        }
+    }
+}
+
 pub(crate) struct Metrics {
     registry: Registry,
     by_method: std::collections::HashMap<String, MethodMetrics>,
+    families: MethodFamilies,
+    /// Methods registered after start (see [`LATE_METHODS_MAX`]).
+    late: std::sync::Mutex<std::collections::HashMap<String, Arc<MethodMetrics>>>,
     /// Made once at start, indexed by `RefusalReason as usize`: every
     /// reason is exported (at 0 until it happens), none can be missed.
     by_reason: [Counter; RefusalReason::ALL.len()],
@@ -192,6 +238,13 @@ impl Metrics {
 
         let m = Metrics {
             by_method: Default::default(),
+            families: MethodFamilies {
+                finished: finished.clone(),
+                queue_wait: queue_wait.clone(),
+                run_time: run_time.clone(),
+                cpu_time: cpu_time.clone(),
+            },
+            late: Default::default(),
             by_reason: Default::default(),
             progress_coalesced: Counter::default(),
             open_conns: Gauge::default(),
@@ -346,31 +399,7 @@ impl Metrics {
         );
         let by_method = methods
             .iter()
-            .map(|&(method, kind)| {
-                let label = MethodLabel {
-                    method: method.to_string(),
-                };
-                let finished = OutcomeKind::ALL.map(|k| {
-                    finished
-                        .get_or_create(&MethodOutcome {
-                            method: method.to_string(),
-                            outcome: k.label().to_string(),
-                        })
-                        .clone()
-                });
-                let pool = (kind != TaskKind::Io).then(|| {
-                    (
-                        queue_wait.get_or_create(&label).clone(),
-                        cpu_time.get_or_create(&label).clone(),
-                    )
-                });
-                let handles = MethodMetrics {
-                    finished,
-                    run_time: run_time.get_or_create(&label).clone(),
-                    pool,
-                };
-                (method.to_string(), handles)
-            })
+            .map(|&(method, kind)| (method.to_string(), m.families.method(method, kind)))
             .collect();
         let by_reason = RefusalReason::ALL.map(|r| {
             refusals
@@ -389,8 +418,17 @@ impl Metrics {
 
     pub(crate) fn task_finished(&self, t: &TaskShared, kind: OutcomeKind) {
         self.totals[kind as usize].fetch_add(1, Ordering::Relaxed);
-        let Some(m) = self.by_method.get(&*t.method) else {
-            return;
+        let late;
+        let m = match self.by_method.get(&*t.method) {
+            Some(m) => m,
+            None if t.kind == TaskKind::Wasm => match self.late_method(&t.method, t.kind) {
+                Some(m) => {
+                    late = m;
+                    &*late
+                }
+                None => return,
+            },
+            None => return,
         };
         m.finished[kind as usize].inc();
         m.run_time.observe(t.created.elapsed().as_secs_f64());
@@ -402,6 +440,21 @@ impl Metrics {
         if coalesced > 0 {
             self.progress_coalesced.inc_by(coalesced);
         }
+    }
+
+    /// A late method's series, made at its first finish; `None` past
+    /// [`LATE_METHODS_MAX`].
+    fn late_method(&self, method: &str, kind: TaskKind) -> Option<Arc<MethodMetrics>> {
+        let mut late = crate::sync::lock(&self.late);
+        if let Some(m) = late.get(method) {
+            return Some(m.clone());
+        }
+        if late.len() >= LATE_METHODS_MAX {
+            return None;
+        }
+        let m = Arc::new(self.families.method(method, kind));
+        late.insert(method.to_string(), m.clone());
+        Some(m)
     }
 
     pub(crate) fn refused(&self, reason: RefusalReason) {
@@ -465,5 +518,22 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn late_methods_are_bounded() {
+        let m = Metrics::new(&[("echo", TaskKind::Io)]);
+        for i in 0..LATE_METHODS_MAX {
+            assert!(m.late_method(&format!("m{i}"), TaskKind::Wasm).is_some());
+        }
+        // One seen before still has its series; a new one past the bound none.
+        assert!(m.late_method("m0", TaskKind::Wasm).is_some());
+        assert!(m.late_method("one_too_many", TaskKind::Wasm).is_none());
+        assert_eq!(crate::sync::lock(&m.late).len(), LATE_METHODS_MAX);
     }
 }

@@ -271,8 +271,7 @@ impl Hooks for Observer {
         self.metrics.task_finished(t, kind);
         // Answered after a stop while its future still runs on a worker: it
         // leaves the connection's table now, so keep it in view here.
-        if t.kind == TaskKind::Cpu && t.stopped().is_some() && t.stats.state() == JobState::Running
-        {
+        if t.kind.on_pool() && t.stopped().is_some() && t.stats.state() == JobState::Running {
             let mut m = lock(&self.abandoned);
             m.retain(|_, t| t.stats.state() == JobState::Running);
             if m.len() < self.abandoned_cap {
@@ -290,7 +289,7 @@ impl Hooks for Observer {
 fn live_state(t: &TaskShared) -> TaskState {
     match t.kind {
         TaskKind::Io => TaskState::Running,
-        TaskKind::Cpu => t.stats.state().into(),
+        TaskKind::Cpu | TaskKind::Wasm => t.stats.state().into(),
     }
 }
 
