@@ -151,6 +151,7 @@ pub(crate) fn new_app(
                 observer: observer.clone(),
                 states: registry.states(),
                 next_task: next_task.clone(),
+                wasm: wasm.clone(),
             },
             shutdown.clone(),
             hard_stop.clone(),

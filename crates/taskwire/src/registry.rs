@@ -110,6 +110,8 @@ impl TaskDef {
             params,
             param_structure,
             call: Arc::new(call),
+            // A module's code may have effects: never run twice.
+            idempotent: false,
         }
     }
 

@@ -85,6 +85,7 @@ impl Cluster {
             params,
             timeout_ms,
             progress,
+            module,
         } = offer
         else {
             return None;
@@ -93,8 +94,21 @@ impl Cluster {
         if self.stop.is_cancelled() || pool.spare() == 0 {
             return None;
         }
-        let def = self.parts.registry.get(&method)?;
-        if def.kind != TaskKind::Cpu {
+        // A wasm task runs here only on the code it was admitted with: a
+        // node that has not caught up with a replaced module refuses it.
+        let installed;
+        let def = match &module {
+            None => self.parts.registry.get(&method)?,
+            Some(sha) => {
+                installed = self
+                    .parts
+                    .wasm
+                    .get(&method)
+                    .filter(|m| m.info.sha256 == *sha)?;
+                &installed.def
+            }
+        };
+        if !matches!(def.kind, TaskKind::Cpu | TaskKind::Wasm) {
             return None;
         }
         let origin: Arc<str> = Arc::from(from.as_str());
@@ -112,7 +126,7 @@ impl Cluster {
             conn: group.id,
             request_id: Some(Id::Str(Arc::from(format!("{from}/{rid}")))),
             method: def.name.clone(),
-            kind: TaskKind::Cpu,
+            kind: def.kind,
             timeout_ms,
             progress_token: progress
                 .then(|| RawValue::from_string("0".to_string()).ok())

@@ -27,11 +27,17 @@
 //!    lost after `cluster_dead_ms`, and the node serves alone (logged, the
 //!    `taskwire_cluster_nats_connected` gauge) until the client reconnects.
 //!
+//! 5. **WebAssembly modules** installed on one node reach every node, by
+//!    hash (`modules.rs`), and a wasm task runs on a peer only on the code
+//!    it was admitted with.
+//!
 //! Files: this one (membership, the origin's side, failure detection);
-//! `host.rs` (the peer's side: running a task for another node); `wire.rs`
+//! `host.rs` (the peer's side: running a task for another node);
+//! `modules.rs` (the same WebAssembly modules on every node); `wire.rs`
 //! (the messages and their chunks).
 
 mod host;
+mod modules;
 mod wire;
 
 use std::collections::HashMap;
@@ -51,6 +57,7 @@ use crate::protocol::{codes, Params};
 use crate::registry::{Registry, TaskDef, TaskFuture};
 use crate::sync::lock;
 use crate::task::{stop_signal, CallerInfo, Ctx, Outcome, Stopped, TaskError, TaskShared};
+use crate::wasm::Lane;
 use host::RemoteConn;
 pub(crate) use wire::WireParams;
 use wire::{Beat, Msg, Partials, WireOutcome};
@@ -87,6 +94,8 @@ pub(crate) struct Parts {
     pub observer: Arc<Observer>,
     pub states: Option<Arc<Extensions>>,
     pub next_task: Arc<AtomicU64>,
+    /// The WebAssembly modules, kept the same on every node.
+    pub wasm: Arc<Lane>,
 }
 
 /// The default node name: the host's name and this process's id.
@@ -167,6 +176,8 @@ pub(crate) struct Cluster {
     hosted: Mutex<HashMap<(Arc<str>, u64), Hosted>>,
     groups: Mutex<HashMap<u64, Arc<RemoteConn>>>,
     partials: Mutex<Partials>,
+    /// Comparing and fetching WebAssembly modules (`modules.rs`).
+    modules: Mutex<modules::Sync>,
     metrics: Metrics,
     /// Held while a task is placed here or queued for a peer.
     placing: Mutex<()>,
@@ -377,6 +388,7 @@ impl Cluster {
             hosted: Mutex::new(HashMap::new()),
             groups: Mutex::new(HashMap::new()),
             partials: Mutex::new(Partials::default()),
+            modules: Mutex::new(modules::Sync::default()),
             metrics: Metrics::default(),
             placing: Mutex::new(()),
             seq: AtomicU64::new(0),
@@ -497,6 +509,7 @@ impl Cluster {
         task: &Arc<TaskShared>,
         claim: &Claim,
         params: &WireParams,
+        module: Option<&str>,
         group: u64,
     ) -> Option<Outcome> {
         tokio::select! {
@@ -564,6 +577,7 @@ impl Cluster {
                 params: params.clone(),
                 timeout_ms,
                 progress: task.wants_progress(),
+                module: module.map(str::to_string),
             };
             let sent_at = Instant::now();
             tracing::debug!(task = task.id, peer = %node, "cluster: offering");
@@ -908,6 +922,7 @@ impl Cluster {
             spare: pool.spare() as u32,
             workers: s.workers as u32,
             queued: s.queued as u32,
+            modules: self.parts.wasm.digest(),
         }
     }
 
@@ -996,6 +1011,26 @@ impl Cluster {
                 }
                 self.spare_seen.notify_waiters();
             }
+            Msg::ModulesQuery { from } => {
+                let list = self.modules_msg();
+                self.send(&from, &list).await;
+            }
+            Msg::Modules {
+                from,
+                modules,
+                removed,
+            } => self.merge_modules(&from, modules, removed).await,
+            Msg::Fetch { from, sha256 } => {
+                if let Some(m) = self.module_msg(&sha256) {
+                    self.send(&from, &m).await;
+                }
+            }
+            Msg::Module {
+                sha256,
+                spec,
+                bytes,
+                ..
+            } => self.on_module(&sha256, spec, &bytes),
             Msg::Cancel { from, rid, why } => {
                 let key = (Arc::<str>::from(from.as_str()), rid);
                 if let Some(h) = lock(&self.hosted).get(&key) {
@@ -1080,7 +1115,12 @@ async fn run(c: Arc<Cluster>) {
             m = beats.next() => {
                 let Some(m) = m else { break };
                 if let Ok(b) = serde_json::from_slice::<Beat>(&m.payload) {
+                    let ask = (*b.node != *c.node && c.should_ask_modules(&b.node, b.modules))
+                        .then(|| b.node.clone());
                     c.on_beat(b);
+                    if let Some(peer) = ask {
+                        c.send(&peer, &Msg::ModulesQuery { from: c.node.to_string() }).await;
+                    }
                 }
             }
             m = admin.next() => {
@@ -1153,6 +1193,10 @@ mod tests {
                 observer: Arc::new(Observer::new(&[], 1)),
                 states: None,
                 next_task: Arc::new(AtomicU64::new(1)),
+                wasm: Arc::new(Lane::new(
+                    &crate::config::Config::default(),
+                    &Registry::new(),
+                )),
             },
             CancellationToken::new(),
             CancellationToken::new(),
@@ -1167,6 +1211,7 @@ mod tests {
             spare: 1,
             workers: 1,
             queued: 0,
+            modules: 0,
         }
     }
 

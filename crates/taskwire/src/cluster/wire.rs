@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::wasm::{ModuleAd, ModuleSpec};
+
 /// Largest NATS payload this node sends: well below the server's 1 MiB default.
 pub(super) const CHUNK_BYTES: usize = 256 << 10;
 /// Bytes of unfinished chunked messages a node keeps, over all senders.
@@ -32,6 +34,10 @@ pub(super) struct Beat {
     pub spare: u32,
     pub workers: u32,
     pub queued: u32,
+    /// A digest of its WebAssembly modules ([`crate::wasm::Lane::digest`]);
+    /// a peer whose own differs asks for the list.
+    #[serde(default)]
+    pub modules: u64,
 }
 
 /// A task's params as the origin received them, `_meta` removed.
@@ -82,6 +88,10 @@ pub(super) enum Msg {
         /// What is left of the task's deadline.
         timeout_ms: Option<u64>,
         progress: bool,
+        /// A WebAssembly task: the SHA-256 of the module it was admitted
+        /// with; the peer runs it only with the same code.
+        #[serde(default)]
+        module: Option<String>,
     },
     /// Peer → origin: it runs as `task` there.
     Accept {
@@ -110,6 +120,24 @@ pub(super) enum Msg {
     Cancel { from: String, rid: u64, why: u8 },
     /// Any node → the node running task `task`: an operator's kill.
     Kill { from: String, task: u64 },
+    /// A node whose module digest differs → that peer: your modules, please.
+    ModulesQuery { from: String },
+    /// The answer: the modules and removals the peer knows.
+    Modules {
+        from: String,
+        modules: Vec<ModuleAd>,
+        removed: Vec<(String, u64)>,
+    },
+    /// A node → a peer that has it: the module with these bytes.
+    Fetch { from: String, sha256: String },
+    /// The answer: the module's spec and bytes (base64), checked against the
+    /// hash by the receiver.
+    Module {
+        from: String,
+        sha256: String,
+        spec: ModuleSpec,
+        bytes: String,
+    },
 }
 
 /// One message as NATS payloads (one, or its chunks).

@@ -224,11 +224,13 @@ pub(super) fn admit(
     // Native tasks first: a module can never shadow one (installs refuse
     // their names).
     let module;
+    let mut module_sha = None;
     let def = match app.registry.get(&req.method) {
         Some(def) => def,
         None => match app.wasm.get(&req.method) {
             Some(m) => {
                 module = m;
+                module_sha = Some(module.info.sha256.clone());
                 &module.def
             }
             None => return answer(req.id, &ErrorObject::method_not_found(&req.method)),
@@ -257,12 +259,12 @@ pub(super) fn admit(
     let ctx = Ctx {
         shared: task.clone(),
     };
-    // Only CPU tasks may run on another node. The seam for WebAssembly
-    // tasks (docs/CLUSTER.md): once peers fetch modules by hash, they keep
-    // their params here too.
+    // CPU and WebAssembly tasks may run on another node; a wasm task only
+    // where the module of the same hash is installed.
     let offload = match def.kind {
-        TaskKind::Cpu => Offload::keep(app, conn, &req.params),
-        _ => None,
+        TaskKind::Cpu => Offload::keep(app, conn, &req.params, None),
+        TaskKind::Wasm => Offload::keep(app, conn, &req.params, module_sha),
+        TaskKind::Io => None,
     };
     let fut = match (def.call)(ctx, req.params) {
         Ok(f) => f,

@@ -320,6 +320,9 @@ fn log_outcome(task: &TaskShared, outcome: &Outcome) {
 pub(super) struct Offload {
     #[cfg(feature = "cluster")]
     params: crate::cluster::WireParams,
+    /// A WebAssembly task's module hash.
+    #[cfg(feature = "cluster")]
+    module: Option<String>,
     bytes: usize,
     conn: Arc<ConnState>,
 }
@@ -332,6 +335,7 @@ impl Offload {
         app: &App,
         conn: &Arc<ConnState>,
         params: &crate::protocol::Params<'_>,
+        module: Option<String>,
     ) -> Option<Offload> {
         app.cluster.as_ref()?;
         let params = crate::cluster::keep_params(params);
@@ -341,6 +345,7 @@ impl Offload {
         }
         Some(Offload {
             params,
+            module,
             bytes,
             conn: conn.clone(),
         })
@@ -352,6 +357,7 @@ impl Offload {
         _: &App,
         _: &Arc<ConnState>,
         _: &crate::protocol::Params<'_>,
+        _: Option<String>,
     ) -> Option<Offload> {
         None
     }
@@ -403,7 +409,7 @@ async fn supervise_clustered(
 ) -> Outcome {
     let def = app.registry.get(&task.method);
     let idempotent = def.is_some_and(|d| d.is_idempotent());
-    let mut outcome = place_and_run(app, cluster, task, fut, &offload.params).await;
+    let mut outcome = place_and_run(app, cluster, task, fut, &offload).await;
     // An idempotent task whose node was lost runs once more, on another
     // node or here; nothing else is ever run twice.
     if idempotent && crate::cluster::is_node_lost(&outcome) && task.stopped().is_none() {
@@ -423,7 +429,7 @@ async fn supervise_clustered(
                     "its node was lost: running it again (idempotent)"
                 );
             }
-            outcome = place_and_run(app, cluster, task, fut, &offload.params).await;
+            outcome = place_and_run(app, cluster, task, fut, &offload).await;
         }
     }
     drop(permit);
@@ -438,7 +444,7 @@ async fn place_and_run(
     cluster: &Arc<crate::cluster::Cluster>,
     task: &Arc<TaskShared>,
     fut: TaskFuture,
-    params: &crate::cluster::WireParams,
+    offload: &Offload,
 ) -> Outcome {
     use crate::compute::{Claim, Claimed};
     let claim = Arc::new(Claim::default());
@@ -461,7 +467,13 @@ async fn place_and_run(
             .spawn(task.conn, task.stats.clone(), None, job)
             .fallible()
     };
-    let remote = cluster.offload(task, &claim, params, task.conn);
+    let remote = cluster.offload(
+        task,
+        &claim,
+        &offload.params,
+        offload.module.as_deref(),
+        task.conn,
+    );
     tokio::pin!(remote);
     let mut remote_live = true;
     {

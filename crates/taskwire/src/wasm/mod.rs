@@ -124,6 +124,21 @@ pub(crate) struct ModuleInfo {
     pub running: usize,
 }
 
+/// A module as the nodes of a cluster compare their tables: for each name
+/// the newest install or removal wins, its time first, then its hash.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct ModuleAd {
+    pub name: String,
+    pub sha256: String,
+    /// When an operator installed it (on whichever node), ms since the Unix
+    /// epoch; a node that installs it from a peer keeps this time.
+    pub at_ms: u64,
+}
+
+/// Removals a lane remembers, so that a node that missed one does not bring
+/// the module back; the oldest are forgotten past this.
+const MAX_REMOVALS: usize = 256;
+
 /// Why a module was not installed (the admin API's answer names it).
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum InstallError {
@@ -182,6 +197,9 @@ pub(crate) struct Lane {
     native_methods: Vec<Value>,
     runtime: OnceLock<Result<Runtime, String>>,
     modules: Mutex<BTreeMap<Arc<str>, Arc<Installed>>>,
+    /// Names removed, and when (ms since the Unix epoch): at most
+    /// [`MAX_REMOVALS`].
+    removed: Mutex<BTreeMap<Arc<str>, u64>>,
     /// `rpc.discover` with the modules, rebuilt after a change.
     discover: Mutex<Option<Arc<RawValue>>>,
     compiles: Arc<AtomicUsize>,
@@ -230,6 +248,7 @@ impl Lane {
             native_methods,
             runtime: OnceLock::new(),
             modules: Mutex::new(BTreeMap::new()),
+            removed: Mutex::new(BTreeMap::new()),
             discover: Mutex::new(None),
             compiles: Arc::new(AtomicUsize::new(0)),
         }
@@ -259,6 +278,39 @@ impl Lane {
         name: &str,
         bytes: &[u8],
         spec: Option<ModuleSpec>,
+    ) -> Result<ModuleInfo, InstallError> {
+        self.install_at(name, bytes, spec, unix_ms())
+    }
+
+    /// Installs a module a peer has, as the peer has it: the same bytes
+    /// (checked against `ad.sha256`), spec and install time.
+    pub(crate) fn install_synced(
+        &self,
+        ad: &ModuleAd,
+        bytes: &[u8],
+        spec: ModuleSpec,
+    ) -> Result<ModuleInfo, InstallError> {
+        if !runtime::sha256_hex(bytes).eq_ignore_ascii_case(&ad.sha256) {
+            return Err(InstallError::Invalid(
+                "the bytes do not have the announced SHA-256".into(),
+            ));
+        }
+        if !self.wants(ad) {
+            // A newer install or removal came first.
+            return Err(InstallError::Invalid(format!(
+                "{} is outdated here",
+                ad.name
+            )));
+        }
+        self.install_at(&ad.name, bytes, Some(spec), ad.at_ms)
+    }
+
+    fn install_at(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        spec: Option<ModuleSpec>,
+        at_ms: u64,
     ) -> Result<ModuleInfo, InstallError> {
         if !valid_name(name) {
             return Err(InstallError::BadName(name.to_string()));
@@ -314,7 +366,7 @@ impl Lane {
             name: name.to_string(),
             sha256,
             size: bytes.len(),
-            installed_at_ms: unix_ms(),
+            installed_at_ms: at_ms,
             memory_limit_bytes: memory_limit,
             summary,
             running: 0,
@@ -334,6 +386,7 @@ impl Lane {
         // the last place while this one compiled; a rare race that lets one
         // module past the limit for the length of a compile is harmless.)
         lock(&self.modules).insert(name_arc, installed);
+        lock(&self.removed).remove(name);
         *lock(&self.discover) = None;
         tracing::info!(module = name, sha256 = %info.sha256, size = info.size, "wasm module installed");
         Ok(info)
@@ -350,12 +403,102 @@ impl Lane {
 
     /// Removes a module; its running tasks finish on its code.
     pub(crate) fn remove(&self, name: &str) -> bool {
-        let removed = lock(&self.modules).remove(name).is_some();
+        self.remove_at(name, unix_ms(), false)
+    }
+
+    /// Removes a module a peer removed at `at_ms`, unless it was installed
+    /// here after that; the removal is remembered either way.
+    pub(crate) fn remove_synced(&self, name: &str, at_ms: u64) -> bool {
+        self.remove_at(name, at_ms, true)
+    }
+
+    fn remove_at(&self, name: &str, at_ms: u64, only_older: bool) -> bool {
+        let removed = {
+            let mut m = lock(&self.modules);
+            match m.get(name) {
+                Some(i) if only_older && i.info.installed_at_ms >= at_ms => false,
+                Some(_) => m.remove(name).is_some(),
+                None => false,
+            }
+        };
+        if removed || only_older {
+            let mut r = lock(&self.removed);
+            let e = r.entry(Arc::from(name)).or_insert(at_ms);
+            *e = (*e).max(at_ms);
+            if r.len() > MAX_REMOVALS {
+                if let Some(oldest) = r.iter().min_by_key(|(_, at)| **at).map(|(n, _)| n.clone()) {
+                    r.remove(&oldest);
+                }
+            }
+        }
         if removed {
             *lock(&self.discover) = None;
             tracing::info!(module = name, "wasm module removed");
         }
         removed
+    }
+
+    /// Whether a peer's module is newer than what this node has of its name
+    /// (the module, or its removal).
+    pub(crate) fn wants(&self, ad: &ModuleAd) -> bool {
+        if lock(&self.removed)
+            .get(ad.name.as_str())
+            .is_some_and(|at| *at >= ad.at_ms)
+        {
+            return false;
+        }
+        match lock(&self.modules).get(ad.name.as_str()) {
+            None => true,
+            Some(m) if m.info.sha256 == ad.sha256 => false,
+            Some(m) => {
+                (m.info.installed_at_ms, m.info.sha256.as_str()) < (ad.at_ms, ad.sha256.as_str())
+            }
+        }
+    }
+
+    /// The modules and the removals this node knows, for a peer to compare.
+    pub(crate) fn ads(&self) -> (Vec<ModuleAd>, Vec<(String, u64)>) {
+        let modules = lock(&self.modules)
+            .values()
+            .map(|m| ModuleAd {
+                name: m.info.name.clone(),
+                sha256: m.info.sha256.clone(),
+                at_ms: m.info.installed_at_ms,
+            })
+            .collect();
+        let removed = lock(&self.removed)
+            .iter()
+            .map(|(n, at)| (n.to_string(), *at))
+            .collect();
+        (modules, removed)
+    }
+
+    /// A digest of the table (names and hashes): equal on two nodes that
+    /// run the same code under the same names; 0 with no module.
+    pub(crate) fn digest(&self) -> u64 {
+        let m = lock(&self.modules);
+        if m.is_empty() {
+            return 0;
+        }
+        let mut text = String::new();
+        for i in m.values() {
+            text.push_str(&i.info.name);
+            text.push('=');
+            text.push_str(&i.info.sha256);
+            text.push('\n');
+        }
+        drop(m);
+        let hex = runtime::sha256_hex(text.as_bytes());
+        u64::from_str_radix(hex.get(..16).unwrap_or("1"), 16).unwrap_or(1)
+    }
+
+    /// What a peer needs to install the module with these bytes: its spec
+    /// and bytes.
+    pub(crate) fn for_peer(&self, sha256: &str) -> Option<(ModuleSpec, Arc<[u8]>)> {
+        lock(&self.modules)
+            .values()
+            .find(|m| m.info.sha256.eq_ignore_ascii_case(sha256))
+            .map(|m| (m.spec.clone(), m.bytes.clone()))
     }
 
     /// The bytes and description of an installed module whose bytes have
@@ -471,6 +614,50 @@ mod tests {
         assert_eq!(s.memory_limit_bytes, Some(1 << 20));
         assert_eq!(s.schema().unwrap()["type"], "object");
         assert!(ModuleSpec::from_toml("memory = 1").is_err());
+    }
+
+    #[cfg(feature = "wasm")]
+    #[test]
+    fn two_tables_converge_on_the_newest_install_or_removal() {
+        let (a, b) = (
+            Lane::new(&Config::default(), &Registry::new()),
+            Lane::new(&Config::default(), &Registry::new()),
+        );
+        let v1 = br#"(module (func (export "run")))"#;
+        let v2 = br#"(module (func (export "run") nop))"#;
+        a.install("m", v1, None).unwrap();
+        let ad1 = a.ads().0.remove(0);
+        assert!(b.wants(&ad1));
+        assert!(
+            b.install_synced(&ad1, v2, ModuleSpec::default()).is_err(),
+            "bytes checked"
+        );
+        b.install_synced(&ad1, v1, ModuleSpec::default()).unwrap();
+        assert_eq!(a.digest(), b.digest());
+        assert_ne!(a.digest(), 0);
+        assert_eq!(b.ads().0, vec![ad1.clone()], "the install time travels");
+        // A newer version replaces it; the older one is not wanted back.
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        a.install("m", v2, None).unwrap();
+        let ad2 = a.ads().0.remove(0);
+        assert!(b.wants(&ad2));
+        b.install_synced(&ad2, v2, ModuleSpec::default()).unwrap();
+        assert!(!b.wants(&ad1) && !a.wants(&ad1));
+        assert_eq!(a.digest(), b.digest());
+        // A removal wins over the install before it, and is remembered.
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        assert!(a.remove("m"));
+        let (mods, removed) = a.ads();
+        assert!(mods.is_empty());
+        let (name, at) = removed[0].clone();
+        assert!(b.remove_synced(&name, at));
+        assert!(!b.wants(&ad2), "a removed module does not come back");
+        assert_eq!(b.digest(), 0);
+        // ... unless it is installed again, later.
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        a.install("m", v1, None).unwrap();
+        assert!(b.wants(&a.ads().0[0]));
+        assert!(a.for_peer(&ad1.sha256).is_some());
     }
 
     #[cfg(feature = "wasm")]
