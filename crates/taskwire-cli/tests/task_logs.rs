@@ -279,3 +279,62 @@ async fn session_tokens_are_never_logged() {
         }
     }
 }
+
+/// A guest that writes 200 MB to its stdout: the server logs 16 KiB of it,
+/// says how much it dropped, and the task is answered as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_s_output_is_logged_within_its_bound() {
+    let dir = std::env::temp_dir().join(format!("taskwire-chatty-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    // 200 writes of one ~1 MB iovec of 'a's (the iovec at 0, the bytes at 16).
+    std::fs::write(
+        dir.join("chatty.wat"),
+        r#"(module
+          (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+          (memory (export "memory") 17)
+          (func (export "run") (local $i i32)
+            (i32.store (i32.const 0) (i32.const 16))
+            (i32.store (i32.const 4) (i32.const 1048000))
+            (memory.fill (i32.const 16) (i32.const 97) (i32.const 1048000))
+            (loop
+              (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+              (local.set $i (i32.add (local.get $i) (i32.const 1)))
+              (br_if 0 (i32.lt_u (local.get $i) (i32.const 200))))))"#,
+    )
+    .expect("write the module");
+    let dir_arg = dir.to_string_lossy().to_string();
+    let mut s = start(&["--wasm-dir", &dir_arg]).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", s.addr))
+        .await
+        .expect("connect");
+    let v = call(
+        &mut ws,
+        json!({"jsonrpc":"2.0","id":1,"method":"chatty","params":{}}),
+    )
+    .await;
+    assert_eq!(v["result"], Value::Null, "{v}");
+    // The store (and its log) is dropped with the task's future, before
+    // the answer is written: every line is in by now.
+    drop(ws);
+    let _ = s.child.start_kill();
+    let mut lines = Vec::new();
+    while let Ok(Some(l)) = tokio::time::timeout(WAIT, s.log.recv()).await {
+        lines.push(l);
+    }
+    let guest: usize = lines
+        .iter()
+        .map(|l| l.matches("aaaaaaaa").count() * 8)
+        .sum();
+    assert!(
+        (1 << 10..=16 << 10).contains(&guest),
+        "{guest} bytes of guest output logged"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("bytes of guest output dropped") && l.contains("chatty")),
+        "{}",
+        lines.join("\n").chars().take(4000).collect::<String>()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -303,9 +303,14 @@ pub(super) fn link(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
             for i in 0..n.clamp(0, 1024) {
                 let iov = read(&mut c, iovs.wrapping_add(i * 8), 8)?;
                 let ptr = i32::from_le_bytes([iov[0], iov[1], iov[2], iov[3]]);
-                let len = i32::from_le_bytes([iov[4], iov[5], iov[6], iov[7]]);
-                let bytes = read(&mut c, ptr, len)?;
-                total = total.wrapping_add(bytes.len() as u32);
+                let len = i32::from_le_bytes([iov[4], iov[5], iov[6], iov[7]]).max(0);
+                // Only what the log can still take is copied out: a guest
+                // writing its whole memory, in every one of its tasks, would
+                // otherwise make the host hold as much again.
+                let room = LOG_BYTES.saturating_sub(c.data().log_used) as i32;
+                let bytes = read(&mut c, ptr, len.min(room))?;
+                total = total.wrapping_add(len as u32);
+                c.data_mut().log_dropped += (len - len.min(room)) as usize;
                 c.data_mut().log(&bytes);
             }
             write(&mut c, written, &total.to_le_bytes())?;
