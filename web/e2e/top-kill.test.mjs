@@ -12,7 +12,7 @@ import assert from 'node:assert/strict';
 import WebSocket from 'ws';
 import { Taskwire, TaskwireError, ErrorCode } from '../taskwire.js';
 import { startServer, eventually, delay } from '../testing/server.mjs';
-import { launch, screenshot } from '../testing/browser.mjs';
+import { launch, screenshot, openDashboard } from '../testing/browser.mjs';
 
 const KILLS = 5;
 const PRESS_MS = 120;
@@ -54,15 +54,7 @@ async function startRunaway(tw) {
 }
 
 test('the Top view kills on a press and a release 120 ms apart, five times in a row', { timeout: 180_000 }, async (t) => {
-  const context = await browser.newContext({ viewport: { width: 1400, height: 1000 } });
-  t.after(() => context.close());
-  const page = await context.newPage();
-  const errors = [];
-  page.on('pageerror', (err) => errors.push(err.message));
-  page.on('console', (msg) => { if (msg.type() === 'error') errors.push(msg.text()); });
-  await page.goto(`${srv.httpUrl}/`, { waitUntil: 'load', timeout: 15_000 });
-  await page.waitForSelector('html[data-ready="true"]', { timeout: 15_000 });
-  await page.waitForSelector('#admin-state[data-state="open"]', { timeout: 15_000 });
+  const { page, errors } = await openDashboard(browser, t, srv.httpUrl, { width: 1400, height: 1000 });
 
   const decoyClient = await client();
   const decoy = await startRunaway(decoyClient);

@@ -11,7 +11,7 @@ import path from 'node:path';
 import WebSocket from 'ws';
 import { Taskwire, TaskwireError } from '../taskwire.js';
 import { startServer, eventually } from '../testing/server.mjs';
-import { launch, screenshot } from '../testing/browser.mjs';
+import { launch, screenshot, openDashboard } from '../testing/browser.mjs';
 
 const STUCK = '(module (func (export "run") (loop br 0)))';
 const FIXED = `(module
@@ -43,15 +43,7 @@ test('a stuck wasm task is found and killed, a fixed module installed from the p
   const put = await fetch(`${srv.httpUrl}/admin/wasm/resize`, { method: 'PUT', body: STUCK });
   assert.equal(put.status, 200, await put.text());
 
-  const context = await browser.newContext({ viewport: { width: 1400, height: 1100 } });
-  t.after(() => context.close());
-  const page = await context.newPage();
-  const errors = [];
-  page.on('pageerror', (err) => errors.push(err.message));
-  page.on('console', (msg) => { if (msg.type() === 'error') errors.push(msg.text()); });
-  await page.goto(`${srv.httpUrl}/`, { waitUntil: 'load', timeout: 15_000 });
-  await page.waitForSelector('html[data-ready="true"]', { timeout: 15_000 });
-  await page.waitForSelector('#admin-state[data-state="open"]', { timeout: 15_000 });
+  const { page, errors } = await openDashboard(browser, t, srv.httpUrl, { width: 1400, height: 1100 });
   await page.waitForSelector('#wasm-body tr[data-module="resize"]', { timeout: 15_000 });
 
   // The steady load runs on its own connection.

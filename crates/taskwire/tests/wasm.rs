@@ -10,8 +10,6 @@ use std::path::PathBuf;
 
 use common::*;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// A task that never ends and never calls anything.
 const FOREVER: &str = r#"(module (func (export "run") (loop br 0)))"#;
@@ -44,35 +42,9 @@ fn tagged(tag: &str, iterations_log2: u32) -> String {
     )
 }
 
-/// An HTTP request with a body (the admin API's PUT), returning (status, body).
-async fn http_body(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).await.expect("write");
-    s.write_all(body).await.expect("write");
-    let mut buf = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
-        .await
-        .expect("http timeout")
-        .expect("read");
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
 async fn install(addr: SocketAddr, name: &str, module: &[u8]) -> Value {
-    let (status, body) = http_body(addr, "PUT", &format!("/admin/wasm/{name}"), module).await;
+    let (status, body) =
+        common::http_with_body(addr, "PUT", &format!("/admin/wasm/{name}"), None, module).await;
     assert_eq!(status, 200, "install {name}: {body}");
     serde_json::from_str(&body).expect("json")
 }
@@ -210,7 +182,7 @@ async fn a_loop_that_never_yields_is_cancelled_killed_timed_out_and_dropped() {
 
     // A module installed at run time has its per-method series like a
     // registered task: every outcome above is counted under its name.
-    let (status, text) = http_body(server.addr, "GET", "/metrics", b"").await;
+    let (status, text) = common::http_with_body(server.addr, "GET", "/metrics", None, b"").await;
     assert_eq!(status, 200);
     for outcome in ["cancelled", "killed", "timeout"] {
         let series =
@@ -292,10 +264,11 @@ async fn a_memory_grow_loop_is_answered_memory_limit() {
     let r = c.call(1, "grow", json!({})).await;
     assert_eq!(code(&r), -32010, "{r}");
     assert_eq!(r["error"]["data"]["limitBytes"], 8 << 20);
-    let (status, body) = http_body(
+    let (status, body) = common::http_with_body(
         server.addr,
         "PUT",
         "/admin/wasm/grow?memory_limit_bytes=1048576",
+        None,
         GROW.as_bytes(),
     )
     .await;
@@ -304,10 +277,11 @@ async fn a_memory_grow_loop_is_answered_memory_limit() {
     assert_eq!(code(&r), -32010, "{r}");
     assert_eq!(r["error"]["data"]["limitBytes"], 1 << 20);
     // Over the server's limit is refused at install.
-    let (status, _) = http_body(
+    let (status, _) = common::http_with_body(
         server.addr,
         "PUT",
         "/admin/wasm/grow2?memory_limit_bytes=1073741824",
+        None,
         GROW.as_bytes(),
     )
     .await;
@@ -359,20 +333,22 @@ async fn modules_are_replaced_and_removed_while_their_tasks_run() {
     // The installed code is found by its hash (the old one is no longer
     // installed).
     let v2_sha = v2["sha256"].as_str().expect("sha256");
-    let (status, body) = http_body(
+    let (status, body) = common::http_with_body(
         server.addr,
         "GET",
         &format!("/admin/wasm/sha256/{v2_sha}"),
+        None,
         b"",
     )
     .await;
     assert_eq!(status, 200);
     assert_eq!(body, tagged("v2", 0));
     let v1_sha = v1["sha256"].as_str().expect("sha256");
-    let (status, _) = http_body(
+    let (status, _) = common::http_with_body(
         server.addr,
         "GET",
         &format!("/admin/wasm/sha256/{v1_sha}"),
+        None,
         b"",
     )
     .await;
@@ -396,7 +372,9 @@ async fn installs_are_checked_and_the_lanes_limits_hold() {
     let server = TestServer::start(cfg).await;
     let put = |name: &'static str, body: &'static [u8]| {
         let addr = server.addr;
-        async move { http_body(addr, "PUT", &format!("/admin/wasm/{name}"), body).await }
+        async move {
+            common::http_with_body(addr, "PUT", &format!("/admin/wasm/{name}"), None, body).await
+        }
     };
     // A built-in's name, a bad name, bytes that are not a module, a module
     // without `run`, an import the lane does not offer.
