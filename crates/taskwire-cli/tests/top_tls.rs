@@ -4,49 +4,18 @@
 
 mod common;
 
-use std::net::SocketAddr;
+use common::{Proc, WAIT};
+
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// Generous bound for anything to happen on a shared machine.
-const WAIT: Duration = Duration::from_secs(30);
-
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve_tls(cert: &Path, key: &Path) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_taskwire"))
-        .args([
-            "serve",
-            "--addr",
-            "127.0.0.1:0",
-            "--nice",
-            "0",
-            "--workers",
-            "1",
-        ])
-        .arg("--tls-cert")
-        .arg(cert)
-        .arg("--tls-key")
-        .arg(key)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start taskwire serve");
-    let (addr, _) = common::listening_addr(&mut child);
-    Server { child, addr }
+fn serve_tls(cert: &Path, key: &Path) -> Proc {
+    let (cert, key) = (
+        cert.to_str().expect("a UTF-8 path"),
+        key.to_str().expect("a UTF-8 path"),
+    );
+    Proc::start(&["--tls-cert", cert, "--tls-key", key])
 }
 
 /// `taskwire top --once ARGS`, bounded by [`WAIT`].

@@ -151,13 +151,21 @@ async fn runs_here(a: SocketAddr, request: i64) -> bool {
     started && !runs_elsewhere(a, request).await
 }
 
-async fn received_from_a(b: SocketAddr) -> String {
+/// How many of A's tasks B ran, from B's metrics.
+async fn received_from_a(b: SocketAddr) -> u64 {
     let (_, metrics) = http(b, "GET", "/metrics", None).await;
     metrics
         .lines()
-        .find(|l| l.starts_with("taskwire_cluster_tasks_received_total{peer=\"A\"}"))
-        .unwrap_or_default()
-        .to_string()
+        .find_map(|l| l.strip_prefix("taskwire_cluster_tasks_received_total{peer=\"A\"} "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Cancels request `id` (with request `with`) and sees it answered so.
+async fn cancel(c: &mut Client, with: i64, id: i64) {
+    c.request(with, "$/cancelRequest", json!({ "id": id }))
+        .await;
+    assert_eq!(code(&c.response(id).await), -32800);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -188,13 +196,8 @@ async fn params_progress_and_results_past_one_mib_cross_in_chunks() {
             .any(|m| m["params"]["value"]["blob"].as_str().map(str::len) == Some(300_000)),
         "the large progress value arrived"
     );
-    assert_eq!(
-        received_from_a(b.addr).await,
-        "taskwire_cluster_tasks_received_total{peer=\"A\"} 1",
-        "it ran on B"
-    );
-    c.request(3, "$/cancelRequest", json!({ "id": 1 })).await;
-    assert_eq!(code(&c.response(1).await), -32800);
+    assert_eq!(received_from_a(b.addr).await, 1, "it ran on B");
+    cancel(&mut c, 3, 1).await;
 }
 
 /// A task keeps its params to be offered only while its connection's
@@ -232,8 +235,7 @@ async fn a_connection_at_its_budget_keeps_its_tasks_at_home() {
     );
     // B is free again and says so; a task that could be offered would be
     // now, before anything else is sent.
-    c.request(4, "$/cancelRequest", json!({ "id": 2 })).await;
-    assert_eq!(code(&c.response(2).await), -32800);
+    cancel(&mut c, 4, 2).await;
     let bb = b.addr;
     assert!(
         eventually(|| async move {
@@ -254,19 +256,13 @@ async fn a_connection_at_its_budget_keeps_its_tasks_at_home() {
     assert!(!runs_elsewhere(a.addr, 3).await, "request 3 stayed on A");
     assert_eq!(
         received_from_a(b.addr).await,
-        "taskwire_cluster_tasks_received_total{peer=\"A\"} 2",
+        2,
         "B ran requests 2 and 5 only"
     );
     // A's worker is freed: request 3 runs there and is answered.
-    c.request(6, "$/cancelRequest", json!({ "id": 1 })).await;
-    assert_eq!(code(&c.response(1).await), -32800);
+    cancel(&mut c, 6, 1).await;
     let v = c.response(3).await;
     assert_eq!(v["result"]["len"], 40_000, "{v}");
-    c.request(7, "$/cancelRequest", json!({ "id": 5 })).await;
-    assert_eq!(code(&c.response(5).await), -32800);
-    assert_eq!(
-        received_from_a(b.addr).await,
-        "taskwire_cluster_tasks_received_total{peer=\"A\"} 2",
-        "request 3 ran on A"
-    );
+    cancel(&mut c, 7, 5).await;
+    assert_eq!(received_from_a(b.addr).await, 2, "request 3 ran on A");
 }
