@@ -192,6 +192,27 @@ async fn a_busy_node_sends_tasks_to_its_peer_and_everything_crosses_the_wire() {
             "{table}"
         );
     }
+    // `taskwire top` on A: the peers line, the task on B by its qualified
+    // id, and A's own row saying where it runs.
+    let url = format!("http://{}", a2.addr);
+    let out = tokio::task::spawn_blocking(move || common::top(&["--url", &url]))
+        .await
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{}", common::text(&out));
+    assert!(
+        printed.contains("node A · NATS connected · B "),
+        "{printed}"
+    );
+    assert!(
+        printed
+            .lines()
+            .any(|l| l.trim_start().starts_with(&format!("{rid} "))
+                && l.contains("@B")
+                && l.contains("runaway")),
+        "{printed}"
+    );
+    assert!(printed.contains(&format!("ON {rid}")), "{printed}");
     send(
         &mut ws,
         json!({"jsonrpc":"2.0","method":"$/cancelRequest","params":{"id":20}}),
@@ -210,7 +231,8 @@ async fn a_busy_node_sends_tasks_to_its_peer_and_everything_crosses_the_wire() {
     let v = answer(&mut ws, 21, &mut progress).await;
     assert_eq!(v["error"]["code"], -32002, "{v}");
 
-    // An operator on A kills the task on B by its node-qualified id.
+    // An operator on A kills the task on B by its node-qualified id, with
+    // `taskwire top`.
     until_idle_seen(&a2, &b);
     send(
         &mut ws,
@@ -228,7 +250,12 @@ async fn a_busy_node_sends_tasks_to_its_peer_and_everything_crosses_the_wire() {
     })
     .await
     .unwrap();
-    assert_eq!(a2.post(&format!("/admin/tasks/{rid}/kill")), 200);
+    // With top's kill (the one its kill key uses on a peer's row).
+    let url = format!("http://{}", a2.addr);
+    let out = tokio::task::spawn_blocking(move || common::top(&["--url", &url, "--kill-on", &rid]))
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", common::text(&out));
     let v = answer(&mut ws, 22, &mut progress).await;
     assert_eq!(v["error"]["code"], -32004, "{v}");
 

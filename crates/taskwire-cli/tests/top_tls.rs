@@ -4,11 +4,9 @@
 
 mod common;
 
-use common::{Proc, WAIT};
+use common::{text, top, Proc};
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 fn serve_tls(cert: &Path, key: &Path) -> Proc {
     let (cert, key) = (
@@ -16,38 +14,6 @@ fn serve_tls(cert: &Path, key: &Path) -> Proc {
         key.to_str().expect("a UTF-8 path"),
     );
     Proc::start(&["--tls-cert", cert, "--tls-key", key])
-}
-
-/// `taskwire top --once ARGS`, bounded by [`WAIT`].
-fn top(args: &[&str]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_taskwire"))
-        .args(["top", "--once"])
-        .args(args)
-        .env_remove("TASKWIRE_URL")
-        .env_remove("TASKWIRE_ADMIN_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start taskwire top");
-    let start = Instant::now();
-    while child.try_wait().expect("wait").is_none() {
-        if start.elapsed() > WAIT {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().expect("top's output")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 #[test]
