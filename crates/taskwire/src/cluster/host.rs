@@ -173,7 +173,7 @@ impl Cluster {
                     let msg = Msg::Progress {
                         from: c.node.to_string(),
                         rid,
-                        value: v.get().to_string(),
+                        value: v,
                     };
                     c.send(&origin, &msg).await;
                 }
@@ -208,7 +208,7 @@ impl Cluster {
                     let msg = Msg::Progress {
                         from: self.node.to_string(),
                         rid,
-                        value: v.get().to_string(),
+                        value: v,
                     };
                     self.send(origin, &msg).await;
                 }
