@@ -64,7 +64,7 @@ pub fn capture_stderr(child: &mut Child) -> Arc<Mutex<String>> {
 }
 
 /// `taskwire serve` with `args`, on 127.0.0.1:0 with one worker at nice 0
-/// unless `args` say otherwise, logging at `info` (or `TASKWIRE_TEST_LOG`),
+/// unless `args` say otherwise, logging at `info` (or the filter in `TASKWIRE_TEST_RUST_LOG`),
 /// the demo tasks off unless asked for; stdout and stderr piped.
 pub fn serve_command(args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_taskwire"));
@@ -82,7 +82,7 @@ pub fn serve_command(args: &[&str]) -> Command {
         // The log filter is a setting too (`RUST_LOG`): the start-up lines are `info`.
         .env(
             "RUST_LOG",
-            std::env::var("TASKWIRE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            std::env::var("TASKWIRE_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
         )
         .env_remove("TASKWIRE_DEMO")
         .stdin(Stdio::null())
