@@ -13,7 +13,7 @@ import net from 'node:net';
 import WebSocket from 'ws';
 import { Taskwire, TaskwireError, ErrorCode } from '../taskwire.js';
 import { startServer, eventually } from '../testing/server.mjs';
-import { launch, screenshot } from '../testing/browser.mjs';
+import { launch, openDashboard, screenshot } from '../testing/browser.mjs';
 
 const NATS = process.env.NATS_SERVER_BIN || '/usr/sbin/nats-server';
 
@@ -93,14 +93,7 @@ async function runaway(tw) {
 }
 
 test('the cluster card shows the node, its peer, a task run on the peer (killed from here) and a lost NATS', { timeout: 120_000 }, async (t) => {
-  const context = await browser.newContext({ viewport: { width: 1400, height: 1200 } });
-  t.after(() => context.close());
-  const page = await context.newPage();
-  const errors = [];
-  page.on('pageerror', (err) => errors.push(err.message));
-  page.on('console', (msg) => { if (msg.type() === 'error') errors.push(msg.text()); });
-  await page.goto(`${a.httpUrl}/`, { waitUntil: 'load', timeout: 15_000 });
-  await page.waitForSelector('html[data-ready="true"]', { timeout: 15_000 });
+  const { page, errors } = await openDashboard(browser, t, `${a.httpUrl}/`, { width: 1400, height: 1200 });
 
   // The node, NATS connected, and peer B with its one worker.
   const status = page.locator('[data-testid="cluster-status"]');

@@ -25,3 +25,20 @@ export async function screenshot(page, name) {
   await page.screenshot({ path: file, fullPage: true });
   return file;
 }
+
+/**
+ * A page in a context of its own (closed when test `t` ends) at `url`, once it
+ * has loaded and the dashboard says it is ready; `errors` collects the page's
+ * uncaught errors and console errors.
+ */
+export async function openDashboard(browser, t, url, viewport = { width: 1400, height: 1000 }) {
+  const context = await browser.newContext({ viewport });
+  t.after(() => context.close());
+  const page = await context.newPage();
+  const errors = [];
+  page.on('pageerror', (err) => errors.push(err.message));
+  page.on('console', (msg) => { if (msg.type() === 'error') errors.push(msg.text()); });
+  await page.goto(url, { waitUntil: 'load', timeout: 15_000 });
+  await page.waitForSelector('html[data-ready="true"]', { timeout: 15_000 });
+  return { page, errors };
+}
