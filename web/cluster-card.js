@@ -43,6 +43,50 @@ function card() {
   return el;
 }
 
+// Rows are kept by node-qualified id and updated in place: a poll that
+// replaced them between a person's press and release of a kill button would
+// send the release to another element, and the click would be lost.
+function render(body, tasks, unreachable) {
+  const rows = new Map([...body.querySelectorAll('tr[data-qid]')].map((r) => [r.dataset.qid, r]));
+  let prev = null;
+  for (const x of tasks) {
+    const qid = String(x.qid ?? '');
+    let row = rows.get(qid);
+    rows.delete(qid);
+    if (!row) {
+      row = document.createElement('tr');
+      row.dataset.testid = 'cluster-row';
+      row.dataset.qid = qid;
+      row.innerHTML = '<td></td><td></td><td></td><td></td><td class="num"></td><td></td>'
+        + `<td><button type="button" class="btn kill" data-testid="cluster-kill" data-kill="${esc(qid)}" title="kill task ${esc(qid)}">kill</button></td>`;
+    }
+    const cells = [qid, x.node, x.method, x.state, Number(x.cpuMs ?? 0).toFixed(1), x.runsOn ?? ''];
+    cells.forEach((v, i) => {
+      const text = String(v ?? '');
+      if (row.cells[i].textContent !== text) row.cells[i].textContent = text;
+    });
+    row.dataset.node = String(x.node ?? '');
+    row.dataset.runsOn = String(x.runsOn ?? '');
+    // Moved only when out of place, so that a row under the pointer stays put.
+    const want = prev ? prev.nextSibling : body.firstChild;
+    if (want !== row) body.insertBefore(row, want);
+    prev = row;
+  }
+  for (const r of rows.values()) r.remove();
+  let note = body.querySelector('tr[data-testid="cluster-unreachable"]');
+  if (unreachable.length) {
+    if (!note) {
+      note = document.createElement('tr');
+      note.dataset.testid = 'cluster-unreachable';
+      note.innerHTML = '<td colspan="7"></td>';
+    }
+    note.cells[0].textContent = `unreachable: ${unreachable.join(', ')}`;
+    body.appendChild(note);
+  } else {
+    note?.remove();
+  }
+}
+
 async function poll() {
   try {
     const r = await fetch('admin/cluster', { headers: headers(), cache: 'no-store' });
@@ -50,20 +94,17 @@ async function poll() {
     const c = await r.json();
     if (!c.node) return; // not in a cluster: no card
     const el = card();
+    el.querySelector('#cluster-status').dataset.connected = String(Boolean(c.natsConnected));
     el.querySelector('#cluster-status').textContent = c.natsConnected
       ? `node ${c.node} · NATS connected · ${c.peers.length} peer(s)`
       : `node ${c.node} · NATS unreachable: serving alone`;
     el.querySelector('#cluster-peers').innerHTML = c.peers.length
-      ? c.peers.map((p) => `<b>${esc(p.node)}</b> ${esc(p.spare)}/${esc(p.workers)} spare, ${esc(p.queued)} queued`).join(' · ')
+      ? c.peers.map((p) => `<span data-testid="cluster-peer" data-node="${esc(p.node)}"><b>${esc(p.node)}</b> ${esc(p.spare)}/${esc(p.workers)} spare, ${esc(p.queued)} queued</span>`).join(' · ')
       : 'no peer heard';
     const t = await fetch('admin/cluster/tasks', { headers: headers(), cache: 'no-store' });
     if (!t.ok) return;
     const { tasks = [], unreachable = [] } = await t.json();
-    el.querySelector('#cluster-body').innerHTML = tasks.slice(0, 500).map((x) => `<tr>
-      <td>${esc(x.qid)}</td><td>${esc(x.node)}</td><td>${esc(x.method)}</td><td>${esc(x.state)}</td>
-      <td class="num">${Number(x.cpuMs ?? 0).toFixed(1)}</td><td>${esc(x.runsOn ?? '')}</td>
-      <td><button type="button" data-kill="${esc(x.qid)}">kill</button></td></tr>`).join('')
-      + (unreachable.length ? `<tr><td colspan="7">unreachable: ${unreachable.map(esc).join(', ')}</td></tr>` : '');
+    render(el.querySelector('#cluster-body'), tasks.slice(0, 500), unreachable);
   } catch { /* the next poll tries again */ }
 }
 

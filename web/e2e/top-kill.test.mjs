@@ -54,7 +54,7 @@ async function startRunaway(tw) {
 }
 
 test('the Top view kills on a press and a release 120 ms apart, five times in a row', { timeout: 180_000 }, async (t) => {
-  const { page, errors } = await openDashboard(browser, t, srv.httpUrl, { width: 1400, height: 1000 });
+  const { page, errors } = await openDashboard(browser, t, `${srv.httpUrl}/`, { width: 1400, height: 1000 });
 
   const decoyClient = await client();
   const decoy = await startRunaway(decoyClient);

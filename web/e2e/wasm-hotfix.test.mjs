@@ -43,7 +43,7 @@ test('a stuck wasm task is found and killed, a fixed module installed from the p
   const put = await fetch(`${srv.httpUrl}/admin/wasm/resize`, { method: 'PUT', body: STUCK });
   assert.equal(put.status, 200, await put.text());
 
-  const { page, errors } = await openDashboard(browser, t, srv.httpUrl, { width: 1400, height: 1100 });
+  const { page, errors } = await openDashboard(browser, t, `${srv.httpUrl}/`, { width: 1400, height: 1100 });
   await page.waitForSelector('#wasm-body tr[data-module="resize"]', { timeout: 15_000 });
 
   // The steady load runs on its own connection.

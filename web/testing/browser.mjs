@@ -26,8 +26,11 @@ export async function screenshot(page, name) {
   return file;
 }
 
-// Opens the dashboard at `url` in a context of its own, closed after test
-// `t`; `errors` collects the page's errors and console errors.
+/**
+ * A page in a context of its own (closed when test `t` ends) at `url`, once it
+ * has loaded, the dashboard says it is ready and its admin API is open;
+ * `errors` collects the page's uncaught errors and console errors.
+ */
 export async function openDashboard(browser, t, url, viewport = { width: 1400, height: 1000 }) {
   const context = await browser.newContext({ viewport });
   t.after(() => context.close());
@@ -35,8 +38,9 @@ export async function openDashboard(browser, t, url, viewport = { width: 1400, h
   const errors = [];
   page.on('pageerror', (err) => errors.push(err.message));
   page.on('console', (msg) => { if (msg.type() === 'error') errors.push(msg.text()); });
-  await page.goto(`${url}/`, { waitUntil: 'load', timeout: 15_000 });
+  await page.goto(url, { waitUntil: 'load', timeout: 15_000 });
   await page.waitForSelector('html[data-ready="true"]', { timeout: 15_000 });
+  // Loopback without an admin token: the admin API is open to the page.
   await page.waitForSelector('#admin-state[data-state="open"]', { timeout: 15_000 });
   return { context, page, errors };
 }

@@ -1,9 +1,14 @@
 //! `taskwire top`: the busiest tasks and connections of a running server,
 //! refreshed like `top` or the BEAM's observer, with a key to kill a task.
 //!
+//! On a node of a cluster it adds the node's peers (spare workers, queue,
+//! last beat) and the tasks running on them, by node-qualified id (`B/17`),
+//! which the kill key kills there.
+//!
 //! The model (what is shown, what a key does) is kept apart from the drawing
 //! and from the HTTP calls, so that each is tested on its own.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -198,6 +203,138 @@ fn session_line(s: &SessionRow, now_ms: u64) -> String {
 const SESSION_HEADER: &str =
     "SESSION STATE     SINCE s  CONN PEER               RESP     BUF TASKS";
 
+/// The most rows of peers' tasks a snapshot keeps (each node lists up to
+/// 500 in `/admin/cluster/tasks`; a terminal shows far fewer).
+pub const MAX_REMOTE_ROWS: usize = 200;
+
+/// A peer as `/admin/cluster` lists it.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerRow {
+    /// Its node name.
+    pub node: String,
+    /// Workers it has free (as last announced, less the offers sent since).
+    #[serde(default)]
+    pub spare: u64,
+    /// Its workers.
+    #[serde(default)]
+    pub workers: u64,
+    /// CPU tasks waiting in its queue.
+    #[serde(default)]
+    pub queued: u64,
+    /// Since its last beat, ms.
+    #[serde(default)]
+    pub last_seen_ms: u64,
+}
+
+/// A task running on a peer, from the cluster's task table.
+#[derive(Clone, Debug)]
+pub struct RemoteTask {
+    /// Its node-qualified id, `NODE/ID`.
+    pub qid: String,
+    /// The node it runs on.
+    pub node: String,
+    /// The task as its node lists it.
+    pub info: TaskInfo,
+}
+
+/// The cluster as the node top reads sees it.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterView {
+    /// This node's name.
+    pub node: String,
+    /// Whether its NATS connection is up.
+    pub nats: bool,
+    /// Its peers, by name.
+    pub peers: Vec<PeerRow>,
+    /// Tasks running on peers (at most [`MAX_REMOTE_ROWS`]).
+    pub remote: Vec<RemoteTask>,
+    /// This node's tasks sent to a peer: task id → where it runs (`B/4`).
+    pub runs_on: HashMap<u64, String>,
+    /// Peers that did not answer for the task table.
+    pub unreachable: Vec<String>,
+}
+
+impl ClusterView {
+    /// From `/admin/cluster` and `/admin/cluster/tasks`; `None` if the
+    /// server is not a node of a cluster.
+    pub fn from_json(summary: &Value, tasks: &Value) -> Option<ClusterView> {
+        let node = summary.get("node")?.as_str()?.to_string();
+        let mut peers: Vec<PeerRow> = summary["peers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| serde_json::from_value(p.clone()).ok())
+            .collect();
+        peers.sort_by(|a, b| a.node.cmp(&b.node));
+        let mut remote = Vec::new();
+        let mut runs_on = HashMap::new();
+        for t in tasks["tasks"].as_array().into_iter().flatten() {
+            let (Some(qid), Some(on)) = (t["qid"].as_str(), t["node"].as_str()) else {
+                continue;
+            };
+            if on == node {
+                if let (Some(id), Some(r)) = (t["id"].as_u64(), t["runsOn"].as_str()) {
+                    runs_on.insert(id, r.to_string());
+                }
+            } else if remote.len() < MAX_REMOTE_ROWS {
+                if let Ok(info) = serde_json::from_value::<TaskInfo>(t.clone()) {
+                    remote.push(RemoteTask {
+                        qid: qid.to_string(),
+                        node: on.to_string(),
+                        info,
+                    });
+                }
+            }
+        }
+        let unreachable = tasks["unreachable"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|u| u.as_str().map(str::to_string))
+            .collect();
+        Some(ClusterView {
+            node,
+            nats: summary["natsConnected"].as_bool() == Some(true),
+            peers,
+            remote,
+            runs_on,
+            unreachable,
+        })
+    }
+
+    /// One line: the node, NATS, and each peer's spare/workers, queue and
+    /// last beat.
+    pub fn line(&self) -> String {
+        let mut out = format!(
+            "node {} · NATS {}",
+            self.node,
+            if self.nats {
+                "connected"
+            } else {
+                "not connected: serving alone"
+            }
+        );
+        if self.peers.is_empty() {
+            out.push_str(" · no peer heard");
+        }
+        for p in &self.peers {
+            out.push_str(&format!(
+                " · {} {}/{} spare, {} queued, seen {:.1}s ago",
+                p.node,
+                p.spare,
+                p.workers,
+                p.queued,
+                p.last_seen_ms as f64 / 1000.0
+            ));
+        }
+        if !self.unreachable.is_empty() {
+            out.push_str(&format!(" · unreachable: {}", self.unreachable.join(", ")));
+        }
+        out
+    }
+}
+
 /// What the server said at one refresh.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
@@ -211,6 +348,8 @@ pub struct Snapshot {
     pub sessions: Value,
     /// The sessions, at most [`MAX_SESSION_ROWS`] (oldest first).
     pub session_rows: Vec<SessionRow>,
+    /// The cluster, on a node of one.
+    pub cluster: Option<ClusterView>,
 }
 
 /// How the task table is ordered.
@@ -223,7 +362,7 @@ pub enum Sort {
 }
 
 /// What a key asks for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
     /// Nothing to do outside the model.
     None,
@@ -231,6 +370,25 @@ pub enum Action {
     Quit,
     /// Kill this task.
     Kill(u64),
+    /// Kill task `NODE/ID` (one running on a peer).
+    KillOn(String),
+}
+
+/// A row of the task table: this node's task, or one running on a peer
+/// (listed after this node's).
+#[derive(Clone, Copy, Debug)]
+pub enum Selected<'a> {
+    /// This node's task.
+    Local(&'a TaskInfo),
+    /// A task on a peer.
+    Remote(&'a RemoteTask),
+}
+
+/// What keeps the selection on the same row across refreshes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum RowKey {
+    Local(u64),
+    Remote(String),
 }
 
 /// The state of the view.
@@ -260,21 +418,52 @@ impl Default for Model {
 impl Model {
     /// Takes a new snapshot, keeping the selection on the same task if it lives.
     pub fn apply(&mut self, mut snap: Snapshot) {
-        let keep = self.selected_task().map(|t| t.id);
-        match self.sort {
-            Sort::Cpu => snap.tasks.sort_by(|a, b| b.cpu_ms.total_cmp(&a.cpu_ms)),
-            Sort::Age => snap.tasks.sort_by_key(|t| std::cmp::Reverse(t.age_ms)),
+        let keep = self.selected_row().map(|r| match r {
+            Selected::Local(t) => RowKey::Local(t.id),
+            Selected::Remote(r) => RowKey::Remote(r.qid.clone()),
+        });
+        let sort = self.sort;
+        let order = |a: &TaskInfo, b: &TaskInfo| match sort {
+            Sort::Cpu => b.cpu_ms.total_cmp(&a.cpu_ms),
+            Sort::Age => b.age_ms.cmp(&a.age_ms),
+        };
+        snap.tasks.sort_by(order);
+        if let Some(c) = snap.cluster.as_mut() {
+            c.remote.sort_by(|a, b| order(&a.info, &b.info));
         }
-        self.selected = keep
-            .and_then(|id| snap.tasks.iter().position(|t| t.id == id))
-            .unwrap_or(self.selected)
-            .min(snap.tasks.len().saturating_sub(1));
         self.snap = snap;
+        let found = keep.and_then(|k| match k {
+            RowKey::Local(id) => self.snap.tasks.iter().position(|t| t.id == id),
+            RowKey::Remote(q) => self
+                .remote()
+                .iter()
+                .position(|r| r.qid == q)
+                .map(|i| self.snap.tasks.len() + i),
+        });
+        self.selected = found
+            .unwrap_or(self.selected)
+            .min(self.rows().saturating_sub(1));
     }
 
-    /// The task under the cursor.
-    pub fn selected_task(&self) -> Option<&TaskInfo> {
-        self.snap.tasks.get(self.selected)
+    /// Tasks running on peers.
+    pub fn remote(&self) -> &[RemoteTask] {
+        self.snap.cluster.as_ref().map_or(&[], |c| &c.remote)
+    }
+
+    /// Rows of the task table: this node's tasks, then those on peers.
+    pub fn rows(&self) -> usize {
+        self.snap.tasks.len() + self.remote().len()
+    }
+
+    /// The row under the cursor.
+    pub fn selected_row(&self) -> Option<Selected<'_>> {
+        match self.snap.tasks.get(self.selected) {
+            Some(t) => Some(Selected::Local(t)),
+            None => self
+                .remote()
+                .get(self.selected - self.snap.tasks.len())
+                .map(Selected::Remote),
+        }
     }
 
     /// Applies a key.
@@ -282,7 +471,7 @@ impl Model {
         match key {
             KeyCode::Char('q') | KeyCode::Esc => Action::Quit,
             KeyCode::Down | KeyCode::Char('j') => {
-                if self.selected + 1 < self.snap.tasks.len() {
+                if self.selected + 1 < self.rows() {
                     self.selected += 1;
                 }
                 Action::None
@@ -301,8 +490,9 @@ impl Model {
                 self.apply(self.snap.clone());
                 Action::None
             }
-            KeyCode::Char('x') | KeyCode::Delete => match self.selected_task() {
-                Some(t) => Action::Kill(t.id),
+            KeyCode::Char('x') | KeyCode::Delete => match self.selected_row() {
+                Some(Selected::Local(t)) => Action::Kill(t.id),
+                Some(Selected::Remote(r)) => Action::KillOn(r.qid.clone()),
                 None => Action::None,
             },
             _ => Action::None,
@@ -335,6 +525,57 @@ fn sessions_text(counts: &Value) -> String {
     )
 }
 
+/// One row of the task table: its cells (task, connection, method, kind,
+/// state, CPU s, age s, memory, progress, flags) and whether it is flagged.
+struct TaskRow {
+    cells: [String; 10],
+    flagged: bool,
+}
+
+impl TaskRow {
+    fn new(id: String, conn: String, t: &TaskInfo, extra: Option<String>) -> TaskRow {
+        let mut flags = flags_text(t);
+        if let Some(e) = extra {
+            if !flags.is_empty() {
+                flags.push(' ');
+            }
+            flags.push_str(&e);
+        }
+        TaskRow {
+            cells: [
+                id,
+                conn,
+                t.method.clone(),
+                t.kind.as_str().to_string(),
+                t.state.label().to_string(),
+                format!("{:.1}", t.cpu_ms / 1000.0),
+                format!("{:.1}", t.age_ms as f64 / 1000.0),
+                bytes_text(t.memory_bytes),
+                progress_text(&t.progress),
+                flags,
+            ],
+            flagged: t.not_yielding || t.memory_flagged,
+        }
+    }
+}
+
+/// The task table's rows: this node's tasks (a task sent to a peer says
+/// where it runs), then the tasks running on peers, by node-qualified id.
+fn task_rows(m: &Model) -> Vec<TaskRow> {
+    let cluster = m.snap.cluster.as_ref();
+    let local = m.snap.tasks.iter().map(|t| {
+        let on = cluster
+            .and_then(|c| c.runs_on.get(&t.id))
+            .map(|r| format!("ON {r}"));
+        TaskRow::new(t.id.to_string(), t.conn.to_string(), t, on)
+    });
+    let remote = m
+        .remote()
+        .iter()
+        .map(|r| TaskRow::new(r.qid.clone(), format!("@{}", r.node), &r.info, None));
+    local.chain(remote).collect()
+}
+
 fn summary(snap: &Snapshot) -> String {
     let stats = &snap.stats;
     let p = &stats.pool;
@@ -355,8 +596,9 @@ fn summary(snap: &Snapshot) -> String {
 
 /// Draws the model.
 pub fn draw(frame: &mut Frame<'_>, m: &Model) {
-    let [head, tasks, conns, sessions, foot] = Layout::vertical([
+    let [head, cluster, tasks, conns, sessions, foot] = Layout::vertical([
         Constraint::Length(1),
+        Constraint::Length(u16::from(m.snap.cluster.is_some())),
         Constraint::Min(5),
         Constraint::Length(8),
         Constraint::Length(8),
@@ -367,31 +609,27 @@ pub fn draw(frame: &mut Frame<'_>, m: &Model) {
         Paragraph::new(summary(&m.snap)).style(Style::default().add_modifier(Modifier::BOLD)),
         head,
     );
-    let rows = m.snap.tasks.iter().map(|t| {
-        let style = if t.not_yielding || t.memory_flagged {
+    if let Some(c) = &m.snap.cluster {
+        let style = if c.nats {
+            Style::default()
+        } else {
+            Style::default().fg(Color::Red)
+        };
+        frame.render_widget(Paragraph::new(c.line()).style(style), cluster);
+    }
+    let rows = task_rows(m).into_iter().map(|r| {
+        let style = if r.flagged {
             Style::default().fg(Color::Red)
         } else {
             Style::default()
         };
-        Row::new(vec![
-            t.id.to_string(),
-            t.conn.to_string(),
-            t.method.clone(),
-            t.kind.as_str().to_string(),
-            t.state.label().to_string(),
-            format!("{:.1}", t.cpu_ms / 1000.0),
-            format!("{:.1}", t.age_ms as f64 / 1000.0),
-            bytes_text(t.memory_bytes),
-            progress_text(&t.progress),
-            flags_text(t),
-        ])
-        .style(style)
+        Row::new(r.cells).style(style)
     });
     let table = Table::new(
         rows,
         [
-            Constraint::Length(7),
-            Constraint::Length(5),
+            Constraint::Length(9),
+            Constraint::Length(6),
             Constraint::Length(14),
             Constraint::Length(4),
             Constraint::Length(9),
@@ -414,8 +652,12 @@ pub fn draw(frame: &mut Frame<'_>, m: &Model) {
             .fg(Color::Yellow),
     )
     .block(Block::bordered().title(format!(
-        " tasks ({}) by {} ",
+        " tasks ({}{}) by {} ",
         m.snap.tasks.len(),
+        match m.remote().len() {
+            0 => String::new(),
+            n => format!(" + {n} on peers"),
+        },
         if m.sort == Sort::Cpu { "CPU" } else { "age" }
     )));
     let mut state = TableState::default().with_selected(Some(m.selected));
@@ -606,7 +848,20 @@ impl AdminClient {
             stats,
             sessions,
             session_rows,
+            cluster: self.cluster(),
         })
+    }
+
+    /// The cluster, if the server is a node of one (a server without the
+    /// cluster answers `node: null`, and one without the admin route 404).
+    fn cluster(&self) -> Option<ClusterView> {
+        let summary = self.get::<Value>("/admin/cluster").ok()?;
+        summary["node"].as_str()?;
+        // Without the table (a peer slow to answer) the peers still show.
+        let tasks = self
+            .get::<Value>("/admin/cluster/tasks")
+            .unwrap_or(Value::Null);
+        ClusterView::from_json(&summary, &tasks)
     }
 
     /// Kills task `NODE/ID` of any node of the cluster.
@@ -643,26 +898,22 @@ impl AdminClient {
 pub fn render_text(m: &Model) -> String {
     let mut out = summary(&m.snap);
     out.push('\n');
+    if let Some(c) = &m.snap.cluster {
+        out.push_str(&c.line());
+        out.push('\n');
+    }
     out.push_str(&format!(
         "{:>7} {:>5} {:<14} {:<4} {:<9} {:>8} {:>8} {:>7} {:>5}\n",
         "TASK", "CONN", "METHOD", "KIND", "STATE", "CPU s", "AGE s", "MEM", "PROG"
     ));
-    for t in &m.snap.tasks {
+    for r in task_rows(m) {
+        let [id, conn, method, kind, state, cpu, age, mem, prog, flags] = r.cells;
+        let flags = match flags {
+            f if f.is_empty() => f,
+            f => format!("  {f}"),
+        };
         out.push_str(&format!(
-            "{:>7} {:>5} {:<14} {:<4} {:<9} {:>8.1} {:>8.1} {:>7} {:>5}{}\n",
-            t.id,
-            t.conn,
-            t.method,
-            t.kind.as_str(),
-            t.state.label(),
-            t.cpu_ms / 1000.0,
-            t.age_ms as f64 / 1000.0,
-            bytes_text(t.memory_bytes),
-            progress_text(&t.progress),
-            match flags_text(t) {
-                f if f.is_empty() => f,
-                f => format!("  {f}"),
-            }
+            "{id:>7} {conn:>5} {method:<14} {kind:<4} {state:<9} {cpu:>8} {age:>8} {mem:>7} {prog:>5}{flags}\n"
         ));
     }
     if !m.snap.session_rows.is_empty() {
@@ -730,6 +981,13 @@ fn run_blocking(args: TopArgs) -> Result<(), String> {
                         Action::Kill(id) => {
                             model.status = match client.kill(id) {
                                 Ok(()) => format!("killed task {id}"),
+                                Err(e) => e,
+                            };
+                            next = std::time::Instant::now();
+                        }
+                        Action::KillOn(q) => {
+                            model.status = match client.kill_on(&q) {
+                                Ok(()) => format!("killed task {q}"),
                                 Err(e) => e,
                             };
                             next = std::time::Instant::now();
@@ -817,6 +1075,15 @@ mod tests {
                     ..SessionRow::default()
                 },
             ],
+            cluster: None,
+        }
+    }
+
+    /// The id of this node's task under the cursor.
+    fn local_id(m: &Model) -> Option<u64> {
+        match m.selected_row() {
+            Some(Selected::Local(t)) => Some(t.id),
+            _ => None,
         }
     }
 
@@ -878,15 +1145,121 @@ mod tests {
         assert_eq!(m.on_key(KeyCode::Char('x')), Action::Kill(3));
         // The selection follows the task across a re-sort.
         m.on_key(KeyCode::Char('a'));
-        assert_eq!(m.selected_task().map(|t| t.id), Some(3));
+        assert_eq!(local_id(&m), Some(3));
         assert_eq!(m.snap.tasks[0].id, 1, "oldest first");
         // And across a refresh in which it is gone, it stays in range.
         m.apply(Snapshot {
             tasks: vec![row(9, 1.0, 1)],
             ..snap()
         });
-        assert_eq!(m.selected_task().map(|t| t.id), Some(9));
+        assert_eq!(local_id(&m), Some(9));
         assert_eq!(m.on_key(KeyCode::Char('q')), Action::Quit);
+    }
+
+    /// What `draw` puts on a terminal this wide, as one string.
+    fn drawn(m: &Model, width: u16) -> String {
+        let mut term = Terminal::new(TestBackend::new(width, 30)).unwrap();
+        term.draw(|f| draw(f, m)).unwrap();
+        term.backend()
+            .buffer()
+            .content()
+            .iter()
+            .map(|c| c.symbol())
+            .collect()
+    }
+
+    /// A node's view: its task 1 runs on B as B/7; B also runs B/8.
+    fn cluster_json() -> (Value, Value) {
+        let on_b = |id: u64, cpu: f64| {
+            let mut v = serde_json::to_value(row(id, cpu, 100)).unwrap();
+            v["node"] = "B".into();
+            v["qid"] = format!("B/{id}").into();
+            v
+        };
+        let mut own = serde_json::to_value(row(1, 5.0, 300)).unwrap();
+        own["node"] = "A".into();
+        own["qid"] = "A/1".into();
+        own["runsOn"] = "B/7".into();
+        let summary = serde_json::json!({
+            "node": "A", "natsConnected": true,
+            "peers": [{"node": "B", "spare": 0, "workers": 1, "queued": 2, "lastSeenMs": 300}],
+        });
+        let tasks = serde_json::json!({
+            "node": "A", "natsConnected": true, "unreachable": [],
+            "tasks": [own, on_b(7, 40.0), on_b(8, 90.0)],
+        });
+        (summary, tasks)
+    }
+
+    #[test]
+    fn a_node_lists_its_peers_and_their_tasks_and_kills_there() {
+        let (summary, tasks) = cluster_json();
+        let mut m = Model::default();
+        m.apply(Snapshot {
+            tasks: vec![row(1, 5.0, 300)],
+            cluster: ClusterView::from_json(&summary, &tasks),
+            ..snap()
+        });
+        let text = render_text(&m);
+        assert!(
+            text.contains("node A · NATS connected · B 0/1 spare, 2 queued, seen 0.3s ago"),
+            "{text}"
+        );
+        let line = |id: &str| {
+            text.lines()
+                .find(|l| l.split_whitespace().next() == Some(id))
+                .unwrap_or_else(|| panic!("row {id} in {text}"))
+                .to_string()
+        };
+        assert!(line("1").ends_with("ON B/7"), "{text}");
+        assert!(line("B/7").contains("@B"), "{text}");
+        // This node's tasks first, then the peers', busiest first.
+        let order: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|w| ["1", "B/7", "B/8"].contains(w))
+            .collect();
+        assert_eq!(order, ["1", "B/8", "B/7"]);
+        assert_eq!(m.on_key(KeyCode::Char('x')), Action::Kill(1));
+        m.on_key(KeyCode::Down);
+        m.on_key(KeyCode::Down);
+        assert_eq!(m.on_key(KeyCode::Char('x')), Action::KillOn("B/7".into()));
+        m.on_key(KeyCode::Down);
+        assert_eq!(m.selected, 2, "the last row is the last");
+        // The selection follows a peer's task across a refresh that re-sorts.
+        m.on_key(KeyCode::Char('a'));
+        assert!(matches!(m.selected_row(), Some(Selected::Remote(r)) if r.qid == "B/7"));
+        let drawn = drawn(&m, 120);
+        assert!(drawn.contains("tasks (1 + 2 on peers) by age"), "{drawn}");
+        assert!(drawn.contains("B 0/1 spare"), "{drawn}");
+        assert!(drawn.contains("B/8"), "{drawn}");
+    }
+
+    #[test]
+    fn peers_tasks_are_bounded_and_a_lone_server_has_no_cluster_line() {
+        let (summary, _) = cluster_json();
+        let many: Vec<Value> = (0..MAX_REMOTE_ROWS as u64 + 50)
+            .map(|id| {
+                let mut v = serde_json::to_value(row(id, 1.0, 1)).unwrap();
+                v["node"] = "B".into();
+                v["qid"] = format!("B/{id}").into();
+                v
+            })
+            .collect();
+        let c = ClusterView::from_json(&summary, &serde_json::json!({ "tasks": many }))
+            .expect("a node");
+        assert_eq!(c.remote.len(), MAX_REMOTE_ROWS);
+        let lone = serde_json::json!({"node": null, "natsConnected": false, "peers": []});
+        assert!(ClusterView::from_json(&lone, &Value::Null).is_none());
+        let cut_off = serde_json::json!({"node": "A", "natsConnected": false, "peers": []});
+        let c = ClusterView::from_json(&cut_off, &Value::Null).expect("a node");
+        assert_eq!(
+            c.line(),
+            "node A · NATS not connected: serving alone · no peer heard"
+        );
+        let mut m = Model::default();
+        m.apply(snap());
+        assert!(!render_text(&m).contains("NATS"));
     }
 
     #[test]
@@ -916,15 +1289,7 @@ mod tests {
     fn draws_the_table() {
         let mut m = Model::default();
         m.apply(snap());
-        let mut term = Terminal::new(TestBackend::new(100, 30)).unwrap();
-        term.draw(|f| draw(f, &m)).unwrap();
-        let text: String = term
-            .backend()
-            .buffer()
-            .content()
-            .iter()
-            .map(|c| c.symbol())
-            .collect();
+        let text = drawn(&m, 100);
         assert!(text.contains("NOT YIELDING"));
         assert!(text.contains("MEM"));
         assert!(text.contains("6.0M"), "task 2's memory");

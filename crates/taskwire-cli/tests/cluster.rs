@@ -1,177 +1,49 @@
 //! The cluster as operators run it: a real `nats-server` on a free port and
 //! `taskwire serve --nats` nodes as processes, one worker each, clients on
-//! node A. Only 127.0.0.0/8 is ever contacted. No timing is asserted: every
+//! node A (set-up in `common`). Only 127.0.0.0/8 is ever contacted. No timing is asserted: every
 //! wait is bounded by [`WAIT`] and checks an outcome.
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::ops::Deref;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use common::{answer, send, until, Nats, Proc, Ws, WAIT};
+use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
-/// Generous bound for anything to happen on a shared machine.
-const WAIT: Duration = Duration::from_secs(30);
-const NATS: &str = "/usr/sbin/nats-server";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// A child process, killed on drop.
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn nats(port: u16) -> Killed {
-    let child = Command::new(NATS)
-        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nats-server (scripts/test installs it)");
-    // Ready once it accepts connections.
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() && start.elapsed() < WAIT {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Killed(child)
-}
-
+/// A `taskwire serve --nats` process with the demo tasks and one worker.
 struct Node {
-    proc: Killed,
-    addr: SocketAddr,
-    log: Arc<Mutex<String>>,
+    proc: Proc,
     name: &'static str,
 }
 
+impl Deref for Node {
+    type Target = Proc;
+    fn deref(&self) -> &Proc {
+        &self.proc
+    }
+}
+
 fn node(name: &'static str, nats_port: u16) -> Node {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_taskwire"))
-        .arg("serve")
-        .args([
-            "--addr",
-            "127.0.0.1:0",
-            "--nice",
-            "0",
-            "--workers",
-            "1",
-            "--demo",
-        ])
-        .args([
-            "--nats",
-            &format!("nats://127.0.0.1:{nats_port}"),
-            "--node",
-            name,
-        ])
-        .env(
-            "RUST_LOG",
-            std::env::var("CLUSTER_TEST_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start taskwire");
-    let (addr, _stdout) = common::listening_addr(&mut child);
-    let log = common::capture_stderr(&mut child);
-    // The stdout pipe is kept open by leaking nothing: the server writes
-    // only its first line there.
-    std::mem::forget(_stdout);
+    let nats = format!("nats://127.0.0.1:{nats_port}");
     Node {
-        proc: Killed(child),
-        addr,
-        log,
+        proc: Proc::start(&["--demo", "--nats", &nats, "--node", name]),
         name,
     }
 }
 
 impl Node {
-    fn log(&self) -> String {
-        self.log.lock().map(|l| l.clone()).unwrap_or_default()
-    }
-    fn get(&self, path: &str) -> Value {
-        let url = format!("http://{}{path}", self.addr);
-        let mut r = ureq::get(&url).call().expect("admin GET");
-        r.body_mut().read_json().expect("JSON")
-    }
-    fn metrics(&self) -> String {
-        let url = format!("http://{}/metrics", self.addr);
-        let mut r = ureq::get(&url).call().expect("metrics");
-        r.body_mut().read_to_string().expect("text")
-    }
-    fn post(&self, path: &str) -> u16 {
-        let url = format!("http://{}{path}", self.addr);
-        match ureq::post(&url).send_empty() {
-            Ok(r) => r.status().as_u16(),
-            Err(ureq::Error::StatusCode(c)) => c,
-            Err(e) => panic!("{e}"),
-        }
-    }
     fn peers(&self) -> usize {
         self.get("/admin/cluster")["peers"]
             .as_array()
             .map_or(0, Vec::len)
     }
-    fn tasks(&self) -> Vec<Value> {
-        self.get("/admin/tasks")["tasks"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-    }
 }
-
-fn until(what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn connect(n: &Node) -> Ws {
-    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", n.addr))
-        .await
-        .expect("connect");
-    ws
-}
-
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(Message::text(v.to_string())).await.expect("send");
-}
-
-/// Reads until the response with this id, counting progress on the way.
-async fn answer(ws: &mut Ws, id: i64, progress: &mut usize) -> Value {
-    tokio::time::timeout(WAIT, async {
-        loop {
-            let m = ws.next().await.expect("open").expect("frame");
-            let Message::Text(t) = m else { continue };
-            let v: Value = serde_json::from_str(&t).expect("JSON");
-            if v["method"] == "$/progress" {
-                *progress += 1;
-                continue;
-            }
-            if v["id"] == id {
-                return v;
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("an answer to request {id} in time"))
+    common::connect(n.addr).await
 }
 
 /// Two nodes that have seen each other.
@@ -242,8 +114,8 @@ fn task_id(n: &Node, request: i64) -> Option<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_node_sends_tasks_to_its_peer_and_everything_crosses_the_wire() {
-    let port = free_port();
-    let _nats = nats(port);
+    let nats = Nats::start();
+    let port = nats.port;
     let (a, b) = tokio::task::spawn_blocking(move || pair(port))
         .await
         .unwrap();
@@ -320,6 +192,27 @@ async fn a_busy_node_sends_tasks_to_its_peer_and_everything_crosses_the_wire() {
             "{table}"
         );
     }
+    // `taskwire top` on A: the peers line, the task on B by its qualified
+    // id, and A's own row saying where it runs.
+    let url = format!("http://{}", a2.addr);
+    let out = tokio::task::spawn_blocking(move || common::top(&["--url", &url]))
+        .await
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{}", common::text(&out));
+    assert!(
+        printed.contains("node A · NATS connected · B "),
+        "{printed}"
+    );
+    assert!(
+        printed
+            .lines()
+            .any(|l| l.trim_start().starts_with(&format!("{rid} "))
+                && l.contains("@B")
+                && l.contains("runaway")),
+        "{printed}"
+    );
+    assert!(printed.contains(&format!("ON {rid}")), "{printed}");
     send(
         &mut ws,
         json!({"jsonrpc":"2.0","method":"$/cancelRequest","params":{"id":20}}),
@@ -338,7 +231,8 @@ async fn a_busy_node_sends_tasks_to_its_peer_and_everything_crosses_the_wire() {
     let v = answer(&mut ws, 21, &mut progress).await;
     assert_eq!(v["error"]["code"], -32002, "{v}");
 
-    // An operator on A kills the task on B by its node-qualified id.
+    // An operator on A kills the task on B by its node-qualified id, with
+    // `taskwire top`.
     until_idle_seen(&a2, &b);
     send(
         &mut ws,
@@ -356,7 +250,12 @@ async fn a_busy_node_sends_tasks_to_its_peer_and_everything_crosses_the_wire() {
     })
     .await
     .unwrap();
-    assert_eq!(a2.post(&format!("/admin/tasks/{rid}/kill")), 200);
+    // With top's kill (the one its kill key uses on a peer's row).
+    let url = format!("http://{}", a2.addr);
+    let out = tokio::task::spawn_blocking(move || common::top(&["--url", &url, "--kill-on", &rid]))
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", common::text(&out));
     let v = answer(&mut ws, 22, &mut progress).await;
     assert_eq!(v["error"]["code"], -32004, "{v}");
 
@@ -378,8 +277,8 @@ async fn a_busy_node_sends_tasks_to_its_peer_and_everything_crosses_the_wire() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_node_is_answered_minus_32008_and_a_lost_origin_frees_its_peer() {
-    let port = free_port();
-    let _nats = nats(port);
+    let nats = Nats::start();
+    let port = nats.port;
     let (a, b) = tokio::task::spawn_blocking(move || pair(port))
         .await
         .unwrap();
@@ -404,7 +303,7 @@ async fn a_lost_node_is_answered_minus_32008_and_a_lost_origin_frees_its_peer() 
     .await
     .unwrap();
     let killed_at = Instant::now();
-    let _ = b.proc.0.kill(); // SIGKILL
+    let _ = b.proc.child.kill(); // SIGKILL
     let mut progress = 0;
     let v = answer(&mut ws, 2, &mut progress).await;
     assert_eq!(v["error"]["code"], -32008, "{v}");
@@ -433,7 +332,7 @@ async fn a_lost_node_is_answered_minus_32008_and_a_lost_origin_frees_its_peer() 
     .await
     .unwrap();
     assert_eq!(b.tasks().len(), 1);
-    let _ = a.proc.0.kill();
+    let _ = a.proc.child.kill();
     tokio::task::spawn_blocking(move || {
         until("B to cancel the lost origin's task", || {
             b.tasks().is_empty()
@@ -449,8 +348,8 @@ async fn a_lost_node_is_answered_minus_32008_and_a_lost_origin_frees_its_peer() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_nats_each_node_serves_alone_and_rejoins_when_it_is_back() {
-    let port = free_port();
-    let nats1 = nats(port);
+    let nats1 = Nats::start();
+    let port = nats1.port;
     let (a, b) = tokio::task::spawn_blocking(move || pair(port))
         .await
         .unwrap();
@@ -476,7 +375,7 @@ async fn without_nats_each_node_serves_alone_and_rejoins_when_it_is_back() {
     let mut progress = 0;
     let v = answer(&mut ws, 1, &mut progress).await;
     assert_eq!(v["result"]["count"], 9592, "{v}");
-    let _nats2 = nats(port);
+    let _nats2 = Nats::on(port);
     tokio::task::spawn_blocking(move || {
         until("the nodes to rejoin", || a.peers() == 1 && b.peers() == 1);
         assert!(a.metrics().contains("taskwire_cluster_nats_connected 1"));
@@ -487,8 +386,8 @@ async fn without_nats_each_node_serves_alone_and_rejoins_when_it_is_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idempotent_task_whose_node_was_lost_runs_again() {
-    let port = free_port();
-    let _nats = nats(port);
+    let nats = Nats::start();
+    let port = nats.port;
     let (a, b) = tokio::task::spawn_blocking(move || pair(port))
         .await
         .unwrap();
@@ -513,7 +412,7 @@ async fn an_idempotent_task_whose_node_was_lost_runs_again() {
     })
     .await
     .unwrap();
-    let _ = b.proc.0.kill();
+    let _ = b.proc.child.kill();
     send(
         &mut ws,
         json!({"jsonrpc":"2.0","method":"$/cancelRequest","params":{"id":1}}),
@@ -571,8 +470,8 @@ async fn chaos_every_request_is_answered_once_and_every_table_empties() {
         | 1;
     eprintln!("chaos seed {seed}");
     let mut rng = Rng(seed);
-    let port = free_port();
-    let _nats = nats(port);
+    let nats = Nats::start();
+    let port = nats.port;
     let (a, b, c) = tokio::task::spawn_blocking(move || {
         let a = node("A", port);
         let b = node("B", port);
@@ -642,7 +541,7 @@ async fn chaos_every_request_is_answered_once_and_every_table_empties() {
             // Kills node C (kill -9), or starts it again.
             _ => {
                 if let Some(mut n) = c.take() {
-                    let _ = n.proc.0.kill();
+                    let _ = n.proc.child.kill();
                 } else if step < 120 {
                     c = Some(
                         tokio::task::spawn_blocking(move || node("C", port))
@@ -688,4 +587,126 @@ async fn chaos_every_request_is_answered_once_and_every_table_empties() {
     })
     .await
     .unwrap();
+}
+
+// WebAssembly modules across the cluster: installed, replaced or removed on
+// either node, they reach the other by hash; a wasm task waiting on a busy
+// node runs on its peer, on the same code.
+
+/// Never ends, and never reaches a checkpoint: only the engine can stop it.
+const FOREVER: &str = r#"(module (func (export "run") (loop br 0)))"#;
+/// Returns at once: answered `null`.
+const QUICK: &str = r#"(module (func (export "run")))"#;
+
+fn put(n: &Node, name: &str, body: &str) -> Value {
+    let url = format!("http://{}/admin/wasm/{name}", n.addr);
+    let mut r = ureq::put(&url).send(body).expect("PUT a module");
+    r.body_mut().read_json().expect("JSON")
+}
+
+fn delete(n: &Node, name: &str) -> u16 {
+    let url = format!("http://{}/admin/wasm/{name}", n.addr);
+    match ureq::delete(&url).call() {
+        Ok(r) => r.status().as_u16(),
+        Err(ureq::Error::StatusCode(c)) => c,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// The node's modules: (name, sha256, installed at).
+fn modules(n: &Node) -> Vec<(String, String, u64)> {
+    n.get("/admin/wasm")["modules"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|m| {
+            (
+                m["name"].as_str().unwrap_or_default().to_string(),
+                m["sha256"].as_str().unwrap_or_default().to_string(),
+                m["installedAtMs"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_installed_on_one_node_reaches_the_other_and_runs_there() {
+    let nats = Nats::start();
+    let port = nats.port;
+    let (a, b) = tokio::task::spawn_blocking(move || pair(port))
+        .await
+        .expect("pair");
+
+    // Installed on A: B gets the same bytes, hash and install time.
+    let info = put(&a, "forever", FOREVER);
+    let sha = info["sha256"].as_str().expect("sha256").to_string();
+    until("B to install A's module", || modules(&b) == modules(&a));
+    assert_eq!(modules(&b)[0].1, sha);
+
+    // A's one worker is busy: the wasm task waits there, then runs on B,
+    // where the engine stops it on cancel.
+    let mut ws = connect(&a).await;
+    send(
+        &mut ws,
+        json!({"jsonrpc":"2.0","id":1,"method":"runaway","params":{}}),
+    )
+    .await;
+    until_started_here(&a, 1);
+    send(
+        &mut ws,
+        json!({"jsonrpc":"2.0","id":2,"method":"forever","params":{}}),
+    )
+    .await;
+    until("the wasm task to run on B", || {
+        b.tasks()
+            .iter()
+            .any(|t| t["method"] == "forever" && t["kind"] == "wasm")
+    });
+    send(
+        &mut ws,
+        json!({"jsonrpc":"2.0","method":"$/cancelRequest","params":{"id":2}}),
+    )
+    .await;
+    let mut progress = 0;
+    let v = answer(&mut ws, 2, &mut progress).await;
+    assert_eq!(v["error"]["code"], -32800, "{v}");
+    until("B's task table to empty", || b.tasks().is_empty());
+
+    // Replaced on B: A runs the new code, wherever it runs.
+    std::thread::sleep(Duration::from_millis(5));
+    let info = put(&b, "forever", QUICK);
+    let new_sha = info["sha256"].as_str().expect("sha256").to_string();
+    assert_ne!(new_sha, sha);
+    until("A to take B's replacement", || {
+        modules(&a).first().is_some_and(|m| m.1 == new_sha)
+    });
+    send(
+        &mut ws,
+        json!({"jsonrpc":"2.0","id":3,"method":"forever","params":{}}),
+    )
+    .await;
+    let v = answer(&mut ws, 3, &mut progress).await;
+    assert_eq!(v["result"], Value::Null, "{v}");
+
+    // Removed on A: gone from B too, and not brought back.
+    assert_eq!(delete(&a, "forever"), 200);
+    until("B to remove it", || modules(&b).is_empty());
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(modules(&a).is_empty() && modules(&b).is_empty());
+    send(
+        &mut ws,
+        json!({"jsonrpc":"2.0","id":4,"method":"forever","params":{}}),
+    )
+    .await;
+    let v = answer(&mut ws, 4, &mut progress).await;
+    assert_eq!(v["error"]["code"], -32601, "{v}");
+
+    send(
+        &mut ws,
+        json!({"jsonrpc":"2.0","method":"$/cancelRequest","params":{"id":1}}),
+    )
+    .await;
+    let v = answer(&mut ws, 1, &mut progress).await;
+    assert_eq!(v["error"]["code"], -32800, "{v}");
 }

@@ -6,9 +6,10 @@
 
 mod common;
 
+use common::{Proc, WAIT};
+
 use std::net::{IpAddr, SocketAddr};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -18,79 +19,6 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
-
-/// Generous bound for anything to happen on a shared machine.
-const WAIT: Duration = Duration::from_secs(30);
-
-/// A `taskwire serve` process on 127.0.0.1 (or `addr`), killed on drop.
-struct Proc {
-    child: Child,
-    addr: SocketAddr,
-    /// Everything it wrote to stderr (its log).
-    log: Arc<Mutex<String>>,
-}
-
-impl Proc {
-    fn start(args: &[&str]) -> Proc {
-        let mut argv = vec![
-            "serve",
-            "--addr",
-            "127.0.0.1:0",
-            "--nice",
-            "0",
-            "--workers",
-            "1",
-        ];
-        if args.contains(&"--addr") {
-            argv.drain(1..3);
-        }
-        argv.extend_from_slice(args);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_taskwire"))
-            .args(&argv)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start taskwire");
-        let (addr, _stdout) = common::listening_addr(&mut child);
-        let log = common::capture_stderr(&mut child);
-        Proc { child, addr, log }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Open file descriptors of the server process.
-    fn fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
-            .map(|d| d.count())
-            .unwrap_or(0)
-    }
-
-    fn rss_kib(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            })
-            .unwrap_or(0)
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().map(|l| l.clone()).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A TCP connection from the given loopback source address.
 async fn tcp_from(src: [u8; 4], to: SocketAddr) -> std::io::Result<TcpStream> {

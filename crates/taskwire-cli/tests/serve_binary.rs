@@ -6,101 +6,18 @@
 
 mod common;
 
+use common::{serve_command, Proc, WAIT};
+
 use std::io::{BufRead, BufReader, Read};
-use std::net::SocketAddr;
-use std::process::{Child, ChildStdout, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
-/// Generous bound for anything to happen on a shared machine.
-const WAIT: Duration = Duration::from_secs(30);
-
 const CLIENT_TOKEN: &str = "client-secret-0123456789";
 const ADMIN_TOKEN: &str = "admin-secret-0123456789";
 
-/// A `taskwire serve` process, killed on drop.
-struct Proc {
-    child: Child,
-    addr: SocketAddr,
-    stdout: BufReader<ChildStdout>,
-    /// Everything it wrote to stderr (its log).
-    log: Arc<Mutex<String>>,
-}
-
-fn command(args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_taskwire"));
-    cmd.arg("serve")
-        .args(["--nice", "0", "--workers", "1"])
-        .args(args)
-        // The log filter is a setting too (`RUST_LOG`): the start-up lines are `info`.
-        .env("RUST_LOG", "info")
-        .env_remove("TASKWIRE_DEMO")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    cmd
-}
-
-impl Proc {
-    fn start(args: &[&str]) -> Proc {
-        let mut argv = vec!["--addr", "127.0.0.1:0"];
-        if args.contains(&"--addr") {
-            argv.clear();
-        }
-        argv.extend_from_slice(args);
-        let mut child = command(&argv).spawn().expect("start taskwire");
-        let (addr, stdout) = common::listening_addr(&mut child);
-        let log = common::capture_stderr(&mut child);
-        Proc {
-            child,
-            addr,
-            stdout,
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().map(|l| l.clone()).unwrap_or_default()
-    }
-
-    /// The log once it holds `needle` (bounded by [`WAIT`]).
-    fn log_with(&self, needle: &str) -> String {
-        let start = Instant::now();
-        loop {
-            let log = self.log();
-            if log.contains(needle) || start.elapsed() > WAIT {
-                return log;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Stops the process and returns what it wrote to stdout after its first line.
-    fn stop(mut self) -> String {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let mut rest = String::new();
-        let _ = self.stdout.read_to_string(&mut rest);
-        rest
-    }
-
-    fn ws_url(&self) -> String {
-        format!("ws://127.0.0.1:{}/ws", self.addr.port())
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One request on a fresh connection, its response.
 async fn call(url: &str, method: &str, params: Value) -> Value {
     let (mut ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
         .await
@@ -166,7 +83,7 @@ async fn demo_tasks_only_with_demo() {
     drop(demo);
 
     // The variable is the setting too (what the bench and scripts use).
-    let mut cmd = command(&["--addr", "127.0.0.1:0"]);
+    let mut cmd = serve_command(&["--addr", "127.0.0.1:0"]);
     cmd.env("TASKWIRE_DEMO", "true");
     let mut child = cmd.spawn().expect("start taskwire");
     let mut line = String::new();
@@ -247,7 +164,7 @@ fn startup_log_warns_about_the_demo_on_a_public_address_and_keeps_secrets() {
 
 /// Runs `taskwire serve` that must refuse to start; its exit status and stderr.
 fn refused(args: &[&str], env: &[(&str, &str)]) -> String {
-    let mut cmd = command(args);
+    let mut cmd = serve_command(args);
     for (k, v) in env {
         cmd.env(k, v);
     }

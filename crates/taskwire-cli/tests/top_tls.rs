@@ -4,81 +4,16 @@
 
 mod common;
 
-use std::net::SocketAddr;
+use common::{text, top, Proc};
+
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
-/// Generous bound for anything to happen on a shared machine.
-const WAIT: Duration = Duration::from_secs(30);
-
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve_tls(cert: &Path, key: &Path) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_taskwire"))
-        .args([
-            "serve",
-            "--addr",
-            "127.0.0.1:0",
-            "--nice",
-            "0",
-            "--workers",
-            "1",
-        ])
-        .arg("--tls-cert")
-        .arg(cert)
-        .arg("--tls-key")
-        .arg(key)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start taskwire serve");
-    let (addr, _) = common::listening_addr(&mut child);
-    Server { child, addr }
-}
-
-/// `taskwire top --once ARGS`, bounded by [`WAIT`].
-fn top(args: &[&str]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_taskwire"))
-        .args(["top", "--once"])
-        .args(args)
-        .env_remove("TASKWIRE_URL")
-        .env_remove("TASKWIRE_ADMIN_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start taskwire top");
-    let start = Instant::now();
-    while child.try_wait().expect("wait").is_none() {
-        if start.elapsed() > WAIT {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().expect("top's output")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+fn serve_tls(cert: &Path, key: &Path) -> Proc {
+    let (cert, key) = (
+        cert.to_str().expect("a UTF-8 path"),
+        key.to_str().expect("a UTF-8 path"),
+    );
+    Proc::start(&["--tls-cert", cert, "--tls-key", key])
 }
 
 #[test]

@@ -187,7 +187,7 @@ impl Cluster {
                     let msg = Msg::Progress {
                         from: c.node.to_string(),
                         rid,
-                        value: v.get().to_string(),
+                        value: v,
                     };
                     c.send(&origin, &msg).await;
                 }
@@ -222,7 +222,7 @@ impl Cluster {
                     let msg = Msg::Progress {
                         from: self.node.to_string(),
                         rid,
-                        value: v.get().to_string(),
+                        value: v,
                     };
                     self.send(origin, &msg).await;
                 }

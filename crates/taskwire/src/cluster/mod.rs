@@ -47,7 +47,6 @@ use std::time::{Duration, Instant};
 
 use axum::http::Extensions;
 use futures_util::StreamExt;
-use serde_json::value::RawValue;
 use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -252,7 +251,7 @@ fn stopped_from_u8(v: u8) -> Stopped {
 
 fn to_wire(o: &Outcome, timeout_ms: Option<u64>) -> WireOutcome {
     match o {
-        Outcome::Ok(v) => WireOutcome::Ok(v.get().to_string()),
+        Outcome::Ok(v) => WireOutcome::Ok(v.clone()),
         Outcome::Err(TaskError::Stopped(s)) => WireOutcome::Stopped(stopped_to_u8(*s)),
         Outcome::Err(e) => {
             let eo = e.to_error_object(timeout_ms);
@@ -269,10 +268,7 @@ fn to_wire(o: &Outcome, timeout_ms: Option<u64>) -> WireOutcome {
 
 fn from_wire(o: WireOutcome) -> Outcome {
     match o {
-        WireOutcome::Ok(v) => match RawValue::from_string(v) {
-            Ok(v) => Outcome::Ok(v),
-            Err(_) => Outcome::Lost,
-        },
+        WireOutcome::Ok(v) => Outcome::Ok(v),
         WireOutcome::Stopped(s) => Outcome::Err(TaskError::Stopped(stopped_from_u8(s))),
         WireOutcome::Err {
             code,
@@ -301,9 +297,9 @@ fn node_lost(node: &str) -> Outcome {
 pub(crate) fn keep_params(p: &Params<'_>) -> WireParams {
     match p {
         Params::None => WireParams::None,
-        Params::Raw(r) => WireParams::Object(r.get().to_string()),
-        Params::Owned(r) => WireParams::Object(r.get().to_string()),
-        Params::Array(r) => WireParams::Array(r.get().to_string()),
+        Params::Raw(r) => WireParams::Object((*r).to_owned()),
+        Params::Owned(r) => WireParams::Object(r.clone()),
+        Params::Array(r) => WireParams::Array((*r).to_owned()),
     }
 }
 
@@ -317,16 +313,10 @@ impl WireParams {
     pub(crate) fn call(&self, def: &TaskDef, ctx: Ctx) -> Option<TaskFuture> {
         // The task copies what it needs before `call` returns (its future is
         // 'static), so the params are borrowed only here.
-        let raw = match self {
-            WireParams::None => None,
-            WireParams::Object(s) | WireParams::Array(s) => {
-                Some(RawValue::from_string(s.clone()).ok()?)
-            }
-        };
-        let p = match (self, raw.as_deref()) {
-            (WireParams::Array(_), Some(r)) => Params::Array(r),
-            (WireParams::Object(_), Some(r)) => Params::Raw(r),
-            _ => Params::None,
+        let p = match self {
+            WireParams::None => Params::None,
+            WireParams::Object(r) => Params::Raw(r),
+            WireParams::Array(r) => Params::Array(r),
         };
         (def.call)(ctx, p).ok()
     }
@@ -980,8 +970,8 @@ impl Cluster {
             }
             Msg::Progress { rid, value, .. } => {
                 let task = lock(&self.sent).get(&rid).map(|s| s.task.clone());
-                if let (Some(t), Ok(v)) = (task, RawValue::from_string(value)) {
-                    t.set_progress(v);
+                if let Some(t) = task {
+                    t.set_progress(value);
                 }
             }
             Msg::Done {
@@ -1170,6 +1160,7 @@ mod tests {
     use crate::compute::ComputeConfig;
     use crate::sync::Outbox;
     use crate::task::{TaskInit, TaskKind};
+    use serde_json::value::RawValue;
 
     /// A node that never connects (no runtime to join from): its tables only.
     fn offline() -> Arc<Cluster> {

@@ -1,5 +1,8 @@
 //! What nodes say to each other: the messages, as JSON, and the chunks that
 //! carry a message larger than NATS's `max_payload` (1 MiB by default).
+//! Params, results and progress values are JSON already: they are embedded
+//! as they are (`RawValue`), not as strings, so that they are neither
+//! escaped on the way out nor unescaped and parsed again on the way in.
 //!
 //! A message whose JSON is at most [`CHUNK_BYTES`] goes as one NATS message
 //! (it starts with `{`). A larger one goes as parts, each `C<xfer>:<i>:<n>\n`
@@ -11,6 +14,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use crate::wasm::{ModuleAd, ModuleSpec};
 
@@ -44,8 +48,8 @@ pub(super) struct Beat {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) enum WireParams {
     None,
-    Object(String),
-    Array(String),
+    Object(Box<RawValue>),
+    Array(Box<RawValue>),
 }
 
 impl WireParams {
@@ -53,7 +57,7 @@ impl WireParams {
     pub(super) fn len(&self) -> usize {
         match self {
             WireParams::None => 0,
-            WireParams::Object(s) | WireParams::Array(s) => s.len(),
+            WireParams::Object(s) | WireParams::Array(s) => s.get().len(),
         }
     }
 }
@@ -62,7 +66,7 @@ impl WireParams {
 /// message, data) and answered exactly so by the origin.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(super) enum WireOutcome {
-    Ok(String),
+    Ok(Box<RawValue>),
     Err {
         code: i32,
         message: String,
@@ -106,7 +110,7 @@ pub(super) enum Msg {
     Progress {
         from: String,
         rid: u64,
-        value: String,
+        value: Box<RawValue>,
     },
     /// Peer → origin: the task ended, having used `cpu_ns` of CPU there.
     Done {
@@ -261,7 +265,7 @@ mod tests {
         let msg = Msg::Progress {
             from: "a".into(),
             rid: 7,
-            value: format!("\"{big}\""),
+            value: RawValue::from_string(format!("{{\"blob\":\"{big}\"}}")).expect("JSON"),
         };
         let parts = encode(&msg, 1);
         assert_eq!(parts.len(), 4);
@@ -272,7 +276,9 @@ mod tests {
             out = p.accept(part);
         }
         match out {
-            Some(Msg::Progress { value, rid: 7, .. }) => assert_eq!(value.len(), big.len() + 2),
+            Some(Msg::Progress { value, rid: 7, .. }) => {
+                assert_eq!(value.get().len(), big.len() + 11)
+            }
             other => panic!("{other:?}"),
         }
         assert_eq!(p.held(), 0);
