@@ -80,6 +80,16 @@ fn until_started_here(a: &Node, request: i64) {
     });
 }
 
+/// Occupies A's one worker with a runaway (request 1), started there.
+async fn occupy(ws: &mut Ws, a: &Node) {
+    send(
+        ws,
+        json!({"jsonrpc":"2.0","id":1,"method":"runaway","params":{}}),
+    )
+    .await;
+    until_started_here(a, 1);
+}
+
 /// Waits until `b` is idle and `a` has heard so in a beat sent since. An
 /// offer made earlier could meet B's worker still finishing the last task and
 /// be refused; with no peer free the task is released to A's own worker,
@@ -121,12 +131,7 @@ async fn a_busy_node_sends_tasks_to_its_peer_and_everything_crosses_the_wire() {
         .unwrap();
     let mut ws = connect(&a).await;
     // Occupies A's one worker until cancelled.
-    send(
-        &mut ws,
-        json!({"jsonrpc":"2.0","id":1,"method":"runaway","params":{}}),
-    )
-    .await;
-    until_started_here(&a, 1);
+    occupy(&mut ws, &a).await;
     // This one waits on A, and goes to B.
     for i in 0..1 {
         send(
@@ -283,12 +288,7 @@ async fn a_lost_node_is_answered_minus_32008_and_a_lost_origin_frees_its_peer() 
         .await
         .unwrap();
     let mut ws = connect(&a).await;
-    send(
-        &mut ws,
-        json!({"jsonrpc":"2.0","id":1,"method":"runaway","params":{}}),
-    )
-    .await;
-    until_started_here(&a, 1);
+    occupy(&mut ws, &a).await;
     send(
         &mut ws,
         json!({"jsonrpc":"2.0","id":2,"method":"runaway","params":{}}),
@@ -392,12 +392,7 @@ async fn an_idempotent_task_whose_node_was_lost_runs_again() {
         .await
         .unwrap();
     let mut ws = connect(&a).await;
-    send(
-        &mut ws,
-        json!({"jsonrpc":"2.0","id":1,"method":"runaway","params":{}}),
-    )
-    .await;
-    until_started_here(&a, 1);
+    occupy(&mut ws, &a).await;
     // `spin` is registered idempotent: a pure function of its params.
     send(
         &mut ws,
@@ -647,12 +642,7 @@ async fn a_module_installed_on_one_node_reaches_the_other_and_runs_there() {
     // A's one worker is busy: the wasm task waits there, then runs on B,
     // where the engine stops it on cancel.
     let mut ws = connect(&a).await;
-    send(
-        &mut ws,
-        json!({"jsonrpc":"2.0","id":1,"method":"runaway","params":{}}),
-    )
-    .await;
-    until_started_here(&a, 1);
+    occupy(&mut ws, &a).await;
     send(
         &mut ws,
         json!({"jsonrpc":"2.0","id":2,"method":"forever","params":{}}),

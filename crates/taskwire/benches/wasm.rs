@@ -17,6 +17,9 @@
 //! `cargo build --release --target wasm32-wasip1 --manifest-path guests/hash_chain/Cargo.toml`).
 //! `WASM_BENCH_QUICK=1` runs a smoke version.
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -24,7 +27,6 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use taskwire::bench_internals::BenchModule;
 use taskwire::{Config, Registry, Server};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -32,13 +34,7 @@ type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<T
 
 const EMPTY: &str = r#"(module (memory 1) (func (export "run")))"#;
 const FOREVER: &str = r#"(module (func (export "run") (loop br 0)))"#;
-const GROW: &str = r#"(module
-  (memory 1)
-  (func (export "run") (local $p i32)
-    (loop
-      (local.set $p (memory.grow (i32.const 1)))
-      (memory.fill (i32.mul (local.get $p) (i32.const 65536)) (i32.const 7) (i32.const 65536))
-      (br 0))))"#;
+const GROW: &str = include_str!("../tests/modules/grow.wat");
 /// Three kinds of code for the epoch checks' cost, each `(param i64) (result i64)`.
 const KERNELS: &str = r#"(module
   (memory 16)
@@ -234,30 +230,7 @@ async fn start_server() -> (SocketAddr, taskwire::ShutdownHandle) {
 }
 
 async fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    // One write, sent at once: Nagle's algorithm would hold a second small
-    // segment until the first is acknowledged (up to a delayed ACK, ~40 ms).
-    s.set_nodelay(true).expect("nodelay");
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    request.extend_from_slice(body);
-    s.write_all(&request).await.expect("write");
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.expect("read");
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    common::http_with_body(addr, method, path, None, body).await
 }
 
 async fn install(addr: SocketAddr, name: &str, module: &[u8]) {

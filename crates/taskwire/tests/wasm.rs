@@ -16,13 +16,7 @@ const FOREVER: &str = r#"(module (func (export "run") (loop br 0)))"#;
 /// The minimum: `run` returns at once.
 const EMPTY: &str = r#"(module (func (export "run")))"#;
 /// Grows its memory a page at a time, filling each page, and never stops.
-const GROW: &str = r#"(module
-  (memory 1)
-  (func (export "run") (local $p i32)
-    (loop
-      (local.set $p (memory.grow (i32.const 1)))
-      (memory.fill (i32.mul (local.get $p) (i32.const 65536)) (i32.const 7) (i32.const 65536))
-      (br 0))))"#;
+const GROW: &str = include_str!("modules/grow.wat");
 
 /// A module that burns `2^iterations_log2` loop turns, then answers `"tag"`.
 fn tagged(tag: &str, iterations_log2: u32) -> String {

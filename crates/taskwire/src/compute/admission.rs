@@ -273,7 +273,11 @@ pin_project_lite::pin_project! {
 impl<F: Future> Future for Permitted<F> {
     type Output = F::Output;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        self.project().fut.poll(cx)
+        let out = self.project().fut.poll(cx);
+        if out.is_ready() {
+            super::worker::job_finished();
+        }
+        out
     }
 }
 

@@ -40,6 +40,26 @@ thread_local! {
     /// A job that woke itself during its slice on this worker, handed from
     /// [`schedule`] (called inside `Runnable::run`) back to the worker loop.
     static YIELDED: Cell<Option<Job>> = const { Cell::new(None) };
+    /// Set when the job of this worker's current slice returned its output
+    /// ([`job_finished`]): the worker no longer counts as busy.
+    static FINISHED: Cell<bool> = const { Cell::new(false) };
+    /// The pool of this worker thread.
+    static POOL: std::cell::RefCell<Weak<Shared>> = const { std::cell::RefCell::new(Weak::new()) };
+}
+
+/// The job running on this worker returned its output: the worker counts as
+/// free from here, not after the loop's bookkeeping. Whoever awaits the
+/// output may ask the pool for spare workers at once (the cluster answers a
+/// peer with it), and must not see this worker busy with a finished job.
+pub(super) fn job_finished() {
+    if !epoch::on_worker() || FINISHED.with(|f| f.replace(true)) {
+        return;
+    }
+    POOL.with(|w| {
+        if let Some(p) = w.borrow().upgrade() {
+            p.busy.fetch_sub(1, Ordering::Relaxed);
+        }
+    });
 }
 
 /// One worker as the watchdog sees it.
@@ -232,6 +252,7 @@ fn put_back(rq: &mut RunQueue<Job>, finished: Option<(u64, u64)>, requeue: Optio
 
 fn worker(pool: Weak<Shared>, slot: Arc<WorkerSlot>) {
     let Some(p) = pool.upgrade() else { return };
+    POOL.with(|w| *w.borrow_mut() = pool.clone());
     set_nice(p.nice);
     if let Some(clock) = epoch::this_thread_clock() {
         let _ = slot.clock.set(clock);
@@ -251,8 +272,10 @@ fn worker(pool: Weak<Shared>, slot: Arc<WorkerSlot>) {
             // Busy changes under the queue lock, in one step with the job
             // leaving or re-entering the queue: the pool's spare workers
             // (queue length and busy count together) never show a worker
-            // free while its job is between the two.
-            if finished.is_some() {
+            // free while its job is between two slices. Only a job that
+            // finished gives its worker back earlier (`job_finished`).
+            // (A job that finished gave its worker back already.)
+            if finished.is_some() && !FINISHED.with(|f| f.replace(false)) {
                 p.busy.fetch_sub(1, Ordering::Relaxed);
             }
             put_back(&mut rq, finished.take(), requeue.take(), p.now_ns());

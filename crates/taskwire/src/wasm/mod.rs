@@ -126,6 +126,7 @@ pub(crate) struct ModuleInfo {
 
 /// A module as the nodes of a cluster compare their tables: for each name
 /// the newest install or removal wins, its time first, then its hash.
+#[cfg_attr(not(feature = "cluster"), allow(dead_code))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct ModuleAd {
     pub name: String,
@@ -282,6 +283,7 @@ impl Lane {
         self.install_at(name, bytes, spec, unix_ms())
     }
 
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
     /// Installs a module a peer has, as the peer has it: the same bytes
     /// (checked against `ad.sha256`), spec and install time.
     pub(crate) fn install_synced(
@@ -406,6 +408,7 @@ impl Lane {
         self.remove_at(name, unix_ms(), false)
     }
 
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
     /// Removes a module a peer removed at `at_ms`, unless it was installed
     /// here after that; the removal is remembered either way.
     pub(crate) fn remove_synced(&self, name: &str, at_ms: u64) -> bool {
@@ -438,6 +441,7 @@ impl Lane {
         removed
     }
 
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
     /// Whether a peer's module is newer than what this node has of its name
     /// (the module, or its removal).
     pub(crate) fn wants(&self, ad: &ModuleAd) -> bool {
@@ -456,6 +460,7 @@ impl Lane {
         }
     }
 
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
     /// The modules and the removals this node knows, for a peer to compare.
     pub(crate) fn ads(&self) -> (Vec<ModuleAd>, Vec<(String, u64)>) {
         let modules = lock(&self.modules)
@@ -473,6 +478,7 @@ impl Lane {
         (modules, removed)
     }
 
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
     /// A digest of the table (names and hashes): equal on two nodes that
     /// run the same code under the same names; 0 with no module.
     pub(crate) fn digest(&self) -> u64 {
@@ -492,6 +498,7 @@ impl Lane {
         u64::from_str_radix(hex.get(..16).unwrap_or("1"), 16).unwrap_or(1)
     }
 
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
     /// What a peer needs to install the module with these bytes: its spec
     /// and bytes.
     pub(crate) fn for_peer(&self, sha256: &str) -> Option<(ModuleSpec, Arc<[u8]>)> {
