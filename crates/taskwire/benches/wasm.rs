@@ -277,15 +277,6 @@ async fn call(ws: &mut Ws, id: u64, method: &str, params: Value) -> Value {
     response(ws).await
 }
 
-fn process_cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = f.get(11).and_then(|u| u.parse().ok()).unwrap_or(0)
-        + f.get(12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    Duration::from_millis(ticks * 10)
-}
-
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()
@@ -351,9 +342,9 @@ async fn stops(addr: SocketAddr) {
         kill.push(s.elapsed());
         assert_eq!(r["error"]["code"], -32004, "{r}");
     }
-    let cpu = process_cpu();
+    let cpu = common::process_cpu();
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    let idle = process_cpu().saturating_sub(cpu);
+    let idle = common::process_cpu().saturating_sub(cpu);
     println!(
         "(loop br 0) stopped, {n} each: $/cancelRequest -> -32800 p50 {}, p99 {}; admin kill -> -32004 (from the POST) p50 {}, p99 {}; process CPU in the second after: {}",
         ms(pct(&mut cancel, 0.5)),

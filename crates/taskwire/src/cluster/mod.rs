@@ -72,8 +72,8 @@ const STOP_GRACE: Duration = Duration::from_secs(1);
 /// Upper bounds (µs) of the remote dispatch latency histogram's buckets:
 /// 25 µs apart around the 300 µs a dispatch on loopback should take.
 const LATENCY_BUCKETS_US: [u64; 28] = [
-    50, 100, 150, 200, 225, 250, 275, 300, 325, 350, 375, 400, 425, 450, 475, 500, 600, 750,
-    1_000, 2_000, 5_000, 10_000, 50_000, 250_000, 1_000_000, 5_000_000, 10_000_000, 30_000_000,
+    50, 100, 150, 200, 225, 250, 275, 300, 325, 350, 375, 400, 425, 450, 475, 500, 600, 750, 1_000,
+    2_000, 5_000, 10_000, 50_000, 250_000, 1_000_000, 5_000_000, 10_000_000, 30_000_000,
 ];
 
 /// What a node needs to join a cluster.
