@@ -1301,20 +1301,34 @@ mod tests {
         assert!(text.contains("detached"), "{text}");
     }
 
-    /// Against a real server: find the runaway, kill it, its client gets -32004.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn finds_and_kills_a_runaway() {
+    /// A real server on 127.0.0.1:0 with the built-in tasks (and the demo
+    /// ones), running until `stop`.
+    async fn serve(
+        demo: bool,
+    ) -> (
+        std::net::SocketAddr,
+        taskwire::ShutdownHandle,
+        tokio::task::JoinHandle<Result<(), taskwire::Error>>,
+    ) {
         let cfg = Config {
             addr: "127.0.0.1:0".parse().unwrap(),
             ..Config::default()
         };
         let mut registry = Registry::new();
         taskwire::builtin::register(&mut registry).unwrap();
-        taskwire::builtin::register_demo(&mut registry).unwrap();
+        if demo {
+            taskwire::builtin::register_demo(&mut registry).unwrap();
+        }
         let server = Server::bind(cfg, registry).await.unwrap();
         let addr = server.local_addr().unwrap();
         let stop = server.shutdown_handle();
-        let running = tokio::spawn(server.run(std::future::pending()));
+        (addr, stop, tokio::spawn(server.run(std::future::pending())))
+    }
+
+    /// Against a real server: find the runaway, kill it, its client gets -32004.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn finds_and_kills_a_runaway() {
+        let (addr, stop, running) = serve(true).await;
         let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
             .await
             .unwrap();
@@ -1360,16 +1374,7 @@ mod tests {
     /// as detached with its task, and the task stays in the task table.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn lists_a_detached_session_and_its_task() {
-        let cfg = Config {
-            addr: "127.0.0.1:0".parse().unwrap(),
-            ..Config::default()
-        };
-        let mut registry = Registry::new();
-        taskwire::builtin::register(&mut registry).unwrap();
-        let server = Server::bind(cfg, registry).await.unwrap();
-        let addr = server.local_addr().unwrap();
-        let stop = server.shutdown_handle();
-        let running = tokio::spawn(server.run(std::future::pending()));
+        let (addr, stop, running) = serve(false).await;
         let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
             .await
             .unwrap();

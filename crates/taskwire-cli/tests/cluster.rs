@@ -90,6 +90,19 @@ async fn occupy(ws: &mut Ws, a: &Node) {
     until_started_here(a, 1);
 }
 
+/// NATS, nodes A and B that have seen each other, a client on A, and A's
+/// one worker occupied (request 1): A's next CPU task waits, then goes to B.
+async fn busy_pair() -> (Nats, Node, Node, Ws) {
+    let nats = Nats::start();
+    let port = nats.port;
+    let (a, b) = tokio::task::spawn_blocking(move || pair(port))
+        .await
+        .expect("pair");
+    let mut ws = connect(&a).await;
+    occupy(&mut ws, &a).await;
+    (nats, a, b, ws)
+}
+
 /// Waits until `b` is idle and `a` has heard so in a beat sent since. An
 /// offer made earlier could meet B's worker still finishing the last task and
 /// be refused; with no peer free the task is released to A's own worker,
@@ -124,14 +137,8 @@ fn task_id(n: &Node, request: i64) -> Option<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_node_sends_tasks_to_its_peer_and_everything_crosses_the_wire() {
-    let nats = Nats::start();
-    let port = nats.port;
-    let (a, b) = tokio::task::spawn_blocking(move || pair(port))
-        .await
-        .unwrap();
-    let mut ws = connect(&a).await;
-    // Occupies A's one worker until cancelled.
-    occupy(&mut ws, &a).await;
+    // A's one worker is occupied until request 1 is killed at the end.
+    let (_nats, a, b, mut ws) = busy_pair().await;
     // This one waits on A, and goes to B.
     for i in 0..1 {
         send(
@@ -282,13 +289,8 @@ async fn a_busy_node_sends_tasks_to_its_peer_and_everything_crosses_the_wire() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_node_is_answered_minus_32008_and_a_lost_origin_frees_its_peer() {
-    let nats = Nats::start();
+    let (nats, a, b, mut ws) = busy_pair().await;
     let port = nats.port;
-    let (a, b) = tokio::task::spawn_blocking(move || pair(port))
-        .await
-        .unwrap();
-    let mut ws = connect(&a).await;
-    occupy(&mut ws, &a).await;
     send(
         &mut ws,
         json!({"jsonrpc":"2.0","id":2,"method":"runaway","params":{}}),
@@ -386,13 +388,7 @@ async fn without_nats_each_node_serves_alone_and_rejoins_when_it_is_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idempotent_task_whose_node_was_lost_runs_again() {
-    let nats = Nats::start();
-    let port = nats.port;
-    let (a, b) = tokio::task::spawn_blocking(move || pair(port))
-        .await
-        .unwrap();
-    let mut ws = connect(&a).await;
-    occupy(&mut ws, &a).await;
+    let (_nats, a, b, mut ws) = busy_pair().await;
     // `spin` is registered idempotent: a pure function of its params.
     send(
         &mut ws,
