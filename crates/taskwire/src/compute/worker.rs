@@ -370,6 +370,19 @@ mod tests {
     use std::task::{Context, Poll};
 
     #[cfg(feature = "cluster")]
+    #[tokio::test]
+    async fn a_worker_whose_job_finished_is_spare_at_once() {
+        // A peer answers an offer with its spare workers as soon as its last
+        // task's output arrives: the worker must not still count as busy.
+        let p = pool(1);
+        for i in 0..200u32 {
+            let t = p.spawn(1, Arc::new(JobStats::default()), None, async move { i });
+            assert_eq!(t.await, i);
+            assert_eq!(p.spare(), 1, "run {i}");
+        }
+    }
+
+    #[cfg(feature = "cluster")]
     #[test]
     fn a_worker_between_slices_is_never_spare() {
         // The cluster hands a task to a peer only when no local worker is
@@ -384,10 +397,16 @@ mod tests {
             r
         });
         let mut samples = 0u32;
-        while rx.try_recv().is_err() {
+        loop {
+            let spare = p.spare();
+            // The job's last act is the send: a sample taken after it may
+            // see the worker free, rightly.
+            if rx.try_recv().is_ok() {
+                break;
+            }
             if stats.slices() > 0 {
                 assert_eq!(
-                    p.spare(),
+                    spare,
                     0,
                     "after {samples} samples, slice {}",
                     stats.slices()
