@@ -177,7 +177,7 @@ pub(crate) struct Cluster {
     groups: Mutex<HashMap<u64, Arc<RemoteConn>>>,
     partials: Mutex<Partials>,
     /// Comparing and fetching WebAssembly modules (`modules.rs`).
-    modules: Mutex<modules::Sync>,
+    modules: Mutex<modules::ModuleSync>,
     metrics: Metrics,
     /// Held while a task is placed here or queued for a peer.
     placing: Mutex<()>,
@@ -379,7 +379,7 @@ impl Cluster {
             hosted: Mutex::new(HashMap::new()),
             groups: Mutex::new(HashMap::new()),
             partials: Mutex::new(Partials::default()),
-            modules: Mutex::new(modules::Sync::default()),
+            modules: Mutex::new(modules::ModuleSync::default()),
             metrics: Metrics::default(),
             placing: Mutex::new(()),
             seq: AtomicU64::new(0),

@@ -34,7 +34,7 @@ const MAX_FAILED: usize = 256;
 
 /// The comparisons and fetches under way.
 #[derive(Default)]
-pub(super) struct Sync {
+pub(super) struct ModuleSync {
     /// When each peer was last asked for its list.
     asked: HashMap<Arc<str>, Instant>,
     /// Modules asked for by hash: when, and the names they go under.

@@ -274,7 +274,6 @@ fn worker(pool: Weak<Shared>, slot: Arc<WorkerSlot>) {
             // (queue length and busy count together) never show a worker
             // free while its job is between two slices. Only a job that
             // finished gives its worker back earlier (`job_finished`).
-            // (A job that finished gave its worker back already.)
             if finished.is_some() && !FINISHED.with(|f| f.replace(false)) {
                 p.busy.fetch_sub(1, Ordering::Relaxed);
             }
